@@ -1,0 +1,3 @@
+from reglue.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The five methods of the paper as data (SPEC §7 table).
+
+A preset says which parts of the joint model are switched on; the model builder, the
+loss and the samplers read these fields instead of branching on the method's name.
+
+| preset   | latent | local semantics               | CLS modelled | REPA target    | FID (B/2, 400K) |
+|----------|--------|-------------------------------|--------------|----------------|-----------------|
+| sit      | yes    | -                             | -            | -              | 33.0            |
+| repa     | yes    | -                             | -            | patches        | 24.4            |
+| redi     | yes    | PCA r=8 of the last layer     | -            | -              | 21.4            |
+| reg      | yes    | -                             | yes          | [CLS; patches] | 15.2            |
+| reglue   | yes    | compressor, last 4 layers, 16 | yes          | [CLS; patches] | 12.9            |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which parts of REGLUE's joint model a method uses, and its loss weights."""
+
+    name: str
+    semantics: str | None  # None, "compressor" or "pca": how local VFM semantics are compressed
+    semantic_channels: int  # S, stacked after the 4 latent channels
+    semantic_layers: int  # how many of the VFM's last blocks feed the local semantics
+    cls_token: bool  # jointly model the VFM [CLS] token
+    repa: bool  # REPA alignment of the projector at encoder_depth
+    lambda_sem: float
+    lambda_cls: float
+    lambda_rep: float
+    paper_fid: float  # SiT-B/2 at 400K steps, no guidance (paper)
+
+    @property
+    def repa_target(self) -> str | None:
+        """The VFM tokens the projector aligns to: [CLS; patches] when CLS is modelled."""
+        if not self.repa:
+            return None
+        return "cls_patches" if self.cls_token else "patches"
+
+    def model_kwargs(self, latent_channels: int = 4, vfm_dim: int = 768) -> dict:
+        """:class:`~reglue.models.SiTConfig` fields this preset fixes."""
+        needs_vfm_width = self.repa or self.cls_token
+        return {
+            "in_channels": latent_channels + self.semantic_channels,
+            "use_cls_token": self.cls_token,
+            "z_dim": vfm_dim if needs_vfm_width else None,
+        }
+
+    def loss_kwargs(self) -> dict:
+        """:class:`~reglue.transport.JointLoss` weights of this preset."""
+        return {
+            "lambda_sem": self.lambda_sem,
+            "lambda_cls": self.lambda_cls if self.cls_token else 0.0,
+            "lambda_rep": self.lambda_rep if self.repa else 0.0,
+        }
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("sit", None, 0, 0, False, False, 0.0, 0.0, 0.0, 33.0),
+        Preset("repa", None, 0, 0, False, True, 0.0, 0.0, 0.5, 24.4),
+        Preset("redi", "pca", 8, 1, False, False, 1.0, 0.0, 0.0, 21.4),
+        Preset("reg", None, 0, 0, True, True, 0.0, 0.03, 0.5, 15.2),
+        Preset("reglue", "compressor", 16, 4, True, True, 1.0, 0.03, 0.5, 12.9),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]
