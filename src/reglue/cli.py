@@ -9,6 +9,8 @@ from reglue import __version__
 
 
 def _list_models(args: argparse.Namespace) -> int:
+    import torch
+
     from reglue.models.sit import SIT_MODELS, build_sit
     from reglue.presets import PRESETS
 
@@ -16,9 +18,16 @@ def _list_models(args: argparse.Namespace) -> int:
     print("presets: " + ", ".join(f"{p.name} (paper FID {p.paper_fid})" for p in PRESETS.values()))
     if args.count:
         for name in args.count:
-            model = build_sit(name)
-            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{name} (REGLUE heads, 20 input channels): {n / 1e6:.1f}M trainable parameters")
+            with torch.device("meta"):  # count without allocating weights
+                model = build_sit(name)
+            counts = {"backbone": 0, "projector": 0}
+            for key, p in model.named_parameters():
+                if p.requires_grad:
+                    counts["projector" if key.startswith("projectors.") else "backbone"] += p.numel()
+            print(
+                f"{name} (REGLUE, 20 input channels): {counts['backbone'] / 1e6:.1f}M parameters "
+                f"+ {counts['projector'] / 1e6:.1f}M training-only REPA projector"
+            )
     return 0
 
 

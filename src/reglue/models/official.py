@@ -8,6 +8,7 @@ names are otherwise identical to ours, so the key map only strips that prefix.
 from __future__ import annotations
 
 import argparse
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,8 +79,14 @@ def load_authors_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(
             f"checkpoint {path} not found; download the authors' SiT-XL/2 checkpoint and pass its path."
         )
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors and argparse.Namespace; reglue "
+            f"refuses to execute them. Re-save the weights as a plain state dict. ({err})"
+        ) from err
     if not isinstance(checkpoint, dict) or not ({"model", "ema"} & set(checkpoint)):
         raise ValueError(
             f"{path} is not an authors'-format checkpoint (a dict with 'model'/'ema' entries); "

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models and the authors' compatibility vectors in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from reglue.models import SiT
+from reglue.presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("REGLUE_SHARED", REPO.parent / "shared"))
+# CI sets REGLUE_REQUIRE_SHARED=1: a missing ../shared then fails instead of skipping.
+REQUIRE_SHARED = os.environ.get("REGLUE_REQUIRE_SHARED") == "1"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared, or a skip (a failure in CI) naming what is missing."""
+    path = SHARED / relative
+    if not path.exists():
+        reason = (
+            f"{path} not found: the authors' compatibility vectors and test data live in "
+            "../shared beside the checkout (set REGLUE_SHARED to point elsewhere)."
+        )
+        if REQUIRE_SHARED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def official_vectors() -> dict:
+    return torch.load(shared_file("compat/official_vectors.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official_config(official_vectors) -> dict:
+    """The small SiT of the vectors as SiT keyword arguments."""
+    c = official_vectors["config"]
+    return dict(
+        input_size=c["input_size"], patch_size=c["patch"], in_channels=c["in_ch"],
+        hidden_size=c["hidden"], depth=c["depth"], num_heads=c["heads"],
+        encoder_depth=c["enc_depth"], num_classes=c["num_classes"], z_dim=c["z_dim"],
+        projector_dim=c["proj_dim"],
+    )
+
+
+@pytest.fixture(scope="session")
+def official_model(official_vectors, official_config) -> SiT:
+    model = SiT(**official_config)
+    model.load_state_dict(official_vectors["state_dict"], strict=True)
+    return model.eval()
+
+
+def tiny_sit(preset: str = "reglue", perturb: bool = True, seed: int = 0, **overrides) -> SiT:
+    """A 2-block SiT on an 8×8 latent with the preset's parts; heads perturbed off zero."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
+        num_classes=10, projector_dim=16, **PRESETS[preset].model_kwargs(vfm_dim=12),
+    )
+    kwargs.update(overrides)
+    model = SiT(**kwargs)
+    if perturb:  # zero-initialised heads would hide wiring mistakes
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    return model

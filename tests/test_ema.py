@@ -1,0 +1,31 @@
+"""EMA update."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_sit
+from reglue.training.ema import update_ema
+
+
+def test_foreach_ema_equals_authors_loop():
+    model = tiny_sit("reglue")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    reference = copy.deepcopy(ema)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    update_ema(ema, model, decay=0.9)
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        expected = ref_params[name].mul(0.9).add(param, alpha=0.1) if param.requires_grad else param
+        assert torch.allclose(dict(ema.named_parameters())[name], expected, atol=1e-6), name
+
+
+def test_ema_rejects_mismatched_models():
+    with pytest.raises(KeyError, match="build the EMA as a copy"):
+        update_ema(tiny_sit("sit"), tiny_sit("reglue"))

@@ -1,0 +1,22 @@
+"""The README's quick-start commands stay true."""
+
+from __future__ import annotations
+
+from conftest import REPO
+
+
+def quick_start_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    main_job, test_command = quick_start_commands()
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
+    assert "pytest" in test_command and "scripts/setup.sh" in main_job
+
+
+def test_readme_scripts_exist():
+    assert (REPO / "scripts" / "setup.sh").is_file()

@@ -1,0 +1,404 @@
+"""Samplers (SPEC §8): call counts, guidance interval, guidance rules, reference loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_sit
+from torch import nn
+
+from reglue.presets import PRESETS
+from reglue.sampling import sample_ode, sample_sde
+
+B, LATENT, SEMANTIC, Z = 2, 4, 16, 12
+
+
+class CallRecorder(nn.Module):
+    """Wraps a model and records (batch size, time, labels, cls_token) of every call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        self.calls: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+
+    def forward(self, x, t, y, cls_token=None):
+        assert torch.all(t == t[0])
+        cls = None if cls_token is None else cls_token.clone()
+        self.calls.append((x.shape[0], float(t[0]), y.clone(), cls))
+        return self.module(x, t, y, cls_token=cls_token)
+
+    @property
+    def batches(self) -> list[int]:
+        return [c[0] for c in self.calls]
+
+    @property
+    def times(self) -> list[float]:
+        return [c[1] for c in self.calls]
+
+
+class ConstantVelocity(nn.Module):
+    """Velocity constant per channel, one set for real labels and one for the null label.
+
+    With ``cls_coupling`` the image velocity also adds that multiple of mean(cls), so the
+    CLS trajectory shows in the returned image state.
+    """
+
+    def __init__(self, channels: int, cls_dim: int | None = None, cls_coupling: float = 0.0,
+                 num_classes: int = 10, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.anchor = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.num_classes = num_classes
+        self.v_cond = torch.randn(channels, generator=g, dtype=torch.float64)
+        self.v_uncond = torch.randn(channels, generator=g, dtype=torch.float64)
+        self.cls_dim = cls_dim
+        if cls_dim is not None:
+            self.c_cond = torch.randn(cls_dim, generator=g, dtype=torch.float64)
+            self.c_uncond = torch.randn(cls_dim, generator=g, dtype=torch.float64)
+        self.cls_coupling = cls_coupling
+
+    def forward(self, x, t, y, cls_token=None):
+        null = (y == self.num_classes)[:, None]
+        v = torch.where(null, self.v_uncond, self.v_cond)[:, :, None, None] + 0 * x
+        if self.cls_dim is None:
+            return v, None, None
+        v = v + self.cls_coupling * cls_token.mean(-1)[:, None, None, None]
+        v_cls = torch.where(null, self.c_uncond, self.c_cond) + 0 * cls_token
+        return v, None, v_cls
+
+
+def reference_sde(model, x, cls, y, num_steps, cfg=1.0, cls_cfg=None, low=0.0, high=1.0,
+                  vae_only=False, null=10):
+    """SPEC §8 Euler–Maruyama written out: linear path, g = 2·t, ε_x then ε_cls per noisy step."""
+    cls_cfg = cfg if cls_cfg is None else cls_cfg
+    x, cls = x.double(), None if cls is None else cls.double()
+    y_null = torch.full_like(y, null)
+    grid = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
+    for i in range(num_steps):
+        t, dt, last = grid[i], grid[i + 1] - grid[i], i == num_steps - 1
+        g = 2 * t
+        if not last:
+            eps_x = torch.randn_like(x)
+            eps_cls = None if cls is None else torch.randn_like(cls)
+
+        def drifts(labels):
+            with torch.no_grad():
+                v, _, v_cls = model(x, torch.full((x.shape[0],), t, dtype=torch.float64), labels,
+                                    cls_token=cls)
+            out = []
+            for vel, state in ((v, x), (v_cls, cls)):
+                if vel is None:
+                    out.append(None)
+                    continue
+                score = (-(1 - t) * vel.double() - state) / (t**2 + (1 - t) * t)
+                out.append(vel.double() - 0.5 * g * score)
+            return out
+
+        d_x, d_cls = drifts(y)
+        if cfg > 1 and low <= t <= high:
+            u_x, u_cls = drifts(y_null)
+            if vae_only and not last:
+                k = LATENT
+                d_x = torch.cat([d_x[:, :k] + cfg * (d_x[:, :k] - u_x[:, :k]), d_x[:, k:]], 1)
+            else:
+                d_x = u_x + cfg * (d_x - u_x)
+            if d_cls is not None and cls_cfg > 0:
+                d_cls = u_cls + cls_cfg * (d_cls - u_cls)
+        x = x + d_x * dt
+        if cls is not None:
+            cls = cls + d_cls * dt
+        if not last:
+            x = x + math.sqrt(g) * math.sqrt(abs(dt)) * eps_x
+            if cls is not None:
+                cls = cls + math.sqrt(g) * math.sqrt(abs(dt)) * eps_cls
+    return x
+
+
+def reglue_inputs(seed: int = 1, batch: int = B):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, LATENT + SEMANTIC, 8, 8, generator=g)
+    cls = torch.randn(batch, Z, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return x, cls, y
+
+
+def seeded(fn, *args, seed: int = 123, **kwargs):
+    torch.manual_seed(seed)
+    return fn(*args, **kwargs)
+
+
+def sde_starts(num_steps: int) -> list[float]:
+    return torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64).tolist()
+
+
+def ode_grid(num_steps: int) -> list[float]:
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+
+
+@pytest.fixture(scope="module")
+def reglue_model():
+    return tiny_sit("reglue").eval()
+
+
+# ------------------------------------------------------------------ call counts
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5])
+def test_sde_makes_one_call_per_step(reglue_model, num_steps):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    seeded(sample_sde, model, x, y, cls, num_steps=num_steps)
+    assert len(model.calls) == num_steps
+    assert model.times == pytest.approx(sde_starts(num_steps))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5])
+def test_ode_euler_makes_one_call_per_step(reglue_model, num_steps):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    sample_ode(model, x, y, cls, num_steps=num_steps)
+    assert len(model.calls) == num_steps
+    assert model.times == pytest.approx(ode_grid(num_steps)[:-1])
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5])
+def test_ode_heun_makes_two_calls_per_step_but_the_last(reglue_model, num_steps):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    sample_ode(model, x, y, cls, num_steps=num_steps, heun=True)
+    assert len(model.calls) == 2 * num_steps - 1
+    grid = ode_grid(num_steps)
+    expected = [t for i in range(num_steps - 1) for t in (grid[i], grid[i + 1])] + [grid[-2]]
+    assert model.times == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ guidance interval
+
+
+def assert_doubling(calls, guided_flags, y, null):
+    assert len(calls) == len(guided_flags)
+    for (batch, _, labels, cls), guided in zip(calls, guided_flags):
+        if guided:
+            assert batch == 2 * B
+            assert torch.equal(labels, torch.cat([y, torch.full_like(y, null)]))
+            assert torch.equal(cls[:B], cls[B:])
+        else:
+            assert batch == B
+            assert torch.equal(labels, y)
+
+
+@pytest.mark.parametrize("null_label", [None, 7])
+def test_sde_doubles_batch_exactly_inside_interval(reglue_model, null_label):
+    x, cls, y = reglue_inputs()
+    starts = sde_starts(10)
+    low, high = starts[6], starts[3]
+    model = CallRecorder(reglue_model)
+    seeded(sample_sde, model, x, y, cls, num_steps=10, cfg_scale=2.0,
+           guidance_low=low, guidance_high=high, null_label=null_label)
+    guided = [low <= t <= high for t in starts]
+    assert guided == [False] * 3 + [True] * 4 + [False] * 3
+    assert_doubling(model.calls, guided, y, 10 if null_label is None else null_label)
+
+
+def test_sde_last_step_is_guided_when_interval_reaches_its_start(reglue_model):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    seeded(sample_sde, model, x, y, cls, num_steps=4, cfg_scale=1.5,
+           guidance_low=0.0, guidance_high=0.05)
+    assert model.batches == [B, B, B, 2 * B]
+    assert model.times[-1] == pytest.approx(0.04)
+
+
+def test_ode_doubles_batch_exactly_inside_interval(reglue_model):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    sample_ode(model, x, y, cls, num_steps=8, cfg_scale=3.0, guidance_low=0.3, guidance_high=0.7)
+    starts = ode_grid(8)[:-1]
+    guided = [0.3 <= t <= 0.7 for t in starts]
+    assert sum(guided) == 3
+    assert_doubling(model.calls, guided, y, 10)
+
+
+def test_ode_heun_correction_uses_guidance_of_step_start(reglue_model):
+    x, cls, y = reglue_inputs()
+    model = CallRecorder(reglue_model)
+    sample_ode(model, x, y, cls, num_steps=8, heun=True, cfg_scale=3.0,
+               guidance_low=0.3, guidance_high=0.7)
+    grid = ode_grid(8)
+    expected_times, guided = [], []
+    for i in range(8):
+        step_guided = 0.3 <= grid[i] <= 0.7
+        stages = (grid[i], grid[i + 1]) if i < 7 else (grid[i],)
+        expected_times += stages
+        guided += [step_guided] * len(stages)
+    assert model.times == pytest.approx(expected_times)
+    assert model.batches[2:4] == [B, B]  # step at 0.75: corrector at 0.625 (inside) not doubled
+    assert model.batches[8:10] == [2 * B, 2 * B]  # step at 0.375: corrector at 0.25 doubled
+    assert_doubling(model.calls, guided, y, 10)
+
+
+def test_cfg_scale_one_ignores_interval_and_never_doubles(reglue_model):
+    x, cls, y = reglue_inputs()
+    full, part = CallRecorder(reglue_model), CallRecorder(reglue_model)
+    a = seeded(sample_sde, full, x, y, cls, num_steps=6, cfg_scale=1.0)
+    b = seeded(sample_sde, part, x, y, cls, num_steps=6, cfg_scale=1.0,
+               guidance_low=0.0, guidance_high=0.9)
+    assert torch.equal(a, b)
+    assert full.batches == part.batches == [B] * 6
+    c = sample_ode(full, x, y, cls, num_steps=4, heun=True, cfg_scale=1.0)
+    d = sample_ode(part, x, y, cls, num_steps=4, heun=True, cfg_scale=1.0, guidance_high=0.9)
+    assert torch.equal(c, d)
+    assert set(full.batches + part.batches) == {B}
+
+
+# ------------------------------------------------------------------ guidance rules
+
+
+def test_cls_cfg_scale_none_equals_cfg_scale(reglue_model):
+    x, cls, y = reglue_inputs()
+    a = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5)
+    b = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5, cls_cfg_scale=2.5)
+    c = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5, cls_cfg_scale=1.5)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    d = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, cfg_scale=2.5)
+    e = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, cfg_scale=2.5, cls_cfg_scale=2.5)
+    assert torch.equal(d, e)
+
+
+def test_cls_cfg_scale_zero_keeps_conditional_cls_drift_and_guides_latent():
+    model = ConstantVelocity(LATENT + SEMANTIC, cls_dim=Z, cls_coupling=1.0)
+    x, cls, y = reglue_inputs()
+    kwargs = dict(num_steps=5, cfg_scale=3.0, guidance_low=0.2, guidance_high=0.9)
+    got = seeded(sample_sde, model, x, y, cls, cls_cfg_scale=0, **kwargs)
+    want = seeded(reference_sde, model, x, cls, y, cls_cfg=0, low=0.2, high=0.9,
+                  num_steps=5, cfg=3.0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    guided_cls = seeded(sample_sde, model, x, y, cls, **kwargs)
+    assert not torch.allclose(got, guided_cls)
+    unguided = seeded(sample_sde, model, x, y, cls, num_steps=5)
+    assert not torch.allclose(got, unguided)
+
+
+def test_cls_cfg_scale_zero_on_real_model_matches_reference():
+    model = tiny_sit("reglue").double().eval()
+    x, cls, y = reglue_inputs()
+    got = seeded(sample_sde, model, x, y, cls, num_steps=4, cfg_scale=2.0, cls_cfg_scale=0)
+    want = seeded(reference_sde, model, x, cls, y, num_steps=4, cfg=2.0, cls_cfg=0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_vae_only_cfg_rule_matches_hand_derivation():
+    model = ConstantVelocity(LATENT + SEMANTIC)
+    x, _, y = reglue_inputs()
+    kwargs = dict(num_steps=4, cfg_scale=4.0)
+    got = seeded(sample_sde, model, x, y, vae_only_cfg=True, **kwargs)
+    want = seeded(reference_sde, model, x, None, y, num_steps=4, cfg=4.0, vae_only=True)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    standard = seeded(sample_sde, model, x, y, **kwargs)
+    assert not torch.allclose(got, standard)
+
+
+def test_vae_only_cfg_one_noisy_step_in_closed_form():
+    model = ConstantVelocity(LATENT + SEMANTIC)
+    x, _, y = reglue_inputs()
+    w = 4.0
+    got = seeded(sample_sde, model, x, y, num_steps=2, cfg_scale=w, vae_only_cfg=True)
+    torch.manual_seed(123)
+    eps = torch.randn_like(x.double())
+    v_c = model.v_cond[None, :, None, None]
+    v_u = model.v_uncond[None, :, None, None]
+    # t = 1: score = −x, g = 2, so the drift is v + x and d_c − d_u = v_c − v_u.
+    d1 = x.double() + torch.cat([(v_c + w * (v_c - v_u))[:, :LATENT], v_c[:, LATENT:]], 1)
+    x1 = x.double() - 0.96 * d1 + math.sqrt(2 * 0.96) * eps
+    # t = 0.04 → 0 with standard guidance: drift = 1.96·v + x.
+    d2 = x1 + 1.96 * (v_u + w * (v_c - v_u))
+    assert torch.allclose(got, x1 - 0.04 * d2, rtol=0, atol=1e-12)
+
+
+def test_sde_matches_reference_loop_float64():
+    model = tiny_sit("reglue").double().eval()
+    x, cls, y = reglue_inputs(seed=5, batch=3)
+    kwargs = dict(num_steps=6, cfg_scale=2.0)
+    got = seeded(sample_sde, model, x, y, cls, guidance_low=0.3, guidance_high=0.8, **kwargs)
+    want = seeded(reference_sde, model, x, cls, y, low=0.3, high=0.8, num_steps=6, cfg=2.0)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    unguided = seeded(reference_sde, model, x, cls, y, num_steps=6)
+    assert not torch.allclose(got, unguided, atol=1e-6)
+
+
+# ------------------------------------------------------------------ presets
+
+
+def preset_inputs(name: str):
+    g = torch.Generator().manual_seed(3)
+    channels = LATENT + PRESETS[name].semantic_channels
+    x = torch.randn(B, channels, 8, 8, generator=g)
+    cls = torch.randn(B, Z, generator=g) if PRESETS[name].cls_token else None
+    y = torch.randint(0, 10, (B,), generator=g)
+    return x, cls, y
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_samples_finite(name, cfg):
+    model = tiny_sit(name).eval()
+    x, cls, y = preset_inputs(name)
+    outs = [
+        seeded(sample_sde, model, x, y, cls, num_steps=3, cfg_scale=cfg, guidance_high=0.7),
+        sample_ode(model, x, y, cls, num_steps=3, cfg_scale=cfg),
+        sample_ode(model, x, y, cls, num_steps=3, heun=True, cfg_scale=cfg),
+    ]
+    for out in outs:
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+        assert not torch.equal(out, x.double())
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_empty_guidance_interval_raises(reglue_model):
+    x, cls, y = reglue_inputs()
+    with pytest.raises(ValueError):
+        sample_sde(reglue_model, x, y, cls, num_steps=2, guidance_low=0.8, guidance_high=0.2)
+    with pytest.raises(ValueError):
+        sample_ode(reglue_model, x, y, cls, num_steps=2, guidance_low=0.8, guidance_high=0.2)
+
+
+def test_zero_steps_raises(reglue_model):
+    x, cls, y = reglue_inputs()
+    with pytest.raises(ValueError):
+        sample_sde(reglue_model, x, y, cls, num_steps=0)
+    with pytest.raises(ValueError):
+        sample_ode(reglue_model, x, y, cls, num_steps=0)
+
+
+def test_missing_cls_latents_for_cls_model_raises(reglue_model):
+    x, _, y = reglue_inputs()
+    with pytest.raises(ValueError, match="cls_token"):
+        sample_sde(reglue_model, x, y, num_steps=2)
+    with pytest.raises(ValueError, match="cls_token"):
+        sample_ode(reglue_model, x, y, num_steps=2)
+
+
+# ------------------------------------------------------------------ model mode
+
+
+def test_training_mode_model_samples_as_in_eval_and_stays_training():
+    model = tiny_sit("reglue")
+    x, cls, y = reglue_inputs()
+    kwargs = dict(num_steps=4, cfg_scale=2.0)
+    model.eval()
+    want_sde = seeded(sample_sde, model, x, y, cls, **kwargs)
+    want_ode = sample_ode(model, x, y, cls, heun=True, **kwargs)
+    model.train()
+    got_sde = seeded(sample_sde, model, x, y, cls, **kwargs)
+    assert model.training and model.y_embedder.training
+    got_ode = seeded(sample_ode, model, x, y, cls, heun=True, **kwargs)
+    assert model.training and model.y_embedder.training
+    assert torch.equal(got_sde, want_sde)
+    assert torch.equal(got_ode, want_ode)
