@@ -54,6 +54,7 @@ class ConstantVelocity(nn.Module):
         self.v_cond = torch.randn(channels, generator=g, dtype=torch.float64)
         self.v_uncond = torch.randn(channels, generator=g, dtype=torch.float64)
         self.cls_dim = cls_dim
+        self.use_cls_token = cls_dim is not None
         if cls_dim is not None:
             self.c_cond = torch.randn(cls_dim, generator=g, dtype=torch.float64)
             self.c_uncond = torch.randn(cls_dim, generator=g, dtype=torch.float64)
@@ -113,6 +114,32 @@ def reference_sde(model, x, cls, y, num_steps, cfg=1.0, cls_cfg=None, low=0.0, h
             x = x + math.sqrt(g) * math.sqrt(abs(dt)) * eps_x
             if cls is not None:
                 cls = cls + math.sqrt(g) * math.sqrt(abs(dt)) * eps_cls
+    return x
+
+
+def reference_ode(model, x, cls, y, num_steps, heun=False, cfg=1.0, low=0.0, high=1.0, null=10):
+    """SPEC §8 ODE written out: Euler on linspace(1, 0, N+1), Heun except on the last step."""
+    x, cls = x.double(), cls.double()
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+
+    def velocity(x, cls, t, guided):
+        t_vec = torch.full((x.shape[0],), t, dtype=torch.float64)
+        with torch.no_grad():
+            v, _, v_cls = model(x, t_vec, y, cls_token=cls)
+            if not guided:
+                return v, v_cls
+            u, _, u_cls = model(x, t_vec, torch.full_like(y, null), cls_token=cls)
+        return u + cfg * (v - u), u_cls + cfg * (v_cls - u_cls)
+
+    for i in range(num_steps):
+        t, t_next = grid[i], grid[i + 1]
+        dt, guided = t_next - t, cfg > 1 and low <= t <= high
+        d_x, d_cls = velocity(x, cls, t, guided)
+        x_next, cls_next = x + dt * d_x, cls + dt * d_cls
+        if heun and i < num_steps - 1:
+            p_x, p_cls = velocity(x_next, cls_next, t_next, guided)
+            x_next, cls_next = x + dt * (d_x + p_x) / 2, cls + dt * (d_cls + p_cls) / 2
+        x, cls = x_next, cls_next
     return x
 
 
@@ -330,6 +357,17 @@ def test_sde_matches_reference_loop_float64():
     assert not torch.allclose(got, unguided, atol=1e-6)
 
 
+@pytest.mark.parametrize("heun", [False, True])
+def test_ode_matches_reference_loop_float64(heun):
+    model = tiny_sit("reglue").double().eval()
+    x, cls, y = reglue_inputs(seed=6, batch=3)
+    got = sample_ode(model, x, y, cls, num_steps=5, heun=heun, cfg_scale=2.0,
+                     guidance_low=0.3, guidance_high=0.7)
+    want = reference_ode(model, x, cls, y, num_steps=5, heun=heun, cfg=2.0, low=0.3, high=0.7)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------ presets
 
 
@@ -377,12 +415,24 @@ def test_zero_steps_raises(reglue_model):
         sample_ode(reglue_model, x, y, cls, num_steps=0)
 
 
-def test_missing_cls_latents_for_cls_model_raises(reglue_model):
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_missing_cls_latents_for_cls_model_raises(reglue_model, check_inputs):
     x, _, y = reglue_inputs()
-    with pytest.raises(ValueError, match="cls_token"):
-        sample_sde(reglue_model, x, y, num_steps=2)
-    with pytest.raises(ValueError, match="cls_token"):
-        sample_ode(reglue_model, x, y, num_steps=2)
+    reglue_model.check_inputs = check_inputs
+    try:
+        with pytest.raises(ValueError, match="pass cls_latents"):
+            sample_sde(reglue_model, x, y, num_steps=2)
+        with pytest.raises(ValueError, match="pass cls_latents"):
+            sample_ode(reglue_model, x, y, num_steps=2)
+    finally:
+        reglue_model.check_inputs = True
+
+
+def test_cls_latents_for_model_without_cls_slot_raises():
+    model = tiny_sit("repa").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="no CLS slot"):
+        sample_sde(model, x, torch.tensor([1, 2]), torch.randn(2, 12), num_steps=2)
 
 
 # ------------------------------------------------------------------ model mode

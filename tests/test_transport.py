@@ -224,6 +224,8 @@ def test_loss_step_changes_total_through_lambda_sem():
 def test_non_increasing_schedule_raises():
     with pytest.raises(ValueError):
         JointLoss(lambda_sem_schedule=((500_000, 0.5), (250_000, 0.25)))
+    with pytest.raises(ValueError, match="must increase"):
+        JointLoss(lambda_sem_schedule=((250_000, 0.5), (250_000, 0.25)))
 
 
 def test_sit_preset_has_only_latent_term():
@@ -282,6 +284,14 @@ def test_one_optimiser_step_updates_every_trainable_parameter():
         assert any(n.startswith(prefix) for n in changed), prefix
     assert "pos_embed" not in trainable_names
     assert torch.equal(model.pos_embed, before["pos_embed"])
+
+
+def test_repa_term_reaches_blocks_up_to_encoder_depth():
+    model = tiny_sit("reglue", perturb=True).eval()
+    JointLoss()(model, **loss_batch()).repa.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.projectors[0][0].weight.grad.abs().sum() > 0
+    assert model.blocks[1].attn.qkv.weight.grad is None
 
 
 def test_bf16_autocast_on_cpu_is_close_to_fp32():

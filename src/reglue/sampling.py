@@ -115,7 +115,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _initial_state(latents, y, cls_latents):
+def _initial_state(model, latents, y, cls_latents):
+    use_cls = unwrap_model(model).use_cls_token
+    if use_cls and cls_latents is None:
+        raise ValueError("this model jointly models the CLS token: pass cls_latents (B, z_dim) noise.")
+    if not use_cls and cls_latents is not None:
+        raise ValueError("this model has no CLS slot (use_cls_token=False); pass cls_latents=None.")
     if latents.ndim != 4:
         raise ValueError(f"latents must be (B, C, H, W) noise, found {tuple(latents.shape)}.")
     if y.shape != (latents.shape[0],):
@@ -155,7 +160,7 @@ def sample_sde(
     _check_steps(num_steps)
     guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
     velocity = _JointVelocity(model, y, null_label)
-    x, cls = _initial_state(latents, y, cls_latents)
+    x, cls = _initial_state(model, latents, y, cls_latents)
     grid = sde_time_grid(num_steps).tolist()
 
     def drift(v, state, t, diffusion):  # d = v − ½·g·s
@@ -212,7 +217,7 @@ def sample_ode(
     _check_steps(num_steps)
     guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
     velocity = _JointVelocity(model, y, null_label)
-    x, cls = _initial_state(latents, y, cls_latents)
+    x, cls = _initial_state(model, latents, y, cls_latents)
     grid = ode_time_grid(num_steps).tolist()
 
     def euler(state, d, dt):

@@ -111,7 +111,7 @@ class JointLoss:
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
         steps = [int(s) for s, _ in lambda_sem_schedule]
-        if steps != sorted(steps):
+        if any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"lambda_sem_schedule steps must increase, found {steps}.")
         self.latent_channels = latent_channels
         self.path = path
