@@ -11,6 +11,7 @@ from conftest import tiny_sit
 from torch import nn
 
 import reglue.transport as transport
+from reglue.presets import PRESETS
 from reglue.transport import JointLoss, path_coefficients, sample_time, score_from_velocity
 
 TIMES = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.77, 0.9, 1.0], dtype=torch.float64)
@@ -311,3 +312,24 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
         assert got.item() == pytest.approx(want.item(), rel=5e-2), name
     assert fp32.repa.item() < -0.5
     assert bf16.latent.item() != fp32.latent.item()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_loss_has_exactly_its_terms_and_backpropagates(name):
+    preset = PRESETS[name]
+    model = tiny_sit(name).train()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4 + preset.semantic_channels, 8, 8, generator=g)
+    tokens = 16 + int(preset.cls_token)
+    terms = JointLoss(**preset.loss_kwargs())(
+        model, x0, torch.tensor([1, 2]),
+        cls_target=torch.randn(2, 12, generator=g) if preset.cls_token else None,
+        repa_target=torch.randn(2, tokens, 12, generator=g) if preset.repa else None,
+        generator=g,
+    )
+    assert (terms.semantic is not None) == (preset.semantic_channels > 0)
+    assert (terms.cls is not None) == preset.cls_token
+    assert (terms.repa is not None) == preset.repa
+    assert torch.isfinite(terms.total)
+    terms.total.backward()
+    assert model.x_embedder.proj.weight.grad is not None
