@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_sit
 from torch import nn
 
+from conftest import tiny_sit
 from reglue.presets import PRESETS
 from reglue.sampling import sample_ode, sample_sde
 

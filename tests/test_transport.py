@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_sit
 from torch import nn
 
-import reglue.transport as transport
+from conftest import tiny_sit
+from reglue import transport
 from reglue.presets import PRESETS
 from reglue.transport import JointLoss, path_coefficients, sample_time, score_from_velocity
 

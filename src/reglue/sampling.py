@@ -98,9 +98,8 @@ class _JointVelocity:
         v_cls = v_cls.double() if v_cls is not None else None
         if not guided:
             return (v, v_cls), None
-        split = lambda a: (a[:B], a[B:]) if a is not None else (None, None)  # noqa: E731
-        (v_c, v_u), (c_c, c_u) = split(v), split(v_cls)
-        return (v_c, c_c), (v_u, c_u)
+        cls_c, cls_u = (v_cls[:B], v_cls[B:]) if v_cls is not None else (None, None)
+        return (v[:B], cls_c), (v[B:], cls_u)
 
 
 @contextlib.contextmanager

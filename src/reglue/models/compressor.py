@@ -83,7 +83,7 @@ class SemanticCompressor(nn.Module):
         return self.decode(self.encode(features))
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "SemanticCompressor":
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> SemanticCompressor:
         """Build with the channel list read off the weights, then load strictly.
 
         Accepts the authors' state dicts with or without a ``module.`` prefix.
@@ -127,7 +127,7 @@ class PCAProjection(nn.Module):
         return self.components.shape[0]
 
     @classmethod
-    def fit(cls, batches: torch.Tensor | Iterable[torch.Tensor], rank: int) -> "PCAProjection":
+    def fit(cls, batches: torch.Tensor | Iterable[torch.Tensor], rank: int) -> PCAProjection:
         """Fit on features (N, C), or stream batches of (N_i, C) (accumulated in float64)."""
         if isinstance(batches, torch.Tensor):
             batches = [batches]
@@ -169,7 +169,7 @@ class PCAProjection(nn.Module):
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PCAProjection":
+    def load(cls, path: str | Path) -> PCAProjection:
         from safetensors.torch import load_file
 
         state = load_file(str(path))

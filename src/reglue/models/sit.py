@@ -385,7 +385,7 @@ class SiT(nn.Module):
             tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "SiT":
+    def from_pretrained(cls, directory: str | Path, **overrides) -> SiT:
         from safetensors.torch import load_file
 
         directory = Path(directory)
