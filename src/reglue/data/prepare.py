@@ -1,0 +1,223 @@
+"""``reglue prepare``: an image folder or zip → a training-ready dataset directory.
+
+Each source image is read robustly (:mod:`reglue.data.images`), ADM centre-cropped to
+R×R, and encoded by the SD-VAE to posterior moments; results are written as fixed-size
+shards (:mod:`reglue.data.store`). Shard k holds the sources with sorted positions
+[k·S, (k+1)·S), minus the files that had to be skipped, so the output depends only on the
+source and the settings — not on the number of processes or on interruptions:
+
+- rerunning after an interruption (even ``kill -9``) skips completed shards and redoes the
+  rest, giving byte-identical files;
+- with several processes (``accelerate launch``), rank r writes shards k ≡ r (mod world);
+  rank 0 writes the manifest once every shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reglue.data import store
+from reglue.data.images import BadImageError, adm_center_crop, load_image
+from reglue.data.sources import ImageSource, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything that determines the output; a rerun into the same directory must match."""
+
+    source: str
+    resolution: int = 256
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    max_images: int | None = None
+    shard_size: int = 1000
+    min_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.resolution not in (256, 512):
+            raise ValueError(f"resolution must be 256 or 512, found {self.resolution}.")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, found {self.shard_size}.")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, found {self.max_images}.")
+
+
+@dataclass
+class PrepareSummary:
+    images: int
+    skipped: int
+    ignored: int
+    shards: int
+    resumed_shards: int
+
+
+def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard over the sorted source items."""
+    return [(start, min(start + shard_size, num_items)) for start in range(0, num_items, shard_size)]
+
+
+def _check_or_write_settings(dst: Path, settings: PrepareSettings, is_main: bool) -> None:
+    path = dst / store.SETTINGS
+    wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION)
+    if path.is_file():
+        found = json.loads(path.read_text())
+        differing = sorted(k for k in wanted if found.get(k) != wanted[k])
+        if differing:
+            detail = ", ".join(f"{k}: was {found.get(k)!r}, now {wanted[k]!r}" for k in differing)
+            raise ValueError(
+                f"{dst} was prepared with other settings ({detail}); rerun with the original settings "
+                "to resume, or choose a new output directory."
+            )
+    elif is_main:
+        dst.mkdir(parents=True, exist_ok=True)
+        store.write_json_atomic(path, wanted)
+
+
+def _crop_shard(source: ImageSource, items, settings: PrepareSettings):
+    """Read and crop one shard's files; returns images (n, R, R, 3), labels, kept paths, skips."""
+    images, labels, kept, skipped = [], [], [], []
+    for item in items:
+        try:
+            image = load_image(source.read(item), min_size=settings.min_size)
+            images.append(adm_center_crop(image, settings.resolution))
+        except (BadImageError, OSError) as err:
+            skipped.append({"path": item.path, "reason": str(err)})
+            continue
+        labels.append(item.label)
+        kept.append(item.path)
+    R = settings.resolution
+    array = np.stack(images) if images else np.zeros((0, R, R, 3), np.uint8)
+    return array, np.asarray(labels, np.int64), kept, skipped
+
+
+def _encode(vae, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 (n, R, R, 3) -> float32 moments (n, 8, R/8, R/8)."""
+    R = images.shape[1]
+    if len(images) == 0:
+        return np.zeros((0, 8, R // 8, R // 8), np.float32)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return vae.encode_moments(pixels, batch_size=batch_size).float().cpu().numpy()
+
+
+def prepare_dataset(
+    settings: PrepareSettings,
+    dst: str | Path,
+    vae,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    progress: Callable[[int], None] | None = None,
+) -> PrepareSummary:
+    """Prepare (or resume preparing) ``dst`` from ``settings.source`` with ``vae``.
+
+    ``vae.encode_moments(uint8 (B, 3, R, R)) -> (B, 8, R/8, R/8)``; ``progress(n)`` is
+    called after each shard with the number of source files it covered.
+    """
+    dst = Path(dst)
+    source = open_source(settings.source)
+    items = source.items[: settings.max_images]
+    shards = shard_ranges(len(items), settings.shard_size)
+    _check_or_write_settings(dst, settings, rank == 0)
+    barrier()
+    if rank == 0:
+        removed = store.remove_incomplete_shards(dst)
+        if removed:
+            log.info("removed %d incomplete shard(s) of an interrupted run", removed)
+    barrier()
+
+    resumed = 0
+    for index in range(rank, len(shards), world_size):
+        shard_items = items[slice(*shards[index])]
+        if store.shard_is_complete(dst, index):
+            resumed += 1
+        else:
+            images, labels, kept, skipped = _crop_shard(source, shard_items, settings)
+            moments = _encode(vae, images, batch_size)
+            arrays = {"images": images, "moments": moments, "labels": labels}
+            store.write_shard(dst, index, arrays, {"sources": kept, "skipped": skipped})
+        if progress is not None:
+            progress(len(shard_items))
+    barrier()
+    summary = _finalize(dst, settings, source, len(shards), write=rank == 0)
+    summary.resumed_shards = resumed
+    return summary
+
+
+def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, num_shards: int, write: bool):
+    """Gather shard indices into the manifest and the skipped-files report (rank 0 writes)."""
+    shards, skipped = [], []
+    for index in range(num_shards):
+        info = store.read_shard_info(dst, index)
+        shards.append({"name": store.shard_name(index), "count": len(info["sources"])})
+        skipped.extend(info["skipped"])
+    images = sum(s["count"] for s in shards)
+    if write:
+        from reglue.io import atomic_write
+
+        with atomic_write(dst / store.SKIPPED) as tmp:
+            tmp.write_text("path\treason\n" + "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped))
+        store.write_json_atomic(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped))
+    return PrepareSummary(images, len(skipped), source.ignored, num_shards, 0)
+
+
+def _manifest(settings, source, shards, images, skipped) -> dict:
+    import PIL
+
+    import reglue
+
+    R = settings.resolution
+    return {
+        "format": store.FORMAT_NAME,
+        "format_version": store.FORMAT_VERSION,
+        "source": settings.source,
+        "resolution": R,
+        "vae": settings.vae,
+        "arrays": {
+            "images": {"dtype": "uint8", "shape": [R, R, 3]},
+            "moments": {"dtype": "float32", "shape": [8, R // 8, R // 8]},
+            "labels": {"dtype": "int64", "shape": []},
+        },
+        "num_images": images,
+        "num_skipped": len(skipped),
+        "num_ignored": source.ignored,
+        "num_classes": len(source.class_names),
+        "class_names": source.class_names,
+        "shards": shards,
+        "versions": {"reglue": reglue.__version__, "torch": torch.__version__.split("+")[0],
+                     "numpy": np.__version__, "pillow": PIL.__version__},
+    }
+
+
+def run_prepare(
+    settings: PrepareSettings,
+    dst: str | Path,
+    batch_size: int = 32,
+    vae_dtype: torch.dtype = torch.float32,
+    show_progress: bool = True,
+) -> PrepareSummary:
+    """Prepare with the VAE named in ``settings`` on this process's device; works alone or
+    under ``accelerate launch`` / ``torchrun`` (each rank writes its own shards)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from reglue.encoders.vae import VAE
+
+    state = PartialState()
+    source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
+    vae = VAE(settings.vae, dtype=vae_dtype).to(state.device)
+    shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
+    mine = sum(stop - start for start, stop in shards[state.process_index :: state.num_processes])
+    bar = tqdm(total=mine, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
+               dynamic_ncols=True)
+    with bar:
+        return prepare_dataset(settings, dst, vae, batch_size, state.process_index, state.num_processes,
+                               state.wait_for_everyone, bar.update)

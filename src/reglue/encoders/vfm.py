@@ -1,0 +1,419 @@
+"""Vision foundation model features (SPEC §4): DINOv2 with registers, DINOv3 as an option.
+
+A :class:`VFMExtractor` is a frozen timm ViT that turns uint8 images (B, 3, res, res) into
+the three things REGLUE needs (:class:`VFMFeatures`):
+
+- ``local`` (B, L·D, h, w): patch tokens of each requested block (0-based, strictly increasing)
+  after the model's final LayerNorm, concatenated on channels in block order, tokens row-major;
+  the input of the semantic compressor (3072×16×16 for DINOv2-B, blocks 8-11, 256²);
+- ``cls`` (B, D): the CLS token of the last block after the final norm (REG/REGLUE's cls);
+- ``repa`` (B, 1 + h·w, D): [CLS; patch tokens] of the last block after the final norm, the
+  REPA target. Register tokens are always dropped.
+
+DINOv2 (``dinov2_vit{s,b,l,g}14_reg``), exactly as the authors' pipeline:
+
+- preprocessing: uint8 → float/255 → ImageNet mean/std → ``F.interpolate(size=224·(res//256),
+  mode="bicubic")`` (no antialias, align_corners False), i.e. 16×16 patch tokens at 256²;
+- position embeddings: the pretraining grid (37×37 for img_size 518) is resized to the input
+  grid with bicubic interpolation, antialias=True, output size given; computed once per grid and
+  cached (recomputed only when the grid, device or weights change);
+- token order [CLS, registers, patches]; the CLS keeps its position embedding, registers get none.
+  timm stores the CLS position pre-added to ``cls_token`` (its ``no_embed_class`` layout), which
+  is the same fp32 sum the official model computes in its forward.
+- ViT-g's fused SwiGLU MLP (official ``mlp.w12``/``mlp.w3``) is timm's ``SwiGLUPacked``
+  (``mlp.fc1``/``mlp.fc2``, act(first half)·second half), hidden width (⌊8D/3⌋+7)//8·8.
+
+DINOv3 (``dinov3_vit{s,b,l}16``, timm's ``vit_*_patch16_dinov3``, an option): the same
+normalisation, but the image is resized to 256·(res//256) (identity at 256²), so patch 16 gives
+the same 16×16 grid; positions are RoPE, so nothing is resized. Weights must be in timm's layout
+(the ``timm/vit_*_patch16_dinov3.lvd1689m`` files); the official DINOv3 layout is not mapped.
+
+Weights (``weights=``, always explicit): ``None`` (random init, for tests and demos), a state
+dict, or a local file: official DINOv2 ``.pth`` or timm ``.safetensors``/``.pth``/``.bin``.
+Every state dict goes through :func:`dinov2_to_timm` and a strict load whose failure lists
+missing, unexpected and mis-shaped keys. reglue never downloads: a hub id such as
+``"timm/vit_base_patch14_reg4_dinov2.lvd142m"`` fails at once, saying where to put the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from reglue.models.official import describe_state_dict_mismatch, strip_module_prefix
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Network input side per 256 image pixels: 224 (16 tokens of 14 px) for DINOv2, 256 for DINOv3.
+INPUT_SIDE_PER_256 = {"dinov2": 224, "dinov3": 256}
+
+Weights = Mapping[str, torch.Tensor] | str | os.PathLike | None
+
+
+class VFMFeatures(NamedTuple):
+    """What :class:`VFMExtractor` returns, all float32 (h = w = 16 at 256², 32 at 512²)."""
+
+    local: torch.Tensor  # (B, L·D, h, w): requested blocks' patch tokens after the final norm
+    cls: torch.Tensor  # (B, D): last block's CLS after the final norm
+    repa: torch.Tensor  # (B, 1 + h·w, D): last block's [CLS; patches] after the final norm
+
+
+# --------------------------------------------------------------------------------------
+# Weights: one key map, one strict load
+# --------------------------------------------------------------------------------------
+
+
+def _has_cls_slot(num_positions: int) -> bool:
+    """True for 1 + g² positions (official layout), False for g² (timm's, patches only)."""
+    patches = num_positions - 1
+    return math.isqrt(patches) ** 2 == patches and math.isqrt(num_positions) ** 2 != num_positions
+
+
+def dinov2_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an official DINOv2 state dict onto timm's names; timm-layout input passes unchanged.
+
+    - ``module.`` / ``_orig_mod.`` prefixes are stripped;
+    - ``mask_token`` is dropped (masked-image pretraining only, never used at inference);
+    - ``register_tokens`` (1, R, D) → ``reg_token``;
+    - ``pos_embed`` (1, 1 + g², D) → (1, g², D), its CLS slot added into ``cls_token`` (1, 1, D);
+    - ViT-g's SwiGLU ``blocks.i.mlp.w12`` / ``mlp.w3`` → ``mlp.fc1`` / ``mlp.fc2``.
+    """
+    source = strip_module_prefix(state_dict)
+    source.pop("mask_token", None)
+    out = {}
+    for key, value in source.items():
+        key = "reg_token" if key == "register_tokens" else key
+        key = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", key)
+        key = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", key)
+        out[key] = value
+    pos_embed = out.get("pos_embed")
+    if pos_embed is not None and "cls_token" in out and _has_cls_slot(pos_embed.shape[1]):
+        out["cls_token"] = out["cls_token"] + pos_embed[:, :1]
+        out["pos_embed"] = pos_embed[:, 1:]
+    return out
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``org/name`` or ``hf-hub:org/name`` without a weights-file suffix."""
+    return (
+        re.fullmatch(r"(hf[-_]hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
+        and Path(text).suffix not in WEIGHT_SUFFIXES
+    )
+
+
+def _hub_id_error(hub_id: str) -> FileNotFoundError:
+    repo = re.sub(r"^hf[-_]hub:", "", hub_id)
+    local = f"weights/{repo.split('/')[-1]}/model.safetensors"
+    return FileNotFoundError(
+        f"weights={hub_id!r} looks like a hub id, but reglue never downloads weights (runs are "
+        f"offline). On a machine with internet run `huggingface-cli download {repo} "
+        f"model.safetensors --local-dir {Path(local).parent}`, copy the file to {local} here and "
+        f"pass weights={local!r}. The official DINOv2 .pth (e.g. dinov2_vitb14_reg4_pretrain.pth "
+        "from https://dl.fbaipublicfiles.com/dinov2/) works as well."
+    )
+
+
+def read_weights_file(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``torch.save``d ``.pth``/``.bin`` (tensors only)."""
+    path = Path(source)
+    if not path.is_file():
+        if _looks_like_hub_id(str(source)):
+            raise _hub_id_error(str(source))
+        raise FileNotFoundError(
+            f"VFM weights file {path} not found; pass the path of an official DINOv2 .pth or a "
+            "timm .safetensors/.pth/.bin file, or weights=None for a random model."
+        )
+    if path.suffix == ".safetensors":
+        state_dict = safetensors.torch.load_file(str(path))
+    else:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        found = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(
+            f"{path} is not a state dict of tensors (found {found}); save the backbone weights "
+            "alone, e.g. torch.save(model.state_dict(), path)."
+        )
+    return dict(state_dict)
+
+
+def read_weights(weights: Weights) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+    """(state dict or None, its name for errors); builders call it before building the model,
+    so a missing file or a hub id fails at once."""
+    if weights is None or isinstance(weights, Mapping):
+        return weights, "the given state dict"
+    return read_weights_file(weights), str(weights)
+
+
+def load_vfm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Key-map ``state_dict`` with :func:`dinov2_to_timm`, then load it strictly into ``vit``."""
+    state_dict = dinov2_to_timm(state_dict)
+    problem = describe_state_dict_mismatch(vit, state_dict)
+    if problem is not None:
+        hint = _arch_hint(state_dict)
+        raise ValueError(f"VFM weights from {what} do not fit the model:\n  {problem}\n{hint}")
+    vit.load_state_dict(state_dict, strict=True)
+
+
+def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """What architecture the weights describe, to pick the matching builder arguments."""
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return "The weights have no patch_embed.proj.weight; are they a ViT backbone?"
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    return (
+        f"They describe a ViT of width {proj.shape[0]}, patch {proj.shape[-1]}, {depth} blocks; "
+        "build that size (e.g. build_vfm('dinov2_vitb14_reg', ...)) or pass the weights made for this one."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# DINOv2 as a timm VisionTransformer with the official position-embedding resize
+# --------------------------------------------------------------------------------------
+
+
+class DINOv2ViT(VisionTransformer):
+    """timm's VisionTransformer in DINOv2's layout: tokens [CLS, R registers, h·w patches].
+
+    ``pos_embed`` (1, g², D) keeps the pretraining grid (g = img_size / patch, 37 for 518) and
+    covers the patches only; the CLS position is folded into ``cls_token``. For an h×w input grid
+    it is resized once (bicubic, antialias, output size given) and cached.
+    """
+
+    def __init__(
+        self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+        num_register_tokens: int, swiglu: bool,
+    ):
+        mlp = {}
+        if swiglu:  # official hidden width (⌊8D/3⌋ + 7)//8·8; SwiGLUPacked's fc1 is twice that
+            hidden = (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+            mlp_ratio = (2 * hidden + 0.5) / embed_dim  # int(D · ratio) = 2·hidden exactly
+            mlp = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": mlp_ratio}
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, reg_tokens=num_register_tokens, num_classes=0, init_values=1e-5,
+            no_embed_class=True, dynamic_img_size=True, **mlp,
+        )
+        self._grid_pos_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def grid_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch position embedding resized to ``grid`` (h, w): (1, h·w, D), cached."""
+        pos = self.pos_embed
+        key = (grid, pos.device, pos.dtype, pos.data_ptr(), pos._version)  # new weights → new key
+        if self._grid_pos_cache is None or self._grid_pos_cache[0] != key:
+            resized = resample_abs_pos_embed(
+                pos.detach(), new_size=list(grid), old_size=list(self.patch_embed.grid_size),
+                num_prefix_tokens=0, interpolation="bicubic", antialias=True,
+            )
+            self._grid_pos_cache = (key, resized)
+        return self._grid_pos_cache[1]
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, h, w, D) → (B, 1 + R + h·w, D) with positions added.
+
+        Overrides timm's hook, which ``forward_intermediates`` calls right after the patch embed.
+        """
+        batch, h, w, dim = x.shape
+        patches = x.reshape(batch, h * w, dim) + self.grid_pos_embed((h, w))
+        prefix = [self.cls_token.expand(batch, -1, -1)]  # (B, 1, D), CLS position included
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(batch, -1, -1))  # (B, R, D), no position
+        return torch.cat(prefix + [patches], dim=1)
+
+
+# --------------------------------------------------------------------------------------
+# The extractor
+# --------------------------------------------------------------------------------------
+
+
+class VFMExtractor(nn.Module):
+    """Frozen ViT: uint8 images (B, 3, res, res) → :class:`VFMFeatures` (SPEC §4).
+
+    ``vit`` is a timm model with ``forward_intermediates`` (DINOv2ViT, or timm's Eva for DINOv3);
+    ``input_size`` is the side the images are resized to before the ViT (224·res/256 for DINOv2).
+    ``autocast_dtype`` (torch.bfloat16 / torch.float16) runs the ViT under autocast; the outputs
+    are float32 either way. The module stays in eval mode with no trainable parameter.
+    """
+
+    def __init__(
+        self, vit: nn.Module, *, layers: Sequence[int], resolution: int, input_size: int,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        patch = vit.patch_embed.patch_size[0]
+        if input_size % patch:
+            raise ValueError(
+                f"network input {input_size}² is not a multiple of the patch size {patch}; "
+                "use a patch size dividing 224 (DINOv2) or 256 (DINOv3)."
+            )
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype must be None, torch.bfloat16 or torch.float16; found {autocast_dtype}."
+            )
+        self.vit = vit
+        self.layers = _check_layers(layers, len(vit.blocks))
+        self.resolution = resolution
+        self.input_size = input_size
+        self.grid_size = input_size // patch
+        self.embed_dim = vit.embed_dim
+        self.autocast_dtype = autocast_dtype
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> VFMExtractor:
+        """Always eval: the VFM is a frozen feature extractor, whatever its parent does."""
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, res, res) → normalised float32 (B, 3, input_size, input_size)."""
+        self._check_images(images)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        x = (images.float() / 255.0 - mean) / std
+        return F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> VFMFeatures:
+        """uint8 images (B, 3, res, res) → local (B, L·D, h, w), cls (B, D), repa (B, 1+h·w, D)."""
+        x = self.preprocess(images).to(self.vit.patch_embed.proj.weight.dtype)
+        autocast = self.autocast_dtype is not None
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            tokens, per_block = self.vit.forward_intermediates(
+                x, indices=list(self.layers), norm=True, output_fmt="NCHW"
+            )  # tokens (B, 1 + R + h·w, D) after the final norm; per_block L × (B, D, h, w)
+        tokens = tokens.float()
+        local = torch.cat(per_block, dim=1).float()  # (B, L·D, h, w)
+        patches = tokens[:, self.vit.num_prefix_tokens:]  # registers dropped: (B, h·w, D)
+        repa = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + h·w, D)
+        return VFMFeatures(local=local, cls=tokens[:, 0], repa=repa)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        expected = f"uint8 (B, 3, {self.resolution}, {self.resolution})"
+        found = f"{images.dtype} {tuple(images.shape)}"
+        if images.dtype != torch.uint8:
+            raise ValueError(f"VFM input must be {expected} images; found {found}. Pass raw uint8 pixels.")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (self.resolution, self.resolution):
+            raise ValueError(
+                f"VFM input must be {expected} images; found {found}. Centre-crop RGB images to "
+                f"{self.resolution}² or build the extractor with resolution={images.shape[-1]}."
+            )
+
+
+def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    layers = tuple(int(i) for i in layers)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= depth:
+        raise ValueError(
+            f"layers must be strictly increasing 0-based block indices in 0..{depth - 1}, at least "
+            f"one; found {layers}. REGLUE uses the last four blocks, e.g. (8, 9, 10, 11) for 12 blocks."
+        )
+    return layers
+
+
+def _input_size(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
+    if resolution <= 0 or resolution % 256:
+        raise ValueError(f"resolution must be a positive multiple of 256 (256 or 512); found {resolution}.")
+    return INPUT_SIDE_PER_256[family] * (resolution // 256)
+
+
+# --------------------------------------------------------------------------------------
+# Builders and the registry
+# --------------------------------------------------------------------------------------
+
+
+def build_dinov2(
+    embed_dim: int, depth: int, num_heads: int, *, weights: Weights, patch_size: int = 14,
+    num_register_tokens: int = 4, swiglu: bool = False, img_size: int = 518,
+    layers: Sequence[int] = (8, 9, 10, 11), resolution: int = 256,
+    autocast_dtype: torch.dtype | None = None,
+) -> VFMExtractor:
+    """A DINOv2 extractor of any size. ``img_size`` is the pretraining size (its grid is
+    ``pos_embed``'s); ``swiglu`` selects ViT-g's MLP; ``weights`` see the module docstring."""
+    input_size = _input_size(resolution, "dinov2")
+    state_dict, what = read_weights(weights)
+    vit = DINOv2ViT(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, num_register_tokens=num_register_tokens, swiglu=swiglu,
+    )
+    extractor = VFMExtractor(
+        vit, layers=layers, resolution=resolution, input_size=input_size,
+        autocast_dtype=autocast_dtype,
+    )
+    if state_dict is not None:
+        load_vfm_weights(extractor.vit, state_dict, what)
+    return extractor
+
+
+def build_dinov3(
+    timm_name: str, *, weights: Weights, layers: Sequence[int], resolution: int = 256,
+    autocast_dtype: torch.dtype | None = None, **timm_kwargs,
+) -> VFMExtractor:
+    """A DINOv3 extractor from timm's registry (``vit_base_patch16_dinov3`` ...), weights in
+    timm's layout; ``timm_kwargs`` go to ``timm.create_model`` (embed_dim, depth, ...)."""
+    input_size = _input_size(resolution, "dinov3")
+    state_dict, what = read_weights(weights)
+    vit = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+    extractor = VFMExtractor(
+        vit, layers=layers, resolution=resolution, input_size=input_size,
+        autocast_dtype=autocast_dtype,
+    )
+    if state_dict is not None:
+        load_vfm_weights(extractor.vit, state_dict, what)
+    return extractor
+
+
+@dataclass(frozen=True)
+class VFMArch:
+    """A registered VFM's architecture (official sizes)."""
+
+    family: Literal["dinov2", "dinov3"]
+    embed_dim: int
+    depth: int
+    num_heads: int
+    swiglu: bool = False  # DINOv2-g's fused SwiGLU MLP
+    timm_name: str = ""  # DINOv3: timm's registry entry
+
+
+VFM_MODELS: dict[str, VFMArch] = {
+    "dinov2_vits14_reg": VFMArch("dinov2", 384, 12, 6),
+    "dinov2_vitb14_reg": VFMArch("dinov2", 768, 12, 12),
+    "dinov2_vitl14_reg": VFMArch("dinov2", 1024, 24, 16),
+    "dinov2_vitg14_reg": VFMArch("dinov2", 1536, 40, 24, swiglu=True),
+    "dinov3_vits16": VFMArch("dinov3", 384, 12, 6, timm_name="vit_small_patch16_dinov3"),
+    "dinov3_vitb16": VFMArch("dinov3", 768, 12, 12, timm_name="vit_base_patch16_dinov3"),
+    "dinov3_vitl16": VFMArch("dinov3", 1024, 24, 16, timm_name="vit_large_patch16_dinov3"),
+}
+
+
+def build_vfm(
+    name: str, *, weights: Weights, layers: Sequence[int] | None = None, resolution: int = 256,
+    autocast_dtype: torch.dtype | None = None, **overrides,
+) -> VFMExtractor:
+    """Build a registered VFM, e.g. ``build_vfm("dinov2_vitb14_reg", weights="dinov2.pth")``.
+
+    ``layers`` defaults to the last four blocks ((8, 9, 10, 11) for S/B, SPEC §4); ``overrides``
+    replace :class:`VFMArch` fields (embed_dim, depth, num_heads) for tiny test models.
+    """
+    if name not in VFM_MODELS:
+        raise ValueError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_MODELS)}.")
+    arch = replace(VFM_MODELS[name], **overrides)
+    layers = tuple(range(max(arch.depth - 4, 0), arch.depth)) if layers is None else layers
+    common = {
+        "weights": weights, "layers": layers, "resolution": resolution, "autocast_dtype": autocast_dtype,
+    }
+    dims = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
+    if arch.family == "dinov3":
+        return build_dinov3(arch.timm_name, **dims, **common)
+    return build_dinov2(**dims, swiglu=arch.swiglu, **common)
