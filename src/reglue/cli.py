@@ -1,14 +1,60 @@
-"""The ``reglue`` command: argument parsing only; the work lives in the library modules."""
+"""The ``reglue`` command: argument parsing only; the work lives in the library modules.
+
+Errors the user can fix (bad paths, mismatched settings, bad input) are printed as one line
+and exit with status 2; set ``REGLUE_DEBUG=1`` to see the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from reglue import __version__
 
+AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
 
-def _list_models(args: argparse.Namespace) -> int:
+
+# ----------------------------------------------------------------------------- shared options
+def _add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> None:
+    group = parser.add_argument_group("vision foundation model", required_note)
+    group.add_argument("--vfm", default=None, help="registry name (default dinov2_vitb14_reg)")
+    group.add_argument("--vfm-weights", default=None,
+                       help="official DINOv2 .pth or timm .safetensors file; 'random' for a weight-free demo")
+    group.add_argument("--vfm-layers", default=None, help="0-based blocks, e.g. 8,9,10,11 (default: last four)")
+    group.add_argument("--vfm-arch", default=None,
+                       help="architecture overrides for small models, e.g. embed_dim=64,depth=12,num_heads=2")
+
+
+def _vfm_spec(args: argparse.Namespace, required: bool):
+    from reglue.encoders.semantics import VFMSpec
+
+    given = any(getattr(args, k) is not None for k in ("vfm", "vfm_weights", "vfm_layers", "vfm_arch"))
+    if not (given or required):
+        return None
+    layers = tuple(int(v) for v in args.vfm_layers.split(",")) if args.vfm_layers else None
+    arch = {}
+    for item in filter(None, (args.vfm_arch or "").split(",")):
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise ValueError(f"--vfm-arch expects key=integer pairs like depth=12, found {item!r}.")
+        arch[key.strip()] = int(value)
+    return VFMSpec(args.vfm or "dinov2_vitb14_reg", args.vfm_weights, layers, arch)
+
+
+def _autocast(choice: str):
+    import torch
+
+    from reglue.pipeline import default_autocast
+
+    if choice == "auto":
+        return default_autocast(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_models(args: argparse.Namespace) -> int:
     import torch
 
     from reglue.models.sit import SIT_MODELS, build_sit
@@ -16,21 +62,68 @@ def _list_models(args: argparse.Namespace) -> int:
 
     print("models:  " + ", ".join(SIT_MODELS))
     print("presets: " + ", ".join(f"{p.name} (paper FID {p.paper_fid})" for p in PRESETS.values()))
-    if args.count:
-        for name in args.count:
-            with torch.device("meta"):  # count without allocating weights
-                model = build_sit(name)
-            counts = {"backbone": 0, "projector": 0}
-            for key, p in model.named_parameters():
-                if p.requires_grad:
-                    counts["projector" if key.startswith("projectors.") else "backbone"] += p.numel()
-            print(
-                f"{name} (REGLUE, 20 input channels): {counts['backbone'] / 1e6:.1f}M parameters "
-                f"+ {counts['projector'] / 1e6:.1f}M training-only REPA projector"
-            )
+    for name in args.count or ():
+        with torch.device("meta"):  # count without allocating weights
+            model = build_sit(name)
+        counts = {"backbone": 0, "projector": 0}
+        for key, p in model.named_parameters():
+            if p.requires_grad:
+                counts["projector" if key.startswith("projectors.") else "backbone"] += p.numel()
+        print(
+            f"{name} (REGLUE, 20 input channels): {counts['backbone'] / 1e6:.1f}M parameters "
+            f"+ {counts['projector'] / 1e6:.1f}M training-only REPA projector"
+        )
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import torch
+
+    from reglue.data.prepare import PrepareSettings, run_prepare
+
+    settings = PrepareSettings(str(args.src), args.resolution, args.vae, args.max_images, args.shard_size,
+                               args.min_size)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
+    summary = run_prepare(settings, args.dst, args.batch_size, dtype, show_progress=not args.quiet)
+    print(
+        f"prepared {summary.images} images in {summary.shards} shards ({summary.resumed_shards} resumed) "
+        f"into {args.dst}; skipped {summary.skipped} unreadable or too-small files (listed in "
+        f"{args.dst}/skipped.tsv); ignored {summary.ignored} files without an image extension."
+    )
+    return 0
+
+
+def _cmd_norm_stats(args: argparse.Namespace) -> int:
+    from reglue.pipeline import run_norm_stats
+
+    out = run_norm_stats(args.data, _vfm_spec(args, required=True), args.out, args.num_images,
+                         args.batch_size, _autocast(args.autocast), show_progress=not args.quiet)
+    print(f"wrote norm stats to {out}")
+    return 0
+
+
+def _cmd_fit_pca(args: argparse.Namespace) -> int:
+    from reglue.pipeline import NORM_STATS_FILE, run_fit_pca
+
+    norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
+    out = run_fit_pca(args.data, norm_stats, args.rank, args.out, args.num_images, args.batch_size,
+                      _vfm_spec(args, required=False), _autocast(args.autocast), show_progress=not args.quiet)
+    print(f"wrote PCA (rank {args.rank}) to {out}")
+    return 0
+
+
+def _cmd_cache_semantics(args: argparse.Namespace) -> int:
+    from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
+
+    norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
+    written = run_cache_semantics(args.data, norm_stats, args.compressor, args.pca, args.repa_targets,
+                                  args.batch_size, _vfm_spec(args, required=False), _autocast(args.autocast),
+                                  show_progress=not args.quiet)
+    print(f"cached semantics in {args.data}: {written} shard(s) written, the rest already cached")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reglue",
@@ -38,11 +131,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reglue {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    models = commands.add_parser("models", help="list the registered SiT sizes and method presets")
-    models.add_argument(
-        "--count", nargs="*", metavar="NAME", help="also build NAME (e.g. SiT-B/2) and count parameters"
-    )
-    models.set_defaults(func=_list_models)
+
+    p = commands.add_parser("models", help="list the registered SiT sizes and method presets")
+    p.add_argument("--count", nargs="*", metavar="NAME", help="also count the parameters of NAME (e.g. SiT-B/2)")
+    p.set_defaults(func=_cmd_models)
+
+    p = commands.add_parser("prepare", help="image folder or zip → cropped images + VAE moments (resumable)")
+    p.add_argument("src", help="ImageFolder tree (class sub-folders), flat folder (unconditional), or a .zip")
+    p.add_argument("dst", help="output dataset directory (rerun the same command to resume)")
+    p.add_argument("--resolution", type=int, choices=(256, 512), default=256)
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")
+    p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--max-images", type=int, default=None, help="use only the first N files (sorted by path)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--min-size", type=int, default=32, help="skip images whose short side is below this")
+    p.add_argument("--batch-size", type=int, default=32, help="VAE batch size")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = commands.add_parser("norm-stats", help="per-channel mean/std of the VFM layer maps")
+    p.add_argument("data", help="a prepared dataset directory")
+    p.add_argument("--out", default=None, help="output file (default DATA/norm_stats.safetensors)")
+    p.add_argument("--num-images", type=int, default=300 * 256, help="images in the random subset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _add_vfm_options(p, "required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
+    p.set_defaults(func=_cmd_norm_stats)
+
+    p = commands.add_parser("fit-pca", help="ReDi's PCA of the z-scored VFM maps")
+    p.add_argument("data")
+    p.add_argument("--norm-stats", default=None, help="default DATA/norm_stats.safetensors")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out", default=None, help="default DATA/pca.safetensors")
+    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    p.set_defaults(func=_cmd_fit_pca)
+
+    p = commands.add_parser("cache-semantics", help="store compressed semantics, CLS (and REPA targets)")
+    p.add_argument("data")
+    p.add_argument("--compressor", default=None, help="compressor .safetensors (REGLUE)")
+    p.add_argument("--pca", default=None, help="PCA .safetensors (ReDi)")
+    p.add_argument("--norm-stats", default=None, help="default DATA/norm_stats.safetensors")
+    p.add_argument("--repa-targets", action="store_true", help="also cache REPA targets (≈386 KiB/image)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    p.set_defaults(func=_cmd_cache_semantics)
     return parser
 
 
@@ -52,7 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        if os.environ.get("REGLUE_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split())
+        print(f"reglue {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

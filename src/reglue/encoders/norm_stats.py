@@ -118,3 +118,28 @@ class NormStatsAccumulator:
         mean = self.total / self.count
         var = (self.total_sq / self.count - mean * mean).clamp_min(0)
         return NormStats(mean.float(), var.sqrt().float(), dict(metadata or {}, tokens=str(self.count)))
+
+
+@torch.no_grad()
+def compute_norm_stats(
+    dataset, extractor, num_images: int, batch_size: int = 64, seed: int = 0,
+    device: torch.device | str = "cpu", num_workers: int = 0, progress=None, metadata: dict | None = None,
+) -> NormStats:
+    """Stats of ``extractor(images).local`` over a seeded random subset of ``dataset``.
+
+    ``dataset[i]["images"]`` is uint8 (3, R, R); the subset has min(num_images, len) images
+    (official: 300 × 256 = 76,800), read in index order for memory-map locality.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, found {num_images}.")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
+    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=num_workers)
+    accumulator = NormStatsAccumulator()
+    for batch in loader:
+        accumulator.update(extractor(batch["images"].to(device)).local)
+        if progress is not None:
+            progress(len(batch["images"]))
+    return accumulator.result(dict(metadata or {}, num_images=str(len(chosen)), seed=str(seed)))

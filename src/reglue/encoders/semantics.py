@@ -1,0 +1,102 @@
+"""From images to the semantic parts of REGLUE's joint state (SPEC §1, §4-§5).
+
+- :class:`VFMSpec` names a VFM (registry name, weights file, blocks, test-size overrides) in
+  a JSON-able form; ``reglue norm-stats`` records it so later steps rebuild the same VFM.
+- :class:`SemanticEncoder` = frozen VFM → z-scored multi-layer maps → frozen compressor (or
+  PCA): uint8 images (B, 3, R, R) → :class:`SemanticTargets`: ``semantics`` (B, S, h, w) at
+  the VFM grid, ``cls`` (B, D) and ``repa`` (B, 1 + h·w, D).
+- :func:`upsample_semantics` brings (B, S, h, w) to the latent grid (bilinear, align_corners
+  False), e.g. 16×16 → 32×32 at 256².
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reglue.encoders.norm_stats import NormStats
+from reglue.encoders.vfm import VFMExtractor, build_vfm
+
+RANDOM_WEIGHTS = "random"  # the explicit value for a randomly initialised VFM (demo, tests)
+
+
+@dataclass(frozen=True)
+class VFMSpec:
+    """Which VFM to build: registry name, weights file (or "random"), blocks, size overrides."""
+
+    name: str = "dinov2_vitb14_reg"
+    weights: str | None = None
+    layers: tuple[int, ...] | None = None  # None: the model's last four blocks
+    arch: dict[str, int] = field(default_factory=dict)  # embed_dim/depth/num_heads for tiny models
+
+    def build(self, resolution: int = 256, autocast_dtype: torch.dtype | None = None) -> VFMExtractor:
+        if self.weights is None:
+            raise ValueError(
+                f"no weights given for VFM {self.name}: pass --vfm-weights PATH (official DINOv2 .pth or "
+                f"timm .safetensors), or --vfm-weights {RANDOM_WEIGHTS} for a weight-free demo."
+            )
+        weights = None if self.is_random else self.weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a random VFM is the same one in every step of a pipeline
+            return build_vfm(
+                self.name, weights=weights, layers=self.layers, resolution=resolution,
+                autocast_dtype=autocast_dtype, **self.arch,
+            )
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == RANDOM_WEIGHTS
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VFMSpec:
+        raw = json.loads(text)
+        layers = tuple(raw["layers"]) if raw.get("layers") is not None else None
+        return cls(raw["name"], raw.get("weights"), layers, dict(raw.get("arch", {})))
+
+
+class SemanticTargets(NamedTuple):
+    semantics: torch.Tensor | None  # (B, S, h, w) compressed local semantics, None without a compressor
+    cls: torch.Tensor  # (B, D) VFM [CLS] of the last block
+    repa: torch.Tensor  # (B, 1 + h·w, D) REPA target tokens
+
+
+class SemanticEncoder(nn.Module):
+    """Frozen VFM + norm stats + compressor/PCA: uint8 images → :class:`SemanticTargets`."""
+
+    def __init__(self, extractor: VFMExtractor, norm_stats: NormStats | None = None,
+                 compressor: nn.Module | None = None):
+        super().__init__()
+        if compressor is not None and norm_stats is None:
+            raise ValueError("a compressor needs the norm stats its input was z-scored with.")
+        self.extractor = extractor
+        self.norm_stats = norm_stats
+        self.compressor = compressor.eval().requires_grad_(False) if compressor is not None else None
+
+    def train(self, mode: bool = True) -> SemanticEncoder:
+        """Frozen: stays in eval mode."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> SemanticTargets:
+        features = self.extractor(images)
+        semantics = None
+        if self.compressor is not None:
+            normalized = self.norm_stats.normalize(features.local)  # (B, L·D, h, w)
+            encode = getattr(self.compressor, "encode", self.compressor)  # compressor.encode or PCA
+            semantics = encode(normalized).float()
+        return SemanticTargets(semantics, features.cls, features.repa)
+
+
+def upsample_semantics(semantics: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S, h, w) -> (B, S, size, size), bilinear, align_corners False (SPEC §5)."""
+    if semantics.shape[-1] == size and semantics.shape[-2] == size:
+        return semantics
+    return F.interpolate(semantics, size=(size, size), mode="bilinear", align_corners=False)

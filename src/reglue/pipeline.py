@@ -1,0 +1,161 @@
+"""The data-pipeline steps after ``prepare``, as functions the CLI (or a notebook) calls.
+
+Each step reads what the previous one wrote, so the VFM is named once (at ``norm-stats``)
+and recorded in the stats file's metadata; later steps rebuild the same VFM from it.
+
+    norm-stats DATA          → DATA/norm_stats.safetensors        (records the VFM)
+    train-compressor DATA    → DATA/compressor/compressor_{best,final}.safetensors
+    fit-pca DATA             → DATA/pca.safetensors                (ReDi preset)
+    cache-semantics DATA     → per-shard semantics/cls[/repa] .npy
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from reglue.data.dataset import PreparedDataset
+from reglue.encoders.norm_stats import NormStats, compute_norm_stats
+from reglue.encoders.semantics import SemanticEncoder, VFMSpec
+
+log = logging.getLogger(__name__)
+
+NORM_STATS_FILE = "norm_stats.safetensors"
+PCA_FILE = "pca.safetensors"
+COMPRESSOR_DIR = "compressor"
+OFFICIAL_NORM_STATS_IMAGES = 300 * 256
+
+
+def default_autocast(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for the frozen VFM on GPUs, full precision on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _warn_if_random(spec: VFMSpec) -> None:
+    if spec.is_random:
+        log.warning("VFM %s has RANDOM weights: features carry no semantics (demo/testing only).", spec.name)
+
+
+def run_norm_stats(
+    data: str | Path, spec: VFMSpec, out: str | Path | None = None, num_images: int = OFFICIAL_NORM_STATS_IMAGES,
+    batch_size: int = 64, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
+) -> Path:
+    """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    dataset = PreparedDataset(data, fields=("images",))
+    out = Path(out) if out is not None else Path(data) / NORM_STATS_FILE
+    extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
+    _warn_if_random(spec)
+    metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
+                "layers": ",".join(map(str, extractor.layers))}
+    with _progress_bar(min(num_images, len(dataset)), "norm-stats", show_progress) as bar:
+        stats = compute_norm_stats(dataset, extractor, num_images, batch_size, device=state.device,
+                                   progress=bar.update, metadata=metadata)
+    stats.save(out)
+    return out
+
+
+def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> tuple[NormStats, VFMSpec]:
+    """The stats file and the VFM it was computed with (``spec`` overrides the recorded one)."""
+    stats = NormStats.load(path)
+    if spec is None:
+        if "vfm" not in stats.metadata:
+            raise ValueError(
+                f"{path} does not record its VFM (e.g. the authors' stats file); pass --vfm and --vfm-weights."
+            )
+        spec = VFMSpec.from_json(stats.metadata["vfm"])
+    return stats, spec
+
+
+def run_fit_pca(
+    data: str | Path, norm_stats: str | Path, rank: int = 8, out: str | Path | None = None,
+    num_images: int = 10_000, batch_size: int = 64, spec: VFMSpec | None = None,
+    autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
+) -> Path:
+    """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data``."""
+    from torch.utils.data import DataLoader, Subset
+
+    from reglue.models.compressor import PCAProjection
+
+    stats, spec = load_norm_stats_and_spec(norm_stats, spec)
+    dataset = PreparedDataset(data, fields=("images",))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
+    _warn_if_random(spec)
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
+    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size)
+
+    def token_batches():
+        with _progress_bar(len(chosen), "fit-pca", show_progress) as bar:
+            for batch in loader:
+                maps = stats.normalize(extractor(batch["images"].to(device)).local)  # (B, C, h, w)
+                bar.update(len(maps))
+                yield maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (B·h·w, C)
+
+    pca = PCAProjection.fit(token_batches(), rank)
+    out = Path(out) if out is not None else Path(data) / PCA_FILE
+    pca.save(out)
+    return out
+
+
+def build_semantic_encoder(
+    norm_stats: str | Path | None, compressor: str | Path | None = None, pca: str | Path | None = None,
+    spec: VFMSpec | None = None, resolution: int = 256, autocast_dtype: torch.dtype | None = None,
+) -> tuple[SemanticEncoder, dict]:
+    """A :class:`SemanticEncoder` from files, and a JSON-able record identifying its inputs."""
+    from reglue.data.cache import file_sha256
+    from reglue.models.compressor import PCAProjection, SemanticCompressor
+
+    if compressor is not None and pca is not None:
+        raise ValueError("pass either a compressor or a PCA file, not both.")
+    stats, info = None, {}
+    if norm_stats is not None:
+        stats, spec = load_norm_stats_and_spec(norm_stats, spec)
+        info["norm_stats_sha256"] = file_sha256(norm_stats)
+    if spec is None:
+        raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
+    module = None
+    if compressor is not None:
+        from safetensors.torch import load_file
+
+        module = SemanticCompressor.from_state_dict(load_file(str(compressor)))
+        info["compressor_sha256"] = file_sha256(compressor)
+    elif pca is not None:
+        module = PCAProjection.load(pca)
+        info["pca_sha256"] = file_sha256(pca)
+    extractor = spec.build(resolution, autocast_dtype)
+    _warn_if_random(spec)
+    info.update(vfm=spec.to_json(), resolution=resolution)
+    return SemanticEncoder(extractor, stats, module), info
+
+
+def run_cache_semantics(
+    data: str | Path, norm_stats: str | Path | None, compressor: str | Path | None = None,
+    pca: str | Path | None = None, repa_targets: bool = False, batch_size: int = 64,
+    spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
+) -> int:
+    """Cache compressed semantics, CLS (and REPA targets) for every image of ``data``."""
+    from accelerate import PartialState
+
+    from reglue.data.cache import cache_semantics
+    from reglue.data.store import read_manifest
+
+    state = PartialState()
+    manifest = read_manifest(data)
+    encoder, info = build_semantic_encoder(norm_stats, compressor, pca, spec, manifest["resolution"],
+                                           autocast_dtype)
+    encoder.to(state.device)
+    with _progress_bar(manifest["num_images"], "cache-semantics", show_progress and state.is_main_process) as bar:
+        return cache_semantics(data, encoder, info, repa_targets, batch_size, state.device,
+                               state.process_index, state.num_processes, state.wait_for_everyone, bar.update)
