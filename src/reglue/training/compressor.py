@@ -1,0 +1,524 @@
+"""Training the semantic compressor (SPEC §5; paper §3.2).
+
+Loss: MSE(compressor(x), x) with x = norm_stats.normalize(extractor(images).local), the z-scored
+multi-layer VFM map (B, C, 16, 16) at 256² (C = 3072 for DINOv2-B, blocks 8-11). The VFM runs
+online on uint8 images (no feature cache), frozen, at the precision it was built with
+(``build_vfm(..., autocast_dtype=torch.bfloat16)``); the compressor, its loss and Adam stay
+float32. Official recipe (the defaults): Adam lr 1e-3, global batch 4096, 25 epochs,
+CosineAnnealingLR(T_max=100, eta_min=1e-4) stepped once per epoch, so 25 epochs walk only the
+first quarter of the cosine.
+
+Data order is index-addressed: epoch e visits a permutation drawn from (seed, e); its global
+batch b is rows [b·G, (b+1)·G), of which process r takes the r-th slice of G/world rows; the last
+partial global batch is dropped. A run resumed mid-epoch therefore skips exactly the finished
+batches and ends bit-identical to an uninterrupted one (on CPU; some GPU kernels are not
+deterministic). Validation MSE is the mean over every element of the held-out maps, computed in
+eval mode (BatchNorm running statistics). Without held-out images (no ``val_data``,
+``val_fraction=0``) the best epoch is the one with the lowest training MSE.
+
+Files in ``out_dir`` (only the main process writes):
+
+- ``compressor_final.safetensors``: weights after the last epoch;
+- ``compressor_best.safetensors``: weights of the epoch with the lowest validation MSE;
+- ``history.json``: the run config, per-epoch train/val MSE and lr, the best epoch;
+- ``loss_curve.png``: train and val MSE per epoch;
+- ``train_state.pt``: the resume state (tensors and plain containers, ``weights_only`` loadable),
+  written every ``checkpoint_every`` steps and at each epoch end.
+
+Weights files hold plain ``encoder.model.*`` / ``decoder.model.*`` state dicts with metadata
+(channels, epoch, MSEs, VFM layers); load them with
+``SemanticCompressor.from_state_dict(safetensors.torch.load_file(path))``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from reglue.encoders.norm_stats import NormStats
+from reglue.encoders.vfm import VFMExtractor
+from reglue.io import atomic_write
+from reglue.models.compressor import SemanticCompressor
+
+FINAL_WEIGHTS = "compressor_final.safetensors"
+BEST_WEIGHTS = "compressor_best.safetensors"
+HISTORY = "history.json"
+LOSS_CURVE = "loss_curve.png"
+TRAIN_STATE = "train_state.pt"
+STATE_FORMAT = "reglue-compressor-train-state-v1"
+# Streams of the run seed: (seed, SPLIT_STREAM) splits off validation images,
+# (seed, SHUFFLE_STREAM, epoch) orders an epoch.
+SPLIT_STREAM, SHUFFLE_STREAM = 0, 1
+
+log_to_logger = logging.getLogger(__name__).info
+
+
+@dataclass
+class CompressorRun:
+    """What :func:`train_compressor` leaves in ``out_dir``, and how it got there.
+
+    ``history``: one dict per epoch {"epoch" (1-based), "train_mse", "val_mse" (None without
+    held-out images), "lr" (the rate used during that epoch)}. ``trained`` is False when
+    ``out_dir`` already held this finished run; ``resumed_from`` is (epoch, step within it),
+    0-based, when training continued from ``train_state.pt``.
+    """
+
+    out_dir: Path
+    history: list[dict]
+    best_epoch: int
+    trained: bool = True
+    resumed_from: tuple[int, int] | None = None
+
+    final_path: Path = field(init=False)
+    best_path: Path = field(init=False)
+    history_path: Path = field(init=False)
+    curve_path: Path = field(init=False)
+    state_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.final_path = self.out_dir / FINAL_WEIGHTS
+        self.best_path = self.out_dir / BEST_WEIGHTS
+        self.history_path = self.out_dir / HISTORY
+        self.curve_path = self.out_dir / LOSS_CURVE
+        self.state_path = self.out_dir / TRAIN_STATE
+
+
+# --------------------------------------------------------------------------------------
+# Checks, splits and the index-addressed batch order
+# --------------------------------------------------------------------------------------
+
+
+def per_process_batch(global_batch: int, num_processes: int) -> int:
+    """The batch each process trains on: global_batch / num_processes, which must divide."""
+    if global_batch <= 0 or global_batch % num_processes:
+        raise ValueError(
+            f"global_batch {global_batch} must be a positive multiple of the {num_processes} "
+            f"processes; pick e.g. {num_processes * max(1, global_batch // num_processes)}."
+        )
+    return global_batch // num_processes
+
+
+def check_channels(channels: Sequence[int] | None, extractor: VFMExtractor, norm_stats: NormStats) -> tuple[int, ...]:
+    """The compressor's channel list, (L·D, 256, 16) by default; its first entry must be the
+    extractor's feature width L·D and the norm stats' channel count."""
+    width = len(extractor.layers) * extractor.embed_dim
+    channels = (width, 256, 16) if channels is None else tuple(int(c) for c in channels)
+    if channels[0] != width:
+        raise ValueError(
+            f"channels {list(channels)} start at {channels[0]}, but the VFM gives {width} = "
+            f"{len(extractor.layers)} layers × {extractor.embed_dim} channels; start the list at {width}."
+        )
+    if norm_stats.channels != width:
+        raise ValueError(
+            f"norm stats cover {norm_stats.channels} channels, the VFM gives {width} "
+            f"({len(extractor.layers)} layers × {extractor.embed_dim}); recompute them with "
+            "`reglue norm-stats` for the same VFM and layers."
+        )
+    return channels
+
+
+def _generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for one named stream of the run seed (SeedSequence mixing, no collisions)."""
+    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, val): a seeded random round(N·val_fraction) rows held out; val None at 0."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), found {val_fraction}.")
+    if val_fraction == 0.0:
+        return dataset, None
+    total = len(dataset)
+    num_val = round(total * val_fraction)
+    if not 0 < num_val < total:
+        raise ValueError(
+            f"val_fraction {val_fraction} of {total} images leaves {num_val} for validation and "
+            f"{total - num_val} for training; both must be non-empty: choose a fraction in "
+            f"[{0.5 / total:.3g}, {1 - 0.5 / total:.3g}) or pass val_data."
+        )
+    order = torch.randperm(total, generator=_generator(seed, SPLIT_STREAM)).tolist()
+    return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
+
+
+def process_batches(
+    num_items: int, global_batch: int, *, seed: int, epoch: int, rank: int, num_processes: int,
+    start_step: int = 0,
+) -> list[list[int]]:
+    """Row indices of this process's batches for steps ``start_step..`` of ``epoch``.
+
+    Step s of the epoch is rows [s·G, (s+1)·G) of the (seed, epoch) permutation; process r
+    takes rows [r·P, (r+1)·P) of them, P = G / num_processes. Partial global batches are dropped.
+    """
+    per = per_process_batch(global_batch, num_processes)
+    order = torch.randperm(num_items, generator=_generator(seed, SHUFFLE_STREAM, epoch))
+    first_rows = (step * global_batch + rank * per for step in range(start_step, num_items // global_batch))
+    return [order[i : i + per].tolist() for i in first_rows]
+
+
+def _open(data: Dataset | str | Path, resolution: int) -> Dataset:
+    if isinstance(data, (str, Path)):
+        from reglue.data.dataset import PreparedDataset
+
+        return PreparedDataset(data, fields=("images",), resolution=resolution)
+    return data
+
+
+def _datasets(data, val_data, val_fraction: float, seed: int, resolution: int) -> tuple[Dataset, Dataset | None]:
+    if val_data is not None and val_fraction:
+        raise ValueError(
+            f"both val_data and val_fraction={val_fraction} were given; hold out images one way only."
+        )
+    train = _open(data, resolution)
+    if val_data is not None:
+        val = _open(val_data, resolution)
+        if len(val) == 0:
+            raise ValueError("val_data holds no images; pass a non-empty dataset or use val_fraction.")
+        return train, val
+    return split_for_validation(train, val_fraction, seed)
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def _save_weights(path: Path, model: SemanticCompressor, metadata: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def _save_train_state(path: Path, state: dict) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_history(path: Path, payload: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _plot_loss_curve(path: Path, history: list[dict]) -> None:
+    """Train and val MSE per epoch, log scale; Agg canvas, pyplot's global state untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    axes.plot(epochs, [h["train_mse"] for h in history], marker="o", label="train")
+    if history[0]["val_mse"] is not None:
+        axes.plot(epochs, [h["val_mse"] for h in history], marker="o", label="validation")
+    axes.set(xlabel="epoch", ylabel="MSE (normalised features)", yscale="log", title="semantic compressor")
+    axes.legend()
+    figure.tight_layout()
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def _check_same_run(saved: dict, config: dict, where: Path) -> None:
+    differing = sorted(k for k in config if saved.get(k) != config[k])
+    if differing:
+        found = ", ".join(f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in differing)
+        raise ValueError(
+            f"{where} belongs to a different compressor run ({found}); use a new out_dir, "
+            "or resume=False to start over in this one."
+        )
+
+
+def _finished_run(out_dir: Path, config: dict, epochs: int) -> CompressorRun | None:
+    """The run already in ``out_dir`` if it finished with these settings and ``epochs``."""
+    path = out_dir / HISTORY
+    if not (path.is_file() and (out_dir / FINAL_WEIGHTS).is_file()):
+        return None
+    saved = json.loads(path.read_text())
+    _check_same_run(saved["config"], config, path)
+    if not saved["finished"] or saved["epochs_done"] != epochs:
+        return None
+    return CompressorRun(out_dir, saved["history"], saved["best_epoch"], trained=False)
+
+
+def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or pass resume=False.")
+    _check_same_run(state["config"], config, path)
+    if state["epoch"] > epochs:
+        raise ValueError(
+            f"{path} has already trained {state['epoch']} epochs, more than the {epochs} asked for; "
+            f"ask for epochs >= {state['epoch']} or use a new out_dir."
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """Everything about where the run stands that a resume must restore besides the weights."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimizer steps finished in the current epoch
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # sum of this epoch's per-step train MSEs so far
+    best_epoch: int = 0  # 1-based, 0 before the first epoch ends
+    best_mse: float = math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+class _CompressorTrainer:
+    """One training run: builds the model, optimizer and schedule, then runs epochs."""
+
+    def __init__(self, accelerator: Accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path,
+                 config: dict, *, num_workers: int, checkpoint_every: int, log: Callable[[str], object]):
+        self.accelerator, self.extractor, self.norm_stats = accelerator, extractor, norm_stats
+        self.train_set, self.val_set, self.out_dir, self.config = train_set, val_set, out_dir, config
+        self.num_workers, self.checkpoint_every, self.log = num_workers, checkpoint_every, log
+        self.batch = per_process_batch(config["global_batch"], accelerator.num_processes)
+        self.steps_per_epoch = len(train_set) // config["global_batch"]
+        self.progress = _Progress()
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+            torch.manual_seed(config["seed"])
+            model = SemanticCompressor(config["channels"]).to(accelerator.device)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config["cosine_t_max"], eta_min=config["cosine_eta_min"]
+        )
+        self.extractor.to(accelerator.device)
+        self.model = model
+
+    @property
+    def compressor(self) -> SemanticCompressor:
+        return self.accelerator.unwrap_model(self.model)
+
+    def restore(self, state: dict) -> None:
+        """Load a train_state.pt dict (before :meth:`prepare`)."""
+        self.model.load_state_dict(state["compressor"])
+        self.optimizer.load_state_dict(state["optimizer"])  # after the scheduler set its lr
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = _Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def prepare(self) -> None:
+        """Hand model and optimizer to accelerate (DDP on several GPUs). The loaders are ours:
+        they shard each global batch by rank themselves, so accelerate must not re-shard them."""
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config,
+            "compressor": {k: v.detach().cpu() for k, v in self.compressor.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": dict(vars(self.progress)),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            _save_train_state(self.out_dir / TRAIN_STATE, self.state_dict())
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, R, R) -> normalised VFM maps (B, C, h, w), float32."""
+        images = images.to(self.accelerator.device, non_blocking=True)
+        return self.norm_stats.normalize(self.extractor(images).local)
+
+    def _loader(self, batches: list[list[int]], dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                          pin_memory=self.accelerator.device.type == "cuda")
+
+    def train_epoch(self, bar) -> None:
+        p, acc = self.progress, self.accelerator
+        batches = process_batches(
+            len(self.train_set), self.config["global_batch"], seed=self.config["seed"], epoch=p.epoch,
+            rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch,
+        )
+        self.model.train()
+        for batch in self._loader(batches, self.train_set):
+            target = self.features(batch["images"])  # (B, C, h, w)
+            loss = F.mse_loss(self.model(target), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            self.optimizer.step()
+            loss = acc.reduce(loss.detach(), "mean").item()
+            p.step_in_epoch += 1
+            p.global_step += 1
+            p.epoch_loss_sum += loss
+            bar.update(1)
+            bar.set_postfix(epoch=p.epoch + 1, loss=f"{loss:.4f}")
+            if p.global_step % self.checkpoint_every == 0:
+                self.checkpoint()
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean squared error over every element of the held-out maps, in eval mode."""
+        if self.val_set is None:
+            return None
+        acc, model = self.accelerator, self.compressor.eval()
+        mine = list(range(acc.process_index, len(self.val_set), acc.num_processes))
+        batches = [mine[i : i + self.batch] for i in range(0, len(mine), self.batch)]
+        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (squared error, elements)
+        for batch in self._loader(batches, self.val_set):
+            target = self.features(batch["images"])
+            totals += torch.stack([(model(target) - target).double().square().sum(),
+                                   torch.tensor(target.numel(), dtype=torch.float64, device=acc.device)])
+        model.train()
+        squared_error, count = acc.reduce(totals, "sum").tolist()
+        return squared_error / count
+
+    def end_epoch(self) -> None:
+        """Validate, record, step the cosine, keep the best weights, checkpoint, report."""
+        p = self.progress
+        record = {"epoch": p.epoch + 1, "train_mse": p.epoch_loss_sum / self.steps_per_epoch,
+                  "val_mse": self.validate(), "lr": self.scheduler.get_last_lr()[0]}
+        self.scheduler.step()
+        p.history.append(record)
+        p.epoch, p.step_in_epoch, p.epoch_loss_sum = p.epoch + 1, 0, 0.0
+        score = record["train_mse"] if record["val_mse"] is None else record["val_mse"]
+        if score < p.best_mse:
+            p.best_epoch, p.best_mse = p.epoch, score
+            if self.accelerator.is_main_process:
+                _save_weights(self.out_dir / BEST_WEIGHTS, self.compressor, self.metadata(record))
+        self.checkpoint()
+        self.write_reports(finished=False)
+        val = "" if record["val_mse"] is None else f", val MSE {record['val_mse']:.5f}"
+        self.log(f"compressor epoch {p.epoch}: train MSE {record['train_mse']:.5f}{val}, lr {record['lr']:.3g}")
+
+    def metadata(self, record: dict) -> dict:
+        return {"format": "reglue-semantic-compressor", "channels": json.dumps(self.config["channels"]),
+                **{k: json.dumps(v) for k, v in record.items()},
+                "vfm_layers": json.dumps(self.config["vfm_layers"]),
+                "vfm_embed_dim": self.config["vfm_embed_dim"], "resolution": self.config["resolution"],
+                "norm_stats": json.dumps(self.norm_stats.metadata)}
+
+    def write_reports(self, finished: bool) -> None:
+        p = self.progress
+        if not (self.accelerator.is_main_process and p.history):
+            return
+        _write_history(self.out_dir / HISTORY, {
+            "config": self.config, "epochs_done": p.epoch, "finished": finished,
+            "num_processes": self.accelerator.num_processes, "best_epoch": p.best_epoch,
+            "best_mse": p.best_mse, "history": p.history,
+        })
+        _plot_loss_curve(self.out_dir / LOSS_CURVE, p.history)
+
+    def finish(self) -> None:
+        if self.accelerator.is_main_process:
+            _save_weights(self.out_dir / FINAL_WEIGHTS, self.compressor, self.metadata(self.progress.history[-1]))
+        self.write_reports(finished=True)
+
+
+def train_compressor(
+    data: Dataset | str | Path,
+    out_dir: str | Path,
+    extractor: VFMExtractor,
+    norm_stats: NormStats,
+    *,
+    channels: Sequence[int] | None = None,
+    epochs: int = 25,
+    global_batch: int = 4096,
+    lr: float = 1e-3,
+    cosine_t_max: int = 100,
+    cosine_eta_min: float = 1e-4,
+    val_data: Dataset | str | Path | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    num_workers: int = 0,
+    checkpoint_every: int = 100,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], object] = log_to_logger,
+) -> CompressorRun:
+    """Train a :class:`SemanticCompressor` on online VFM features (SPEC §5); see the module doc.
+
+    ``data`` / ``val_data``: a prepared-dataset directory or a dataset of dicts with "images"
+    uint8 (3, R, R). ``channels`` defaults to (L·D, 256, 16). ``val_fraction`` holds out a seeded
+    random share of ``data`` instead of ``val_data``. ``resume`` continues from
+    ``out_dir/train_state.pt`` (a larger ``epochs`` extends a finished run), or returns a finished
+    run unchanged; ``resume=False`` starts over. Works alone or under ``accelerate launch``.
+    """
+    accelerator = Accelerator()
+    per_process_batch(global_batch, accelerator.num_processes)
+    if epochs < 1 or checkpoint_every < 1:
+        raise ValueError(f"epochs and checkpoint_every must be >= 1, found {epochs} and {checkpoint_every}.")
+    channels = check_channels(channels, extractor, norm_stats)
+    train_set, val_set = _datasets(data, val_data, val_fraction, seed, extractor.resolution)
+    if len(train_set) < global_batch:
+        raise ValueError(
+            f"{len(train_set)} training images make no full global batch of {global_batch}; "
+            f"lower global_batch to at most {len(train_set)} (a multiple of {accelerator.num_processes})."
+        )
+    config = {
+        "channels": list(channels), "global_batch": global_batch, "lr": lr, "cosine_t_max": cosine_t_max,
+        "cosine_eta_min": cosine_eta_min, "seed": seed, "train_images": len(train_set),
+        "val_images": 0 if val_set is None else len(val_set),
+        "val_source": "val_data" if val_data is not None else f"val_fraction={val_fraction}",
+        "vfm_layers": list(extractor.layers), "vfm_embed_dim": extractor.embed_dim,
+        "resolution": extractor.resolution, "vfm_autocast": str(extractor.autocast_dtype),
+    }
+    out_dir = Path(out_dir)
+    if not accelerator.is_main_process:
+        log = _silent
+    if resume and (done := _finished_run(out_dir, config, epochs)) is not None:
+        log(f"{out_dir} already holds this compressor run ({epochs} epochs); not retraining.")
+        return done
+    return _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config, epochs=epochs,
+                num_workers=num_workers, checkpoint_every=checkpoint_every, resume=resume,
+                progress=progress, log=log)
+
+
+def _silent(message: str) -> None:
+    """The log of non-main processes."""
+
+
+def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, config: dict, *, epochs: int,
+         num_workers: int, checkpoint_every: int, resume: bool, progress: bool, log) -> CompressorRun:
+    from tqdm.auto import tqdm
+
+    trainer = _CompressorTrainer(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config,
+                                 num_workers=num_workers, checkpoint_every=checkpoint_every, log=log)
+    state = _load_train_state(out_dir / TRAIN_STATE, config, epochs) if resume else None
+    resumed_from = None
+    if state is not None:
+        trainer.restore(state)
+        resumed_from = (trainer.progress.epoch, trainer.progress.step_in_epoch)
+        log(f"resuming the compressor run in {out_dir} at epoch {resumed_from[0] + 1}, step {resumed_from[1]}")
+    trainer.prepare()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"training compressor {config['channels']} on {config['train_images']} images "
+        f"({config['val_images']} held out), {epochs} epochs × {trainer.steps_per_epoch} steps of "
+        f"{config['global_batch']} ({trainer.batch} per process × {accelerator.num_processes})")
+    bar = tqdm(total=epochs * trainer.steps_per_epoch, initial=trainer.progress.global_step, unit="step",
+               desc="compressor", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    with bar:
+        while trainer.progress.epoch < epochs:
+            trainer.train_epoch(bar)
+            trainer.end_epoch()
+    trainer.finish()
+    accelerator.wait_for_everyone()
+    p = trainer.progress
+    log(f"compressor done: best epoch {p.best_epoch} (MSE {p.best_mse:.5f}); weights in {out_dir}")
+    return CompressorRun(out_dir, p.history, p.best_epoch, resumed_from=resumed_from)

@@ -1,0 +1,126 @@
+"""norm-stats → fit-pca / cache-semantics → reader, with tiny random encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reglue.cli import main
+from reglue.data.dataset import PreparedDataset
+from reglue.encoders.norm_stats import NormStats
+from reglue.encoders.semantics import VFMSpec, upsample_semantics
+from reglue.models.compressor import PCAProjection, SemanticCompressor
+from reglue.pipeline import build_semantic_encoder
+from test_prepare import make_image_folder, prepare, tiny_vae_dir
+
+TINY_VFM = ["--vfm-weights", "random", "--vfm-arch", "embed_dim=32,depth=4,num_heads=2", "--vfm-layers", "2,3"]
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    src = make_image_folder(root / "src")
+    assert prepare(src, root / "data", tiny_vae_dir(root / "vae")) == 0
+    assert main(["norm-stats", str(root / "data"), "--quiet", "--batch-size", "4", *TINY_VFM]) == 0
+    return root / "data"
+
+
+def test_norm_stats_record_the_vfm(dataset_dir):
+    stats = NormStats.load(dataset_dir / "norm_stats.safetensors")
+    assert stats.channels == 64  # 2 layers × 32
+    spec = VFMSpec.from_json(stats.metadata["vfm"])
+    assert spec == VFMSpec("dinov2_vitb14_reg", "random", (2, 3), {"embed_dim": 32, "depth": 4, "num_heads": 2})
+    assert stats.metadata["num_images"] == "6"
+
+
+def test_random_vfm_is_the_same_in_every_step_and_leaves_global_rng_alone(dataset_dir):
+    spec = VFMSpec.from_json(NormStats.load(dataset_dir / "norm_stats.safetensors").metadata["vfm"])
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = spec.build(), spec.build()
+    assert torch.equal(torch.rand(1), expected_next)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_missing_vfm_weights_is_a_clear_error(dataset_dir, capsys):
+    assert main(["norm-stats", str(dataset_dir), "--quiet", "--out", str(dataset_dir / "x.safetensors")]) == 2
+    assert "--vfm-weights" in capsys.readouterr().err
+    assert not (dataset_dir / "x.safetensors").exists()
+
+
+def test_fit_pca_then_cache_semantics_for_redi(dataset_dir, tmp_path):
+    assert main(["fit-pca", str(dataset_dir), "--rank", "8", "--out", str(tmp_path / "pca.safetensors"),
+                 "--quiet"]) == 0
+    pca = PCAProjection.load(tmp_path / "pca.safetensors")
+    assert pca.rank == 8 and pca.components.shape == (8, 64)
+    assert bool((pca.explained_variance[:-1] >= pca.explained_variance[1:]).all())
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy, ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
+    assert main(["cache-semantics", str(copy), "--pca", str(tmp_path / "pca.safetensors"), "--quiet"]) == 0
+    data = PreparedDataset(copy, fields=("semantics", "cls"))
+    assert data[0]["semantics"].shape == (8, 16, 16) and data[0]["cls"].shape == (32,)
+
+
+def save_compressor(path, channels=(64, 16, 4)) -> SemanticCompressor:
+    torch.manual_seed(0)
+    compressor = SemanticCompressor(channels).eval()
+    save_file(compressor.state_dict(), str(path))
+    return compressor
+
+
+def test_cache_semantics_equals_online_encoder_up_to_fp16(dataset_dir, tmp_path):
+    compressor_file = tmp_path / "compressor.safetensors"
+    save_compressor(compressor_file)
+    assert main(["cache-semantics", str(dataset_dir), "--compressor", str(compressor_file), "--repa-targets",
+                 "--quiet", "--batch-size", "4"]) == 0
+    data = PreparedDataset(dataset_dir, fields=("images", "semantics", "cls", "repa"))
+    encoder, _ = build_semantic_encoder(dataset_dir / "norm_stats.safetensors", compressor_file)
+    images = torch.stack([data[i]["images"] for i in range(len(data))])
+    online = encoder(images)
+    cached = {name: torch.stack([data[i][name] for i in range(len(data))]) for name in ("semantics", "cls", "repa")}
+    assert cached["semantics"].shape == (6, 4, 16, 16) and cached["semantics"].dtype == torch.float16
+    assert cached["repa"].shape == (6, 257, 32)
+    for name in cached:
+        assert torch.equal(cached[name], getattr(online, name).half()), name
+    assert upsample_semantics(cached["semantics"].float(), 32).shape == (6, 4, 32, 32)
+    info = json.loads((dataset_dir / "semantics.json").read_text())
+    assert info["fields"] == ["semantics", "cls", "repa"]
+
+    # rerun: nothing rewritten; other compressor: refused
+    before = (dataset_dir / "shards" / "shard-00000" / "semantics.npy").stat().st_mtime_ns
+    assert main(["cache-semantics", str(dataset_dir), "--compressor", str(compressor_file), "--repa-targets",
+                 "--quiet"]) == 0
+    assert (dataset_dir / "shards" / "shard-00000" / "semantics.npy").stat().st_mtime_ns == before
+    other = tmp_path / "other.safetensors"
+    save_compressor(other, (64, 8, 4))
+    with pytest.raises(ValueError, match="compressor_sha256"):
+        main_raise(["cache-semantics", str(dataset_dir), "--compressor", str(other), "--quiet"])
+
+
+def main_raise(argv):
+    """Run the CLI with REGLUE_DEBUG so the error propagates for matching."""
+    os.environ["REGLUE_DEBUG"] = "1"
+    try:
+        return main(argv)
+    finally:
+        del os.environ["REGLUE_DEBUG"]
+
+
+def test_cache_resumes_after_partial_run(dataset_dir, tmp_path):
+    compressor_file = tmp_path / "compressor.safetensors"
+    save_compressor(compressor_file)
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy, ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
+    assert main(["cache-semantics", str(copy), "--compressor", str(compressor_file), "--quiet"]) == 0
+    full = np.load(copy / "shards" / "shard-00001" / "semantics.npy")
+    (copy / "shards" / "shard-00001" / "semantics.npy").unlink()  # as if killed before this file
+    assert main(["cache-semantics", str(copy), "--compressor", str(compressor_file), "--quiet"]) == 0
+    assert np.array_equal(np.load(copy / "shards" / "shard-00001" / "semantics.npy"), full)
