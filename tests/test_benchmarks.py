@@ -29,3 +29,10 @@ def test_train_step_benchmark_tiny(tmp_path, capsys, dtype, ema, preset):
     assert result["step_s"] > 0 and result["images_per_s"] > 0
     assert json.loads(out.read_text())["dtype"] == dtype
     assert capsys.readouterr().out.startswith("| SiT-S/8 |")
+
+
+def test_prepare_benchmark_tiny(tmp_path, capsys):
+    result = load_benchmark("prepare").main(["--vae", "tiny", "--images", "4", "--batch-size", "2",
+                                             "--json", str(tmp_path / "r.json")])
+    assert result["images"] == 4 and result["images_per_s"] > 0
+    assert capsys.readouterr().out.startswith("| tiny | 256 | 4 |")

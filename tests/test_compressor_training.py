@@ -1,0 +1,333 @@
+"""Semantic compressor training (SPEC §5): outputs, schedule, best/final weights, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+
+from reglue.data import store
+from reglue.data.dataset import PreparedDataset
+from reglue.encoders.norm_stats import NormStatsAccumulator
+from reglue.encoders.vfm import build_dinov2
+from reglue.models.compressor import SemanticCompressor
+from reglue.training import compressor as training
+from reglue.training.compressor import per_process_batch, process_batches, train_compressor
+
+RESOLUTION = 256
+CHANNELS = (64, 16, 4)  # 2 layers × 32 wide tiny DINOv2
+
+
+def write_prepared_dataset(root, shard_sizes=(7, 5), seed=0) -> None:
+    """A finished ``reglue prepare`` directory of random images and moments."""
+    rng = np.random.default_rng(seed)
+    shards = []
+    for index, count in enumerate(shard_sizes):
+        arrays = {
+            "images": rng.integers(0, 256, (count, RESOLUTION, RESOLUTION, 3), dtype=np.uint8),
+            "moments": rng.standard_normal((count, 8, RESOLUTION // 8, RESOLUTION // 8), dtype=np.float32),
+            "labels": rng.integers(0, 3, count).astype(np.int64),
+        }
+        store.write_shard(root, index, arrays, {"sources": [f"img{index}_{i}.png" for i in range(count)],
+                                                "skipped": []})
+        shards.append({"name": store.shard_name(index), "count": count})
+    store.write_json_atomic(root / store.MANIFEST, {
+        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "source": "random",
+        "resolution": RESOLUTION, "vae": "none", "num_images": sum(shard_sizes), "num_classes": 3,
+        "class_names": ["a", "b", "c"], "shards": shards,
+    })
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    write_prepared_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    torch.manual_seed(0)
+    return build_dinov2(embed_dim=32, depth=4, num_heads=2, weights=None, layers=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def norm_stats(extractor, data_dir):
+    images = torch.stack([item["images"] for item in PreparedDataset(data_dir, fields=("images",))])
+    accumulator = NormStatsAccumulator()
+    accumulator.update(extractor(images).local)
+    return accumulator.result()
+
+
+@pytest.fixture
+def train(data_dir, extractor, norm_stats):
+    """train_compressor on the tiny dataset: 8 training images, 4 held out, batches of 4."""
+
+    def run(out_dir, **overrides):
+        kwargs = dict(channels=CHANNELS, epochs=2, global_batch=4, lr=1e-2, val_fraction=1 / 3,
+                      progress=False, log=lambda message: None)
+        kwargs.update(overrides)
+        return train_compressor(data_dir, out_dir, extractor, norm_stats, **kwargs)
+
+    return run
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(path))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+class Interrupted(Exception):
+    """Stands for the process being killed."""
+
+
+def interrupt_after_checkpoints(monkeypatch, count: int) -> None:
+    """Let ``count`` training-state checkpoints land, then 'kill' the run."""
+    save = training._save_train_state
+    saved = []
+
+    def save_then_maybe_die(path, state):
+        save(path, state)
+        saved.append((state["progress"]["epoch"], state["progress"]["step_in_epoch"]))
+        if len(saved) == count:
+            raise Interrupted(saved[-1])
+
+    monkeypatch.setattr(training, "_save_train_state", save_then_maybe_die)
+
+
+# --------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------
+
+
+def test_one_epoch_writes_every_output(train, tmp_path, data_dir, extractor, norm_stats):
+    run = train(tmp_path / "run", epochs=1)
+    for path in (run.final_path, run.best_path, run.history_path, run.curve_path, run.state_path):
+        assert path.is_file(), path
+    assert run.curve_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads(run.history_path.read_text())
+    assert history["finished"] and history["epochs_done"] == 1 and history["best_epoch"] == 1
+    assert history["config"]["channels"] == list(CHANNELS)
+    assert history["config"]["train_images"] == 8 and history["config"]["val_images"] == 4
+    (record,) = run.history
+    assert record["epoch"] == 1 and record["lr"] == 1e-2
+    assert math.isfinite(record["train_mse"]) and math.isfinite(record["val_mse"])
+    state = torch.load(run.state_path, weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["global_step"] == 2
+
+
+def test_saved_files_load_and_val_mse_is_their_error_on_held_out_images(train, tmp_path, data_dir, extractor,
+                                                                       norm_stats):
+    run = train(tmp_path / "run", epochs=1)
+    for path in (run.final_path, run.best_path):
+        model = SemanticCompressor.from_state_dict(load_weights(path))
+        assert model.channels == CHANNELS
+    with safetensors.safe_open(str(run.final_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["channels"]) == list(CHANNELS)
+    assert json.loads(metadata["vfm_layers"]) == [2, 3] and json.loads(metadata["epoch"]) == 1
+
+    dataset = PreparedDataset(data_dir, fields=("images",))
+    _, val = training.split_for_validation(dataset, 1 / 3, seed=0)
+    images = torch.stack([item["images"] for item in val])
+    target = norm_stats.normalize(extractor(images).local)
+    with torch.no_grad():
+        mse = torch.mean((model.eval()(target) - target) ** 2).item()
+    assert run.history[0]["val_mse"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_validation_split_is_seeded_and_disjoint(data_dir):
+    dataset = PreparedDataset(data_dir, fields=("images",))
+    train_a, val_a = training.split_for_validation(dataset, 0.25, seed=3)
+    train_b, val_b = training.split_for_validation(dataset, 0.25, seed=3)
+    _, val_c = training.split_for_validation(dataset, 0.25, seed=4)
+    assert val_a.indices == val_b.indices and train_a.indices == train_b.indices
+    assert len(val_a) == 3 and sorted(train_a.indices + val_a.indices) == list(range(12))
+    assert val_c.indices != val_a.indices
+
+
+def test_batches_are_index_addressed_and_sharded_by_rank():
+    whole = process_batches(10, 4, seed=0, epoch=1, rank=0, num_processes=1)
+    assert len(whole) == 2 and all(len(b) == 4 for b in whole)  # the partial batch is dropped
+    ranks = [process_batches(10, 4, seed=0, epoch=1, rank=r, num_processes=2) for r in range(2)]
+    assert [ranks[0][s] + ranks[1][s] for s in range(2)] == whole
+    assert process_batches(10, 4, seed=0, epoch=1, rank=0, num_processes=1, start_step=1) == whole[1:]
+    assert process_batches(10, 4, seed=0, epoch=2, rank=0, num_processes=1) != whole
+
+
+# --------------------------------------------------------------------------------------
+# Optimisation: loss, schedule, best weights
+# --------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_over_a_few_epochs(train, tmp_path):
+    run = train(tmp_path / "run", epochs=5)
+    train_mse = [h["train_mse"] for h in run.history]
+    val_mse = [h["val_mse"] for h in run.history]
+    assert train_mse[-1] < 0.7 * train_mse[0], train_mse
+    assert val_mse[-1] < val_mse[0], val_mse
+
+
+def test_learning_rate_follows_cosine_annealing_per_epoch(train, tmp_path):
+    run = train(tmp_path / "run", epochs=4, cosine_t_max=3, cosine_eta_min=1e-3)
+    reference = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=3, eta_min=1e-3)
+    expected = []
+    for _ in range(4):
+        expected.append(schedule.get_last_lr()[0])
+        schedule.step()
+    assert [h["lr"] for h in run.history] == expected
+    assert expected[3] == pytest.approx(1e-3)  # bottom of the cosine after T_max epochs
+
+
+def test_default_schedule_is_the_official_one(train, tmp_path):
+    run = train(tmp_path / "run", epochs=2)
+    lr_epoch_2 = 1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi / 100)) / 2
+    assert run.history[1]["lr"] == pytest.approx(lr_epoch_2, rel=1e-9)
+
+
+def test_best_file_holds_the_weights_of_the_lowest_validation_epoch(train, tmp_path, monkeypatch):
+    scripted_val_mse = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(training._CompressorTrainer, "validate", lambda self: next(scripted_val_mse))
+    run = train(tmp_path / "run", epochs=3)
+    assert [h["val_mse"] for h in run.history] == [3.0, 1.0, 2.0] and run.best_epoch == 2
+    monkeypatch.undo()
+    after_two_epochs = train(tmp_path / "two", epochs=2)
+    assert_same_weights(load_weights(run.best_path), load_weights(after_two_epochs.final_path))
+    with pytest.raises(AssertionError):
+        assert_same_weights(load_weights(run.best_path), load_weights(run.final_path))
+
+
+def test_without_held_out_images_best_is_lowest_training_mse(train, tmp_path):
+    run = train(tmp_path / "run", epochs=2, val_fraction=0.0)
+    assert run.history[0]["val_mse"] is None
+    train_mse = [h["train_mse"] for h in run.history]
+    assert run.best_epoch == 1 + train_mse.index(min(train_mse))
+    assert run.curve_path.is_file()
+
+
+def test_separate_validation_dataset(train, tmp_path, data_dir):
+    val_dir = tmp_path / "val"
+    write_prepared_dataset(val_dir, shard_sizes=(3,), seed=1)
+    run = train(tmp_path / "run", epochs=1, val_data=val_dir, val_fraction=0.0)
+    history = json.loads(run.history_path.read_text())
+    assert history["config"]["train_images"] == 12 and history["config"]["val_images"] == 3
+    assert math.isfinite(run.history[0]["val_mse"])
+
+
+# --------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir, extractor, norm_stats):
+    """Final weights and history of a 3-epoch run, 2 steps an epoch, checkpoint every 3 steps."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run = train_compressor(data_dir, out, extractor, norm_stats, channels=CHANNELS, epochs=3, global_batch=4,
+                           lr=1e-2, val_fraction=1 / 3, checkpoint_every=3, progress=False)
+    return load_weights(run.final_path), run.history
+
+
+# Checkpoints of that run, as (epochs done, steps done in the next epoch): epoch ends (1, 0),
+# (2, 0), (3, 0); every 3 steps (1, 1) and (2, 2), the latter with all of epoch 3's steps done but
+# not its validation.
+@pytest.mark.parametrize("checkpoints, where", [
+    (2, (1, 1)),  # mid-epoch: the finished batch is skipped
+    (3, (2, 0)),  # an epoch boundary
+    (4, (2, 2)),  # every step of the last epoch done, its end not
+    (5, (3, 0)),  # every epoch done, the final weights not yet written
+])
+def test_interrupted_run_resumes_to_bit_identical_weights(train, tmp_path, monkeypatch, uninterrupted,
+                                                         checkpoints, where):
+    interrupt_after_checkpoints(monkeypatch, checkpoints)
+    with pytest.raises(Interrupted):
+        train(tmp_path, epochs=3, checkpoint_every=3)
+    monkeypatch.undo()
+    assert not (tmp_path / training.FINAL_WEIGHTS).exists()
+    run = train(tmp_path, epochs=3, checkpoint_every=3)
+    assert run.trained and run.resumed_from == where
+    final, history = uninterrupted
+    assert_same_weights(load_weights(run.final_path), final)
+    assert run.history == history
+
+
+def test_finished_run_is_not_retrained(train, tmp_path, monkeypatch):
+    first = train(tmp_path, epochs=1)
+    stamp = first.final_path.stat().st_mtime_ns
+    monkeypatch.setattr(training, "_run", lambda *args, **kwargs: pytest.fail("retrained a finished run"))
+    again = train(tmp_path, epochs=1)
+    assert not again.trained and again.history == first.history and again.best_epoch == first.best_epoch
+    assert first.final_path.stat().st_mtime_ns == stamp
+
+
+def test_more_epochs_extend_a_finished_run_like_one_long_run(train, tmp_path, uninterrupted):
+    train(tmp_path, epochs=2, checkpoint_every=3)
+    run = train(tmp_path, epochs=3, checkpoint_every=3)
+    assert run.resumed_from == (2, 0)
+    assert_same_weights(load_weights(run.final_path), uninterrupted[0])
+
+
+def test_resuming_with_other_settings_is_refused(train, tmp_path):
+    train(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"different compressor run \(lr: 0.01 there, 0.001 now\)"):
+        train(tmp_path, epochs=1, lr=1e-3)
+    with pytest.raises(ValueError, match="more than the 1 asked"):
+        train(tmp_path / "other", epochs=2)
+        train(tmp_path / "other", epochs=1)
+
+
+def test_resume_false_starts_over(train, tmp_path):
+    train(tmp_path, epochs=1)
+    run = train(tmp_path, epochs=1, resume=False)
+    assert run.trained and run.resumed_from is None
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_channel_list_must_start_at_the_vfm_width(train, tmp_path):
+    with pytest.raises(ValueError, match=r"start at 48, but the VFM gives 64 = 2 layers × 32"):
+        train(tmp_path, channels=(48, 16, 4))
+
+
+def test_norm_stats_must_cover_the_vfm_width(data_dir, extractor, tmp_path):
+    accumulator = NormStatsAccumulator()
+    accumulator.update(torch.randn(2, 32, 4, 4))
+    with pytest.raises(ValueError, match="norm stats cover 32 channels, the VFM gives 64"):
+        train_compressor(data_dir, tmp_path, extractor, accumulator.result(), global_batch=4)
+
+
+def test_validation_split_must_leave_both_sides_non_empty(train, tmp_path):
+    with pytest.raises(ValueError, match="leaves 0 for validation and 12 for training; both must be non-empty"):
+        train(tmp_path, val_fraction=0.01)
+    with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 1\)"):
+        train(tmp_path, val_fraction=1.0)
+
+
+def test_global_batch_must_divide_over_the_processes(train, tmp_path, monkeypatch):
+    class ThreeProcesses(Accelerator):
+        @property
+        def num_processes(self) -> int:
+            return 3
+
+    monkeypatch.setattr(training, "Accelerator", ThreeProcesses)
+    with pytest.raises(ValueError, match="global_batch 4 must be a positive multiple of the 3 processes"):
+        train(tmp_path)
+    assert per_process_batch(4096, 8) == 512
+
+
+def test_too_few_images_for_one_global_batch(train, tmp_path):
+    with pytest.raises(ValueError, match="8 training images make no full global batch of 16"):
+        train(tmp_path, global_batch=16)
