@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,12 +25,13 @@ CHANNELS = (64, 16, 4)  # 2 layers × 32 wide tiny DINOv2
 
 
 def write_prepared_dataset(root, shard_sizes=(7, 5), seed=0) -> None:
-    """A finished ``reglue prepare`` directory of random images and moments."""
+    """A finished ``reglue prepare`` directory of random blocky images and random moments."""
     rng = np.random.default_rng(seed)
     shards = []
     for index, count in enumerate(shard_sizes):
+        coarse = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)  # blocky: learnable features
         arrays = {
-            "images": rng.integers(0, 256, (count, RESOLUTION, RESOLUTION, 3), dtype=np.uint8),
+            "images": coarse.repeat(RESOLUTION // 8, axis=1).repeat(RESOLUTION // 8, axis=2),
             "moments": rng.standard_normal((count, 8, RESOLUTION // 8, RESOLUTION // 8), dtype=np.float32),
             "labels": rng.integers(0, 3, count).astype(np.int64),
         }
@@ -69,8 +71,8 @@ def train(data_dir, extractor, norm_stats):
     """train_compressor on the tiny dataset: 8 training images, 4 held out, batches of 4."""
 
     def run(out_dir, **overrides):
-        kwargs = dict(channels=CHANNELS, epochs=2, global_batch=4, lr=1e-2, val_fraction=1 / 3,
-                      progress=False, log=lambda message: None)
+        kwargs = {"channels": CHANNELS, "epochs": 2, "global_batch": 4, "lr": 3e-3, "val_fraction": 1 / 3,
+                  "progress": False, "log": lambda message: None}
         kwargs.update(overrides)
         return train_compressor(data_dir, out_dir, extractor, norm_stats, **kwargs)
 
@@ -119,7 +121,7 @@ def test_one_epoch_writes_every_output(train, tmp_path, data_dir, extractor, nor
     assert history["config"]["channels"] == list(CHANNELS)
     assert history["config"]["train_images"] == 8 and history["config"]["val_images"] == 4
     (record,) = run.history
-    assert record["epoch"] == 1 and record["lr"] == 1e-2
+    assert record["epoch"] == 1 and record["lr"] == 3e-3
     assert math.isfinite(record["train_mse"]) and math.isfinite(record["val_mse"])
     state = torch.load(run.state_path, weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["global_step"] == 2
@@ -173,17 +175,32 @@ def test_loss_decreases_over_a_few_epochs(train, tmp_path):
     run = train(tmp_path / "run", epochs=5)
     train_mse = [h["train_mse"] for h in run.history]
     val_mse = [h["val_mse"] for h in run.history]
-    assert train_mse[-1] < 0.7 * train_mse[0], train_mse
-    assert val_mse[-1] < val_mse[0], val_mse
+    assert all(later < earlier for earlier, later in itertools.pairwise(train_mse)), train_mse
+    assert train_mse[-1] < 0.8 * train_mse[0], train_mse
+    assert val_mse[-1] < 0.9 * val_mse[0], val_mse
+
+
+def test_train_mse_is_the_loss_of_the_seeded_model_on_normalised_features(
+    train, tmp_path, data_dir, extractor, norm_stats
+):
+    run = train(tmp_path / "run", epochs=1, global_batch=8, seed=5)  # one step: all 8 training images
+    train_set, _ = training.split_for_validation(PreparedDataset(data_dir, fields=("images",)), 1 / 3, seed=5)
+    target = norm_stats.normalize(extractor(torch.stack([item["images"] for item in train_set])).local)
+    torch.manual_seed(5)
+    initial = SemanticCompressor(CHANNELS)  # train mode: BatchNorm on batch statistics
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(initial(target), target).item()
+    assert run.history[0]["train_mse"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_learning_rate_follows_cosine_annealing_per_epoch(train, tmp_path):
     run = train(tmp_path / "run", epochs=4, cosine_t_max=3, cosine_eta_min=1e-3)
-    reference = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    reference = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=3, eta_min=1e-3)
     expected = []
     for _ in range(4):
         expected.append(schedule.get_last_lr()[0])
+        reference.step()
         schedule.step()
     assert [h["lr"] for h in run.history] == expected
     assert expected[3] == pytest.approx(1e-3)  # bottom of the cosine after T_max epochs
@@ -191,7 +208,7 @@ def test_learning_rate_follows_cosine_annealing_per_epoch(train, tmp_path):
 
 def test_default_schedule_is_the_official_one(train, tmp_path):
     run = train(tmp_path / "run", epochs=2)
-    lr_epoch_2 = 1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi / 100)) / 2
+    lr_epoch_2 = 1e-4 + (3e-3 - 1e-4) * (1 + math.cos(math.pi / 100)) / 2
     assert run.history[1]["lr"] == pytest.approx(lr_epoch_2, rel=1e-9)
 
 
@@ -234,7 +251,7 @@ def uninterrupted(tmp_path_factory, data_dir, extractor, norm_stats):
     """Final weights and history of a 3-epoch run, 2 steps an epoch, checkpoint every 3 steps."""
     out = tmp_path_factory.mktemp("uninterrupted")
     run = train_compressor(data_dir, out, extractor, norm_stats, channels=CHANNELS, epochs=3, global_batch=4,
-                           lr=1e-2, val_fraction=1 / 3, checkpoint_every=3, progress=False)
+                           lr=3e-3, val_fraction=1 / 3, checkpoint_every=3, progress=False)
     return load_weights(run.final_path), run.history
 
 
@@ -279,17 +296,22 @@ def test_more_epochs_extend_a_finished_run_like_one_long_run(train, tmp_path, un
 
 def test_resuming_with_other_settings_is_refused(train, tmp_path):
     train(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"different compressor run \(lr: 0.01 there, 0.001 now\)"):
+    with pytest.raises(ValueError, match=r"different compressor run \(lr: 0.003 there, 0.001 now\)"):
         train(tmp_path, epochs=1, lr=1e-3)
     with pytest.raises(ValueError, match="more than the 1 asked"):
         train(tmp_path / "other", epochs=2)
         train(tmp_path / "other", epochs=1)
 
 
-def test_resume_false_starts_over(train, tmp_path):
-    train(tmp_path, epochs=1)
+def test_resume_false_starts_over_and_drops_the_earlier_files(train, tmp_path, monkeypatch):
+    first = train(tmp_path, epochs=1)
+    monkeypatch.setattr(training._CompressorTrainer, "train_epoch", lambda self, bar: pytest.fail("killed"))
+    with pytest.raises(pytest.fail.Exception):
+        train(tmp_path, epochs=1, resume=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
     run = train(tmp_path, epochs=1, resume=False)
-    assert run.trained and run.resumed_from is None
+    assert run.trained and run.resumed_from is None and run.history == first.history
 
 
 # --------------------------------------------------------------------------------------
@@ -310,10 +332,14 @@ def test_norm_stats_must_cover_the_vfm_width(data_dir, extractor, tmp_path):
 
 
 def test_validation_split_must_leave_both_sides_non_empty(train, tmp_path):
-    with pytest.raises(ValueError, match="leaves 0 for validation and 12 for training; both must be non-empty"):
+    with pytest.raises(ValueError, match="leaves 0 for validation and 12 for training; both must be"):
         train(tmp_path, val_fraction=0.01)
+    with pytest.raises(ValueError, match="leaves 12 for validation and 0 for training"):
+        train(tmp_path, val_fraction=0.99)
     with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 1\)"):
         train(tmp_path, val_fraction=1.0)
+    with pytest.raises(ValueError, match="both val_data and val_fraction=0.5 were given"):
+        train(tmp_path, val_fraction=0.5, val_data=tmp_path)
 
 
 def test_global_batch_must_divide_over_the_processes(train, tmp_path, monkeypatch):

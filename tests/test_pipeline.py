@@ -124,3 +124,22 @@ def test_cache_resumes_after_partial_run(dataset_dir, tmp_path):
     (copy / "shards" / "shard-00001" / "semantics.npy").unlink()  # as if killed before this file
     assert main(["cache-semantics", str(copy), "--compressor", str(compressor_file), "--quiet"]) == 0
     assert np.array_equal(np.load(copy / "shards" / "shard-00001" / "semantics.npy"), full)
+
+
+def test_end_to_end_prepare_to_reader_through_the_cli(tmp_path):
+    """prepare → norm-stats → train-compressor (1 epoch) → cache-semantics → reader."""
+    src = make_image_folder(tmp_path / "src")
+    data = tmp_path / "data"
+    assert prepare(src, data, tiny_vae_dir(tmp_path / "vae")) == 0
+    assert "eel/corrupt.jpg" in (data / "skipped.tsv").read_text()
+    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "3", *TINY_VFM]) == 0
+    assert main(["train-compressor", str(data), "--epochs", "1", "--global-batch", "4", "--val-fraction", "0.34",
+                 "--quiet"]) == 0
+    best = data / "compressor" / "compressor_best.safetensors"
+    assert (data / "compressor" / "loss_curve.png").is_file()
+    assert main(["cache-semantics", str(data), "--compressor", str(best), "--quiet"]) == 0
+    reader = PreparedDataset(data, fields=("moments", "semantics", "cls"), resolution=256)
+    loader = torch.utils.data.DataLoader(reader, batch_size=4, shuffle=True, num_workers=2)
+    batch = next(iter(loader))
+    assert batch["semantics"].shape == (4, 16, 16, 16) and batch["cls"].shape == (4, 32)
+    assert batch["moments"].shape == (4, 8, 32, 32) and batch["label"].dtype == torch.int64

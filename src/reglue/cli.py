@@ -112,6 +112,20 @@ def _cmd_fit_pca(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_compressor(args: argparse.Namespace) -> int:
+    from reglue.pipeline import NORM_STATS_FILE, run_train_compressor
+
+    norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
+    run = run_train_compressor(
+        args.data, norm_stats, args.out, spec=_vfm_spec(args, required=False), autocast_dtype=_autocast(args.autocast),
+        epochs=args.epochs, global_batch=args.global_batch, lr=args.lr, val_data=args.val,
+        val_fraction=args.val_fraction, num_workers=args.num_workers, checkpoint_every=args.checkpoint_every,
+        resume=not args.restart, progress=not args.quiet, seed=args.seed,
+    )
+    print(f"compressor: best epoch {run.best_epoch}; weights {run.best_path} (best) and {run.final_path} (final)")
+    return 0
+
+
 def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
 
@@ -158,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
     p.set_defaults(func=_cmd_norm_stats)
+
+    p = commands.add_parser("train-compressor", help="train the semantic compressor (resumable)")
+    p.add_argument("data")
+    p.add_argument("--out", default=None, help="output folder (default DATA/compressor)")
+    p.add_argument("--norm-stats", default=None, help="default DATA/norm_stats.safetensors")
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--global-batch", type=int, default=4096, help="images per step over all processes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val", default=None, help="a prepared dataset for validation")
+    split.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of DATA instead")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resume checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="discard an earlier run in the output folder")
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto", help="precision of the frozen VFM")
+    p.add_argument("--quiet", action="store_true")
+    _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    p.set_defaults(func=_cmd_train_compressor)
 
     p = commands.add_parser("fit-pca", help="ReDi's PCA of the z-scored VFM maps")
     p.add_argument("data")

@@ -109,6 +109,28 @@ def run_fit_pca(
     return out
 
 
+def run_train_compressor(
+    data: str | Path, norm_stats: str | Path, out_dir: str | Path | None = None, *,
+    spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, **options,
+):
+    """Train the semantic compressor on ``data`` with the VFM recorded in ``norm_stats``.
+
+    ``options`` go to :func:`reglue.training.compressor.train_compressor` (epochs,
+    global_batch, lr, val_data, val_fraction, resume, ...). Returns its ``CompressorRun``.
+    """
+    from accelerate import PartialState
+
+    from reglue.data.store import read_manifest
+    from reglue.training.compressor import train_compressor
+
+    stats, spec = load_norm_stats_and_spec(norm_stats, spec)
+    resolution = read_manifest(data)["resolution"]
+    extractor = spec.build(resolution, autocast_dtype).to(PartialState().device)
+    _warn_if_random(spec)
+    out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
+    return train_compressor(data, out_dir, extractor, stats, **options)
+
+
 def build_semantic_encoder(
     norm_stats: str | Path | None, compressor: str | Path | None = None, pca: str | Path | None = None,
     spec: VFMSpec | None = None, resolution: int = 256, autocast_dtype: torch.dtype | None = None,

@@ -23,7 +23,10 @@ Files in ``out_dir`` (only the main process writes):
 - ``history.json``: the run config, per-epoch train/val MSE and lr, the best epoch;
 - ``loss_curve.png``: train and val MSE per epoch;
 - ``train_state.pt``: the resume state (tensors and plain containers, ``weights_only`` loadable),
-  written every ``checkpoint_every`` steps and at each epoch end.
+  written every ``checkpoint_every`` steps and at each epoch end: weights, Adam, the cosine, the
+  epoch and step within it, the running epoch loss, best-so-far, history and torch's RNG states.
+  Resuming refuses a state whose run settings differ (channels, batch, lr, schedule, seed, data
+  sizes, VFM); the number of processes may change.
 
 Weights files hold plain ``encoder.model.*`` / ``decoder.model.*`` state dicts with metadata
 (channels, epoch, MSEs, VFM layers); load them with
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from reglue.data.dataset import PreparedDataset
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write
@@ -61,7 +65,7 @@ STATE_FORMAT = "reglue-compressor-train-state-v1"
 # (seed, SHUFFLE_STREAM, epoch) orders an epoch.
 SPLIT_STREAM, SHUFFLE_STREAM = 0, 1
 
-log_to_logger = logging.getLogger(__name__).info
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,7 +113,9 @@ def per_process_batch(global_batch: int, num_processes: int) -> int:
     return global_batch // num_processes
 
 
-def check_channels(channels: Sequence[int] | None, extractor: VFMExtractor, norm_stats: NormStats) -> tuple[int, ...]:
+def check_channels(
+    channels: Sequence[int] | None, extractor: VFMExtractor, norm_stats: NormStats
+) -> tuple[int, ...]:
     """The compressor's channel list, (L·D, 256, 16) by default; its first entry must be the
     extractor's feature width L·D and the norm stats' channel count."""
     width = len(extractor.layers) * extractor.embed_dim
@@ -145,8 +151,8 @@ def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tu
     if not 0 < num_val < total:
         raise ValueError(
             f"val_fraction {val_fraction} of {total} images leaves {num_val} for validation and "
-            f"{total - num_val} for training; both must be non-empty: choose a fraction in "
-            f"[{0.5 / total:.3g}, {1 - 0.5 / total:.3g}) or pass val_data."
+            f"{total - num_val} for training; both must be non-empty: choose a fraction between "
+            f"{1 / total:.3g} and {(total - 1) / total:.3g}, or pass val_data."
         )
     order = torch.randperm(total, generator=_generator(seed, SPLIT_STREAM)).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
@@ -169,13 +175,13 @@ def process_batches(
 
 def _open(data: Dataset | str | Path, resolution: int) -> Dataset:
     if isinstance(data, (str, Path)):
-        from reglue.data.dataset import PreparedDataset
-
         return PreparedDataset(data, fields=("images",), resolution=resolution)
     return data
 
 
-def _datasets(data, val_data, val_fraction: float, seed: int, resolution: int) -> tuple[Dataset, Dataset | None]:
+def _datasets(
+    data, val_data, val_fraction: float, seed: int, resolution: int
+) -> tuple[Dataset, Dataset | None]:
     if val_data is not None and val_fraction:
         raise ValueError(
             f"both val_data and val_fraction={val_fraction} were given; hold out images one way only."
@@ -256,12 +262,15 @@ def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or pass resume=False.")
-    _check_same_run(state["config"], config, path)
-    if state["epoch"] > epochs:
         raise ValueError(
-            f"{path} has already trained {state['epoch']} epochs, more than the {epochs} asked for; "
-            f"ask for epochs >= {state['epoch']} or use a new out_dir."
+            f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or pass resume=False."
+        )
+    _check_same_run(state["config"], config, path)
+    done = state["progress"]["epoch"]
+    if done > epochs:
+        raise ValueError(
+            f"{path} has already trained {done} epochs, more than the {epochs} asked for; "
+            f"ask for epochs >= {done} or use a new out_dir."
         )
     return state
 
@@ -404,7 +413,8 @@ class _CompressorTrainer:
         self.checkpoint()
         self.write_reports(finished=False)
         val = "" if record["val_mse"] is None else f", val MSE {record['val_mse']:.5f}"
-        self.log(f"compressor epoch {p.epoch}: train MSE {record['train_mse']:.5f}{val}, lr {record['lr']:.3g}")
+        self.log(f"compressor epoch {p.epoch}: train MSE {record['train_mse']:.5f}{val}, "
+                 f"lr {record['lr']:.3g}")
 
     def metadata(self, record: dict) -> dict:
         return {"format": "reglue-semantic-compressor", "channels": json.dumps(self.config["channels"]),
@@ -426,7 +436,8 @@ class _CompressorTrainer:
 
     def finish(self) -> None:
         if self.accelerator.is_main_process:
-            _save_weights(self.out_dir / FINAL_WEIGHTS, self.compressor, self.metadata(self.progress.history[-1]))
+            last = self.metadata(self.progress.history[-1])
+            _save_weights(self.out_dir / FINAL_WEIGHTS, self.compressor, last)
         self.write_reports(finished=True)
 
 
@@ -449,7 +460,7 @@ def train_compressor(
     checkpoint_every: int = 100,
     resume: bool = True,
     progress: bool = True,
-    log: Callable[[str], object] = log_to_logger,
+    log: Callable[[str], object] = _logger.info,
 ) -> CompressorRun:
     """Train a :class:`SemanticCompressor` on online VFM features (SPEC §5); see the module doc.
 
@@ -457,9 +468,11 @@ def train_compressor(
     uint8 (3, R, R). ``channels`` defaults to (L·D, 256, 16). ``val_fraction`` holds out a seeded
     random share of ``data`` instead of ``val_data``. ``resume`` continues from
     ``out_dir/train_state.pt`` (a larger ``epochs`` extends a finished run), or returns a finished
-    run unchanged; ``resume=False`` starts over. Works alone or under ``accelerate launch``.
+    run unchanged; ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
+    ``log`` receives one line per epoch (main process only); the tqdm bar shows the step loss.
+    Works alone or under ``accelerate launch``.
     """
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision="no")  # the compressor trains in float32
     per_process_batch(global_batch, accelerator.num_processes)
     if epochs < 1 or checkpoint_every < 1:
         raise ValueError(f"epochs and checkpoint_every must be >= 1, found {epochs} and {checkpoint_every}.")
@@ -504,10 +517,14 @@ def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, 
     if state is not None:
         trainer.restore(state)
         resumed_from = (trainer.progress.epoch, trainer.progress.step_in_epoch)
-        log(f"resuming the compressor run in {out_dir} at epoch {resumed_from[0] + 1}, step {resumed_from[1]}")
+        log(f"resuming the compressor run in {out_dir} at epoch {resumed_from[0] + 1}, "
+            f"step {resumed_from[1]}")
     trainer.prepare()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:  # starting over: no file of an earlier run may pass for this one's
+            for name in (FINAL_WEIGHTS, BEST_WEIGHTS, HISTORY, LOSS_CURVE, TRAIN_STATE):
+                (out_dir / name).unlink(missing_ok=True)
     log(f"training compressor {config['channels']} on {config['train_images']} images "
         f"({config['val_images']} held out), {epochs} epochs × {trainer.steps_per_epoch} steps of "
         f"{config['global_batch']} ({trainer.batch} per process × {accelerator.num_processes})")
