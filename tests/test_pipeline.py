@@ -143,3 +143,24 @@ def test_end_to_end_prepare_to_reader_through_the_cli(tmp_path):
     batch = next(iter(loader))
     assert batch["semantics"].shape == (4, 16, 16, 16) and batch["cls"].shape == (4, 32)
     assert batch["moments"].shape == (4, 8, 32, 32) and batch["label"].dtype == torch.int64
+
+
+def test_reader_refuses_semantics_cached_with_another_vfm(dataset_dir, tmp_path):
+    compressor_file = tmp_path / "compressor.safetensors"
+    save_compressor(compressor_file)
+    assert main(["cache-semantics", str(dataset_dir), "--compressor", str(compressor_file), "--repa-targets",
+                 "--quiet"]) == 0
+    recorded = VFMSpec.from_json(NormStats.load(dataset_dir / "norm_stats.safetensors").metadata["vfm"])
+    assert len(PreparedDataset(dataset_dir, fields=("semantics",), vfm=recorded.to_json())) == 6
+    other = VFMSpec("dinov2_vitb14_reg", "weights/dinov2_vitb14_reg4_pretrain.pth")
+    with pytest.raises(ValueError, match="re-run `reglue cache-semantics`"):
+        PreparedDataset(dataset_dir, fields=("semantics",), vfm=other.to_json())
+
+
+def test_vfm_weights_path_that_does_not_exist(dataset_dir, capsys, tmp_path):
+    out = tmp_path / "stats.safetensors"
+    code = main(["norm-stats", str(dataset_dir), "--quiet", "--out", str(out), "--vfm-weights",
+                 str(tmp_path / "nope.pth")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nope.pth" in err and len(err.splitlines()) == 1
+    assert not out.exists()

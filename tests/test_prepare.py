@@ -229,3 +229,31 @@ def test_reader_rejects_mismatched_requests(tmp_path, vae_dir):
     loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2)
     assert sum(len(batch["label"]) for batch in loader) == len(data)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["reglue"]
+
+
+def test_ranks_write_their_own_shards_and_match_one_process(tmp_path, vae_dir):
+    from reglue.data.prepare import PrepareSettings, prepare_dataset
+    from reglue.encoders.vae import VAE
+
+    src = make_image_folder(tmp_path / "src")
+    settings = PrepareSettings(str(src), vae=str(vae_dir), shard_size=2)
+    vae = VAE(str(vae_dir))
+    prepare_dataset(settings, tmp_path / "one", vae)
+    other = prepare_dataset(settings, tmp_path / "two", vae, rank=1, world_size=2)
+    assert other.shards == 2 and not (tmp_path / "two" / "manifest.json").exists()
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == ["shard-00001", "shard-00003"]
+    prepare_dataset(settings, tmp_path / "two", vae, rank=0, world_size=2)
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
+def test_two_processes_under_torchrun(tmp_path, vae_dir):
+    src = make_image_folder(tmp_path / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["prepare", str(src), "--vae", str(vae_dir), "--shard-size", "2", "--quiet"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "reglue.cli"]
+    subprocess.run([*launcher, *common[:2], str(tmp_path / "ddp"), *common[2:]], env=env, check=True,
+                   capture_output=True, timeout=240)
+    subprocess.run([sys.executable, "-m", "reglue", *common[:2], str(tmp_path / "single"), *common[2:]], env=env,
+                   check=True, capture_output=True, timeout=240)
+    assert tree_bytes(tmp_path / "ddp") == tree_bytes(tmp_path / "single")

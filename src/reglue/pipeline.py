@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from reglue.data.dataset import PreparedDataset
+from reglue.distributed import process_state
 from reglue.encoders.norm_stats import NormStats, compute_norm_stats
 from reglue.encoders.semantics import SemanticEncoder, VFMSpec
 
@@ -49,9 +50,7 @@ def run_norm_stats(
     batch_size: int = 64, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
     """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     dataset = PreparedDataset(data, fields=("images",))
     out = Path(out) if out is not None else Path(data) / NORM_STATS_FILE
     extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
@@ -118,14 +117,12 @@ def run_train_compressor(
     ``options`` go to :func:`reglue.training.compressor.train_compressor` (epochs,
     global_batch, lr, val_data, val_fraction, resume, ...). Returns its ``CompressorRun``.
     """
-    from accelerate import PartialState
-
     from reglue.data.store import read_manifest
     from reglue.training.compressor import train_compressor
 
     stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     resolution = read_manifest(data)["resolution"]
-    extractor = spec.build(resolution, autocast_dtype).to(PartialState().device)
+    extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
     _warn_if_random(spec)
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
     return train_compressor(data, out_dir, extractor, stats, **options)
@@ -168,12 +165,10 @@ def run_cache_semantics(
     spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> int:
     """Cache compressed semantics, CLS (and REPA targets) for every image of ``data``."""
-    from accelerate import PartialState
-
     from reglue.data.cache import cache_semantics
     from reglue.data.store import read_manifest
 
-    state = PartialState()
+    state = process_state()
     manifest = read_manifest(data)
     encoder, info = build_semantic_encoder(norm_stats, compressor, pca, spec, manifest["resolution"],
                                            autocast_dtype)

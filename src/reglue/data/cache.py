@@ -25,8 +25,6 @@ from reglue.data import store
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.io import atomic_write
 
-CACHE_INFO = "semantics.json"
-
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -41,7 +39,7 @@ def cached_fields(has_compressor: bool, repa_targets: bool) -> tuple[str, ...]:
 
 
 def _check_or_write_info(root: Path, info: dict, is_main: bool) -> None:
-    path = root / CACHE_INFO
+    path = root / store.SEMANTICS_INFO
     if path.is_file():
         found = json.loads(path.read_text())
         differing = sorted(k for k in info if found.get(k) != info[k])

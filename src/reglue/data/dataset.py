@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,8 +20,10 @@ class PreparedDataset(Dataset):
     ``fields`` picks the per-image arrays to return (``"moments"`` (8, R/8, R/8) float32,
     ``"images"`` (3, R, R) uint8, and arrays added later such as cached semantics); ``label``
     (int64, −1 when unconditional) is always returned. ``resolution`` / ``vae``, when given,
-    must match the manifest. Shards are memory-mapped lazily in each process, so the dataset
-    works with DataLoader workers and a DistributedSampler.
+    must match the manifest; ``vfm`` (a :class:`~reglue.encoders.semantics.VFMSpec` as JSON),
+    when given, must match the VFM that produced cached semantics. Shards are memory-mapped
+    lazily in each process, so the dataset works with DataLoader workers and a
+    DistributedSampler.
     """
 
     def __init__(
@@ -29,6 +32,7 @@ class PreparedDataset(Dataset):
         fields: Sequence[str] = ("moments", "images"),
         resolution: int | None = None,
         vae: str | None = None,
+        vfm: str | None = None,
     ):
         self.root = Path(root)
         self.manifest = store.read_manifest(self.root)
@@ -38,6 +42,7 @@ class PreparedDataset(Dataset):
         self.shard_names = [s["name"] for s in self.manifest["shards"]]
         self.offsets = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]]).tolist()
         self._check_fields_exist()
+        self._check_vfm(vfm)
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
 
     def _check(self, key: str, wanted) -> None:
@@ -45,6 +50,23 @@ class PreparedDataset(Dataset):
             raise ValueError(
                 f"{self.root} was prepared with {key} {self.manifest[key]!r} but training asks for "
                 f"{wanted!r}; prepare the data again with --{key} {wanted} or change the run's config."
+            )
+
+    @property
+    def semantics_info(self) -> dict | None:
+        """What produced the cached semantics (``semantics.json``), or None without a cache."""
+        path = self.root / store.SEMANTICS_INFO
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _check_vfm(self, vfm: str | None) -> None:
+        cached = set(self.fields) & {"semantics", "cls", "repa"}
+        if vfm is None or not cached:
+            return
+        recorded = (self.semantics_info or {}).get("vfm")
+        if recorded is None or json.loads(recorded) != json.loads(vfm):
+            raise ValueError(
+                f"the semantics cached in {self.root} were made with VFM {recorded} but training asks for "
+                f"{vfm}; re-run `reglue cache-semantics` with that VFM or change the run's config."
             )
 
     def _check_fields_exist(self) -> None:

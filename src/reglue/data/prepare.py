@@ -26,6 +26,7 @@ import torch
 from reglue.data import store
 from reglue.data.images import BadImageError, adm_center_crop, load_image
 from reglue.data.sources import ImageSource, open_source
+from reglue.distributed import process_state
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,17 @@ def prepare_dataset(
         if progress is not None:
             progress(len(shard_items))
     barrier()
-    summary = _finalize(dst, settings, source, len(shards), write=rank == 0)
+    mine = range(rank, len(shards), world_size) if rank else range(len(shards))
+    summary = _finalize(dst, settings, source, mine, write=rank == 0)
     summary.resumed_shards = resumed
     return summary
 
 
-def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, num_shards: int, write: bool):
-    """Gather shard indices into the manifest and the skipped-files report (rank 0 writes)."""
+def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices: range, write: bool):
+    """Sum up ``indices``' shards; with ``write`` (rank 0, all shards) also write the manifest
+    and the skipped-files report."""
     shards, skipped = [], []
-    for index in range(num_shards):
+    for index in indices:
         info = store.read_shard_info(dst, index)
         shards.append({"name": store.shard_name(index), "count": len(info["sources"])})
         skipped.extend(info["skipped"])
@@ -166,7 +169,7 @@ def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, num_sha
         with atomic_write(dst / store.SKIPPED) as tmp:
             tmp.write_text("path\treason\n" + "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped))
         store.write_json_atomic(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped))
-    return PrepareSummary(images, len(skipped), source.ignored, num_shards, 0)
+    return PrepareSummary(images, len(skipped), source.ignored, len(indices), 0)
 
 
 def _manifest(settings, source, shards, images, skipped) -> dict:
@@ -206,12 +209,11 @@ def run_prepare(
 ) -> PrepareSummary:
     """Prepare with the VAE named in ``settings`` on this process's device; works alone or
     under ``accelerate launch`` / ``torchrun`` (each rank writes its own shards)."""
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from reglue.encoders.vae import VAE
 
-    state = PartialState()
+    state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
     vae = VAE(settings.vae, dtype=vae_dtype).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)

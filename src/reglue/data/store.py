@@ -33,6 +33,7 @@ SHARDS_DIR = "shards"
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SKIPPED = "skipped.tsv"
+SEMANTICS_INFO = "semantics.json"  # written by `reglue cache-semantics`
 SHARD_ARRAYS = ("images", "moments", "labels")
 
 

@@ -50,6 +50,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from reglue.data.dataset import PreparedDataset
+from reglue.distributed import on_cpu_only
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write
@@ -472,7 +473,7 @@ def train_compressor(
     ``log`` receives one line per epoch (main process only); the tqdm bar shows the step loss.
     Works alone or under ``accelerate launch``.
     """
-    accelerator = Accelerator(mixed_precision="no")  # the compressor trains in float32
+    accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # the compressor trains in float32
     per_process_batch(global_batch, accelerator.num_processes)
     if epochs < 1 or checkpoint_every < 1:
         raise ValueError(f"epochs and checkpoint_every must be >= 1, found {epochs} and {checkpoint_every}.")

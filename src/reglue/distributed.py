@@ -1,0 +1,17 @@
+"""Process state for single- and multi-process runs (``accelerate launch``, ``torchrun``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def on_cpu_only() -> bool:
+    """True without a GPU: accelerate must then be told so, or it ignores torchrun's ranks."""
+    return not torch.cuda.is_available()
+
+
+def process_state():
+    """accelerate's ``PartialState``: rank, world size, device, barrier; gloo on CPU-only machines."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu_only())
