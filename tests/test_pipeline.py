@@ -164,3 +164,37 @@ def test_vfm_weights_path_that_does_not_exist(dataset_dir, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope.pth" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_unfinished_cache_is_refused_by_the_reader(dataset_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy, ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
+    compressor_file = tmp_path / "compressor.safetensors"
+    save_compressor(compressor_file)
+    assert main(["cache-semantics", str(copy), "--compressor", str(compressor_file), "--quiet"]) == 0
+    info = json.loads((copy / "semantics.json").read_text())
+    assert info["complete"] is True
+    (copy / "semantics.json").write_text(json.dumps(dict(info, complete=False)))  # as if killed mid-run
+    with pytest.raises(FileNotFoundError, match="unfinished semantic cache"):
+        PreparedDataset(copy, fields=("semantics",))
+    with pytest.raises(FileNotFoundError, match="--repa-targets"):
+        PreparedDataset(copy, fields=("repa",))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--vfm-weights", "{tmp}/garbage.pth"], "not a readable VFM weights file"),
+    (["--vfm-weights", "random", "--vfm-arch", "foo=1"], "unknown VFM architecture key"),
+])
+def test_bad_vfm_options_are_one_line_errors(dataset_dir, tmp_path, capsys, args, needle):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = main(["norm-stats", str(dataset_dir), "--quiet", "--out", str(tmp_path / "s.safetensors"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_compressor_file_is_a_one_line_error(dataset_dir, tmp_path, capsys):
+    (tmp_path / "c.safetensors").write_bytes(b"\x00" * 16)
+    code = main(["cache-semantics", str(dataset_dir), "--compressor", str(tmp_path / "c.safetensors"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a readable semantic compressor file" in err

@@ -257,3 +257,53 @@ def test_two_processes_under_torchrun(tmp_path, vae_dir):
     subprocess.run([sys.executable, "-m", "reglue", *common[:2], str(tmp_path / "single"), *common[2:]], env=env,
                    check=True, capture_output=True, timeout=240)
     assert tree_bytes(tmp_path / "ddp") == tree_bytes(tmp_path / "single")
+
+
+def test_rerun_over_a_changed_source_or_vae_precision_is_refused(tmp_path, vae_dir, capsys):
+    src = make_image_folder(tmp_path / "src")
+    assert prepare(src, tmp_path / "out", vae_dir) == 0
+    noise(300, 300, seed=9).save(src / "cat" / "0new.png")
+    code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir), "--shard-size", "3")
+    assert code == 2 and "source_files: was 9, now 10" in err
+    (src / "cat" / "0new.png").unlink()
+    code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir), "--shard-size", "3",
+                        "--vae-dtype", "bf16")
+    assert code == 2 and "vae_dtype: was 'fp32', now 'bf16'" in err
+    assert prepare(src.parent / "src/", tmp_path / "out", vae_dir) == 0  # same folder, other spelling
+
+
+def test_zip_with_wrapping_folder_and_a_damaged_member(tmp_path, vae_dir):
+    src = make_image_folder(tmp_path / "src")
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(src.rglob("*")):
+            handle.write(path, "train/" + path.relative_to(src).as_posix())
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as handle:
+        info = handle.getinfo("train/cat/a.png")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + 100] ^= 0xFF  # corrupt a.png's stored bytes: its CRC check fails on read
+    archive.write_bytes(bytes(data))
+    assert prepare(archive, tmp_path / "out", vae_dir) == 0
+    manifest = store.read_manifest(tmp_path / "out")
+    assert manifest["class_names"] == ["cat", "dog", "eel"]
+    skipped = (tmp_path / "out" / "skipped.tsv").read_text()
+    assert "train/cat/a.png\t" in skipped and manifest["num_images"] == 5
+
+
+def test_a_second_job_on_the_same_directory_is_refused(tmp_path, vae_dir, capsys):
+    src = make_image_folder(tmp_path / "src")
+    with store.lock_directory(tmp_path / "out"):
+        code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir))
+    assert code == 2 and "in use by another reglue job" in err
+
+
+def test_reader_keeps_a_bounded_number_of_open_files(tmp_path, vae_dir, monkeypatch):
+    import reglue.data.dataset as dataset_module
+
+    src = make_image_folder(tmp_path / "src")
+    main(["prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir), "--shard-size", "1", "--quiet"])
+    monkeypatch.setattr(dataset_module, "OPEN_ARRAYS", 3)
+    data = PreparedDataset(tmp_path / "out")
+    rows = [data[i]["images"] for i in range(len(data))] + [data[0]["images"]]
+    assert len(data._arrays) == 3 and torch.equal(rows[0], rows[-1])

@@ -77,14 +77,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    import torch
-
     from reglue.data.prepare import PrepareSettings, run_prepare
+    from reglue.distributed import process_state
 
     settings = PrepareSettings(str(args.src), args.resolution, args.vae, args.max_images, args.shard_size,
-                               args.min_size)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
-    summary = run_prepare(settings, args.dst, args.batch_size, dtype, show_progress=not args.quiet)
+                               args.min_size, args.vae_dtype)
+    summary = run_prepare(settings, args.dst, args.batch_size, show_progress=not args.quiet)
+    if not process_state().is_main_process:
+        return 0
     print(
         f"prepared {summary.images} images in {summary.shards} shards ({summary.resumed_shards} resumed) "
         f"into {args.dst}; skipped {summary.skipped} unreadable or too-small files (listed in "
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, OSError) as err:  # user-fixable: bad input, paths, permissions, disk full
         if os.environ.get("REGLUE_DEBUG") == "1":
             raise
         message = " ".join(str(err).split())

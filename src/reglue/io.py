@@ -30,3 +30,28 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def read_tensor_file(path: str | Path, what: str) -> object:
+    """Load a ``.safetensors`` file or a ``torch.save`` file (``weights_only``: no code runs).
+
+    A file that is neither is reported as a ValueError naming it and ``what`` it should hold.
+    """
+    import pickle
+
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} not found; check the path.")
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, safetensors.SafetensorError, RuntimeError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path} is not a readable {what} file (a .safetensors, or a torch.save of tensors only): {reason}"
+        ) from err

@@ -49,18 +49,22 @@ def run_norm_stats(
     data: str | Path, spec: VFMSpec, out: str | Path | None = None, num_images: int = OFFICIAL_NORM_STATS_IMAGES,
     batch_size: int = 64, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
-    """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``."""
+    """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``.
+
+    Under several processes the main one computes while the others wait."""
     state = process_state()
-    dataset = PreparedDataset(data, fields=("images",))
     out = Path(out) if out is not None else Path(data) / NORM_STATS_FILE
-    extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
-    _warn_if_random(spec)
-    metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
-                "layers": ",".join(map(str, extractor.layers))}
-    with _progress_bar(min(num_images, len(dataset)), "norm-stats", show_progress) as bar:
-        stats = compute_norm_stats(dataset, extractor, num_images, batch_size, device=state.device,
-                                   progress=bar.update, metadata=metadata)
-    stats.save(out)
+    if state.is_main_process:
+        dataset = PreparedDataset(data, fields=("images",))
+        extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
+        _warn_if_random(spec)
+        metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
+                    "layers": ",".join(map(str, extractor.layers))}
+        with _progress_bar(min(num_images, len(dataset)), "norm-stats", show_progress) as bar:
+            stats = compute_norm_stats(dataset, extractor, num_images, batch_size, device=state.device,
+                                       progress=bar.update, metadata=metadata)
+        stats.save(out)
+    state.wait_for_everyone()
     return out
 
 
@@ -81,30 +85,34 @@ def run_fit_pca(
     num_images: int = 10_000, batch_size: int = 64, spec: VFMSpec | None = None,
     autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
-    """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data``."""
-    from torch.utils.data import DataLoader, Subset
+    """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data`` (main process only)."""
+    from torch.utils.data import DataLoader
 
+    from reglue.data.dataset import random_subset
     from reglue.models.compressor import PCAProjection
 
+    state = process_state()
+    out = Path(out) if out is not None else Path(data) / PCA_FILE
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return out
     stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     dataset = PreparedDataset(data, fields=("images",))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = state.device
     extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
     _warn_if_random(spec)
-    generator = torch.Generator().manual_seed(0)
-    chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
-    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size)
+    subset = random_subset(dataset, num_images)
+    loader = DataLoader(subset, batch_size=batch_size)
 
     def token_batches():
-        with _progress_bar(len(chosen), "fit-pca", show_progress) as bar:
+        with _progress_bar(len(subset), "fit-pca", show_progress) as bar:
             for batch in loader:
                 maps = stats.normalize(extractor(batch["images"].to(device)).local)  # (B, C, h, w)
                 bar.update(len(maps))
                 yield maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (B·h·w, C)
 
-    pca = PCAProjection.fit(token_batches(), rank)
-    out = Path(out) if out is not None else Path(data) / PCA_FILE
-    pca.save(out)
+    PCAProjection.fit(token_batches(), rank).save(out)
+    state.wait_for_everyone()
     return out
 
 
@@ -124,8 +132,11 @@ def run_train_compressor(
     resolution = read_manifest(data)["resolution"]
     extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
     _warn_if_random(spec)
+    from reglue.data.cache import file_sha256
+
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
-    return train_compressor(data, out_dir, extractor, stats, **options)
+    inputs = {"vfm": spec.to_json(), "norm_stats_sha256": file_sha256(norm_stats)}
+    return train_compressor(data, out_dir, extractor, stats, inputs=inputs, **options)
 
 
 def build_semantic_encoder(
@@ -146,16 +157,16 @@ def build_semantic_encoder(
         raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
     module = None
     if compressor is not None:
-        from safetensors.torch import load_file
+        from reglue.io import read_tensor_file
 
-        module = SemanticCompressor.from_state_dict(load_file(str(compressor)))
+        module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
         info["compressor_sha256"] = file_sha256(compressor)
     elif pca is not None:
         module = PCAProjection.load(pca)
         info["pca_sha256"] = file_sha256(pca)
     extractor = spec.build(resolution, autocast_dtype)
     _warn_if_random(spec)
-    info.update(vfm=spec.to_json(), resolution=resolution)
+    info.update(vfm=spec.to_json(), resolution=resolution, vfm_autocast=str(autocast_dtype))
     return SemanticEncoder(extractor, stats, module), info
 
 
@@ -173,6 +184,7 @@ def run_cache_semantics(
     encoder, info = build_semantic_encoder(norm_stats, compressor, pca, spec, manifest["resolution"],
                                            autocast_dtype)
     encoder.to(state.device)
-    with _progress_bar(manifest["num_images"], "cache-semantics", show_progress and state.is_main_process) as bar:
+    mine = sum(s["count"] for s in manifest["shards"][state.process_index :: state.num_processes])
+    with _progress_bar(mine, "cache-semantics", show_progress and state.is_main_process) as bar:
         return cache_semantics(data, encoder, info, repa_targets, batch_size, state.device,
                                state.process_index, state.num_processes, state.wait_for_everyone, bar.update)

@@ -38,25 +38,9 @@ def cached_fields(has_compressor: bool, repa_targets: bool) -> tuple[str, ...]:
     return ("semantics",) * has_compressor + ("cls",) + ("repa",) * repa_targets
 
 
-def _check_or_write_info(root: Path, info: dict, is_main: bool) -> None:
-    path = root / store.SEMANTICS_INFO
-    if path.is_file():
-        found = json.loads(path.read_text())
-        differing = sorted(k for k in info if found.get(k) != info[k])
-        if differing:
-            raise ValueError(
-                f"{root} already holds semantics cached with other inputs ({', '.join(differing)} differ); "
-                f"delete {path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the "
-                "original compressor, norm stats and VFM."
-            )
-    elif is_main:
-        store.write_json_atomic(path, info)
-
-
 def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def cache_semantics(
@@ -79,7 +63,10 @@ def cache_semantics(
     root = Path(root)
     manifest = store.read_manifest(root)
     fields = cached_fields(encoder.compressor is not None, repa_targets)
-    _check_or_write_info(root, dict(info, fields=list(fields)), rank == 0)
+    info_path = root / store.SEMANTICS_INFO
+    fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the original "
+           "compressor, norm stats, VFM and precision.")
+    store.check_or_write_json(info_path, dict(info, fields=list(fields)), rank == 0, fix)
     barrier()
     written = 0
     for index in range(rank, len(manifest["shards"]), world_size):
@@ -102,6 +89,8 @@ def cache_semantics(
             _save(shard / f"{name}.npy", _stack(outputs[name], count, encoder, name, manifest))
         written += 1
     barrier()
+    if rank == 0:  # the reader accepts the cache only once every shard has it
+        store.write_json_atomic(info_path, dict(json.loads(info_path.read_text()), complete=True))
     return written
 
 

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from reglue.data import store
+
+
+def random_subset(dataset: Dataset, num_images: int, seed: int = 0) -> Subset:
+    """min(num_images, len) rows chosen by a seeded permutation, in index order (memory-map locality)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, found {num_images}.")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
+    return Subset(dataset, chosen)
+
+
+CACHED_ARRAYS = ("semantics", "cls", "repa")  # written by `reglue cache-semantics`
+OPEN_ARRAYS = 64  # memory maps kept open per process
 
 
 class PreparedDataset(Dataset):
@@ -43,7 +57,7 @@ class PreparedDataset(Dataset):
         self.offsets = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]]).tolist()
         self._check_fields_exist()
         self._check_vfm(vfm)
-        self._arrays: dict[tuple[int, str], np.ndarray] = {}
+        self._arrays: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def _check(self, key: str, wanted) -> None:
         if wanted is not None and self.manifest[key] != wanted:
@@ -59,7 +73,7 @@ class PreparedDataset(Dataset):
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _check_vfm(self, vfm: str | None) -> None:
-        cached = set(self.fields) & {"semantics", "cls", "repa"}
+        cached = set(self.fields) & set(CACHED_ARRAYS)
         if vfm is None or not cached:
             return
         recorded = (self.semantics_info or {}).get("vfm")
@@ -70,14 +84,18 @@ class PreparedDataset(Dataset):
             )
 
     def _check_fields_exist(self) -> None:
-        first = next((i for i, name in enumerate(self.shard_names) if self.offsets[i + 1] > self.offsets[i]), None)
-        if first is None:
-            return
-        for name in (*self.fields, "labels"):
-            path = self.root / store.SHARDS_DIR / self.shard_names[first] / f"{name}.npy"
-            if not path.is_file():
-                hint = "run `reglue cache-semantics`" if name not in store.SHARD_ARRAYS else "re-run `reglue prepare`"
-                raise FileNotFoundError(f"{path} is missing: the dataset has no '{name}' array; {hint}.")
+        unknown = set(self.fields) - set(store.SHARD_ARRAYS) - set(CACHED_ARRAYS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; choose from {store.SHARD_ARRAYS + CACHED_ARRAYS}.")
+        cached = [name for name in self.fields if name in CACHED_ARRAYS]
+        info = self.semantics_info or {}
+        missing = [name for name in cached if name not in info.get("fields", ())]
+        if cached and (missing or not info.get("complete")):
+            what = f"has no cached {missing}" if missing else "holds an unfinished semantic cache"
+            raise FileNotFoundError(
+                f"{self.root} {what}; run `reglue cache-semantics {self.root}` "
+                f"(with --repa-targets for 'repa') to finish it."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -91,11 +109,14 @@ class PreparedDataset(Dataset):
         return self.offsets[-1]
 
     def _array(self, shard: int, name: str) -> np.ndarray:
+        """A memory-mapped shard array; at most OPEN_ARRAYS stay open (one file descriptor each)."""
         key = (shard, name)
-        if key not in self._arrays:
-            self._arrays[key] = np.load(
-                self.root / store.SHARDS_DIR / self.shard_names[shard] / f"{name}.npy", mmap_mode="r"
-            )
+        if key in self._arrays:
+            self._arrays.move_to_end(key)
+        else:
+            self._arrays[key] = store.open_array(self.root, shard, name)
+            if len(self._arrays) > OPEN_ARRAYS:
+                self._arrays.popitem(last=False)
         return self._arrays[key]
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -115,5 +136,5 @@ class PreparedDataset(Dataset):
 
     def __getstate__(self) -> dict:  # memory maps are reopened in each worker
         state = self.__dict__.copy()
-        state["_arrays"] = {}
+        state["_arrays"] = OrderedDict()
         return state

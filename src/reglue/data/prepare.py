@@ -14,7 +14,8 @@ source and the settings — not on the number of processes or on interruptions:
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,10 +26,11 @@ import torch
 
 from reglue.data import store
 from reglue.data.images import BadImageError, adm_center_crop, load_image
-from reglue.data.sources import ImageSource, open_source
+from reglue.data.sources import ImageSource, SourceItem, open_source
 from reglue.distributed import process_state
 
 log = logging.getLogger(__name__)
+VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,12 @@ class PrepareSettings:
     max_images: int | None = None
     shard_size: int = 1000
     min_size: int = 32
+    vae_dtype: str = "fp32"  # the VAE's compute precision: fp32, fp16 or bf16
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "source", str(Path(self.source).expanduser().resolve()))
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
         if self.resolution not in (256, 512):
             raise ValueError(f"resolution must be 256 or 512, found {self.resolution}.")
         if self.shard_size < 1:
@@ -65,21 +71,10 @@ def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, num_items)) for start in range(0, num_items, shard_size)]
 
 
-def _check_or_write_settings(dst: Path, settings: PrepareSettings, is_main: bool) -> None:
-    path = dst / store.SETTINGS
-    wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION)
-    if path.is_file():
-        found = json.loads(path.read_text())
-        differing = sorted(k for k in wanted if found.get(k) != wanted[k])
-        if differing:
-            detail = ", ".join(f"{k}: was {found.get(k)!r}, now {wanted[k]!r}" for k in differing)
-            raise ValueError(
-                f"{dst} was prepared with other settings ({detail}); rerun with the original settings "
-                "to resume, or choose a new output directory."
-            )
-    elif is_main:
-        dst.mkdir(parents=True, exist_ok=True)
-        store.write_json_atomic(path, wanted)
+def _source_fingerprint(items: list[SourceItem]) -> dict:
+    """Identifies the listed source files, so a rerun cannot resume over a changed source."""
+    digest = hashlib.sha256("".join(f"{i.path}\t{i.label}\n" for i in items).encode())
+    return {"source_files": len(items), "source_sha256": digest.hexdigest()}
 
 
 def _crop_shard(source: ImageSource, items, settings: PrepareSettings):
@@ -89,8 +84,11 @@ def _crop_shard(source: ImageSource, items, settings: PrepareSettings):
         try:
             image = load_image(source.read(item), min_size=settings.min_size)
             images.append(adm_center_crop(image, settings.resolution))
-        except (BadImageError, OSError) as err:
+        except BadImageError as err:
             skipped.append({"path": item.path, "reason": str(err)})
+            continue
+        except Exception as err:  # any unreadable member (bad zip CRC, plugin errors): skip, never crash
+            skipped.append({"path": item.path, "reason": f"unreadable ({type(err).__name__}: {err})"})
             continue
         labels.append(item.label)
         kept.append(item.path)
@@ -117,39 +115,40 @@ def prepare_dataset(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     progress: Callable[[int], None] | None = None,
+    source: ImageSource | None = None,
 ) -> PrepareSummary:
     """Prepare (or resume preparing) ``dst`` from ``settings.source`` with ``vae``.
 
     ``vae.encode_moments(uint8 (B, 3, R, R)) -> (B, 8, R/8, R/8)``; ``progress(n)`` is
-    called after each shard with the number of source files it covered.
+    called after each newly written shard with the number of source files it covered.
+    ``source``: the already opened ``settings.source``, if the caller has it.
     """
     dst = Path(dst)
-    source = open_source(settings.source)
+    source = source if source is not None else open_source(settings.source)
     items = source.items[: settings.max_images]
     shards = shard_ranges(len(items), settings.shard_size)
-    _check_or_write_settings(dst, settings, rank == 0)
-    barrier()
-    if rank == 0:
-        removed = store.remove_incomplete_shards(dst)
-        if removed:
-            log.info("removed %d incomplete shard(s) of an interrupted run", removed)
-    barrier()
-
-    resumed = 0
-    for index in range(rank, len(shards), world_size):
-        shard_items = items[slice(*shards[index])]
-        if store.shard_is_complete(dst, index):
-            resumed += 1
-        else:
+    wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION, **_source_fingerprint(items))
+    fix = "rerun with the original settings and source to resume, or choose a new output directory."
+    with store.lock_directory(dst) if rank == 0 else contextlib.nullcontext():
+        store.check_or_write_json(dst / store.SETTINGS, wanted, rank == 0, fix)
+        if rank == 0 and (removed := store.remove_leftovers(dst)):
+            log.info("removed %d temporary file(s) of an interrupted run", removed)
+        barrier()
+        resumed = 0
+        for index in range(rank, len(shards), world_size):
+            if store.shard_is_complete(dst, index):
+                resumed += 1
+                continue
+            shard_items = items[slice(*shards[index])]
             images, labels, kept, skipped = _crop_shard(source, shard_items, settings)
             moments = _encode(vae, images, batch_size)
             arrays = {"images": images, "moments": moments, "labels": labels}
             store.write_shard(dst, index, arrays, {"sources": kept, "skipped": skipped})
-        if progress is not None:
-            progress(len(shard_items))
-    barrier()
-    mine = range(rank, len(shards), world_size) if rank else range(len(shards))
-    summary = _finalize(dst, settings, source, mine, write=rank == 0)
+            if progress is not None:
+                progress(len(shard_items))
+        barrier()
+        mine = range(rank, len(shards), world_size) if rank else range(len(shards))
+        summary = _finalize(dst, settings, source, mine, write=rank == 0)
     summary.resumed_shards = resumed
     return summary
 
@@ -184,6 +183,7 @@ def _manifest(settings, source, shards, images, skipped) -> dict:
         "source": settings.source,
         "resolution": R,
         "vae": settings.vae,
+        "vae_dtype": settings.vae_dtype,
         "arrays": {
             "images": {"dtype": "uint8", "shape": [R, R, 3]},
             "moments": {"dtype": "float32", "shape": [8, R // 8, R // 8]},
@@ -201,11 +201,7 @@ def _manifest(settings, source, shards, images, skipped) -> dict:
 
 
 def run_prepare(
-    settings: PrepareSettings,
-    dst: str | Path,
-    batch_size: int = 32,
-    vae_dtype: torch.dtype = torch.float32,
-    show_progress: bool = True,
+    settings: PrepareSettings, dst: str | Path, batch_size: int = 32, show_progress: bool = True,
 ) -> PrepareSummary:
     """Prepare with the VAE named in ``settings`` on this process's device; works alone or
     under ``accelerate launch`` / ``torchrun`` (each rank writes its own shards)."""
@@ -215,11 +211,15 @@ def run_prepare(
 
     state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
-    vae = VAE(settings.vae, dtype=vae_dtype).to(state.device)
+    vae = VAE(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
-    mine = sum(stop - start for start, stop in shards[state.process_index :: state.num_processes])
-    bar = tqdm(total=mine, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
+    todo = sum(
+        stop - start
+        for index, (start, stop) in enumerate(shards)
+        if index % state.num_processes == state.process_index and not store.shard_is_complete(Path(dst), index)
+    )
+    bar = tqdm(total=todo, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
                dynamic_ncols=True)
     with bar:
         return prepare_dataset(settings, dst, vae, batch_size, state.process_index, state.num_processes,
-                               state.wait_for_everyone, bar.update)
+                               state.wait_for_everyone, bar.update, source)

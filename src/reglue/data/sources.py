@@ -3,6 +3,7 @@
 - ImageFolder layout: every image lies under a class folder ``SRC/<class>/…``; class names
   sorted by name give labels 0…K−1 (as torchvision's ImageFolder).
 - Flat layout: every image lies directly in SRC: an unconditional dataset (label −1).
+- Folders that wrap everything (``train/<class>/…``, common in zips) are looked through.
 - Both at once is refused (ambiguous). Files are ordered by their relative path, so the
   order — and every shard — is the same on every machine and every rerun.
 - Files whose extension is not an image extension, and hidden files (``.name``,
@@ -41,16 +42,6 @@ class ImageSource:
             return self._zip.read(item.path)
         return (self.location / item.path).read_bytes()
 
-    def __getstate__(self) -> dict:  # zip handles do not cross process boundaries
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.location.is_file():
-            self._zip = zipfile.ZipFile(self.location)
-
 
 def _is_hidden(path: PurePosixPath) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
@@ -67,20 +58,29 @@ def _split_listing(paths: list[str]) -> tuple[list[PurePosixPath], int]:
     return sorted(kept, key=str), ignored
 
 
+def _wrapper_depth(paths: list[PurePosixPath]) -> int:
+    """How many folders wrap everything (``train/cat/x.jpg``: 1), as zips of a folder often have."""
+    depth = 0
+    while all(len(p.parts) >= depth + 3 for p in paths) and len({p.parts[depth] for p in paths}) == 1:
+        depth += 1
+    return depth
+
+
 def _label(paths: list[PurePosixPath], location: Path) -> tuple[list[SourceItem], list[str]]:
-    flat = [p for p in paths if len(p.parts) == 1]
-    nested = [p for p in paths if len(p.parts) > 1]
+    depth = _wrapper_depth(paths)
+    flat = [p for p in paths if len(p.parts) == depth + 1]
+    nested = [p for p in paths if len(p.parts) > depth + 1]
     if flat and nested:
         raise ValueError(
             f"{location} mixes {len(flat)} images at its top level (e.g. {flat[0]}) with class folders "
-            f"(e.g. {nested[0].parts[0]}/); put every image in a class folder, or all of them at the top "
+            f"(e.g. {nested[0].parts[depth]}/); put every image in a class folder, or all of them at the top "
             "level for an unconditional dataset."
         )
     if flat:
         return [SourceItem(str(p), -1) for p in flat], []
-    class_names = sorted({p.parts[0] for p in nested})
+    class_names = sorted({p.parts[depth] for p in nested})
     index = {name: i for i, name in enumerate(class_names)}
-    return [SourceItem(str(p), index[p.parts[0]]) for p in nested], class_names
+    return [SourceItem(str(p), index[p.parts[depth]]) for p in nested], class_names
 
 
 def open_source(location: str | Path) -> ImageSource:

@@ -20,9 +20,12 @@ whole, and completed shards are never rewritten.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +52,48 @@ def shard_is_complete(root: Path, index: int) -> bool:
     return (shard_dir(root, index) / "index.json").is_file()
 
 
-def remove_incomplete_shards(root: Path) -> int:
-    """Delete temporary shard directories left by an interrupted run; returns how many."""
-    shards = Path(root) / SHARDS_DIR
-    stale = [p for p in shards.glob(".shard-*.tmp*") if p.is_dir()] if shards.is_dir() else []
+def remove_leftovers(root: Path) -> int:
+    """Delete temporary shard directories and files left by an interrupted run; returns how many.
+
+    Call it only while holding the directory's lock (:func:`lock_directory`).
+    """
+    root = Path(root)
+    shards = root / SHARDS_DIR
+    stale = list(shards.glob(".shard-*.tmp*")) if shards.is_dir() else []
+    stale += list(root.glob(".*.tmp-*")) + list(shards.glob("shard-*/.*.tmp-*"))
     for path in stale:
-        shutil.rmtree(path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     return len(stale)
+
+
+@contextlib.contextmanager
+def lock_directory(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``root`` so two jobs never write into the same dataset."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{root} is in use by another reglue job; wait for it to finish or choose another directory."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> None:
+    """Refuse a rerun whose ``wanted`` differs from what ``path`` recorded; else record it (main only)."""
+    if path.is_file():
+        found = json.loads(path.read_text())
+        differing = sorted(k for k in wanted if found.get(k) != wanted[k])
+        if differing:
+            detail = ", ".join(f"{k}: was {found.get(k)!r}, now {wanted[k]!r}" for k in differing)
+            raise ValueError(f"{path.parent} was made with other inputs ({detail}); {fix}")
+    elif is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, wanted)
 
 
 def _fsync_file(path: Path) -> None:

@@ -130,16 +130,15 @@ def compute_norm_stats(
     ``dataset[i]["images"]`` is uint8 (3, R, R); the subset has min(num_images, len) images
     (official: 300 × 256 = 76,800), read in index order for memory-map locality.
     """
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, found {num_images}.")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
-    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, num_workers=num_workers)
+    from reglue.data.dataset import random_subset
+
+    subset = random_subset(dataset, num_images, seed)
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     accumulator = NormStatsAccumulator()
     for batch in loader:
         accumulator.update(extractor(batch["images"].to(device)).local)
         if progress is not None:
             progress(len(batch["images"]))
-    return accumulator.result(dict(metadata or {}, num_images=str(len(chosen)), seed=str(seed)))
+    return accumulator.result(dict(metadata or {}, num_images=str(len(subset)), seed=str(seed)))

@@ -35,6 +35,9 @@ class VFMSpec:
     arch: dict[str, int] = field(default_factory=dict)  # embed_dim/depth/num_heads for tiny models
 
     def build(self, resolution: int = 256, autocast_dtype: torch.dtype | None = None) -> VFMExtractor:
+        allowed = {"embed_dim", "depth", "num_heads"}
+        if not set(self.arch) <= allowed:
+            raise ValueError(f"unknown VFM architecture key(s) {sorted(set(self.arch) - allowed)}; use {sorted(allowed)}.")
         if self.weights is None:
             raise ValueError(
                 f"no weights given for VFM {self.name}: pass --vfm-weights PATH (official DINOv2 .pth or "

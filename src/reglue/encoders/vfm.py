@@ -45,7 +45,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from reglue.io import read_tensor_file
 from reglue.models.official import describe_state_dict_mismatch, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,10 +137,7 @@ def read_weights_file(source: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"VFM weights file {path} not found; pass the path of an official DINOv2 .pth or a "
             "timm .safetensors/.pth/.bin file, or weights=None for a random model."
         )
-    if path.suffix == ".safetensors":
-        state_dict = safetensors.torch.load_file(str(path))
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = read_tensor_file(path, "VFM weights")
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         found = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
         raise ValueError(

@@ -242,7 +242,7 @@ def _check_same_run(saved: dict, config: dict, where: Path) -> None:
         found = ", ".join(f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in differing)
         raise ValueError(
             f"{where} belongs to a different compressor run ({found}); use a new out_dir, "
-            "or resume=False to start over in this one."
+            "or start over in this one (resume=False; `--restart` on the command line)."
         )
 
 
@@ -264,7 +264,7 @@ def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(
-            f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or pass resume=False."
+            f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or start over (resume=False; `--restart` on the command line)."
         )
     _check_same_run(state["config"], config, path)
     done = state["progress"]["epoch"]
@@ -462,6 +462,7 @@ def train_compressor(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], object] = _logger.info,
+    inputs: dict | None = None,
 ) -> CompressorRun:
     """Train a :class:`SemanticCompressor` on online VFM features (SPEC §5); see the module doc.
 
@@ -471,6 +472,8 @@ def train_compressor(
     ``out_dir/train_state.pt`` (a larger ``epochs`` extends a finished run), or returns a finished
     run unchanged; ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
     ``log`` receives one line per epoch (main process only); the tqdm bar shows the step loss.
+    ``inputs`` (JSON-able, e.g. the VFM spec and the norm stats' checksum) joins the run config,
+    so resuming with other inputs is refused.
     Works alone or under ``accelerate launch``.
     """
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # the compressor trains in float32
@@ -491,6 +494,7 @@ def train_compressor(
         "val_source": "val_data" if val_data is not None else f"val_fraction={val_fraction}",
         "vfm_layers": list(extractor.layers), "vfm_embed_dim": extractor.embed_dim,
         "resolution": extractor.resolution, "vfm_autocast": str(extractor.autocast_dtype),
+        **(inputs or {}),
     }
     out_dir = Path(out_dir)
     if not accelerator.is_main_process:
