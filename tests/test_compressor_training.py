@@ -18,7 +18,8 @@ from reglue.encoders.norm_stats import NormStatsAccumulator
 from reglue.encoders.vfm import build_dinov2
 from reglue.models.compressor import SemanticCompressor
 from reglue.training import compressor as training
-from reglue.training.compressor import per_process_batch, process_batches, train_compressor
+from reglue.training.compressor import train_compressor
+from reglue.training.order import per_process_batch, process_batches
 
 RESOLUTION = 256
 CHANNELS = (64, 16, 4)  # 2 layers × 32 wide tiny DINOv2

@@ -42,7 +42,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write
 from reglue.models.compressor import SemanticCompressor
+from reglue.training.order import per_process_batch, process_batches, seeded_generator
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
 BEST_WEIGHTS = "compressor_best.safetensors"
@@ -62,9 +62,7 @@ HISTORY = "history.json"
 LOSS_CURVE = "loss_curve.png"
 TRAIN_STATE = "train_state.pt"
 STATE_FORMAT = "reglue-compressor-train-state-v1"
-# Streams of the run seed: (seed, SPLIT_STREAM) splits off validation images,
-# (seed, SHUFFLE_STREAM, epoch) orders an epoch.
-SPLIT_STREAM, SHUFFLE_STREAM = 0, 1
+SPLIT_STREAM = 0  # (seed, SPLIT_STREAM) splits off validation images
 
 _logger = logging.getLogger(__name__)
 
@@ -104,16 +102,6 @@ class CompressorRun:
 # --------------------------------------------------------------------------------------
 
 
-def per_process_batch(global_batch: int, num_processes: int) -> int:
-    """The batch each process trains on: global_batch / num_processes, which must divide."""
-    if global_batch <= 0 or global_batch % num_processes:
-        raise ValueError(
-            f"global_batch {global_batch} must be a positive multiple of the {num_processes} "
-            f"processes; pick e.g. {num_processes * max(1, global_batch // num_processes)}."
-        )
-    return global_batch // num_processes
-
-
 def check_channels(
     channels: Sequence[int] | None, extractor: VFMExtractor, norm_stats: NormStats
 ) -> tuple[int, ...]:
@@ -135,12 +123,6 @@ def check_channels(
     return channels
 
 
-def _generator(seed: int, *stream: int) -> torch.Generator:
-    """A CPU generator for one named stream of the run seed (SeedSequence mixing, no collisions)."""
-    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """(train, val): a seeded random round(N·val_fraction) rows held out; val None at 0."""
     if not 0.0 <= val_fraction < 1.0:
@@ -155,23 +137,8 @@ def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tu
             f"{total - num_val} for training; both must be non-empty: choose a fraction between "
             f"{1 / total:.3g} and {(total - 1) / total:.3g}, or pass val_data."
         )
-    order = torch.randperm(total, generator=_generator(seed, SPLIT_STREAM)).tolist()
+    order = torch.randperm(total, generator=seeded_generator(seed, SPLIT_STREAM)).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
-
-
-def process_batches(
-    num_items: int, global_batch: int, *, seed: int, epoch: int, rank: int, num_processes: int,
-    start_step: int = 0,
-) -> list[list[int]]:
-    """Row indices of this process's batches for steps ``start_step..`` of ``epoch``.
-
-    Step s of the epoch is rows [s·G, (s+1)·G) of the (seed, epoch) permutation; process r
-    takes rows [r·P, (r+1)·P) of them, P = G / num_processes. Partial global batches are dropped.
-    """
-    per = per_process_batch(global_batch, num_processes)
-    order = torch.randperm(num_items, generator=_generator(seed, SHUFFLE_STREAM, epoch))
-    first_rows = (step * global_batch + rank * per for step in range(start_step, num_items // global_batch))
-    return [order[i : i + per].tolist() for i in first_rows]
 
 
 def _open(data: Dataset | str | Path, resolution: int) -> Dataset:

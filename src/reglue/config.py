@@ -1,0 +1,243 @@
+"""Typed run configuration: dataclasses, loaded from YAML, overridden from the command line.
+
+``load_config("configs/reglue_sit_b2.yaml", ["data.dir=data/in256", "train.global_batch=64"])``
+returns a validated :class:`RunConfig`. Unknown keys, wrong types and impossible values are
+refused with an error naming the key and the fix; the run directory stores the resolved config
+(``config.yaml``) so every run records exactly what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRECISIONS = ("no", "fp16", "bf16")
+SEMANTICS_SOURCES = ("cached", "online")
+SAMPLE_MODES = ("sde", "ode")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SiT-B/2"  # a registered size, see `reglue models`
+    preset: str = "reglue"  # sit | repa | redi | reg | reglue
+    encoder_depth: int | None = None  # REPA alignment block; None: the size's default (4 B, 8 L/XL)
+    qk_norm: bool = False
+    class_dropout_prob: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a `reglue prepare` directory
+    semantics: str = "cached"  # cached (from `reglue cache-semantics`) | online (VFM every step)
+    norm_stats: str | None = None  # online: default DIR/norm_stats.safetensors (records the VFM)
+    compressor: str | None = None  # online REGLUE: compressor weights
+    pca: str | None = None  # online ReDi: PCA file
+    vfm_autocast: str = "bf16"  # precision of the frozen VFM in online mode (no | fp16 | bf16)
+    images_per_class: int | None = None  # class-balanced subset: at most this many per class
+    fraction: float | None = None  # class-balanced subset: this share of every class
+    unconditional: bool = False  # ignore labels: every sample gets the null label
+    num_workers: int = 4
+
+
+@dataclass
+class LossConfig:
+    path: str = "linear"  # linear | cosine
+    time_sampling: str = "uniform"  # uniform | lognormal
+    lambda_sem: float | None = None  # None: the preset's weight
+    lambda_cls: float | None = None
+    lambda_rep: float | None = None
+    lambda_sem_schedule: list = field(default_factory=list)  # [[step, factor], ...]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256  # = per-device batch × devices × grad_accum
+    grad_accum: int = 1
+    max_steps: int = 400_000
+    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    tf32: bool = True
+    compile: bool = False  # torch.compile each SiT block
+    ema_decay: float = 0.9999
+    seed: int = 0
+    max_nonfinite_in_row: int = 20  # stop after this many skipped updates in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10_000
+    keep_last: int = 3
+    milestones: list = field(default_factory=list)  # steps whose checkpoints are always kept
+
+
+@dataclass
+class LogConfig:
+    every: int = 100
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+    sample_every: int = 10_000  # EMA sample grid; 0 disables
+    sample_mode: str = "sde"  # sde | ode
+    sample_steps: int = 50
+    sample_cfg: float = 1.0
+    sample_count: int = 16
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/reglue"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> RunConfig:
+        """Cross-field rules; raises :class:`ConfigError` naming the key and the fix."""
+        from reglue.models.sit import SIT_MODELS
+        from reglue.presets import PRESETS
+
+        rules = [
+            (self.model.name in SIT_MODELS, "model.name", f"one of {', '.join(SIT_MODELS)}"),
+            (self.model.preset in PRESETS, "model.preset", f"one of {', '.join(PRESETS)}"),
+            (bool(self.data.dir), "data.dir", "the `reglue prepare` directory (data.dir=PATH)"),
+            (self.data.semantics in SEMANTICS_SOURCES, "data.semantics", f"one of {SEMANTICS_SOURCES}"),
+            (self.data.vfm_autocast in PRECISIONS, "data.vfm_autocast", f"one of {PRECISIONS}"),
+            (self.train.mixed_precision in PRECISIONS, "train.mixed_precision", f"one of {PRECISIONS}"),
+            (self.log.sample_mode in SAMPLE_MODES, "log.sample_mode", f"one of {SAMPLE_MODES}"),
+            (self.loss.path in ("linear", "cosine"), "loss.path", "linear or cosine"),
+            (self.loss.time_sampling in ("uniform", "lognormal"), "loss.time_sampling", "uniform or lognormal"),
+            (self.train.global_batch >= 1, "train.global_batch", "a positive integer"),
+            (self.train.grad_accum >= 1, "train.grad_accum", "a positive integer"),
+            (self.train.global_batch % self.train.grad_accum == 0, "train.global_batch",
+             f"a multiple of train.grad_accum ({self.train.grad_accum})"),
+            (self.train.max_steps >= 1, "train.max_steps", "a positive integer"),
+            (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "a value in [0, 1)"),
+            (self.checkpoint.every >= 1 and self.checkpoint.keep_last >= 1, "checkpoint.every/keep_last",
+             "positive integers"),
+            (self.log.every >= 1 and self.log.sample_every >= 0, "log.every/sample_every",
+             "log.every >= 1 and log.sample_every >= 0"),
+            (self.data.images_per_class is None or self.data.fraction is None, "data.images_per_class",
+             "null when data.fraction is set (choose one way to subsample)"),
+            (self.data.fraction is None or 0 < self.data.fraction <= 1, "data.fraction", "a value in (0, 1]"),
+            (all(isinstance(m, list) and len(m) == 2 for m in self.loss.lambda_sem_schedule),
+             "loss.lambda_sem_schedule", "a list of [step, factor] pairs"),
+        ]
+        for ok, key, expected in rules:
+            if not ok:
+                raise ConfigError(f"{key}: invalid value {_lookup(self, key)!r}; expected {expected}.")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from reglue.io import atomic_write
+
+        with atomic_write(path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _lookup(config, dotted: str):
+    value = config
+    for part in dotted.split("/")[0].split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_type(key: str, value, hint) -> object:
+    """``value`` if it fits the field's type ``hint`` (ints accepted for floats), else ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {hint}, found {value!r} ({type(value).__name__}).")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is float and isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-4 as text
+        return float(value)
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (bool, str) and isinstance(value, hint):
+        return value
+    elif (origin or hint) is list and isinstance(value, list):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, found {value!r} ({type(value).__name__}).")
+
+
+def from_dict(cls, raw: dict, prefix: str = ""):
+    """Build the dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, found {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}.")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(prefix + name, value, hint)
+    return cls(**values)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section.")
+    tree[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML) → validated config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; see configs/ for the shipped ones.")
+        raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.global_batch=64).")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return from_dict(RunConfig, raw).validate()
