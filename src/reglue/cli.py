@@ -137,6 +137,25 @@ def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from reglue.config import load_config
+    from reglue.training.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    state = "stopped early (resume with --resume auto)" if result.stopped_early else "finished"
+    print(f"training {state} at step {result.step} in {result.run_dir}; "
+          f"{result.skipped_updates} non-finite update(s) skipped; EMA weights in {result.run_dir / 'ema'}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from reglue.training.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -191,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
     p.set_defaults(func=_cmd_train_compressor)
+
+    p = commands.add_parser("train", help="train a preset (sit/repa/redi/reg/reglue) from a YAML config")
+    p.add_argument("--config", default=None, help="YAML file, e.g. configs/reglue_sit_b2.yaml")
+    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.dir=data/in256 train.global_batch=64")
+    p.set_defaults(func=_cmd_train)
+
+    p = commands.add_parser("plot", help="draw a run's loss curves to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default RUN_DIR/loss_curves.png")
+    p.set_defaults(func=_cmd_plot)
 
     p = commands.add_parser("fit-pca", help="ReDi's PCA of the z-scored VFM maps")
     p.add_argument("data")

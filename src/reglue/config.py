@@ -32,6 +32,9 @@ class ModelConfig:
     encoder_depth: int | None = None  # REPA alignment block; None: the size's default (4 B, 8 L/XL)
     qk_norm: bool = False
     class_dropout_prob: float = 0.1
+    depth: int | None = None  # size overrides for small demo/test models; None: the size's value
+    hidden_size: int | None = None
+    num_heads: int | None = None
 
 
 @dataclass
@@ -194,6 +197,8 @@ def _check_type(key: str, value, hint) -> object:
         return value
     elif hint in (bool, str) and isinstance(value, hint):
         return value
+    elif hint is str and isinstance(value, bool):  # YAML 1.1 reads `no` (as in mixed_precision=no) as false
+        return "yes" if value else "no"
     elif (origin or hint) is list and isinstance(value, list):
         return value
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, found {value!r} ({type(value).__name__}).")

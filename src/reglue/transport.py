@@ -77,7 +77,7 @@ class LossTerms:
     def as_dict(self) -> dict[str, float]:
         """Python floats for logging (one host sync per term)."""
         names = ("total", "latent", "semantic", "cls", "repa")
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        return {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
 
 
 def negative_cosine(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

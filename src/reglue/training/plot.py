@@ -1,0 +1,86 @@
+"""Loss curves of a training run (``reglue plot RUN_DIR``), drawn from its metrics.jsonl.
+
+One panel per loss term the run logged (keys starting with "loss/", in the order they first
+appear), then grad_norm and lr when present; x is the training step. Each panel shows the raw
+values faint and their centred moving average over ``smoothing`` logged points bold, on a log
+y axis when every value is positive. Non-finite values (skipped steps) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from reglue.io import atomic_write
+from reglue.training.metrics import read_metrics
+
+PLOT_FILE = "loss_curves.png"
+LOSS_PREFIX = "loss/"
+EXTRA_PANELS = ("grad_norm", "lr")
+PANEL_COLUMNS = 3
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred mean over ``window`` points ((window-1)//2 before, window//2 after; fewer at the
+    ends), (N,) -> (N,)."""
+    before, after = (window - 1) // 2, window // 2
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(len(values))
+    lo, hi = np.maximum(index - before, 0), np.minimum(index + after + 1, len(values))
+    return (cumulative[hi] - cumulative[lo]) / (hi - lo)
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of ``key`` where it was logged with a finite value."""
+    pairs = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    steps, values = zip(*pairs) if pairs else ((), ())
+    return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+
+
+def _panel_keys(records: list[dict]) -> list[str]:
+    seen = dict.fromkeys(key for record in records for key in record)
+    losses = [key for key in seen if key.startswith(LOSS_PREFIX)]
+    return losses + [key for key in EXTRA_PANELS if key in seen]
+
+
+def _draw_panel(axes, key: str, steps: np.ndarray, values: np.ndarray, smoothing: int) -> None:
+    (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3)
+    axes.plot(steps, moving_average(values, smoothing), linewidth=2.0, color=raw.get_color())
+    axes.set(title=key, xlabel="step", yscale="log" if np.all(values > 0) else "linear")
+    axes.grid(True, which="major", alpha=0.3)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int = 20) -> Path:
+    """Draw the run's loss curves to ``out`` (default ``run_dir/loss_curves.png``) and return its path.
+
+    ``smoothing``: the moving-average window in logged points (1: no smoothing).
+    Raises FileNotFoundError without ``run_dir/metrics.jsonl``, ValueError when it holds no loss value.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if smoothing < 1:
+        raise ValueError(f"smoothing is a window of logged points and must be >= 1, found {smoothing}.")
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    panels = [(key, *_series(records, key)) for key in _panel_keys(records)]
+    panels = [(key, steps, values) for key, steps, values in panels if len(values)]
+    if not any(key.startswith(LOSS_PREFIX) for key, _, _ in panels):
+        raise ValueError(
+            f"{run_dir} has {len(records)} metrics records but no finite value of a 'loss/...' key; "
+            "plot a run once it has logged its first training steps."
+        )
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), dpi=100)
+    FigureCanvasAgg(figure)
+    for index, (key, steps, values) in enumerate(panels, start=1):
+        _draw_panel(figure.add_subplot(rows, columns, index), key, steps, values, smoothing)
+    figure.suptitle(run_dir.resolve().name)
+    figure.tight_layout()
+    out = run_dir / PLOT_FILE if out is None else Path(out)
+    with atomic_write(out) as tmp:
+        figure.savefig(tmp, format="png")
+    return out

@@ -1,0 +1,324 @@
+"""``reglue train``: the joint diffusion model's training loop (SPEC §7, §9).
+
+Plain code over accelerate: one process on a CPU, or DDP under ``accelerate launch`` /
+``torchrun``. Every step's randomness is index-addressed: the data order comes from
+(seed, epoch) (:mod:`reglue.training.order`) and the step's noise, times and label dropout from
+the global generators re-seeded with (seed, rank, step). A run interrupted at any checkpoint
+and resumed with ``resume="auto"`` therefore replays bit-identically (tested on CPU).
+
+Checkpoints (``run_dir/checkpoints/step-*.pt``) hold model, EMA, optimiser, grad scaler, step,
+RNG states of every rank and the resolved config; they are written atomically every
+``checkpoint.every`` steps, at the end, and when SIGINT/SIGTERM arrives. The EMA weights are
+exported as ``run_dir/ema`` (``config.json`` + ``model.safetensors``) for sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from reglue.config import ConfigError, RunConfig
+from reglue.distributed import on_cpu_only
+from reglue.models.sit import SiT, build_sit
+from reglue.presets import get_preset
+from reglue.training import checkpoint as ckpt
+from reglue.training.ema import update_ema
+from reglue.training.inputs import InputBuilder, online_encoder, open_training_dataset, training_rows
+from reglue.training.order import per_process_batch, process_batches, seeded_generator
+from reglue.transport import JointLoss
+
+log = logging.getLogger(__name__)
+STEP_STREAM = 2  # (seed, STEP_STREAM, rank, step) seeds a step's noise, times and label dropout
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    skipped_updates: int
+    stopped_early: bool  # a signal or stop_after_steps ended the run before max_steps
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the loop checkpoints at the end of the current step and stops."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum, frame) -> None:
+        self.raised = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _seed_step(seed: int, rank: int, step: int) -> None:
+    torch.manual_seed(int(seeded_generator(seed, STEP_STREAM, rank, step).initial_seed()))
+
+
+def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim: int) -> SiT:
+    preset = get_preset(config.model.preset)
+    m = config.model
+    sizes = {"encoder_depth": m.encoder_depth, "depth": m.depth, "hidden_size": m.hidden_size, "num_heads": m.num_heads}
+    overrides = {k: v for k, v in sizes.items() if v is not None}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        return build_sit(
+            config.model.name, input_size=latent_size, num_classes=num_classes, qk_norm=config.model.qk_norm,
+            class_dropout_prob=config.model.class_dropout_prob, **preset.model_kwargs(vfm_dim=vfm_dim),
+            **overrides,
+        )
+
+
+def _loss(config: RunConfig) -> JointLoss:
+    weights = get_preset(config.model.preset).loss_kwargs()
+    for key in weights:
+        if getattr(config.loss, key) is not None:
+            weights[key] = getattr(config.loss, key)
+    return JointLoss(path=config.loss.path, time_sampling=config.loss.time_sampling,
+                     lambda_sem_schedule=[tuple(m) for m in config.loss.lambda_sem_schedule], **weights)
+
+
+def _vfm_dim(dataset, encoder) -> int:
+    if encoder is not None:
+        return encoder.extractor.embed_dim
+    for name in ("cls", "repa"):
+        if name in dataset.fields:
+            return int(dataset[0][name].shape[-1])
+    return 768  # presets without VFM targets: no projector or CLS is built (z_dim unused)
+
+
+class Trainer:
+    """Holds the run's objects; :meth:`run` trains until ``max_steps`` or a stop request."""
+
+    def __init__(self, config: RunConfig, accelerator):
+        self.config = config
+        self.acc = accelerator
+        self.preset = get_preset(config.model.preset)
+        self.run_dir = Path(config.run_dir)
+        self.per_device = per_process_batch(config.train.global_batch, accelerator.num_processes)
+        if self.per_device % config.train.grad_accum:
+            raise ConfigError(
+                f"train.global_batch {config.train.global_batch} over {accelerator.num_processes} process(es) × "
+                f"{config.train.grad_accum} accumulation steps is not a whole per-device batch; choose a "
+                f"multiple of {accelerator.num_processes * config.train.grad_accum}."
+            )
+        self.dataset = open_training_dataset(config, self.preset)
+        self.rows = training_rows(self.dataset, config)
+        if len(self.rows) < config.train.global_batch:
+            raise ConfigError(
+                f"train.global_batch {config.train.global_batch} exceeds the {len(self.rows)} training images; "
+                "lower it or use more data."
+            )
+        resolution = self.dataset.manifest["resolution"]
+        encoder = online_encoder(config, self.preset, resolution)
+        if encoder is not None:
+            encoder.to(accelerator.device)
+        num_classes = self.dataset.num_classes
+        self.latent_size = resolution // 8
+        self.model = _build_model(config, self.latent_size, num_classes, _vfm_dim(self.dataset, encoder))
+        self.model.check_inputs = accelerator.device.type == "cpu"  # no host syncs on accelerators
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).to(accelerator.device)
+        self.inputs = InputBuilder(self.preset, self.dataset, self.latent_size, num_classes,
+                                   config.data.unconditional, encoder)
+        self.loss_fn = _loss(config)
+        if config.train.compile:
+            for block in self.model.blocks:
+                block.compile()
+        o = config.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=accelerator.device.type == "cuda")
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.step = 0
+        self.skipped = 0
+        self.nonfinite_in_row = 0
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        from accelerate.utils import gather_object
+
+        rng = gather_object([ckpt.capture_rng_state()])
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else {}
+        return {
+            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler,
+            "rng": rng,
+            "skipped_updates": self.skipped,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "config": self.config.to_dict(),
+            "sit_config": asdict(self.acc.unwrap_model(self.model).config),
+        }
+
+    def restore(self, payload: dict) -> None:
+        self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
+        self.ema.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.acc.scaler is not None and payload["scaler"]:
+            self.acc.scaler.load_state_dict(payload["scaler"])
+        self.step = int(payload["step"])
+        self.skipped = int(payload["skipped_updates"])
+        self.nonfinite_in_row = int(payload["nonfinite_in_row"])
+        rng = payload["rng"]
+        if len(rng) == self.acc.num_processes:
+            ckpt.restore_rng_state(rng[self.acc.process_index])
+
+    def save(self) -> None:
+        payload = self.state()
+        if self.acc.is_main_process:
+            c = self.config.checkpoint
+            path = ckpt.save_checkpoint(self.run_dir, self.step, payload, c.keep_last, c.milestones)
+            self.ema.save_pretrained(self.run_dir / "ema")
+            log.info("saved %s", path)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ data
+    def batches(self):
+        """This process's micro-batches from ``self.step`` on, forever (epoch after epoch)."""
+        G, rows = self.config.train.global_batch, self.rows
+        steps_per_epoch = len(rows) // G
+        epoch, start = divmod(self.step, steps_per_epoch)
+        while True:
+            order = process_batches(len(rows), G, seed=self.config.train.seed, epoch=epoch,
+                                    rank=self.acc.process_index, num_processes=self.acc.num_processes,
+                                    start_step=start)
+            micro = self.per_device // self.config.train.grad_accum
+            sampler = [rows[b[i : i + micro]].tolist() for b in order for i in range(0, len(b), micro)]
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.data.num_workers,
+                                pin_memory=self.acc.device.type == "cuda", generator=torch.Generator())
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batches) -> dict | None:
+        """One optimiser step over ``grad_accum`` micro-batches; None when the update was skipped."""
+        cfg = self.config.train
+        _seed_step(cfg.seed, self.acc.process_index, self.step)
+        self.model.train()
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            inputs = self.inputs(next(batches), self.acc.device)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                with self.acc.autocast():
+                    terms = self.loss_fn(self.model, inputs.x0, inputs.y, inputs.cls_target, inputs.repa_target,
+                                         step=self.step)
+                self.acc.backward(terms.total / cfg.grad_accum)
+            for name, value in terms.as_dict().items():
+                totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        loss = self.acc.reduce(torch.tensor(totals["total"], device=self.acc.device), "mean")
+        if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.acc.unwrap_model(self.model), cfg.ema_decay)
+        return {f"loss/{k}": v for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+
+    def run(self, stop_after_steps: int | None = None) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        from reglue.training.metrics import MetricsLogger
+
+        cfg, flag = self.config, _StopFlag()
+        batches = self.batches()
+        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                                wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
+                                resume_step=self.step or None, enabled=self.acc.is_main_process)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
+                   disable=not self.acc.is_main_process)
+        done_here, stopped = 0, False
+        with flag.installed(), metrics, bar:
+            while self.step < cfg.train.max_steps:
+                start = time.perf_counter()
+                values = self.train_step(batches)
+                self.step += 1
+                done_here += 1
+                self._count(values)
+                if values is not None and self.step % cfg.log.every == 0:
+                    values |= {"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": time.perf_counter() - start,
+                               "images_per_s": cfg.train.global_batch / (time.perf_counter() - start),
+                               "skipped_updates": self.skipped, **_memory()}
+                    metrics.log(self.step, values)
+                    bar.set_postfix(loss=f"{values['loss/total']:.4f}")
+                bar.update(1)
+                stop = self._any_rank(flag.raised) or (stop_after_steps is not None and done_here >= stop_after_steps)
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
+                    self.save()
+                if stop:
+                    stopped = True
+                    break
+        return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    def _any_rank(self, raised: bool) -> bool:
+        """A stop signal seen by any process stops all of them at the same step."""
+        if self.acc.num_processes == 1:
+            return raised
+        return bool(self.acc.reduce(torch.tensor(float(raised), device=self.acc.device), "sum") > 0)
+
+    def _count(self, values: dict | None) -> None:
+        if values is not None:
+            self.nonfinite_in_row = 0
+            return
+        self.skipped += 1
+        self.nonfinite_in_row += 1
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
+                    self.step, self.nonfinite_in_row, self.skipped)
+        if self.nonfinite_in_row >= self.config.train.max_nonfinite_in_row:
+            raise RuntimeError(
+                f"{self.nonfinite_in_row} non-finite updates in a row (train.max_nonfinite_in_row); stopping. "
+                f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact: lower optim.lr or use "
+                "train.mixed_precision=bf16, then resume with --resume auto."
+            )
+
+
+def _memory() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {"memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {}
+
+
+def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Train ``config`` (resume: None = fresh run, "auto" = newest valid checkpoint, or a path).
+
+    ``stop_after_steps`` ends the run (with a checkpoint) after that many steps in this call —
+    what an interruption does; used by the resume tests.
+    """
+    from accelerate import Accelerator
+
+    precision = config.train.mixed_precision
+    if precision != "no" and on_cpu_only() and precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPUs.")
+    torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+    torch.backends.cudnn.allow_tf32 = config.train.tf32
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu_only())
+    trainer = Trainer(config, accelerator)
+    found = ckpt.resolve_resume(trainer.run_dir, resume, log.info)
+    if found is not None:
+        path, payload = found
+        trainer.restore(payload)
+        log.info("resumed from %s at step %d", path, trainer.step)
+    if accelerator.is_main_process:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(trainer.run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return trainer.run(stop_after_steps)
+

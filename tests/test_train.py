@@ -1,0 +1,145 @@
+"""`reglue train`: presets, exact resume, non-finite updates, bad configs (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from reglue.cli import main
+from reglue.config import ConfigError, load_config
+from reglue.training import checkpoint as ckpt
+from reglue.training.metrics import read_metrics
+from reglue.training.trainer import train
+from test_pipeline import TINY_VFM, save_compressor
+from test_prepare import make_image_folder, prepare, tiny_vae_dir
+
+TINY_MODEL = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+              "model.encoder_depth=1"]
+
+
+@pytest.fixture(scope="module")
+def cached_data(tmp_path_factory):
+    """6 images with norm stats, a random compressor (4 channels) and cached semantics/CLS/REPA."""
+    root = tmp_path_factory.mktemp("train")
+    assert prepare(make_image_folder(root / "src"), root / "data", tiny_vae_dir(root / "vae")) == 0
+    assert main(["norm-stats", str(root / "data"), "--quiet", *TINY_VFM]) == 0
+    save_compressor(root / "compressor.safetensors", (64, 16, 16))
+    assert main(["cache-semantics", str(root / "data"), "--compressor", str(root / "compressor.safetensors"),
+                 "--repa-targets", "--quiet"]) == 0
+    return root
+
+
+def config_for(root, run, *overrides):
+    return load_config("configs/demo.yaml", [f"data.dir={root / 'data'}", f"run_dir={root / run}", *TINY_MODEL,
+                                             "train.global_batch=2", *overrides])
+
+
+def weights(run_dir):
+    _, payload = ckpt.latest_valid_checkpoint(run_dir, print)
+    return payload
+
+
+def test_resume_after_a_kill_is_bit_identical(cached_data):
+    straight = train(config_for(cached_data, "straight", "train.max_steps=6", "data.num_workers=2"))
+    assert straight.step == 6
+    first = train(config_for(cached_data, "resumed", "train.max_steps=6", "data.num_workers=2"), stop_after_steps=3)
+    assert first.stopped_early and first.step == 3
+    second = train(config_for(cached_data, "resumed", "train.max_steps=6", "data.num_workers=2"), resume="auto")
+    assert second.step == 6
+    a, b = weights(cached_data / "straight"), weights(cached_data / "resumed")
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+TERMS = {
+    "sit": {"latent"}, "repa": {"latent", "repa"}, "redi": {"latent", "semantic"},
+    "reg": {"latent", "cls", "repa"}, "reglue": {"latent", "semantic", "cls", "repa"},
+}
+
+
+@pytest.fixture(scope="module")
+def pca_data(cached_data, tmp_path_factory):
+    """The same images with ReDi's PCA semantics (8 channels) cached."""
+    root = tmp_path_factory.mktemp("redi")
+    shutil.copytree(cached_data / "data", root / "data",
+                    ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
+    assert main(["fit-pca", str(root / "data"), "--rank", "8", "--quiet"]) == 0
+    assert main(["cache-semantics", str(root / "data"), "--pca", str(root / "data" / "pca.safetensors"),
+                 "--quiet"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("preset", list(TERMS))
+@pytest.mark.parametrize("semantics", ["cached", "online"])
+def test_every_preset_trains_and_logs_its_loss_terms(cached_data, pca_data, preset, semantics):
+    root = pca_data if preset == "redi" else cached_data
+    online = [f"data.compressor={cached_data / 'compressor.safetensors'}", f"data.pca={root / 'data' / 'pca.safetensors'}",
+              "data.vfm_autocast=no"] if semantics == "online" else []
+    run = f"p-{preset}-{semantics}"
+    result = train(config_for(root, run, f"model.preset={preset}", "train.max_steps=3", "log.every=1",
+                              f"data.semantics={semantics}", *online))
+    assert result.step == 3 and result.skipped_updates == 0
+    rows = read_metrics(root / run)
+    logged = {k.split("/", 1)[1] for k in rows[-1] if k.startswith("loss/")} - {"total"}
+    assert logged == TERMS[preset]
+    assert all(torch.isfinite(torch.tensor(row["loss/total"])) for row in rows)
+
+
+def test_fresh_run_into_an_existing_run_dir_is_refused(cached_data):
+    train(config_for(cached_data, "twice", "train.max_steps=1"))
+    with pytest.raises(ValueError, match="--resume auto"):
+        train(config_for(cached_data, "twice", "train.max_steps=1"))
+
+
+def test_bad_config_values_are_clear(cached_data):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        config_for(cached_data, "bad", "train.lr=1")
+    with pytest.raises(ConfigError, match="train.global_batch: expected int"):
+        config_for(cached_data, "bad", "train.global_batch=many")
+    with pytest.raises(ConfigError, match="exceeds the 6 training images"):
+        train(config_for(cached_data, "bad", "train.global_batch=8"))
+    with pytest.raises(ConfigError, match=r"expected a multiple of train.grad_accum \(4\)"):
+        config_for(cached_data, "bad", "train.global_batch=6", "train.grad_accum=4")
+    with pytest.raises(ValueError, match="data.dir"):
+        train(load_config("configs/demo.yaml", [f"data.dir={cached_data / 'missing'}", *TINY_MODEL]))
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cached_data, monkeypatch):
+    from reglue.transport import JointLoss
+
+    real = JointLoss.__call__
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second step's batch is bad
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(JointLoss, "__call__", poisoned)
+    result = train(config_for(cached_data, "nan", "train.max_steps=4"))
+    assert result.skipped_updates == 1 and result.step == 4
+    monkeypatch.setattr(JointLoss, "__call__", lambda self, *a, **k: _nan_terms(real(self, *a, **k)))
+    with pytest.raises(RuntimeError, match="non-finite updates in a row"):
+        train(config_for(cached_data, "allnan", "train.max_steps=10", "train.max_nonfinite_in_row=3"))
+    assert ckpt.list_checkpoints(cached_data / "allnan") == []
+
+
+def _nan_terms(terms):
+    terms.total = terms.total * float("nan")
+    return terms
+
+
+def test_gradient_accumulation_matches_one_big_batch(cached_data):
+    """2 micro-batches of 1 give the update of one batch of 2 (same rows, same per-sample noise)."""
+    one = train(config_for(cached_data, "accum1", "train.max_steps=1", "train.global_batch=2"))
+    two = train(config_for(cached_data, "accum2", "train.max_steps=1", "train.global_batch=2", "train.grad_accum=2"))
+    assert one.step == two.step == 1
+    a, b = weights(cached_data / "accum1")["model"], weights(cached_data / "accum2")["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # different noise draws per micro-batch
