@@ -141,8 +141,10 @@ class JointLoss:
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         cls_noise: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> LossTerms:
-        """One joint loss evaluation; ``t``/``noise``/``cls_noise`` default to fresh draws."""
+        """One joint loss evaluation; ``t``/``noise``/``cls_noise`` default to fresh draws and
+        ``force_drop_ids`` (label dropout decisions) to the model's own draw."""
         B = x0.shape[0]
         if x0.ndim != 4 or x0.shape[1] < self.latent_channels:
             raise ValueError(
@@ -165,7 +167,8 @@ class JointLoss:
             cls_t = alpha[:, None] * cls_target + sigma[:, None] * cls_noise
             cls_v_target = d_alpha[:, None] * cls_target + d_sigma[:, None] * cls_noise
 
-        v, repa_tokens, cls_v = model(x_t, t, y, cls_token=cls_t)
+        extra = {} if force_drop_ids is None else {"force_drop_ids": force_drop_ids}
+        v, repa_tokens, cls_v = model(x_t, t, y, cls_token=cls_t, **extra)
 
         sq_err = (v.float() - v_target.float()) ** 2  # (B, 4 + S, H, W)
         latent = sq_err[:, : self.latent_channels].mean((1, 2, 3)).mean()

@@ -81,12 +81,14 @@ def load_autoencoder(
         ) from err
 
 
-def latents_from_moments(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def latents_from_moments(
+    moments: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training latent z = (mean + std·ε)·SCALE with a fresh ε ~ N(0, I) (SPEC §3).
 
     ``moments`` (B, 2C, h, w) = concat(mean, std) -> z (B, C, h, w), same dtype and device.
     ε is drawn with ``torch.randn`` from ``generator`` (the global generator if None, which
-    then matches ``torch.randn_like(mean)`` draw for draw).
+    then matches ``torch.randn_like(mean)`` draw for draw), unless given as ``noise`` (B, C, h, w).
     """
     if moments.ndim != 4 or moments.shape[1] % 2:
         raise ValueError(
@@ -94,7 +96,8 @@ def latents_from_moments(moments: torch.Tensor, generator: torch.Generator | Non
             "pass what VAE.encode_moments returned."
         )
     mean, std = moments.chunk(2, dim=1)  # (B, C, h, w) each
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
     return (mean + std * noise) * SCALE
 
 

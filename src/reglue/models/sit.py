@@ -142,8 +142,11 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``force_drop_ids`` (B,) bool, when given, decides the drops instead of a random draw."""
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids, self.num_classes, labels)
+        elif self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
@@ -307,8 +310,13 @@ class SiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         cls_token: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x (B, C_in, H, W), t (B,) in [0, 1] (1 = noise), y (B,) in 0..K, cls_token (B, z_dim)."""
+        """x (B, C_in, H, W), t (B,) in [0, 1] (1 = noise), y (B,) in 0..K, cls_token (B, z_dim).
+
+        ``force_drop_ids`` (B,) bool replaces label dropout's random draw (the trainer draws it
+        per sample so that results do not depend on how the batch is split over processes).
+        """
         if self.check_inputs:
             self._check_inputs(x, t, y, cls_token)
         h = self.x_embedder(x)  # (B, N, D)
@@ -316,7 +324,7 @@ class SiT(nn.Module):
             cls_embed = self.wg_norm(self.cls_projectors2(cls_token)).unsqueeze(1)  # (B, 1, D)
             h = torch.cat([cls_embed, h], dim=1)  # (B, 1 + N, D), CLS is token 0
         h = h + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
 
         repa_tokens = None
         for depth, block in enumerate(self.blocks, start=1):

@@ -89,8 +89,10 @@ class InputBuilder:
         self.unconditional = unconditional or dataset.num_classes == 0
         self.encoder = encoder
 
-    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> JointInputs:
-        z = latents_from_moments(batch["moments"].to(device).float())  # (B, 4, h, w)
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device,
+                 latent_noise: torch.Tensor | None = None) -> JointInputs:
+        """``latent_noise`` (B, 4, h, w): the ε of z = (mean + std·ε)·scale (fresh when None)."""
+        z = latents_from_moments(batch["moments"].to(device).float(), noise=latent_noise)  # (B, 4, h, w)
         targets = self._targets(batch, device)
         parts = [z]
         if self.preset.semantic_channels:

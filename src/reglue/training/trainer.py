@@ -2,9 +2,11 @@
 
 Plain code over accelerate: one process on a CPU, or DDP under ``accelerate launch`` /
 ``torchrun``. Every step's randomness is index-addressed: the data order comes from
-(seed, epoch) (:mod:`reglue.training.order`) and the step's noise, times and label dropout from
-the global generators re-seeded with (seed, rank, step). A run interrupted at any checkpoint
-and resumed with ``resume="auto"`` therefore replays bit-identically (tested on CPU).
+(seed, epoch) (:mod:`reglue.training.order`), and the step's times, noises and label-dropout
+decisions are drawn for the whole global batch from (seed, step), each process taking the rows
+of its own samples. A run interrupted at any checkpoint and resumed with ``resume="auto"``
+replays bit-identically (tested on CPU), and the samples of a step get the same randomness
+whatever the number of processes and accumulation steps.
 
 Checkpoints (``run_dir/checkpoints/step-*.pt``) hold model, EMA, optimiser, grad scaler, step,
 RNG states of every rank and the resolved config; they are written atomically every
@@ -34,10 +36,10 @@ from reglue.training import checkpoint as ckpt
 from reglue.training.ema import update_ema
 from reglue.training.inputs import InputBuilder, online_encoder, open_training_dataset, training_rows
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
-from reglue.transport import JointLoss
+from reglue.transport import JointLoss, sample_time
 
 log = logging.getLogger(__name__)
-STEP_STREAM = 2  # (seed, STEP_STREAM, rank, step) seeds a step's noise, times and label dropout
+STEP_STREAM = 2  # (seed, STEP_STREAM, step) seeds a step's times, noises and label dropout
 
 
 @dataclass
@@ -67,8 +69,30 @@ class _StopFlag:
                 signal.signal(s, handler)
 
 
-def _seed_step(seed: int, rank: int, step: int) -> None:
-    torch.manual_seed(int(seeded_generator(seed, STEP_STREAM, rank, step).initial_seed()))
+@dataclass
+class StepNoise:
+    """Every random draw of one step, for all G samples of the global batch (drawn on the CPU)."""
+
+    t: torch.Tensor  # (G,)
+    latent_eps: torch.Tensor  # (G, 4, h, w): z = (mean + std·ε)·scale
+    noise: torch.Tensor  # (G, C, h, w): the joint state's noise
+    cls_noise: torch.Tensor  # (G, D)
+    drop: torch.Tensor  # (G,) bool: label dropped to the null label
+
+    @classmethod
+    def draw(cls, seed: int, step: int, global_batch: int, channels: int, size: int, vfm_dim: int,
+             loss: JointLoss, dropout: float) -> StepNoise:
+        g = seeded_generator(seed, STEP_STREAM, step)
+        t = sample_time(global_batch, loss.time_sampling, loss.path, generator=g)
+        latent_eps = torch.randn(global_batch, 4, size, size, generator=g)
+        noise = torch.randn(global_batch, channels, size, size, generator=g)
+        cls_noise = torch.randn(global_batch, vfm_dim, generator=g)
+        drop = torch.rand(global_batch, generator=g) < dropout
+        return cls(t, latent_eps, noise, cls_noise, drop)
+
+    def rows(self, start: int, stop: int, device: torch.device) -> StepNoise:
+        return StepNoise(*(getattr(self, f)[start:stop].to(device) for f in ("t", "latent_eps", "noise",
+                                                                              "cls_noise", "drop")))
 
 
 def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim: int) -> SiT:
@@ -131,7 +155,8 @@ class Trainer:
             encoder.to(accelerator.device)
         num_classes = self.dataset.num_classes
         self.latent_size = resolution // 8
-        self.model = _build_model(config, self.latent_size, num_classes, _vfm_dim(self.dataset, encoder))
+        self.vfm_dim = _vfm_dim(self.dataset, encoder)
+        self.model = _build_model(config, self.latent_size, num_classes, self.vfm_dim)
         self.model.check_inputs = accelerator.device.type == "cpu"  # no host syncs on accelerators
         self.ema = copy.deepcopy(self.model).requires_grad_(False).to(accelerator.device)
         self.inputs = InputBuilder(self.preset, self.dataset, self.latent_size, num_classes,
@@ -180,7 +205,18 @@ class Trainer:
         if len(rng) == self.acc.num_processes:
             ckpt.restore_rng_state(rng[self.acc.process_index])
 
+    def _check_ranks_in_sync(self) -> None:
+        """DDP keeps replicas identical; a mismatch (silent divergence) must stop the run."""
+        from accelerate.utils import gather_object
+
+        params = self.acc.unwrap_model(self.model).parameters()
+        checksum = float(sum(p.detach().double().sum() for p in params))
+        sums = gather_object([checksum])
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"model replicas differ across processes (parameter sums {sums}); not saving.")
+
     def save(self) -> None:
+        self._check_ranks_in_sync()
         payload = self.state()
         if self.acc.is_main_process:
             c = self.config.checkpoint
@@ -210,16 +246,23 @@ class Trainer:
     def train_step(self, batches) -> dict | None:
         """One optimiser step over ``grad_accum`` micro-batches; None when the update was skipped."""
         cfg = self.config.train
-        _seed_step(cfg.seed, self.acc.process_index, self.step)
+        core = self.acc.unwrap_model(self.model)
+        step_noise = StepNoise.draw(cfg.seed, self.step, cfg.global_batch, core.in_channels, self.latent_size,
+                                    self.vfm_dim, self.loss_fn, self.config.model.class_dropout_prob)
         self.model.train()
         totals: dict[str, float] = {}
+        micro_size = self.per_device // cfg.grad_accum
         for micro in range(cfg.grad_accum):
-            inputs = self.inputs(next(batches), self.acc.device)
+            start = self.acc.process_index * self.per_device + micro * micro_size  # global row of this micro-batch
+            n = step_noise.rows(start, start + micro_size, self.acc.device)
+            inputs = self.inputs(next(batches), self.acc.device, n.latent_eps)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
                 with self.acc.autocast():
                     terms = self.loss_fn(self.model, inputs.x0, inputs.y, inputs.cls_target, inputs.repa_target,
-                                         step=self.step)
+                                         step=self.step, t=n.t, noise=n.noise,
+                                         cls_noise=n.cls_noise if inputs.cls_target is not None else None,
+                                         force_drop_ids=n.drop)
                 self.acc.backward(terms.total / cfg.grad_accum)
             for name, value in terms.as_dict().items():
                 totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
