@@ -171,6 +171,7 @@ class Trainer:
                                       weight_decay=o.weight_decay, fused=accelerator.device.type == "cuda")
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.step = 0
+        self.resumed = False
         self.skipped = 0
         self.nonfinite_in_row = 0
 
@@ -199,6 +200,7 @@ class Trainer:
         if self.acc.scaler is not None and payload["scaler"]:
             self.acc.scaler.load_state_dict(payload["scaler"])
         self.step = int(payload["step"])
+        self.resumed = True
         self.skipped = int(payload["skipped_updates"])
         self.nonfinite_in_row = int(payload["nonfinite_in_row"])
         rng = payload["rng"]
@@ -285,7 +287,7 @@ class Trainer:
         batches = self.batches()
         metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                                 wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
-                                resume_step=self.step or None, enabled=self.acc.is_main_process)
+                                resume_step=self.step if self.resumed else None, enabled=self.acc.is_main_process)
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
         done_here, stopped = 0, False
