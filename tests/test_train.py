@@ -164,3 +164,38 @@ def test_two_processes_match_one_at_the_same_global_batch(cached_data):
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.allclose(a[part][key], b[part][key], atol=1e-5), (part, key)
+
+
+def test_truncated_newest_checkpoint_is_skipped_on_resume(cached_data, caplog):
+    run = "truncated"
+    train(config_for(cached_data, run, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=3"))
+    newest = ckpt.list_checkpoints(cached_data / run)[-1][1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = train(config_for(cached_data, run, "train.max_steps=5", "checkpoint.every=2", "checkpoint.keep_last=3"),
+                   resume="auto")
+    assert result.step == 5
+    assert "skipping" in caplog.text and newest.name in caplog.text
+
+
+def test_sigterm_checkpoints_and_stops(cached_data):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = cached_data / "sigterm"
+    command = [sys.executable, "-m", "reglue", "train", "--config", "configs/demo.yaml",
+               f"data.dir={cached_data / 'data'}", f"run_dir={run_dir}", *TINY_MODEL, "train.global_batch=2",
+               "train.max_steps=100000", "checkpoint.every=100000", "log.every=1"]
+    process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped early" in out
+    (step, path), = ckpt.list_checkpoints(run_dir)
+    assert 0 < step < 100000 and (run_dir / "ema" / "model.safetensors").is_file()

@@ -356,7 +356,7 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     torch.backends.cudnn.allow_tf32 = config.train.tf32
     accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu_only())
     trainer = Trainer(config, accelerator)
-    found = ckpt.resolve_resume(trainer.run_dir, resume, log.info)
+    found = ckpt.resolve_resume(trainer.run_dir, resume, log.warning)
     if found is not None:
         path, payload = found
         trainer.restore(payload)
