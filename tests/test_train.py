@@ -199,3 +199,38 @@ def test_sigterm_checkpoints_and_stops(cached_data):
     assert process.returncode == 0 and "stopped early" in out
     (step, path), = ckpt.list_checkpoints(run_dir)
     assert 0 < step < 100000 and (run_dir / "ema" / "model.safetensors").is_file()
+
+
+def test_sample_previews_are_saved_and_logged(cached_data):
+    run = cached_data / "preview"
+    train(config_for(cached_data, "preview", "train.max_steps=2", "log.sample_every=2", "log.sample_count=3",
+                     "log.sample_steps=2", "log.tensorboard=true"))
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / "step-000000002.png")
+    assert grid.size == (2 * 256, 2 * 256)  # 3 samples in a 2×2 grid
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_class_balanced_subsets_and_unconditional_mode(cached_data):
+    from reglue.data.dataset import PreparedDataset
+    from reglue.training.inputs import training_rows
+
+    data = PreparedDataset(cached_data / "data", fields=("moments",))
+    labels = [int(data[i]["label"]) for i in range(len(data))]
+    rows = training_rows(data, config_for(cached_data, "x", "data.images_per_class=1"))
+    assert sorted(labels[i] for i in rows) == [0, 1, 2]
+    rows = training_rows(data, config_for(cached_data, "x", "data.fraction=0.5"))
+    assert len(rows) == 3
+    result = train(config_for(cached_data, "uncond", "data.unconditional=true", "train.max_steps=2",
+                              "data.images_per_class=1"))
+    assert result.step == 2
+
+    from reglue.presets import get_preset
+    from reglue.training.inputs import InputBuilder
+
+    cached = PreparedDataset(cached_data / "data", fields=("moments", "semantics", "cls", "repa"))
+    batch = torch.utils.data.default_collate([cached[i] for i in range(3)])
+    for unconditional, expected in ((True, [3, 3, 3]), (False, [int(label) for label in batch["label"]])):
+        builder = InputBuilder(get_preset("reglue"), cached, 32, 3, unconditional, None)
+        assert builder(batch, torch.device("cpu")).y.tolist() == expected

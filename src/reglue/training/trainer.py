@@ -306,12 +306,30 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['loss/total']:.4f}")
                 bar.update(1)
                 stop = self._any_rank(flag.raised) or (stop_after_steps is not None and done_here >= stop_after_steps)
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                    self.preview(metrics)
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
                     self.save()
                 if stop:
                     stopped = True
                     break
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    def preview(self, metrics) -> None:
+        """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only."""
+        if self.acc.is_main_process:
+            grid = preview_grid(self.ema, self.config, self.dataset.manifest, self.latent_size, self.acc.device)
+            if grid is not None:
+                from PIL import Image
+
+                from reglue.io import atomic_write
+
+                path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(path) as tmp:
+                    Image.fromarray(grid).save(tmp, format="PNG")
+                metrics.log_image(self.step, "samples/ema", grid)
+        self.acc.wait_for_everyone()
 
     def _any_rank(self, raised: bool) -> bool:
         """A stop signal seen by any process stops all of them at the same step."""
@@ -333,6 +351,57 @@ class Trainer:
                 f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact: lower optim.lr or use "
                 "train.mixed_precision=bf16, then resume with --resume auto."
             )
+
+
+_PREVIEW_VAES: dict[str, object] = {}
+
+
+def _preview_vae(vae_id: str, device: torch.device):
+    """The dataset's VAE for decoding previews, or None (with one warning) if it cannot load."""
+    from reglue.encoders.vae import VAE
+
+    if vae_id not in _PREVIEW_VAES:
+        try:
+            _PREVIEW_VAES[vae_id] = VAE(vae_id).to(device)
+        except (OSError, ValueError) as err:
+            log.warning("sample previews disabled: the dataset's VAE %s does not load (%s)", vae_id, err)
+            _PREVIEW_VAES[vae_id] = None
+    return _PREVIEW_VAES[vae_id]
+
+
+@torch.no_grad()
+def preview_grid(ema: SiT, config: RunConfig, manifest: dict, latent_size: int, device: torch.device):
+    """uint8 (H, W, 3) grid of ``log.sample_count`` EMA samples, or None without a usable VAE.
+
+    Noise comes from a generator seeded with the run seed and labels cycle through the classes,
+    so every preview of a run shows the same noise and labels.
+    """
+    from reglue.sampling import sample_ode, sample_sde
+
+    vae = _preview_vae(manifest["vae"], device)
+    if vae is None:
+        return None
+    n, c = config.log.sample_count, ema.config
+    g = torch.Generator().manual_seed(config.train.seed)
+    latents = torch.randn(n, c.in_channels, latent_size, latent_size, generator=g).to(device)
+    cls = torch.randn(n, c.z_dim, generator=g).to(device) if ema.use_cls_token else None
+    classes = max(manifest["num_classes"], 1)
+    y = torch.arange(n, device=device) % classes
+    if manifest["num_classes"] == 0 or config.data.unconditional:
+        y = torch.full_like(y, ema.num_classes)
+    sampler = sample_sde if config.log.sample_mode == "sde" else sample_ode
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.train.seed)
+        x = sampler(ema, latents, y, cls, num_steps=config.log.sample_steps, cfg_scale=config.log.sample_cfg)
+    images = vae.decode(x[:, :4].float())  # (n, 3, H, W) uint8
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    H, W = images.shape[-2:]
+    grid = torch.zeros(3, rows * H, cols * W, dtype=torch.uint8)
+    for i, image in enumerate(images.cpu()):
+        r, q = divmod(i, cols)
+        grid[:, r * H : (r + 1) * H, q * W : (q + 1) * W] = image
+    return grid.permute(1, 2, 0).numpy()
 
 
 def _memory() -> dict[str, float]:
