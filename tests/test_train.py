@@ -234,3 +234,19 @@ def test_class_balanced_subsets_and_unconditional_mode(cached_data):
     for unconditional, expected in ((True, [3, 3, 3]), (False, [int(label) for label in batch["label"]])):
         builder = InputBuilder(get_preset("reglue"), cached, 32, 3, unconditional, None)
         assert builder(batch, torch.device("cpu")).y.tolist() == expected
+
+
+def test_fresh_run_initialised_from_the_authors_checkpoint_format(cached_data, caplog):
+    import argparse
+
+    first = train(config_for(cached_data, "donor", "train.max_steps=1"))
+    payload = weights(first.run_dir)
+    authors = cached_data / "authors.pt"
+    torch.save({"model": {"module." + k: v for k, v in payload["model"].items()}, "ema": payload["ema"],
+                "opt": {}, "args": argparse.Namespace(model="SiT-XL/2", proj_coeff=0.5), "steps": 1}, authors)
+    train(config_for(cached_data, "heir", "train.max_steps=1", f"model.init_from={authors}",
+                     "optim.lr=0.0"))  # lr 0: the model keeps the donor's weights
+    heir = weights(cached_data / "heir")
+    for key, value in payload["model"].items():
+        assert torch.equal(heir["model"][key], value), key
+    assert "authors' checkpoint has model.name='SiT-XL/2'" in caplog.text

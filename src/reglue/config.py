@@ -32,6 +32,7 @@ class ModelConfig:
     encoder_depth: int | None = None  # REPA alignment block; None: the size's default (4 B, 8 L/XL)
     qk_norm: bool = False
     class_dropout_prob: float = 0.1
+    init_from: str | None = None  # the authors' .pt checkpoint: start a fresh run from its model/EMA weights
     depth: int | None = None  # size overrides for small demo/test models; None: the size's value
     hidden_size: int | None = None
     num_heads: int | None = None

@@ -68,6 +68,30 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(state_dict, strict=True)
 
 
+# The authors' argparse names (REPA/REG/REGLUE train.py) and the run-config keys they mean.
+AUTHORS_ARGS = {
+    "model": "model.name",
+    "encoder_depth": "model.encoder_depth",
+    "qk_norm": "model.qk_norm",
+    "cfg_prob": "model.class_dropout_prob",
+    "proj_coeff": "loss.lambda_rep",
+    "cls": "loss.lambda_cls",
+    "path_type": "loss.path",
+    "weighting": "loss.time_sampling",
+    "batch_size": "train.global_batch",
+    "learning_rate": "optim.lr",
+    "max_grad_norm": "optim.grad_clip",
+    "mixed_precision": "train.mixed_precision",
+    "max_train_steps": "train.max_steps",
+    "seed": "train.seed",
+}
+
+
+def config_values_from_authors_args(args: Mapping) -> dict[str, object]:
+    """Our config keys (dotted) for the authors' ``args`` entries we understand."""
+    return {ours: args[theirs] for theirs, ours in AUTHORS_ARGS.items() if theirs in args}
+
+
 def load_authors_checkpoint(path: str | Path) -> dict:
     """Read the authors' ``.pt`` training checkpoint without executing pickled code.
 

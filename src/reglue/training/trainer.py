@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from reglue.config import ConfigError, RunConfig
 from reglue.distributed import on_cpu_only
+from reglue.models.official import load_state_dict_strict
 from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
 from reglue.training import checkpoint as ckpt
@@ -216,6 +217,25 @@ class Trainer:
         sums = gather_object([checksum])
         if len(set(sums)) > 1:
             raise RuntimeError(f"model replicas differ across processes (parameter sums {sums}); not saving.")
+
+    def init_from_authors(self, path: str) -> None:
+        """Start from the authors' checkpoint: their model and EMA weights (strict, key-checked).
+
+        Their ``args`` are compared with this run's config and differences are logged; the
+        optimiser starts fresh (their AdamW state indexes parameters differently).
+        """
+        from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
+
+        checkpoint = load_authors_checkpoint(path)
+        core = self.acc.unwrap_model(self.model)
+        load_state_dict_strict(core, checkpoint.get("model", checkpoint.get("ema")), f"{path} model weights")
+        load_state_dict_strict(self.ema, checkpoint.get("ema", checkpoint.get("model")), f"{path} EMA weights")
+        config = self.config.to_dict()
+        for key, theirs in config_values_from_authors_args(checkpoint.get("args") or {}).items():
+            section, name = key.split(".")
+            if config[section][name] != theirs:
+                log.warning("authors' checkpoint has %s=%r, this run uses %r", key, theirs, config[section][name])
+        log.info("initialised model and EMA from %s (their step %s)", path, checkpoint.get("steps"))
 
     def save(self) -> None:
         self._check_ranks_in_sync()
@@ -430,6 +450,8 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
         path, payload = found
         trainer.restore(payload)
         log.info("resumed from %s at step %d", path, trainer.step)
+    elif config.model.init_from:
+        trainer.init_from_authors(config.model.init_from)
     if accelerator.is_main_process:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(trainer.run_dir / "config.yaml")
