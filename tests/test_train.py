@@ -250,3 +250,27 @@ def test_fresh_run_initialised_from_the_authors_checkpoint_format(cached_data, c
     for key, value in payload["model"].items():
         assert torch.equal(heir["model"][key], value), key
     assert "authors' checkpoint has model.name='SiT-XL/2'" in caplog.text
+
+
+def test_cache_of_another_width_is_refused_before_training(cached_data, pca_data):
+    with pytest.raises(ConfigError, match="models 8 semantic channels but the cache"):
+        train(config_for(cached_data, "wrong", "model.preset=redi", "train.max_steps=1"))
+
+
+def test_online_and_cached_inputs_agree_up_to_fp16(cached_data):
+    from reglue.data.dataset import PreparedDataset
+    from reglue.presets import get_preset
+    from reglue.training.inputs import InputBuilder, online_encoder
+
+    config = config_for(cached_data, "x", "data.semantics=online", "data.vfm_autocast=no",
+                        f"data.compressor={cached_data / 'compressor.safetensors'}")
+    data = PreparedDataset(cached_data / "data", fields=("moments", "images", "semantics", "cls", "repa"))
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    preset, eps = get_preset("reglue"), torch.randn(4, 4, 32, 32)
+    cached = InputBuilder(preset, data, 32, 3, False, None)(batch, torch.device("cpu"), eps)
+    online = InputBuilder(preset, data, 32, 3, False, online_encoder(config, preset, 256))(
+        batch, torch.device("cpu"), eps)
+    for name in ("x0", "cls_target", "repa_target"):
+        a, b = getattr(cached, name), getattr(online, name)
+        assert torch.allclose(a, b, rtol=2e-3, atol=2e-3), name
+        assert torch.equal(a, b.half().float()) or name == "x0"

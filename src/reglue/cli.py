@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # user-fixable: bad input, paths, permissions, disk full
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, paths, disk full, a stopped run
         if os.environ.get("REGLUE_DEBUG") == "1":
             raise
         message = " ".join(str(err).split())

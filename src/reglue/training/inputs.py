@@ -51,7 +51,7 @@ def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
     except FileNotFoundError as err:
         raise ConfigError(f"data.dir: {err}") from None
     try:
-        return PreparedDataset(config.data.dir, fields=fields)
+        dataset = PreparedDataset(config.data.dir, fields=fields)
     except FileNotFoundError as err:
         if config.data.semantics == "cached" and set(fields) & {"semantics", "cls", "repa"}:
             raise ConfigError(
@@ -59,6 +59,13 @@ def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
                 f"{config.data.dir}{' --repa-targets' if preset.repa else ''}`) or set data.semantics=online."
             ) from None
         raise
+    if "semantics" in fields and len(dataset) and dataset[0]["semantics"].shape[0] != preset.semantic_channels:
+        raise ConfigError(
+            f"model.preset={preset.name} models {preset.semantic_channels} semantic channels but the cache in "
+            f"{config.data.dir} holds {dataset[0]['semantics'].shape[0]}; cache the matching semantics "
+            f"({'a compressor' if preset.semantics == 'compressor' else 'a PCA'} of that width) or change the preset."
+        )
+    return dataset
 
 
 def training_rows(dataset: PreparedDataset, config: RunConfig) -> np.ndarray:

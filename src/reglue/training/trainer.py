@@ -51,6 +51,10 @@ class TrainResult:
     stopped_early: bool  # a signal or stop_after_steps ended the run before max_steps
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite updates); the message says what to do."""
+
+
 class _StopFlag:
     """Set by SIGINT/SIGTERM: the loop checkpoints at the end of the current step and stops."""
 
@@ -366,7 +370,7 @@ class Trainer:
         log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
                     self.step, self.nonfinite_in_row, self.skipped)
         if self.nonfinite_in_row >= self.config.train.max_nonfinite_in_row:
-            raise RuntimeError(
+            raise TrainingError(
                 f"{self.nonfinite_in_row} non-finite updates in a row (train.max_nonfinite_in_row); stopping. "
                 f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact: lower optim.lr or use "
                 "train.mixed_precision=bf16, then resume with --resume auto."
