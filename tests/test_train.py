@@ -274,3 +274,10 @@ def test_online_and_cached_inputs_agree_up_to_fp16(cached_data):
         a, b = getattr(cached, name), getattr(online, name)
         assert torch.allclose(a, b, rtol=2e-3, atol=2e-3), name
         assert torch.equal(a, b.half().float()) or name == "x0"
+
+
+def test_resume_with_other_settings_is_refused_but_max_steps_may_grow(cached_data):
+    train(config_for(cached_data, "grow", "train.max_steps=2"))
+    with pytest.raises(ConfigError, match="train.seed: was 0, now 1"):
+        train(config_for(cached_data, "grow", "train.max_steps=3", "train.seed=1"), resume="auto")
+    assert train(config_for(cached_data, "grow", "train.max_steps=3", "log.every=1"), resume="auto").step == 3

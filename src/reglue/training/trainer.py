@@ -123,6 +123,32 @@ def _loss(config: RunConfig) -> JointLoss:
                      lambda_sem_schedule=[tuple(m) for m in config.loss.lambda_sem_schedule], **weights)
 
 
+# Settings a resumed run may change; every other one must equal the checkpoint's.
+RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
+               "model.init_from", "log.", "checkpoint.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume with settings that change what the run computes (batch, data, model...)."""
+    old, new = _flatten(saved), _flatten(current)
+    differing = [k for k in sorted(old.keys() | new.keys())
+                 if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)]
+    if differing:
+        detail = ", ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differing)
+        raise ConfigError(f"cannot resume with other settings ({detail}); use the checkpoint's config "
+                          "(RUN_DIR/config.yaml) or start a new run directory.")
+
+
 def _vfm_dim(dataset, encoder) -> int:
     if encoder is not None:
         return encoder.extractor.embed_dim
@@ -199,6 +225,7 @@ class Trainer:
         }
 
     def restore(self, payload: dict) -> None:
+        _check_resumable(payload["config"], self.config.to_dict())
         self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
