@@ -281,3 +281,19 @@ def test_resume_with_other_settings_is_refused_but_max_steps_may_grow(cached_dat
     with pytest.raises(ConfigError, match="train.seed: was 0, now 1"):
         train(config_for(cached_data, "grow", "train.max_steps=3", "train.seed=1"), resume="auto")
     assert train(config_for(cached_data, "grow", "train.max_steps=3", "log.every=1"), resume="auto").step == 3
+
+
+def test_from_authors_adopts_their_args_and_weights(cached_data, capsys):
+    import argparse
+
+    donor = weights(train(config_for(cached_data, "donor2", "train.max_steps=1")).run_dir)
+    authors = cached_data / "authors2.pt"
+    torch.save({"model": donor["model"], "ema": donor["ema"], "opt": {}, "steps": 1,
+                "args": argparse.Namespace(model="SiT-S/2", learning_rate=0.0, batch_size=2, seed=5)}, authors)
+    code = main(["train", "--config", "configs/demo.yaml", "--from-authors", str(authors),
+                 f"data.dir={cached_data / 'data'}", f"run_dir={cached_data / 'adopted'}", *TINY_MODEL[1:],
+                 "train.max_steps=1"])
+    assert code == 0 and "optim.lr=0.0" in capsys.readouterr().out
+    adopted = weights(cached_data / "adopted")
+    assert adopted["config"]["train"]["seed"] == 5 and adopted["config"]["optim"]["lr"] == 0.0
+    assert all(torch.equal(adopted["model"][k], v) for k, v in donor["model"].items())

@@ -141,7 +141,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from reglue.config import load_config
     from reglue.training.trainer import train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.from_authors:
+        from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
+
+        checkpoint_args = load_authors_checkpoint(args.from_authors).get("args") or {}
+        adopted = [f"{k}={v}" for k, v in config_values_from_authors_args(checkpoint_args).items()]
+        print(f"adopting from the authors' checkpoint: {' '.join(adopted) or 'no recognised args'}")
+        overrides = [*adopted, f"model.init_from={args.from_authors}", *overrides]  # yours win
+    config = load_config(args.config, overrides)
     result = train(config, resume=args.resume)
     state = "stopped early (resume with --resume auto)" if result.stopped_early else "finished"
     print(f"training {state} at step {result.step} in {result.run_dir}; "
@@ -214,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a preset (sit/repa/redi/reg/reglue) from a YAML config")
     p.add_argument("--config", default=None, help="YAML file, e.g. configs/reglue_sit_b2.yaml")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint) or a checkpoint path")
+    p.add_argument("--from-authors", default=None, metavar="PT",
+                   help="start from the authors' checkpoint: its weights, and its args as config defaults")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.dir=data/in256 train.global_batch=64")
     p.set_defaults(func=_cmd_train)
 
