@@ -32,10 +32,11 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def read_tensor_file(path: str | Path, what: str) -> object:
+def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object:
     """Load a ``.safetensors`` file or a ``torch.save`` file (``weights_only``: no code runs).
 
-    A file that is neither is reported as a ValueError naming it and ``what`` it should hold.
+    ``allowed`` lists extra classes/functions the pickle may name (``torch.serialization.safe_globals``).
+    A file that is neither, or that names anything else, is a ValueError naming it and ``what``.
     """
     import pickle
 
@@ -49,8 +50,16 @@ def read_tensor_file(path: str | Path, what: str) -> object:
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, safetensors.SafetensorError, RuntimeError, EOFError) as err:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err) and "GLOBAL" not in str(err):
+            raise ValueError(f"{path} is not a readable {what} file: {str(err).strip().splitlines()[0][:200]}") from err
+        raise ValueError(
+            f"{path} holds pickled objects a {what} file should not contain; reglue refuses to execute "
+            f"pickled code, so it is refusing to load it. Re-save it as plain tensors. ({str(err).splitlines()[-1]})"
+        ) from err
+    except (safetensors.SafetensorError, RuntimeError, EOFError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"{path} is not a readable {what} file (a .safetensors, or a torch.save of tensors only): {reason}"

@@ -11,7 +11,6 @@ with ``weights_only=True`` and only numpy's array types allow-listed.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,14 +81,9 @@ class NormStats:
 
     @classmethod
     def _load_authors(cls, path: Path) -> NormStats:
-        try:
-            with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} holds pickled objects other than numpy arrays; refusing to load it. "
-                f"Norm stats files hold only {{'mean', 'std'}} arrays. ({str(err).splitlines()[-1]})"
-            ) from err
+        from reglue.io import read_tensor_file
+
+        raw = read_tensor_file(path, "norm-stats", allowed=tuple(NUMPY_ARRAY_GLOBALS))
         if not isinstance(raw, dict) or not {"mean", "std"} <= set(raw):
             found = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"{path} is not a norm-stats file: expected keys 'mean' and 'std', found {found}.")

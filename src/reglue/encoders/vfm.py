@@ -344,13 +344,7 @@ def build_dinov2(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, num_register_tokens=num_register_tokens, swiglu=swiglu,
     )
-    extractor = VFMExtractor(
-        vit, layers=layers, resolution=resolution, input_size=input_size,
-        autocast_dtype=autocast_dtype,
-    )
-    if state_dict is not None:
-        load_vfm_weights(extractor.vit, state_dict, what)
-    return extractor
+    return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)
 
 
 def build_dinov3(
@@ -362,10 +356,13 @@ def build_dinov3(
     input_size = _input_size(resolution, "dinov3")
     state_dict, what = read_weights(weights)
     vit = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
-    extractor = VFMExtractor(
-        vit, layers=layers, resolution=resolution, input_size=input_size,
-        autocast_dtype=autocast_dtype,
-    )
+    return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)
+
+
+def _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype) -> VFMExtractor:
+    """Wrap ``vit`` as a frozen extractor and load ``state_dict`` into it (strict) when given."""
+    extractor = VFMExtractor(vit, layers=layers, resolution=resolution, input_size=input_size,
+                             autocast_dtype=autocast_dtype)
     if state_dict is not None:
         load_vfm_weights(extractor.vit, state_dict, what)
     return extractor

@@ -8,7 +8,6 @@ names are otherwise identical to ours, so the key map only strips that prefix.
 from __future__ import annotations
 
 import argparse
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,19 +96,14 @@ def load_authors_checkpoint(path: str | Path) -> dict:
 
     Returns the raw dict; ``args`` (if present) is converted to a plain ``dict``.
     """
+    from reglue.io import read_tensor_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} not found; download the authors' SiT-XL/2 checkpoint and pass its path."
         )
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds pickled objects other than tensors and argparse.Namespace; reglue "
-            f"refuses to execute them. Re-save the weights as a plain state dict. ({err})"
-        ) from err
+    checkpoint = read_tensor_file(path, "authors' checkpoint", allowed=(argparse.Namespace,))
     if not isinstance(checkpoint, dict) or not ({"model", "ema"} & set(checkpoint)):
         raise ValueError(
             f"{path} is not an authors'-format checkpoint (a dict with 'model'/'ema' entries); "
