@@ -157,6 +157,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from reglue.distributed import process_state
+    from reglue.encoders.vae import VAE
+    from reglue.generate import PAPER, SampleSettings, generate, load_sampling_model
+
+    paper = PAPER if args.paper else {}
+    low, high = args.guidance_interval or (paper.get("guidance_low", 0.0), paper.get("guidance_high", 1.0))
+    settings = SampleSettings(
+        args.num_samples, args.mode or paper.get("mode", "sde"), args.steps or paper.get("num_steps", 250),
+        args.heun, args.cfg_scale if args.cfg_scale is not None else paper.get("cfg_scale", 1.0),
+        args.cls_cfg_scale, low, high, args.vae_only_cfg, args.labels, args.seed, args.precision,
+    )
+    state = process_state()
+    model = load_sampling_model(args.ckpt, args.weights).to(state.device)
+    model.check_inputs = state.device.type == "cpu"
+    vae = VAE(args.vae).to(state.device)
+    mine = len(range(state.process_index, settings.num_samples, state.num_processes))
+    with tqdm(total=mine, unit="img", desc="sample", disable=args.quiet or not state.is_main_process) as bar:
+        npz = generate(model, vae, args.out, settings, args.per_device_batch, state.device, state.process_index,
+                       state.num_processes, state.wait_for_everyone, bar.update)
+    if state.is_main_process:
+        print(f"wrote {settings.num_samples} samples to {args.out} and {npz}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from reglue.training.plot import plot_run
 
@@ -226,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the authors' checkpoint: its weights, and its args as config defaults")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.dir=data/in256 train.global_batch=64")
     p.set_defaults(func=_cmd_train)
+
+    p = commands.add_parser("sample", help="generate samples to PNGs and an ADM .npz (resumable, any GPU count)")
+    p.add_argument("--ckpt", required=True, help="RUN_DIR/ema, a training checkpoint .pt, or the authors' .pt")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a checkpoint")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's evaluation settings: SDE, 250 steps, CFG 2.8, interval [0, 0.9]")
+    p.add_argument("--mode", choices=("sde", "ode"), default=None)
+    p.add_argument("--steps", type=int, default=None, help="default 250")
+    p.add_argument("--heun", action="store_true", help="ODE only: Heun correction")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default 1 (no guidance)")
+    p.add_argument("--cls-cfg-scale", type=float, default=None, help="default: same as --cfg-scale; 0: conditional")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
+    p.add_argument("--vae-only-cfg", action="store_true", help="the authors' --vae_cfg rule (docs/architecture.md)")
+    p.add_argument("--labels", default="random", help="random | balanced | a comma-separated class list")
+    p.add_argument("--per-device-batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sample)
 
     p = commands.add_parser("plot", help="draw a run's loss curves to PNG")
     p.add_argument("run_dir")

@@ -128,6 +128,21 @@ def _initial_state(model, latents, y, cls_latents):
     return latents.double(), cls
 
 
+def _step_noise(x, cls, generators):
+    """ε_x then ε_cls (float64): from the global generator, or per sample from ``generators``."""
+    if generators is None:
+        return torch.randn_like(x), torch.randn_like(cls) if cls is not None else None
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"noise_generators: expected one per sample ({x.shape[0]}), found {len(generators)}.")
+    pairs = []
+    for g in generators:
+        e_x = torch.randn(x.shape[1:], generator=g, dtype=torch.float64)
+        pairs.append((e_x, torch.randn(cls.shape[1:], generator=g, dtype=torch.float64) if cls is not None else None))
+    eps_x = torch.stack([p[0] for p in pairs]).to(x.device)
+    eps_cls = torch.stack([p[1] for p in pairs]).to(x.device) if cls is not None else None
+    return eps_x, eps_cls
+
+
 def _check_steps(num_steps: int) -> None:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, found {num_steps}.")
@@ -147,6 +162,7 @@ def sample_sde(
     latent_channels: int = 4,
     null_label: int | None = None,
     path: str = "linear",
+    noise_generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Euler–Maruyama sampler (the authors' evaluation sampler), SPEC §8.
 
@@ -155,6 +171,8 @@ def sample_sde(
     the global generator, ε_x then ε_cls, once per step, so seeds match the authors'.
     ``cls_cfg_scale``: None = same as ``cfg_scale``; 0 = conditional CLS drift only.
     ``vae_only_cfg``: the authors' ``--vae_cfg`` rule (see :meth:`_Guidance.combine`).
+    ``noise_generators``: one CPU generator per sample; each step's noise of sample b is then
+    drawn from generator b (ε_x then ε_cls), so a sample does not depend on its batch.
     """
     _check_steps(num_steps)
     guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
@@ -175,8 +193,7 @@ def sample_sde(
             last = i == num_steps - 1
             diffusion = 2 * t_cur
             if not last:
-                eps_x = torch.randn_like(x)
-                eps_cls = torch.randn_like(cls) if cls is not None else None
+                eps_x, eps_cls = _step_noise(x, cls, noise_generators)
             guided = guidance.active(t_cur)
             cond, uncond = velocity(x, cls, t_cur, guided)
             cond = (drift(cond[0], x, t_cur, diffusion), drift(cond[1], cls, t_cur, diffusion))

@@ -1,0 +1,197 @@
+"""``reglue sample``: many samples to PNGs and an ADM ``.npz``, independent of GPU count (SPEC §8).
+
+Sample i's initial noise, its label and every step's SDE noise come from generators seeded with
+(seed, i) only. Every model and VAE call has the same batch size (a short last batch is padded),
+so for a given per-device batch the images are bit-identical whatever the number of processes
+and however often the run was resumed. Different per-device batch sizes select different float
+kernels: their images agree up to rare one-grey-level differences (measured: ≤ 1 level on
+≈ 0.01 % of pixels on a CPU). Each PNG is written atomically under its index (``000123.png``); a rerun keeps the
+existing ones and generates only the missing indices. When all exist, the main process packs
+``samples.npz`` (``arr_0`` uint8 N×H×W×3, ``labels`` int64 N), also atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reglue.data import store
+from reglue.io import atomic_write
+from reglue.models.sit import SiT
+from reglue.training.order import seeded_generator
+
+NOISE_STREAM, LABEL_STREAM = 3, 4  # (seed, stream, i) for sample i
+PAPER = {"mode": "sde", "num_steps": 250, "cfg_scale": 2.8, "guidance_low": 0.0, "guidance_high": 0.9}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What determines the images; a rerun into the same folder must match."""
+
+    num_samples: int = 50_000
+    mode: str = "sde"  # sde | ode
+    num_steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.0
+    cls_cfg_scale: float | None = None
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    vae_only_cfg: bool = False
+    labels: str = "random"  # random | balanced | comma-separated class list
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sde", "ode"):
+            raise ValueError(f"mode must be sde or ode, found {self.mode!r}.")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, found {self.precision!r}.")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, found {self.num_samples}.")
+
+
+def label_of(index: int, settings: SampleSettings, num_classes: int) -> int:
+    """Sample ``index``'s class: random from (seed, index), balanced (index mod K), or from a list."""
+    if num_classes == 0:
+        return 0  # unconditional model: the null label is 0
+    if settings.labels == "random":
+        g = seeded_generator(settings.seed, LABEL_STREAM, index)
+        return int(torch.randint(num_classes, (1,), generator=g))
+    if settings.labels == "balanced":
+        return index % num_classes
+    classes = [int(c) for c in settings.labels.split(",")]
+    if not all(0 <= c < num_classes for c in classes):
+        raise ValueError(f"labels {classes} must lie in 0..{num_classes - 1}.")
+    return classes[index % len(classes)]
+
+
+def initial_noise(index: int, seed: int, model: SiT) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
+    """Sample ``index``'s latent noise (C, H, W), CLS noise (z,) or None, and its step-noise generator."""
+    c = model.config
+    g = seeded_generator(seed, NOISE_STREAM, index)
+    latents = torch.randn(c.in_channels, c.input_size, c.input_size, generator=g)
+    cls = torch.randn(c.z_dim, generator=g) if c.use_cls_token else None
+    return latents, cls, g
+
+
+@torch.no_grad()
+def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettings,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices."""
+    from reglue.sampling import sample_ode, sample_sde
+
+    noise = [initial_noise(i, settings.seed, model) for i in indices]
+    latents = torch.stack([n[0] for n in noise]).to(device)
+    cls = torch.stack([n[1] for n in noise]).to(device) if model.use_cls_token else None
+    labels = torch.tensor([label_of(i, settings, model.num_classes) for i in indices], device=device)
+    guidance = {"cfg_scale": settings.cfg_scale, "cls_cfg_scale": settings.cls_cfg_scale,
+                "guidance_low": settings.guidance_low, "guidance_high": settings.guidance_high}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    with autocast:
+        if settings.mode == "sde":
+            x = sample_sde(model, latents, labels, cls, settings.num_steps, vae_only_cfg=settings.vae_only_cfg,
+                           noise_generators=[n[2] for n in noise], **guidance)
+        else:
+            x = sample_ode(model, latents, labels, cls, settings.num_steps, heun=settings.heun, **guidance)
+    images = vae.decode(x[:, :4].float())  # only the 4 VAE channels are decoded
+    return images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy()
+
+
+def _png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_write(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def generate(
+    model: SiT, vae, out_dir: str | Path, settings: SampleSettings, per_device_batch: int = 32,
+    device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None, progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Generate the missing samples of ``out_dir`` on this rank, then (main) pack the ``.npz``."""
+    out_dir, device = Path(out_dir), torch.device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fix = "rerun with the original settings to resume, or choose another output folder."
+    store.check_or_write_json(out_dir / "settings.json", asdict(settings), rank == 0, fix)
+    barrier()
+    todo = [i for i in range(rank, settings.num_samples, world_size) if not (out_dir / f"{i:06d}.png").exists()]
+    model.eval()
+    for start in range(0, len(todo), per_device_batch):
+        indices = todo[start : start + per_device_batch]
+        padded = indices + indices[-1:] * (per_device_batch - len(indices))  # every call the same size
+        images, _ = sample_batch(model, vae, padded, settings, device)
+        for i, image in zip(indices, images):
+            _png(out_dir / f"{i:06d}.png", image)
+        if progress is not None:
+            progress(len(indices))
+    barrier()
+    npz = out_dir / "samples.npz"
+    if rank == 0:
+        pack_npz(out_dir, settings, model.num_classes, npz)
+    barrier()
+    return npz
+
+
+def pack_npz(out_dir: Path, settings: SampleSettings, num_classes: int, npz: Path) -> None:
+    """Stack ``000000.png``… into an ADM ``.npz`` (``arr_0`` N×H×W×3 uint8, ``labels``)."""
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB"))
+                       for i in range(settings.num_samples)])
+    labels = np.array([label_of(i, settings, num_classes) for i in range(settings.num_samples)], np.int64)
+    with atomic_write(npz) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=images, labels=labels)
+
+
+def load_sampling_model(path: str | Path, weights: str = "ema") -> SiT:
+    """A SiT from an exported folder (``config.json`` + ``model.safetensors``), one of our training
+    checkpoints (``weights`` = "ema" or "model"), or the authors' ``.pt`` (config inferred)."""
+    from reglue.models.official import load_authors_checkpoint, load_state_dict_strict
+    from reglue.training.checkpoint import FORMAT, load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        return SiT.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass RUN_DIR/ema, a checkpoint .pt or the authors' .pt.")
+    try:
+        payload = load_checkpoint(path)
+    except ValueError:
+        payload = None
+    if payload is not None and payload.get("format") == FORMAT:
+        from reglue.models.sit import SiTConfig
+
+        model = SiT(SiTConfig(**payload["sit_config"]))
+        model.load_state_dict(payload[weights], strict=True)
+        return model
+    checkpoint = load_authors_checkpoint(path)
+    state = checkpoint.get(weights) or checkpoint.get("ema") or checkpoint["model"]
+    model = SiT(config_from_weights(state, checkpoint.get("args") or {}))
+    load_state_dict_strict(model, state, f"{path} {weights} weights")
+    return model
+
+
+def config_from_weights(state: dict, args: dict):
+    """The SiTConfig of an authors' state dict: sizes from the weights, the rest from ``args``."""
+    from reglue.models.official import strip_module_prefix
+    from reglue.models.sit import sit_config
+
+    state = strip_module_prefix(state)
+    embed = state["x_embedder.proj.weight"]  # (D, C_in, p, p)
+    tokens = state["pos_embed"].shape[1]
+    use_cls = "cls_projectors2.weight" in state
+    grid = int(round((tokens - int(use_cls)) ** 0.5))
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    z_dim = state["projectors.0.4.weight"].shape[0] if "projectors.0.4.weight" in state else None
+    name = args.get("model", f"SiT-B/{embed.shape[-1]}")
+    return sit_config(
+        name, input_size=grid * embed.shape[-1], patch_size=embed.shape[-1], in_channels=embed.shape[1],
+        hidden_size=embed.shape[0], depth=depth, num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+        z_dim=z_dim, use_cls_token=use_cls, encoder_depth=args.get("encoder_depth", sit_config(name).encoder_depth),
+        projector_dim=state["projectors.0.0.weight"].shape[0] if z_dim else 2048,
+    )

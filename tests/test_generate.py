@@ -1,0 +1,111 @@
+"""`reglue sample`: samples independent of batch size and process count, resume, .npz, loading."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_sit
+from reglue.cli import main
+from reglue.encoders.vae import VAE
+from reglue.generate import SampleSettings, config_from_weights, generate, load_sampling_model
+from test_prepare import tiny_vae_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    model = tiny_sit("reglue").eval()  # 8×8 latent, 10 classes, z 12
+    model.save_pretrained(root / "ema")
+    vae_dir = tiny_vae_dir(root / "vae")
+    return root, model, VAE(str(vae_dir)), vae_dir
+
+
+SETTINGS = SampleSettings(num_samples=7, num_steps=4, cfg_scale=2.0, guidance_high=0.9, seed=3)
+
+
+def pngs(folder):
+    from PIL import Image
+
+    return [np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(SETTINGS.num_samples)]
+
+
+def test_batch_size_and_process_count_do_not_change_the_images(setup, tmp_path):
+    _, model, vae, _ = setup
+    generate(model, vae, tmp_path / "b3", SETTINGS, per_device_batch=3)
+    generate(model, vae, tmp_path / "b5", SETTINGS, per_device_batch=5)
+    generate(model, vae, tmp_path / "w2", SETTINGS, per_device_batch=2, rank=1, world_size=2)
+    generate(model, vae, tmp_path / "w2", SETTINGS, per_device_batch=2, rank=0, world_size=2)
+    generate(model, vae, tmp_path / "w1", SETTINGS, per_device_batch=2)
+    reference = pngs(tmp_path / "w1")
+    assert all(np.array_equal(a, b) for a, b in zip(reference, pngs(tmp_path / "w2")))  # bit-identical
+    b3, b5 = np.stack(pngs(tmp_path / "b3")).astype(int), np.stack(pngs(tmp_path / "b5")).astype(int)
+    assert np.abs(b3 - b5).max() <= 1 and (b3 != b5).mean() < 1e-3  # other batch size: float kernels only
+    assert np.abs(b3 - np.stack(reference)).max() <= 1
+    with np.load(tmp_path / "w2" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (7, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
+        assert np.array_equal(npz["arr_0"][4], reference[4]) and npz["labels"].shape == (7,)
+
+
+def test_rerun_generates_only_the_missing_images(setup, tmp_path):
+    _, model, vae, _ = setup
+    generate(model, vae, tmp_path / "out", SETTINGS, per_device_batch=4)
+    before = pngs(tmp_path / "out")
+    kept = (tmp_path / "out" / "000001.png").stat().st_mtime_ns
+    (tmp_path / "out" / "000005.png").unlink()
+    (tmp_path / "out" / "samples.npz").unlink()
+    generate(model, vae, tmp_path / "out", SETTINGS, per_device_batch=4)
+    assert (tmp_path / "out" / "000001.png").stat().st_mtime_ns == kept
+    assert all(np.array_equal(a, b) for a, b in zip(before, pngs(tmp_path / "out")))
+    other = SampleSettings(num_samples=7, num_steps=5, seed=3)
+    with pytest.raises(ValueError, match="num_steps: was 4, now 5"):
+        generate(model, vae, tmp_path / "out", other)
+
+
+def test_models_load_from_export_training_checkpoint_and_authors_format(setup, tmp_path):
+    root, model, _, _ = setup
+    x, t, y, cls = torch.randn(2, 20, 8, 8), torch.rand(2), torch.tensor([1, 2]), torch.randn(2, 12)
+    expected = model(x, t, y, cls_token=cls)[0]
+    exported = load_sampling_model(root / "ema").eval()
+    assert torch.equal(exported(x, t, y, cls_token=cls)[0], expected)
+    theirs = tiny_sit("reglue", hidden_size=48, num_heads=6).eval()  # SiT-S's 6 heads, fewer blocks and width
+    authors = tmp_path / "authors.pt"
+    state = {"module." + k: v for k, v in theirs.state_dict().items()}
+    torch.save({"model": state, "ema": state, "args": argparse.Namespace(model="SiT-S/2", encoder_depth=1)}, authors)
+    loaded = load_sampling_model(authors).eval()
+    assert (loaded.config.hidden_size, loaded.config.depth, loaded.config.z_dim) == (48, 2, 12)
+    assert torch.equal(loaded(x, t, y, cls_token=cls)[0], theirs(x, t, y, cls_token=cls)[0])
+
+
+def test_config_inferred_from_authors_weights_matches_their_keys(official_vectors):
+    c = official_vectors["config"]
+    config = config_from_weights(official_vectors["state_dict"], {"model": "SiT-B/2", "encoder_depth": 2})
+    assert (config.input_size, config.in_channels, config.hidden_size, config.depth, config.z_dim) == (
+        c["input_size"], c["in_ch"], c["hidden"], c["depth"], c["z_dim"])
+
+
+def test_sample_cli_writes_npz(setup, tmp_path):
+    root, _, _, vae_dir = setup
+    code = main(["sample", "--ckpt", str(root / "ema"), "--out", str(tmp_path / "cli"), "--num-samples", "3",
+                 "--steps", "3", "--mode", "ode", "--heun", "--labels", "balanced", "--vae", str(vae_dir), "--quiet"])
+    assert code == 0
+    with np.load(tmp_path / "cli" / "samples.npz") as npz:
+        assert npz["labels"].tolist() == [0, 1, 2]
+
+
+def test_model_loads_from_a_training_checkpoint(setup, tmp_path):
+    from dataclasses import asdict
+
+    from reglue.training.checkpoint import save_checkpoint
+
+    _, model, _, _ = setup
+    ema = tiny_sit("reglue", seed=1).eval()
+    save_checkpoint(tmp_path, 7, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                  "sit_config": asdict(model.config)})
+    path = tmp_path / "checkpoints" / "step-000000007.pt"
+    for weights, expected in (("ema", ema), ("model", model)):
+        loaded = load_sampling_model(path, weights)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
