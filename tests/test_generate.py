@@ -109,3 +109,16 @@ def test_model_loads_from_a_training_checkpoint(setup, tmp_path):
     for weights, expected in (("ema", ema), ("model", model)):
         loaded = load_sampling_model(path, weights)
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
+
+
+def test_grid_cli_writes_a_labelled_grid(setup, tmp_path):
+    from PIL import Image
+
+    root, _, _, vae_dir = setup
+    code = main(["grid", "--ckpt", str(root / "ema"), "--classes", "1,2,3", "--per-class", "2", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png"), "--vae", str(vae_dir)])
+    assert code == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 64, 2 * 64 + 16)
+    header = np.asarray(grid)[:16]
+    assert (header < 128).any()  # the class labels are drawn

@@ -184,6 +184,27 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grid(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from reglue.encoders.vae import VAE
+    from reglue.generate import PAPER, SampleSettings, class_grid, load_sampling_model
+    from reglue.io import atomic_write
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_sampling_model(args.ckpt).to(device)
+    classes = [int(c) for c in args.classes.split(",")]
+    settings = SampleSettings(num_samples=len(classes) * args.per_class, num_steps=args.steps,
+                              cfg_scale=args.cfg_scale, guidance_low=PAPER["guidance_low"],
+                              guidance_high=PAPER["guidance_high"], seed=args.seed)
+    grid = class_grid(model, VAE(args.vae).to(device), classes, settings, args.per_class, device)
+    with atomic_write(args.out) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from reglue.training.plot import plot_run
 
@@ -275,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)
+
+    p = commands.add_parser("grid", help="a labelled sample grid, one column per class")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--classes", default="207,360,387,974,88,979,417,279")
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema")
+    p.set_defaults(func=_cmd_grid)
 
     p = commands.add_parser("plot", help="draw a run's loss curves to PNG")
     p.add_argument("run_dir")

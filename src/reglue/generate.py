@@ -195,3 +195,28 @@ def config_from_weights(state: dict, args: dict):
         z_dim=z_dim, use_cls_token=use_cls, encoder_depth=args.get("encoder_depth", sit_config(name).encoder_depth),
         projector_dim=state["projectors.0.0.weight"].shape[0] if z_dim else 2048,
     )
+
+
+def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings, per_class: int = 1,
+               device: torch.device | str = "cpu") -> np.ndarray:
+    """A labelled uint8 grid (H, W, 3): one column per class, ``per_class`` rows, class ids on top."""
+    from dataclasses import replace
+
+    from PIL import Image, ImageDraw
+
+    device = torch.device(device)
+    columns = []
+    for column, label in enumerate(classes):
+        class_settings = replace(settings, labels=str(label))
+        indices = [column * per_class + r for r in range(per_class)]
+        images, _ = sample_batch(model.eval(), vae, indices, class_settings, device)
+        columns.append(np.concatenate(list(images), axis=0))  # (per_class·H, W, 3)
+    body = np.concatenate(columns, axis=1)
+    header = 16
+    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(body), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    width = body.shape[1] // len(classes)
+    for column, label in enumerate(classes):
+        draw.text((column * width + 3, 2), f"class {label}", fill="black")
+    return np.asarray(canvas)
