@@ -122,3 +122,47 @@ def test_grid_cli_writes_a_labelled_grid(setup, tmp_path):
     assert grid.size == (3 * 64, 2 * 64 + 16)
     header = np.asarray(grid)[:16]
     assert (header < 128).any()  # the class labels are drawn
+
+
+def test_two_processes_under_torchrun_give_the_same_images(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, _, _, vae_dir = setup
+    common = ["sample", "--ckpt", str(root / "ema"), "--num-samples", "5", "--steps", "3", "--cfg-scale", "2",
+              "--per-device-batch", "2", "--vae", str(vae_dir), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29551",
+                    "-m", "reglue.cli", *common, "--out", str(tmp_path / "ddp")], env=env, check=True,
+                   capture_output=True, timeout=240)
+    subprocess.run([sys.executable, "-m", "reglue", *common, "--out", str(tmp_path / "one")], env=env, check=True,
+                   capture_output=True, timeout=240)
+    for name in ("samples.npz", *[f"{i:06d}.png" for i in range(5)]):
+        assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_killed_run_restarted_gives_the_images_of_an_uninterrupted_one(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, _, vae_dir = setup
+    command = [sys.executable, "-m", "reglue", "sample", "--ckpt", str(root / "ema"), "--num-samples", "12",
+               "--steps", "20", "--per-device-batch", "1", "--vae", str(vae_dir), "--quiet", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([*command, str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("0*.png"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "samples.npz").exists()  # it died mid-run
+    subprocess.run([*command, str(tmp_path / "killed")], env=env, check=True, capture_output=True, timeout=240)
+    subprocess.run([*command, str(tmp_path / "clean")], env=env, check=True, capture_output=True, timeout=240)
+    assert not list((tmp_path / "killed").glob(".*tmp*"))
+    for i in range(12):
+        assert (tmp_path / "killed" / f"{i:06d}.png").read_bytes() == (tmp_path / "clean" / f"{i:06d}.png").read_bytes()

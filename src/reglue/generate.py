@@ -118,6 +118,9 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     fix = "rerun with the original settings to resume, or choose another output folder."
     store.check_or_write_json(out_dir / "settings.json", asdict(settings), rank == 0, fix)
+    if rank == 0:
+        for leftover in out_dir.glob(".*.tmp-*"):  # a PNG being written when the last run was killed
+            leftover.unlink()
     barrier()
     todo = [i for i in range(rank, settings.num_samples, world_size) if not (out_dir / f"{i:06d}.png").exists()]
     model.eval()
