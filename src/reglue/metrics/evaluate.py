@@ -37,9 +37,7 @@ METRICS = ("fid", "sfid", "inception_score", "inception_score_std", "precision",
 
 def read_images(path: str | Path) -> np.ndarray:
     """``arr_0`` of an ADM ``.npz``: uint8 ``(N, H, W, 3)``, N ≥ 1; ValueError naming what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass an ADM-format .npz (arr_0: uint8 N×H×W×3).")
+    path = _require_file(path)
     with np.load(path) as npz:
         if "arr_0" not in npz:
             raise ValueError(f"{path} has no arr_0 (found {sorted(npz.files)}); expected an ADM .npz of images.")
@@ -65,21 +63,20 @@ def reference_features(
 
     Stored statistics are used as they are; the rest is computed and cached (see the module docstring).
     """
-    cache = _cache_path(Path(ref_npz), resolve_weights_path(weights_path), cache_dir)
+    ref_npz = _require_file(ref_npz)
+    cache = _cache_path(ref_npz, resolve_weights_path(weights_path), cache_dir)
     if cache.is_file():
         with np.load(cache) as cached:
             return {name: cached[name] for name in (*STATISTICS, "pool")}
     with np.load(ref_npz) as npz:
         stored = {name: npz[name] for name in STATISTICS if name in npz}
     images = read_images(ref_npz)
-    if len(stored) < len(STATISTICS):
-        features = extract_features(images, extractor, batch_size, device, progress)
-        stored.setdefault("mu", None)
-        computed = {"pool": features["pool"]} | _statistics(features)
-        result = {**computed, **{k: v for k, v in stored.items() if v is not None}}
-    else:
+    if len(stored) == len(STATISTICS):
         features = extract_features(images[:PR_REFERENCE_IMAGES], extractor, batch_size, device, progress)
-        result = dict(stored)
+        result = stored
+    else:
+        features = extract_features(images, extractor, batch_size, device, progress)
+        result = _statistics(features) | stored  # stored statistics win over computed ones
     result["pool"] = features["pool"][:PR_REFERENCE_IMAGES]
     _write_cache(cache, result)
     return result
@@ -132,6 +129,14 @@ def format_table(results: dict[str, float]) -> str:
     names = [name for name in METRICS if name in results]
     width = max(len(name) for name in names)
     return "\n".join(f"{name:<{width}}  {results[name]:.4f}" for name in names)
+
+
+def _require_file(path: str | Path) -> Path:
+    """``path`` as a Path; FileNotFoundError when no file is there."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass an ADM-format .npz (arr_0: uint8 N×H×W×3).")
+    return path
 
 
 def _statistics(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
