@@ -205,6 +205,21 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from reglue.metrics.evaluate import evaluate, format_table, write_results
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate(args.ref, args.samples, args.inception, args.batch_size, device, args.cache_dir,
+                       progress=not args.quiet)
+    out = args.out or str(args.samples).removesuffix(".npz") + ".metrics.json"
+    write_results(results, out)
+    print(format_table(results))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from reglue.training.plot import plot_run
 
@@ -307,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema")
     p.set_defaults(func=_cmd_grid)
+
+    p = commands.add_parser("evaluate", help="FID, sFID, Inception Score, precision, recall (ADM suite, PyTorch)")
+    p.add_argument("--ref", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--samples", required=True, help="samples .npz from `reglue sample`")
+    p.add_argument("--inception", required=True,
+                   help="weights-inception-2015-12-05-6726825d.pth (torch-fidelity's port), or its folder")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--cache-dir", default=None, help="where computed reference statistics are cached")
+    p.add_argument("--out", default=None, help="JSON results (default SAMPLES.metrics.json)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = commands.add_parser("plot", help="draw a run's loss curves to PNG")
     p.add_argument("run_dir")

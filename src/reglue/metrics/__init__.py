@@ -9,8 +9,8 @@ from reglue.metrics.inception import (
     extract_features,
     load_inception,
 )
-from reglue.metrics.inception_score import inception_score
-from reglue.metrics.precision_recall import knn_radii, precision_recall
+from reglue.metrics.iscore import inception_score
+from reglue.metrics.manifold import knn_radii, precision_recall
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",

@@ -25,8 +25,8 @@ import torch
 from reglue.io import atomic_write
 from reglue.metrics.fid import feature_statistics, frechet_distance
 from reglue.metrics.inception import InceptionFeatures, extract_features, load_inception, resolve_weights_path
-from reglue.metrics.inception_score import inception_score
-from reglue.metrics.precision_recall import precision_recall
+from reglue.metrics.iscore import inception_score
+from reglue.metrics.manifold import precision_recall
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def read_images(path: str | Path) -> np.ndarray:
     path = _require_file(path)
     with np.load(path) as npz:
         if "arr_0" not in npz:
-            raise ValueError(f"{path} has no arr_0 (found {sorted(npz.files)}); expected an ADM .npz of images.")
+            raise ValueError(
+                f"{path} has no arr_0 (found {sorted(npz.files)}); expected an ADM .npz of images."
+            )
         images = npz["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise ValueError(
@@ -96,6 +98,7 @@ def evaluate(
 
     Fails before any feature extraction on missing weights or a malformed sample file.
     """
+    resolve_weights_path(inception_weights)  # a missing weights file fails before any reading
     samples = read_images(samples_npz)
     if len(samples) < splits:
         raise ValueError(
@@ -160,4 +163,6 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with atomic_write(path) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
     except OSError as err:
-        log.warning("could not cache reference Inception features at %s (%s); they will be recomputed", path, err)
+        log.warning(
+            "could not cache reference Inception features at %s (%s); they will be recomputed", path, err
+        )

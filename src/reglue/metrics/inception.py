@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 from reglue.io import read_tensor_file
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+INCEPTION_WEIGHTS_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+)
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv: 7 · 17 · 17 = 2023 features
 
 
@@ -118,8 +120,12 @@ def extract_features(
     """
     extractor = extractor.to(device).eval()
     batches = []
-    for start in tqdm(range(0, len(images), batch_size), desc="inception", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(images), batch_size), desc="inception", unit="batch", disable=not progress
+    ):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         batch = batch.to(device).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         batches.append({name: value.cpu().numpy() for name, value in extractor(batch).items()})
-    return {name: np.concatenate([batch[name] for batch in batches]) for name in ("pool", "spatial", "logits")}
+    return {
+        name: np.concatenate([batch[name] for batch in batches]) for name in ("pool", "spatial", "logits")
+    }
