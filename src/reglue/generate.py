@@ -151,9 +151,10 @@ def pack_npz(out_dir: Path, settings: SampleSettings, num_classes: int, npz: Pat
         np.savez(handle, arr_0=images, labels=labels)
 
 
-def load_sampling_model(path: str | Path, weights: str = "ema") -> SiT:
+def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> SiT:
     """A SiT from an exported folder (``config.json`` + ``model.safetensors``), one of our training
-    checkpoints (``weights`` = "ema" or "model"), or the authors' ``.pt`` (config inferred)."""
+    checkpoints (``weights`` = "ema" or "model"), or the authors' ``.pt`` (config inferred from the
+    weights and their ``args``; ``overrides`` — e.g. ``num_heads`` for a non-registered size — win)."""
     from reglue.models.official import load_authors_checkpoint, load_state_dict_strict
     from reglue.training.checkpoint import FORMAT, load_checkpoint
 
@@ -174,7 +175,7 @@ def load_sampling_model(path: str | Path, weights: str = "ema") -> SiT:
         return model
     checkpoint = load_authors_checkpoint(path)
     state = checkpoint.get(weights) or checkpoint.get("ema") or checkpoint["model"]
-    model = SiT(config_from_weights(state, checkpoint.get("args") or {}))
+    model = SiT(config_from_weights(state, checkpoint.get("args") or {}), **overrides)
     load_state_dict_strict(model, state, f"{path} {weights} weights")
     return model
 
