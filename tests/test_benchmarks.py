@@ -43,7 +43,7 @@ def test_sample_benchmark_tiny(capsys, mode, dtype):
     result = load_benchmark("sample").main([
         "--model", "SiT-S/8", "--input-size", "16", "--mode", mode, "--steps", "3", "--cfg-scale", "2",
         "--batch", "2", "--dtype", dtype, "--device", "cpu",
-        "--overrides", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "z_dim": 16, "projector_dim": 16}',
+        "--overrides", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "z_dim": 16, "projector_dim": 16, "encoder_depth": 1}',
     ])
     assert result["images_per_s"] > 0 and ("max_abs_vs_fp32" in result) == (dtype == "bf16")
     assert capsys.readouterr().out.startswith("| SiT-S/8 |")
