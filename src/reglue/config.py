@@ -144,6 +144,13 @@ class RunConfig:
             (self.data.images_per_class is None or self.data.fraction is None, "data.images_per_class",
              "null when data.fraction is set (choose one way to subsample)"),
             (self.data.fraction is None or 0 < self.data.fraction <= 1, "data.fraction", "a value in (0, 1]"),
+            (self.data.images_per_class is None or self.data.images_per_class >= 1, "data.images_per_class",
+             "a positive integer"),
+            (self.optim.grad_clip > 0, "optim.grad_clip", "a positive value"),
+            (0 <= self.model.class_dropout_prob < 1, "model.class_dropout_prob", "a value in [0, 1)"),
+            (self.train.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "a positive integer"),
+            (self.log.sample_steps >= 1 and self.log.sample_count >= 1, "log.sample_steps/sample_count",
+             "positive integers"),
             (all(isinstance(m, list) and len(m) == 2 for m in self.loss.lambda_sem_schedule),
              "loss.lambda_sem_schedule", "a list of [step, factor] pairs"),
         ]

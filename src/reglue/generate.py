@@ -180,6 +180,19 @@ def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> 
     return model
 
 
+def _size_name(hidden: int, depth: int, patch: int) -> str:
+    """The registered size with this width and depth; without one the head count is unknown."""
+    from reglue.models.sit import SIT_SIZES
+
+    for size, (d, h, _, _) in SIT_SIZES.items():
+        if (h, d) == (hidden, depth):
+            return f"SiT-{size}/{patch}"
+    raise ValueError(
+        f"the checkpoint's width {hidden} and depth {depth} match no registered SiT size and its args name no "
+        "model; pass num_heads (load_sampling_model(path, num_heads=...))."
+    )
+
+
 def config_from_weights(state: dict, args: dict):
     """The SiTConfig of an authors' state dict: sizes from the weights, the rest from ``args``."""
     from reglue.models.official import strip_module_prefix
@@ -192,7 +205,7 @@ def config_from_weights(state: dict, args: dict):
     grid = int(round((tokens - int(use_cls)) ** 0.5))
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     z_dim = state["projectors.0.4.weight"].shape[0] if "projectors.0.4.weight" in state else None
-    name = args.get("model", f"SiT-B/{embed.shape[-1]}")
+    name = args.get("model") or _size_name(embed.shape[0], depth, embed.shape[-1])
     return sit_config(
         name, input_size=grid * embed.shape[-1], patch_size=embed.shape[-1], in_channels=embed.shape[1],
         hidden_size=embed.shape[0], depth=depth, num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,

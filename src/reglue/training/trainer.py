@@ -125,7 +125,7 @@ def _loss(config: RunConfig) -> JointLoss:
 
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
-               "model.init_from", "log.", "checkpoint.")
+               "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -184,7 +184,7 @@ class Trainer:
         encoder = online_encoder(config, self.preset, resolution)
         if encoder is not None:
             encoder.to(accelerator.device)
-        num_classes = self.dataset.num_classes
+        num_classes = 0 if config.data.unconditional else self.dataset.num_classes  # 0: the null label only
         self.latent_size = resolution // 8
         self.vfm_dim = _vfm_dim(self.dataset, encoder)
         self.model = _build_model(config, self.latent_size, num_classes, self.vfm_dim)
@@ -229,6 +229,8 @@ class Trainer:
         self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group in self.optimizer.param_groups:  # a resumed run may lower the learning rate
+            group["lr"] = self.config.optim.lr
         if self.acc.scaler is not None and payload["scaler"]:
             self.acc.scaler.load_state_dict(payload["scaler"])
         self.step = int(payload["step"])
@@ -322,6 +324,8 @@ class Trainer:
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         loss = self.acc.reduce(torch.tensor(totals["total"], device=self.acc.device), "mean")
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
+            if self.acc.scaler is not None:  # fp16: the scaler unscaled this step; let it back off
+                self.acc.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
@@ -357,7 +361,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['loss/total']:.4f}")
                 bar.update(1)
                 stop = self._any_rank(flag.raised) or (stop_after_steps is not None and done_here >= stop_after_steps)
-                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and not stop:
                     self.preview(metrics)
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
                     self.save()
@@ -443,7 +447,9 @@ def preview_grid(ema: SiT, config: RunConfig, manifest: dict, latent_size: int, 
     sampler = sample_sde if config.log.sample_mode == "sde" else sample_ode
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.train.seed)
-        x = sampler(ema, latents, y, cls, num_steps=config.log.sample_steps, cfg_scale=config.log.sample_cfg)
+        path = {"path": config.loss.path} if sampler is sample_sde else {}
+        x = sampler(ema, latents, y, cls, num_steps=config.log.sample_steps, cfg_scale=config.log.sample_cfg,
+                    **path)
     images = vae.decode(x[:, :4].float())  # (n, 3, H, W) uint8
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
