@@ -169,7 +169,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     settings = SampleSettings(
         args.num_samples, args.mode or paper.get("mode", "sde"), args.steps or paper.get("num_steps", 250),
         args.heun, args.cfg_scale if args.cfg_scale is not None else paper.get("cfg_scale", 1.0),
-        args.cls_cfg_scale, low, high, args.vae_only_cfg, args.labels, args.seed, args.precision,
+        args.cls_cfg_scale, low, high, args.vae_only_cfg, args.labels, args.seed, args.precision, args.micro_batch,
     )
     state = process_state()
     model = load_sampling_model(args.ckpt, args.weights).to(state.device)
@@ -305,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
     p.add_argument("--vae-only-cfg", action="store_true", help="the authors' --vae_cfg rule (docs/architecture.md)")
     p.add_argument("--labels", default="random", help="random | balanced | a comma-separated class list")
-    p.add_argument("--per-device-batch", type=int, default=32)
+    p.add_argument("--per-device-batch", type=int, default=32,
+                   help="samples advanced together per process (does not change the images)")
+    p.add_argument("--micro-batch", type=int, default=32,
+                   help="rows per SiT/VAE call (memory; part of the settings: fixes the float kernels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")

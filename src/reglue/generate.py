@@ -1,13 +1,15 @@
 """``reglue sample``: many samples to PNGs and an ADM ``.npz``, independent of GPU count (SPEC §8).
 
 Sample i's initial noise, its label and every step's SDE noise come from generators seeded with
-(seed, i) only. Every model and VAE call has the same batch size (a short last batch is padded),
-so for a given per-device batch the images are bit-identical whatever the number of processes
-and however often the run was resumed. Different per-device batch sizes select different float
-kernels: their images agree up to rare one-grey-level differences (measured: ≤ 1 level on
-≈ 0.01 % of pixels on a CPU). Each PNG is written atomically under its index (``000123.png``); a rerun keeps the
-existing ones and generates only the missing indices. When all exist, the main process packs
-``samples.npz`` (``arr_0`` uint8 N×H×W×3, ``labels`` int64 N), also atomically.
+(seed, i) only. Float kernels are chosen by tensor shape, so every SiT and VAE call sees exactly
+``micro_batch`` rows (chunks, the last one padded): the images are then bit-identical whatever
+the number of processes, the per-device batch and however often the run was resumed. The
+micro-batch is part of the settings (another value selects other kernels, changing images by
+about one grey level on a few pixels). Each PNG is written atomically under its index
+(``000123.png``); a rerun keeps the existing ones and generates only the missing indices. The
+folder's ``settings.json`` records the settings and fingerprints of the SiT and VAE weights, so
+a rerun with another checkpoint is refused instead of mixing models. When all PNGs exist, the
+main process packs ``samples.npz`` (``arr_0`` uint8 N×H×W×3, ``labels`` int64 N), atomically.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SampleSettings:
     labels: str = "random"  # random | balanced | comma-separated class list
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    micro_batch: int = 32  # rows per SiT/VAE call (guidance doubles the rows of a step)
 
     def __post_init__(self) -> None:
         if self.mode not in ("sde", "ode"):
@@ -52,6 +55,12 @@ class SampleSettings:
             raise ValueError(f"precision must be fp32 or bf16, found {self.precision!r}.")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, found {self.num_samples}.")
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, found {self.micro_batch}.")
+        fixed = self.labels in ("random", "balanced")
+        if not fixed and not all(c.strip().isdigit() for c in self.labels.split(",")):
+            raise ValueError(f"labels must be random, balanced or comma-separated class ids such as 1,7,42; "
+                             f"found {self.labels!r}.")
 
 
 def label_of(index: int, settings: SampleSettings, num_classes: int) -> int:
@@ -94,11 +103,31 @@ def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettin
     with autocast:
         if settings.mode == "sde":
             x = sample_sde(model, latents, labels, cls, settings.num_steps, vae_only_cfg=settings.vae_only_cfg,
-                           noise_generators=[n[2] for n in noise], **guidance)
+                           noise_generators=[n[2] for n in noise], micro_batch=settings.micro_batch, **guidance)
         else:
-            x = sample_ode(model, latents, labels, cls, settings.num_steps, heun=settings.heun, **guidance)
-    images = vae.decode(x[:, :4].float())  # only the 4 VAE channels are decoded
+            x = sample_ode(model, latents, labels, cls, settings.num_steps, heun=settings.heun,
+                           micro_batch=settings.micro_batch, **guidance)
+    images = decode_fixed(vae, x[:, :4].float(), settings.micro_batch)  # only the 4 VAE channels
     return images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy()
+
+
+def decode_fixed(vae, latents: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """``vae.decode`` with every call exactly ``micro_batch`` latents (the last chunk padded)."""
+    n = latents.shape[0]
+    rows = torch.arange(-(-n // micro_batch) * micro_batch, device=latents.device).clamp(max=n - 1)
+    return vae.decode(latents[rows], batch_size=micro_batch)[:n]
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of a module's parameters and buffers: names, dtypes, shapes, values."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _png(path: Path, image: np.ndarray) -> None:
@@ -114,10 +143,13 @@ def generate(
     barrier: Callable[[], None] = lambda: None, progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Generate the missing samples of ``out_dir`` on this rank, then (main) pack the ``.npz``."""
+    if per_device_batch < 1:
+        raise ValueError(f"per_device_batch must be >= 1, found {per_device_batch}.")
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fix = "rerun with the original settings to resume, or choose another output folder."
-    store.check_or_write_json(out_dir / "settings.json", asdict(settings), rank == 0, fix)
+    fix = "rerun with the original settings, checkpoint and VAE to resume, or choose another output folder."
+    recorded = {**asdict(settings), "sit_weights": weights_fingerprint(model), "vae_weights": weights_fingerprint(vae)}
+    store.check_or_write_json(out_dir / "settings.json", recorded, rank == 0, fix)
     if rank == 0:
         for leftover in out_dir.glob(".*.tmp-*"):  # a PNG being written when the last run was killed
             leftover.unlink()
@@ -126,8 +158,7 @@ def generate(
     model.eval()
     for start in range(0, len(todo), per_device_batch):
         indices = todo[start : start + per_device_batch]
-        padded = indices + indices[-1:] * (per_device_batch - len(indices))  # every call the same size
-        images, _ = sample_batch(model, vae, padded, settings, device)
+        images, _ = sample_batch(model, vae, indices, settings, device)
         for i, image in zip(indices, images):
             _png(out_dir / f"{i:06d}.png", image)
         if progress is not None:
@@ -144,8 +175,14 @@ def pack_npz(out_dir: Path, settings: SampleSettings, num_classes: int, npz: Pat
     """Stack ``000000.png``… into an ADM ``.npz`` (``arr_0`` N×H×W×3 uint8, ``labels``)."""
     from PIL import Image
 
-    images = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB"))
-                       for i in range(settings.num_samples)])
+    first = np.asarray(Image.open(out_dir / "000000.png").convert("RGB"))
+    images = np.empty((settings.num_samples, *first.shape), np.uint8)  # one copy in memory, filled in place
+    for i in range(settings.num_samples):
+        image = np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB"))
+        if image.shape != first.shape:
+            raise ValueError(f"{out_dir / f'{i:06d}.png'} is {image.shape}, not {first.shape} like 000000.png; "
+                             "delete the odd file and rerun to regenerate it.")
+        images[i] = image
     labels = np.array([label_of(i, settings, num_classes) for i in range(settings.num_samples)], np.int64)
     with atomic_write(npz) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, arr_0=images, labels=labels)
@@ -202,7 +239,7 @@ def config_from_weights(state: dict, args: dict):
     embed = state["x_embedder.proj.weight"]  # (D, C_in, p, p)
     tokens = state["pos_embed"].shape[1]
     use_cls = "cls_projectors2.weight" in state
-    grid = int(round((tokens - int(use_cls)) ** 0.5))
+    grid = round((tokens - int(use_cls)) ** 0.5)
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     z_dim = state["projectors.0.4.weight"].shape[0] if "projectors.0.4.weight" in state else None
     name = args.get("model") or _size_name(embed.shape[0], depth, embed.shape[-1])

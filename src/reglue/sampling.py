@@ -4,6 +4,11 @@ State is integrated in float64; the model sees inputs cast to its parameter dtyp
 per-sample time vector. Classifier-free guidance doubles the batch as [x, x] with labels
 [y, null] inside ``[guidance_low, guidance_high]`` (decided at the step's start time) and
 combines the two drifts with one rule, :func:`apply_guidance`.
+
+``micro_batch``: when given, every model call sees exactly this many rows (the rows are cut
+into chunks and the last chunk is padded with copies of its last row). Float kernels are
+chosen by shape, so a sample's result then does not depend on how many samples share its
+batch — the basis of ``reglue sample``'s batch-size-independent images.
 """
 
 from __future__ import annotations
@@ -76,9 +81,12 @@ class _JointVelocity:
     Returns ((v, v_cls) conditional, (v, v_cls) unconditional or None).
     """
 
-    def __init__(self, model: nn.Module, y: torch.Tensor, null_label: int | None):
+    def __init__(self, model: nn.Module, y: torch.Tensor, null_label: int | None, micro_batch: int | None = None):
         core = unwrap_model(model)
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or None, found {micro_batch}.")
         self.model = model
+        self.micro_batch = micro_batch
         self.dtype = next(model.parameters()).dtype
         self.y = y
         self.y_null = torch.full_like(y, core.num_classes if null_label is None else null_label)
@@ -89,17 +97,27 @@ class _JointVelocity:
         if guided:  # (2B, ...): [x, x] with labels [y, null]
             x, y = torch.cat([x, x]), torch.cat([y, self.y_null])
             cls = torch.cat([cls, cls]) if cls is not None else None
-        t_vec = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
-        v, _, v_cls = self.model(
-            x.to(self.dtype), t_vec.to(self.dtype), y,
-            cls_token=cls.to(self.dtype) if cls is not None else None,
-        )
+        t_vec = torch.full((x.shape[0],), float(t), dtype=self.dtype, device=x.device)
+        cls = cls.to(self.dtype) if cls is not None else None
+        v, v_cls = self._forward(x.to(self.dtype), t_vec, y, cls)
         v = v.double()
         v_cls = v_cls.double() if v_cls is not None else None
         if not guided:
             return (v, v_cls), None
         cls_c, cls_u = (v_cls[:B], v_cls[B:]) if v_cls is not None else (None, None)
         return (v[:B], cls_c), (v[B:], cls_u)
+
+    def _forward(self, x, t, y, cls):
+        """(v (N, C, H, W), v_cls (N, z) or None), in fixed-size chunks when ``micro_batch`` is set."""
+        n, m = x.shape[0], self.micro_batch or x.shape[0]
+        vs, v_clss = [], []
+        for start in range(0, n, m):
+            rows = torch.arange(start, start + m, device=x.device).clamp(max=n - 1)  # pad: repeat the last row
+            v, _, v_cls = self.model(x[rows], t[rows], y[rows], cls_token=cls[rows] if cls is not None else None)
+            keep = min(m, n - start)
+            vs.append(v[:keep])
+            v_clss.append(v_cls[:keep] if v_cls is not None else None)
+        return torch.cat(vs), (torch.cat(v_clss) if v_clss[0] is not None else None)
 
 
 @contextlib.contextmanager
@@ -163,6 +181,7 @@ def sample_sde(
     null_label: int | None = None,
     path: str = "linear",
     noise_generators: list[torch.Generator] | None = None,
+    micro_batch: int | None = None,
 ) -> torch.Tensor:
     """Euler–Maruyama sampler (the authors' evaluation sampler), SPEC §8.
 
@@ -173,10 +192,11 @@ def sample_sde(
     ``vae_only_cfg``: the authors' ``--vae_cfg`` rule (see :meth:`_Guidance.combine`).
     ``noise_generators``: one CPU generator per sample; each step's noise of sample b is then
     drawn from generator b (ε_x then ε_cls), so a sample does not depend on its batch.
+    ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
     """
     _check_steps(num_steps)
     guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
-    velocity = _JointVelocity(model, y, null_label)
+    velocity = _JointVelocity(model, y, null_label, micro_batch)
     x, cls = _initial_state(model, latents, y, cls_latents)
     grid = sde_time_grid(num_steps).tolist()
 
@@ -224,15 +244,17 @@ def sample_ode(
     guidance_high: float = 1.0,
     latent_channels: int = 4,
     null_label: int | None = None,
+    micro_batch: int | None = None,
 ) -> torch.Tensor:
     """Euler (or Heun) probability-flow ODE sampler on ``linspace(1, 0, N + 1)``.
 
     Heun's correction is applied on every step except the last (2N − 1 model calls);
     guidance for both stages of a step is decided at its start time. Returns float64.
+    ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
     """
     _check_steps(num_steps)
     guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
-    velocity = _JointVelocity(model, y, null_label)
+    velocity = _JointVelocity(model, y, null_label, micro_batch)
     x, cls = _initial_state(model, latents, y, cls_latents)
     grid = ode_time_grid(num_steps).tolist()
 
