@@ -31,10 +31,15 @@ def test_pos_embed_layout_row_major_column_first():
     assert torch.allclose(emb[token], torch.cat([col, row]))
 
 
-def test_official_state_dict_loads_strictly_and_forward_matches(official_vectors, official_model):
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_official_state_dict_loads_strictly_and_forward_matches(official_vectors, official_model, attention):
     f = official_vectors["forward"]
-    with torch.no_grad():
-        out, zs, cls_out = official_model(f["x"], f["t"], f["y"], cls_token=f["cls_token"])
+    official_model.set_attention(attention)  # math: the authors' timm-style attention
+    try:
+        with torch.no_grad():
+            out, zs, cls_out = official_model(f["x"], f["t"], f["y"], cls_token=f["cls_token"])
+    finally:
+        official_model.set_attention("sdpa")
     assert max_abs(out, f["out"]) < 1e-5
     assert max_abs(zs, f["zs"]) < 1e-5
     assert max_abs(cls_out, f["cls_out"]) < 1e-5

@@ -172,3 +172,23 @@ def test_preset_lookup():
     assert get_preset("repa").loss_kwargs() == {"lambda_sem": 0.0, "lambda_cls": 0.0, "lambda_rep": 0.5}
     with pytest.raises(ValueError, match="reglue"):
         get_preset("dit")
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_math_attention_equals_sdpa_with_the_same_weights(qk_norm):
+    model = tiny_sit("reglue", qk_norm=qk_norm).eval()
+    state = model.state_dict()
+    x, t, y, cls = inputs(model)
+
+    def outputs_and_grads(kernel):
+        model.set_attention(kernel).zero_grad()
+        out = model(x, t, y, cls_token=cls)
+        sum(o.square().sum() for o in out).backward()
+        return [*out, *(p.grad for p in model.parameters() if p.requires_grad)]
+
+    sdpa, math = outputs_and_grads("sdpa"), outputs_and_grads("math")
+    assert model.state_dict().keys() == state.keys()  # the authors' checkpoints still load
+    for a, b in zip(sdpa, math):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        model.set_attention("flash")

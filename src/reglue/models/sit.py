@@ -162,13 +162,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+ATTENTION_KERNELS = ("sdpa", "math")
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention via ``scaled_dot_product_attention`` (timm naming)."""
+    """Multi-head self-attention (timm naming); ``kernel`` picks how it is computed, not what.
+
+    ``sdpa``: ``F.scaled_dot_product_attention`` (fused kernels); ``math``: the explicit
+    softmax(q·kᵀ/√d)·v of timm's ``Attention`` with ``fused_attn`` off, as the authors ran it.
+    Both have the same parameters and agree within float tolerance.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.kernel = "sdpa"
         head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
@@ -178,8 +188,13 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D/H)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
+            out = weights @ v
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))  # out (B, H, T, D/H)
 
 
 class Mlp(nn.Module):
@@ -302,6 +317,14 @@ class SiT(nn.Module):
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def set_attention(self, kernel: str) -> SiT:
+        """Compute attention with ``kernel`` (one of :data:`ATTENTION_KERNELS`); weights unchanged."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}.")
+        for block in self.blocks:
+            block.attn.kernel = kernel
+        return self
 
     # ---------------------------------------------------------------- forward
     def forward(
