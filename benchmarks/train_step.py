@@ -23,7 +23,7 @@ import torch
 
 from reglue.models import build_sit
 from reglue.presets import get_preset
-from reglue.training.ema import update_ema
+from reglue.training.ema import EMA_UPDATES
 from reglue.transport import JointLoss
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,14 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overrides", type=json.loads, default={}, help="JSON SiTConfig overrides")
     parser.add_argument("--json", help="also write the result as JSON to this path")
     return parser.parse_args(argv)
-
-
-def loop_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999) -> None:
-    """The authors' EMA: one Python-level update per parameter."""
-    with torch.no_grad():
-        ema_params = dict(ema_model.named_parameters())
-        for name, param in model.named_parameters():
-            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
 def synthetic_batch(args, preset, config, device):
@@ -93,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     loss_fn = JointLoss(**preset.loss_kwargs())
     batch = synthetic_batch(args, preset, model.config, device)
-    ema_update = update_ema if args.ema == "foreach" else loop_ema
+    ema_update = EMA_UPDATES[args.ema]
     amp = DTYPES[args.dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 

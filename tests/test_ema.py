@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_sit
-from reglue.training.ema import update_ema
+from reglue.training.ema import EMA_UPDATES, update_ema
 
 
 def test_foreach_ema_equals_authors_loop():
@@ -29,3 +29,16 @@ def test_foreach_ema_equals_authors_loop():
 def test_ema_rejects_mismatched_models():
     with pytest.raises(KeyError, match="build the EMA as a copy"):
         update_ema(tiny_sit("sit"), tiny_sit("reglue"))
+
+
+def test_loop_ema_equals_foreach_ema_and_copies_frozen_parts():
+    model = tiny_sit("reglue")
+    emas = {kind: copy.deepcopy(model).requires_grad_(False) for kind in EMA_UPDATES}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # frozen pos_embed moves too: it must be copied, not averaged
+    for kind, ema in emas.items():
+        EMA_UPDATES[kind](ema, model, 0.9)
+    for (name, a), b in zip(emas["foreach"].named_parameters(), emas["loop"].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.equal(emas["loop"].pos_embed, model.pos_embed)

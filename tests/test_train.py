@@ -297,3 +297,39 @@ def test_from_authors_adopts_their_args_and_weights(cached_data, capsys):
     adopted = weights(cached_data / "adopted")
     assert adopted["config"]["train"]["seed"] == 5 and adopted["config"]["optim"]["lr"] == 0.0
     assert all(torch.equal(adopted["model"][k], v) for k, v in donor["model"].items())
+
+
+def test_speed_switches_reject_bad_values(cached_data):
+    with pytest.raises(ConfigError, match=r"model.attention: invalid value 'flash'; expected one of \('sdpa', 'math'\)"):
+        config_for(cached_data, "bad", "model.attention=flash")
+    with pytest.raises(ConfigError, match=r"train.ema: invalid value 'fast'; expected one of \('foreach', 'loop'\)"):
+        config_for(cached_data, "bad", "train.ema=fast")
+    for key in ("train.fused_optimizer", "train.find_unused_parameters", "data.pin_memory"):
+        with pytest.raises(ConfigError, match=f"{key}: expected bool"):
+            config_for(cached_data, "bad", f"{key}=maybe")
+
+
+def test_authors_kernels_and_bf16_train_like_fp32(cached_data):
+    """Same seed, same batches: the authors' kernels (timm-style attention, per-parameter AdamW and
+    EMA) reproduce the fp32 losses to float tolerance; bf16 autocast stays within its noise. The
+    bf16 run is its own process (accelerate fixes the precision once per process)."""
+    import subprocess
+    import sys
+
+    steps = ["train.max_steps=5", "log.every=1"]
+
+    def losses(run):
+        return torch.tensor([row["loss/total"] for row in read_metrics(cached_data / run)])
+
+    train(config_for(cached_data, "fp32-fast", *steps))
+    train(config_for(cached_data, "fp32-authors", *steps, "model.attention=math", "train.fused_optimizer=false",
+                     "train.ema=loop", "train.find_unused_parameters=true", "data.pin_memory=false"))
+    subprocess.run([sys.executable, "-m", "reglue", "train", "--config", "configs/demo.yaml",
+                    f"data.dir={cached_data / 'data'}", f"run_dir={cached_data / 'bf16-fast'}", *TINY_MODEL,
+                    "train.global_batch=2", *steps, "train.mixed_precision=bf16"],
+                   check=True, capture_output=True, timeout=300)
+    fp32, authors, bf16 = losses("fp32-fast"), losses("fp32-authors"), losses("bf16-fast")
+    assert torch.allclose(authors, fp32, rtol=1e-4)
+    assert (bf16 - fp32).abs().max() < 0.02 * fp32.mean()
+    a, b = weights(cached_data / "fp32-fast")["ema"], weights(cached_data / "fp32-authors")["ema"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -31,6 +31,7 @@ class ModelConfig:
     preset: str = "reglue"  # sit | repa | redi | reg | reglue
     encoder_depth: int | None = None  # REPA alignment block; None: the size's default (4 B, 8 L/XL)
     qk_norm: bool = False
+    attention: str = "sdpa"  # sdpa (fused kernels) | math (explicit softmax(q·kᵀ)·v, the authors'); same weights
     class_dropout_prob: float = 0.1
     init_from: str | None = None  # the authors' .pt checkpoint: start a fresh run from its model/EMA weights
     depth: int | None = None  # size overrides for small demo/test models; None: the size's value
@@ -50,6 +51,7 @@ class DataConfig:
     fraction: float | None = None  # class-balanced subset: this share of every class
     unconditional: bool = False  # ignore labels: every sample gets the null label
     num_workers: int = 4
+    pin_memory: bool = True  # page-locked host batches (GPU runs only): faster, asynchronous copies
 
 
 @dataclass
@@ -80,6 +82,9 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     tf32: bool = True
     compile: bool = False  # torch.compile each SiT block
+    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach elsewhere; false: the authors' per-parameter loop
+    ema: str = "foreach"  # foreach (one fused lerp) | loop (the authors' per-parameter update)
+    find_unused_parameters: bool = False  # DDP's per-step search for unused parameters (the authors': true)
     ema_decay: float = 0.9999
     seed: int = 0
     max_nonfinite_in_row: int = 20  # stop after this many skipped updates in a row
@@ -118,8 +123,9 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Cross-field rules; raises :class:`ConfigError` naming the key and the fix."""
-        from reglue.models.sit import SIT_MODELS
+        from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
         from reglue.presets import PRESETS
+        from reglue.training.ema import EMA_UPDATES
 
         rules = [
             (self.model.name in SIT_MODELS, "model.name", f"one of {', '.join(SIT_MODELS)}"),
@@ -128,6 +134,8 @@ class RunConfig:
             (self.data.semantics in SEMANTICS_SOURCES, "data.semantics", f"one of {SEMANTICS_SOURCES}"),
             (self.data.vfm_autocast in PRECISIONS, "data.vfm_autocast", f"one of {PRECISIONS}"),
             (self.train.mixed_precision in PRECISIONS, "train.mixed_precision", f"one of {PRECISIONS}"),
+            (self.model.attention in ATTENTION_KERNELS, "model.attention", f"one of {ATTENTION_KERNELS}"),
+            (self.train.ema in EMA_UPDATES, "train.ema", f"one of {tuple(EMA_UPDATES)}"),
             (self.log.sample_mode in SAMPLE_MODES, "log.sample_mode", f"one of {SAMPLE_MODES}"),
             (self.loss.path in ("linear", "cosine"), "loss.path", "linear or cosine"),
             (self.loss.time_sampling in ("uniform", "lognormal"), "loss.time_sampling", "uniform or lognormal"),

@@ -99,12 +99,13 @@ class InputBuilder:
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device,
                  latent_noise: torch.Tensor | None = None) -> JointInputs:
         """``latent_noise`` (B, 4, h, w): the ε of z = (mean + std·ε)·scale (fresh when None)."""
-        z = latents_from_moments(batch["moments"].to(device).float(), noise=latent_noise)  # (B, 4, h, w)
-        targets = self._targets(batch, device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
+        z = latents_from_moments(batch["moments"].float(), noise=latent_noise)  # (B, 4, h, w)
+        targets = self._targets(batch)
         parts = [z]
         if self.preset.semantic_channels:
             parts.append(upsample_semantics(targets["semantics"].float(), self.latent_size))  # (B, S, h, w)
-        y = batch["label"].to(device)
+        y = batch["label"]
         if self.unconditional:
             y = torch.full_like(y, self.null_label)
         cls = targets["cls"].float() if self.preset.cls_token else None
@@ -113,10 +114,10 @@ class InputBuilder:
             repa = repa[:, 1:]  # REPA without a CLS slot aligns the patch tokens only
         return JointInputs(torch.cat(parts, dim=1), y, cls, repa)
 
-    def _targets(self, batch, device) -> dict[str, torch.Tensor]:
+    def _targets(self, batch) -> dict[str, torch.Tensor]:
         if self.encoder is None:
-            return {k: batch[k].to(device) for k in ("semantics", "cls", "repa") if k in batch}
-        online = self.encoder(batch["images"].to(device))
+            return {k: batch[k] for k in ("semantics", "cls", "repa") if k in batch}
+        online = self.encoder(batch["images"])
         return {"semantics": online.semantics, "cls": online.cls, "repa": online.repa}
 
 

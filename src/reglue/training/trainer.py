@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from reglue.config import ConfigError, RunConfig
+from reglue.config import ConfigError, OptimConfig, RunConfig
 from reglue.distributed import on_cpu_only
 from reglue.models.official import load_state_dict_strict
 from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
 from reglue.training import checkpoint as ckpt
-from reglue.training.ema import update_ema
+from reglue.training.ema import EMA_UPDATES
 from reglue.training.inputs import InputBuilder, online_encoder, open_training_dataset, training_rows
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
 from reglue.transport import JointLoss, sample_time
@@ -111,7 +111,7 @@ def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim:
             config.model.name, input_size=latent_size, num_classes=num_classes, qk_norm=config.model.qk_norm,
             class_dropout_prob=config.model.class_dropout_prob, **preset.model_kwargs(vfm_dim=vfm_dim),
             **overrides,
-        )
+        ).set_attention(config.model.attention)
 
 
 def _loss(config: RunConfig) -> JointLoss:
@@ -123,9 +123,19 @@ def _loss(config: RunConfig) -> JointLoss:
                      lambda_sem_schedule=[tuple(m) for m in config.loss.lambda_sem_schedule], **weights)
 
 
+def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with ``optim``'s settings. ``fused``: one fused kernel on CUDA, multi-tensor (foreach)
+    elsewhere; otherwise the authors' per-parameter loop (foreach=False). Same maths either way."""
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             weight_decay=optim.weight_decay, **(kernel if fused else {"foreach": False}))
+
+
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
-               "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision")
+               "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
+               "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
+               "data.pin_memory")  # kernels and data movement only: the maths are unchanged
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -196,10 +206,8 @@ class Trainer:
         if config.train.compile:
             for block in self.model.blocks:
                 block.compile()
-        o = config.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                      weight_decay=o.weight_decay, fused=accelerator.device.type == "cuda")
+        optimizer = build_adamw(params, config.optim, config.train.fused_optimizer, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.step = 0
         self.resumed = False
@@ -293,7 +301,8 @@ class Trainer:
             micro = self.per_device // self.config.train.grad_accum
             sampler = [rows[b[i : i + micro]].tolist() for b in order for i in range(0, len(b), micro)]
             loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.data.num_workers,
-                                pin_memory=self.acc.device.type == "cuda", generator=torch.Generator())
+                                pin_memory=self.config.data.pin_memory and self.acc.device.type == "cuda",
+                                generator=torch.Generator())
             yield from loader
             epoch, start = epoch + 1, 0
 
@@ -330,7 +339,7 @@ class Trainer:
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.acc.unwrap_model(self.model), cfg.ema_decay)
+        EMA_UPDATES[cfg.ema](self.ema, self.acc.unwrap_model(self.model), cfg.ema_decay)
         return {f"loss/{k}": v for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
@@ -473,14 +482,15 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     ``stop_after_steps`` ends the run (with a checkpoint) after that many steps in this call —
     what an interruption does; used by the resume tests.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     precision = config.train.mixed_precision
     if precision != "no" and on_cpu_only() and precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPUs.")
     torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
     torch.backends.cudnn.allow_tf32 = config.train.tf32
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu_only())
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu_only(), kwargs_handlers=[ddp])
     trainer = Trainer(config, accelerator)
     found = ckpt.resolve_resume(trainer.run_dir, resume, log.warning)
     if found is not None:
