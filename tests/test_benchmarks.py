@@ -47,3 +47,34 @@ def test_sample_benchmark_tiny(capsys, mode, dtype):
     ])
     assert result["images_per_s"] > 0 and ("max_abs_vs_fp32" in result) == (dtype == "bf16")
     assert capsys.readouterr().out.startswith("| SiT-S/8 |")
+
+
+# Tiny CPU settings appended to every run of benchmarks/gpu.sh (argparse keeps the last value).
+TINY_COMPARE = [
+    "--device", "cpu", "--models", "SiT-S/2", "--batches", "2", "--warmup", "1", "--steps", "1",
+    "--sample-model", "SiT-S/2", "--sample-batch", "1", "--sde-steps", "3", "--ode-steps", "2",
+    "--sit-overrides", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "encoder_depth": 1, "projector_dim": 32}',
+    "--vfm-overrides", '{"embed_dim": 32, "depth": 4, "num_heads": 2}', "--compressor-hidden", "16",
+    "--compile-backend", "eager",
+]
+
+
+def test_gpu_script_parses_and_every_run_works_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu.sh as shipped (compiled fast path, both parts), each run shrunk to a tiny CPU model."""
+    import os
+    import subprocess
+    import sys
+
+    script = REPO / "benchmarks" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    subprocess.run(["bash", str(script), *TINY_COMPARE], env=env, check=True, capture_output=True, timeout=300)
+    train = json.loads((tmp_path / "train" / "compare.json").read_text())
+    assert [(r["setup"], r["compile"]) for r in train["train"]] == [("authors", False), ("fast", True)]
+    assert all(r["step_s"] > 0 and r["gflop_per_image"] > 0 for r in train["train"])
+    assert train["train_speedup"][0]["model"] == "SiT-S/2" and train["train_speedup"][0]["speedup"] > 0
+    sample = json.loads((tmp_path / "sample" / "compare.json").read_text())
+    fast_rows = [r for r in sample["sample"] if r["setup"] == "fast"]
+    assert [(r["mode"], r["steps"]) for r in fast_rows] == [("sde", 3), ("ode", 2)]
+    assert all(0 < r["max_abs_vs_fp32"] < 0.1 and r["precision"] == "bf16" for r in fast_rows)
+    assert "| SiT-S/2 | SDE | 3 | 1 | 2.8 | [0.0, 0.9] | fast | bf16 |" in (tmp_path / "sample" / "compare.md").read_text()
