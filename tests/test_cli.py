@@ -9,6 +9,7 @@ import pytest
 
 import reglue
 from reglue.cli import main
+from reglue.errors import ReglueError
 
 
 def test_version(capsys):
@@ -33,3 +34,25 @@ def test_models_lists_sizes_presets_and_counts(capsys):
 def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "reglue", "--help"], capture_output=True, text=True, check=True)
     assert "usage: reglue" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("error", "one_line"),
+    [(ValueError("bad value"), True), (FileNotFoundError("no file"), True), (ReglueError("stopped"), True),
+     (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), True), (RuntimeError("a bug"), False)],
+)
+def test_errors_the_user_can_act_on_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, error,
+                                                                                 one_line):
+    from reglue import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_models", fail)
+    monkeypatch.delenv("REGLUE_DEBUG", raising=False)
+    if one_line:
+        assert main(["models"]) == 2
+        assert capsys.readouterr().err.strip() == f"reglue models: error: {error}"
+    else:
+        with pytest.raises(RuntimeError, match="a bug"):
+            main(["models"])

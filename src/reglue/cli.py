@@ -369,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _for_the_user(err: Exception) -> bool:
+    """Errors the user can act on (reported in one line); other RuntimeErrors are bugs."""
+    from reglue.errors import ReglueError
+
+    out_of_memory = "out of memory" in str(err).lower()
+    return isinstance(err, (ValueError, OSError, ReglueError)) or out_of_memory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -378,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:  # bad input, paths, disk full, a stopped run
-        if os.environ.get("REGLUE_DEBUG") == "1":
-            raise
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, paths, disk full, a stopped run, OOM
+        if os.environ.get("REGLUE_DEBUG") == "1" or not _for_the_user(err):
+            raise  # anything else is a bug: keep the traceback
         message = " ".join(str(err).split())
         print(f"reglue {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from reglue.models.official import load_state_dict_strict
 
 
 class ResidualBlock(nn.Module):
@@ -37,7 +40,7 @@ class ConvStack(nn.Module):
     def __init__(self, channels: Sequence[int]):
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
             if i < len(channels) - 2:
                 layers.append(ResidualBlock(c_out))
@@ -103,7 +106,7 @@ class SemanticCompressor(nn.Module):
             )
         channels = [convs[0][1][1]] + [shape[0] for _, shape in convs]
         model = cls(channels)
-        model.load_state_dict(state_dict, strict=True)
+        load_state_dict_strict(model, state_dict, "the semantic-compressor weights")
         return model
 
 
@@ -173,7 +176,9 @@ class PCAProjection(nn.Module):
         from safetensors.torch import load_file
 
         state = load_file(str(path))
+        if "components" not in state:
+            raise ValueError(f"{path} is not a PCA file (no 'components'); write one with `reglue fit-pca`.")
         rank, channels = state["components"].shape
         pca = cls(channels, rank)
-        pca.load_state_dict(state, strict=True)
+        load_state_dict_strict(pca, state, str(path))
         return pca

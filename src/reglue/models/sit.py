@@ -419,6 +419,8 @@ class SiT(nn.Module):
     def from_pretrained(cls, directory: str | Path, **overrides) -> SiT:
         from safetensors.torch import load_file
 
+        from reglue.models.official import load_state_dict_strict
+
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
@@ -429,7 +431,7 @@ class SiT(nn.Module):
         raw = json.loads((directory / "config.json").read_text())
         known = {f.name for f in fields(SiTConfig)}
         model = cls(SiTConfig(**{k: v for k, v in raw.items() if k in known}), **overrides)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+        load_state_dict_strict(model, load_file(str(directory / "model.safetensors")), str(directory))
         return model
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from reglue.config import ConfigError, OptimConfig, RunConfig
 from reglue.distributed import on_cpu_only
+from reglue.errors import ReglueError
 from reglue.models.official import load_state_dict_strict
 from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
@@ -51,7 +52,7 @@ class TrainResult:
     stopped_early: bool  # a signal or stop_after_steps ended the run before max_steps
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ReglueError):
     """The run cannot go on (e.g. too many non-finite updates); the message says what to do."""
 
 
@@ -257,7 +258,8 @@ class Trainer:
         checksum = float(sum(p.detach().double().sum() for p in params))
         sums = gather_object([checksum])
         if len(set(sums)) > 1:
-            raise RuntimeError(f"model replicas differ across processes (parameter sums {sums}); not saving.")
+            raise TrainingError(f"model replicas differ across processes (parameter sums {sums}); not saving. "
+                                "Resume from the last checkpoint; report this if it happens again.")
 
     def init_from_authors(self, path: str) -> None:
         """Start from the authors' checkpoint: their model and EMA weights (strict, key-checked).
