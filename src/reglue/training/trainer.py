@@ -283,12 +283,14 @@ class Trainer:
     def save(self) -> None:
         self._check_ranks_in_sync()
         payload = self.state()
-        if self.acc.is_main_process:
+
+        def write() -> None:
             c = self.config.checkpoint
             path = ckpt.save_checkpoint(self.run_dir, self.step, payload, c.keep_last, c.milestones)
             self.ema.save_pretrained(self.run_dir / "ema")
             log.info("saved %s", path)
-        self.acc.wait_for_everyone()
+
+        self._on_main("saving a checkpoint", write)
 
     # ------------------------------------------------------------------ data
     def batches(self):
@@ -382,20 +384,41 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
 
     def preview(self, metrics) -> None:
-        """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only."""
+        """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only.
+
+        A failing preview is logged with its traceback and training goes on: it is not worth a run."""
         if self.acc.is_main_process:
-            grid = preview_grid(self.ema, self.config, self.dataset.manifest, self.latent_size, self.acc.device)
-            if grid is not None:
-                from PIL import Image
-
-                from reglue.io import atomic_write
-
-                path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(path) as tmp:
-                    Image.fromarray(grid).save(tmp, format="PNG")
-                metrics.log_image(self.step, "samples/ema", grid)
+            try:
+                self._write_preview(metrics)
+            except Exception:
+                log.exception("the EMA preview at step %d failed; training goes on without it", self.step)
         self.acc.wait_for_everyone()
+
+    def _write_preview(self, metrics) -> None:
+        grid = preview_grid(self.ema, self.config, self.dataset.manifest, self.latent_size, self.acc.device)
+        if grid is not None:
+            from PIL import Image
+
+            from reglue.io import atomic_write
+
+            path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp:
+                Image.fromarray(grid).save(tmp, format="PNG")
+            metrics.log_image(self.step, "samples/ema", grid)
+
+    def _on_main(self, what: str, work) -> None:
+        """Run ``work`` on the main process; if it fails every process stops, none waits forever."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                work()
+            except Exception as err:
+                error = err
+        if self._any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise TrainingError(f"the main process failed while {what}; its log says why.")
 
     def _any_rank(self, raised: bool) -> bool:
         """A stop signal seen by any process stops all of them at the same step."""
