@@ -203,15 +203,16 @@ def _manifest(settings, source, shards, images, skipped) -> dict:
 def run_prepare(
     settings: PrepareSettings, dst: str | Path, batch_size: int = 32, show_progress: bool = True,
 ) -> PrepareSummary:
-    """Prepare with the VAE named in ``settings`` on this process's device; works alone or
-    under ``accelerate launch`` / ``torchrun`` (each rank writes its own shards)."""
+    """Prepare with the VAE named in ``settings`` (``"pixel"``: the weight-free pixel autoencoder)
+    on this process's device; works alone or under ``accelerate launch`` / ``torchrun`` (each
+    rank writes its own shards)."""
     from tqdm.auto import tqdm
 
-    from reglue.encoders.vae import VAE
+    from reglue.encoders.vae import load_vae
 
     state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
-    vae = VAE(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
+    vae = load_vae(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
     todo = sum(
         stop - start

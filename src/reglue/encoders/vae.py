@@ -6,6 +6,9 @@
   uint8 images (B, 3, 8h, 8w).
 - :func:`latents_from_moments` draws the training latent z = (mean + std·ε)·SCALE.
 
+:func:`load_vae` picks between this and the weight-free pixel autoencoder (``"pixel"``,
+:mod:`reglue.encoders.pixel`) used by the offline demo.
+
 Weights come from a local diffusers folder (config.json + diffusion_pytorch_model.safetensors),
 a hub id already in the local Hugging Face cache, or an ``AutoencoderKL`` instance. Nothing
 is ever downloaded: a hub id missing from the cache fails at once, naming the fix.
@@ -187,6 +190,16 @@ class VAE(nn.Module):
                 f"VAE.decode expects float latents (B, {c}, h, w), found {latents.dtype} of shape "
                 f"{tuple(latents.shape)}; pass the first {c} channels of the sampled state."
             )
+
+
+def load_vae(source: str | os.PathLike | AutoencoderKL = DEFAULT_VAE, dtype: torch.dtype = torch.float32):
+    """The autoencoder ``source`` names: the weight-free :class:`~reglue.encoders.pixel.PixelAutoencoder`
+    for ``"pixel"`` (``dtype`` unused: it computes in float32), else the SD-VAE :class:`VAE`."""
+    from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
+
+    if isinstance(source, (str, os.PathLike)) and str(source) == PIXEL_AUTOENCODER:
+        return PixelAutoencoder()
+    return VAE(source, dtype)
 
 
 def _positive(batch_size: int) -> int:
