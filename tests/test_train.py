@@ -365,3 +365,16 @@ def test_a_failure_on_the_main_process_stops_every_process():
         rank(main=True)._on_main("saving a checkpoint", disk_full)
     with pytest.raises(TrainingError, match="main process failed while saving a checkpoint"):
         rank(main=False)._on_main("saving a checkpoint", lambda: None)  # the others stop instead of waiting
+
+
+def test_second_ctrl_c_aborts_at_once():
+    import signal
+
+    from reglue.training.trainer import _StopFlag
+
+    flag = _StopFlag()
+    flag(signal.SIGTERM, None)
+    assert flag.raised
+    flag(signal.SIGTERM, None)  # a repeated SIGTERM still waits for the checkpoint
+    with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+        flag(signal.SIGINT, None)

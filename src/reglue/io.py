@@ -39,6 +39,7 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object
     A file that is neither, or that names anything else, is a ValueError naming it and ``what``.
     """
     import pickle
+    import zipfile
 
     import safetensors
     import safetensors.torch
@@ -50,8 +51,9 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
+        lazy = zipfile.is_zipfile(path)  # memory-map tensors: reading only ``args`` of a 10 GB file is cheap
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err) and "GLOBAL" not in str(err):
             raise ValueError(f"{path} is not a readable {what} file: {str(err).strip().splitlines()[0][:200]}") from err

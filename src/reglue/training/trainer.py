@@ -57,13 +57,18 @@ class TrainingError(ReglueError):
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop checkpoints at the end of the current step and stops."""
+    """Set by SIGINT/SIGTERM: the loop checkpoints at the end of the current step and stops.
+
+    A second Ctrl-C aborts at once; checkpoints are written atomically, so the last one stays whole."""
 
     def __init__(self) -> None:
         self.raised = False
 
     def __call__(self, signum, frame) -> None:
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint (the last one is intact)")
         self.raised = True
+        log.warning("stop requested: checkpointing after this step (press Ctrl-C again to abort without one)")
 
     @contextlib.contextmanager
     def installed(self):
