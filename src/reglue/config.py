@@ -82,7 +82,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     tf32: bool = True
     compile: bool = False  # torch.compile each SiT block
-    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach elsewhere; false: the authors' per-parameter loop
+    fused_optimizer: bool = True  # fused AdamW kernel; false: the authors' per-parameter loop
     ema: str = "foreach"  # foreach (one fused lerp) | loop (the authors' per-parameter update)
     find_unused_parameters: bool = False  # DDP's per-step search for unused parameters (the authors': true)
     ema_decay: float = 0.9999
