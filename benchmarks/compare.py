@@ -3,23 +3,28 @@
     python benchmarks/compare.py --models SiT-B/2 --batches 8 --out benchmarks/results/compare_cpu
 
 Both configurations compute the same maths with random weights and synthetic data of the real
-shapes; they differ only in how (SETUPS below):
+shapes; they differ only in how (:func:`setups`):
 
 - ``authors``: timm-style attention (explicit softmax(q·kᵀ)·v), fp16 autocast + grad scaler on
   GPUs (fp32 on CPUs), DINOv2-B with registers + the semantic compressor run online every step
   (under the step's autocast), AdamW with the per-parameter loop (foreach=False), the
   per-parameter EMA loop, and DDP's unused-parameter search when distributed;
 - ``fast``: SDPA attention, bf16 autocast, optional regional ``torch.compile`` (``--compile``),
-  fused AdamW on CUDA (foreach elsewhere), foreach EMA, cached semantics (no VFM forward)
+  fused AdamW (CUDA and CPU kernels), foreach EMA, cached semantics (no VFM forward)
   copied from pinned host memory.
 
-Training: median step time over ``--steps`` after ``--warmup`` steps, images/s, peak memory,
+Training: median step time over ``--steps`` after ``--warmup`` steps (``--interleave``: the two
+setups' timed steps alternate, for shared machines), images/s, peak memory (above what was in
+use before the setup was built, so the other setup and the process baseline do not count),
 FLOPs per training image (counted with ``FlopCounterMode``: SiT forward + backward, plus the
 frozen VFM + compressor forward for ``authors``) and, on GPUs, MFU against the device's dense
 bf16 peak. Sampling: SDE with CFG and guidance interval, and ODE, fp32 timm-style attention
 (``authors``) vs bf16 SDPA (``fast``) from the same noise, with the max/mean absolute difference
-of the fast samples from the fp32 ones. Writes ``compare.json`` and ``compare.md`` into ``--out``
-(rewritten after every measurement, so a cut-short run keeps what it measured).
+of the fast samples from the fp32 ones (peak memory: above the weights, during the draw).
+Every timed row records the CPU time other processes used meanwhile ("other load", in cores;
+Linux), so a measurement disturbed on a shared machine shows it.
+Writes ``compare.json`` and ``compare.md`` into ``--out`` (rewritten after every measurement, so
+a cut-short run keeps what it measured).
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", type=int, default=[8], help="training: per-device batches")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--interleave", action="store_true",
+                        help="training: alternate the two setups' timed steps (fair on a shared machine)")
     parser.add_argument("--compile", action="store_true", help="fast path: torch.compile each SiT block")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
     parser.add_argument("--sample-model", default="SiT-B/2")
@@ -160,6 +167,29 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
     finally:
         stop.set()
         thread.join()
+
+
+def busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds of this process) so far; Linux only."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    own = os.times()
+    return (sum(fields[:8]) - idle) / ticks, own.user + own.system
+
+
+@contextlib.contextmanager
+def other_load() -> Iterator[list[float]]:
+    """Yields ``share``; when the block ends, ``share[0]`` is the CPU time other processes used
+    during it, in cores (0 on a quiet machine; 1 = another process kept a whole core busy)."""
+    share = [float("nan")]
+    if not Path("/proc/stat").exists():
+        yield share
+        return
+    start, (busy0, own0) = time.perf_counter(), busy_cpu_s()
+    yield share
+    busy1, own1 = busy_cpu_s()
+    share[0] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - start)
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -245,62 +275,105 @@ def training_flops_per_image(name: str, args, encoder: SemanticEncoder | None, d
 # --------------------------------------------------------------------------------------
 
 
-def measure_training(name: str, batch: int, setup: Setup, args, device: torch.device) -> dict:
-    model = build_model(name, args, setup, device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if setup.compile:
-        compile_blocks(model, args.compile_backend)
-    optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], OptimConfig(),
-                            setup.fused_optimizer, device)
-    amp = AUTOCAST[setup.autocast]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    encoder = build_semantic_encoder(args, setup, device) if setup.online_semantics else None
-    inputs = InputBuilder(PRESET, SimpleNamespace(num_classes=1000), 32, 1000, False, encoder)
-    loss_fn = JointLoss(**PRESET.loss_kwargs())
-    host = host_batch(batch, model.config.num_patches + 1, args, setup)
-    ema_update = EMA_UPDATES[setup.ema]
+class TrainingRun:
+    """One setup's model, EMA, optimiser, grad scaler, (online) semantic encoder and host batch."""
 
-    def step() -> float:
+    def __init__(self, name: str, batch: int, setup: Setup, args, device: torch.device):
+        self.name, self.batch, self.setup, self.args, self.device = name, batch, setup, args, device
+        self.model = build_model(name, args, setup, device).train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        if setup.compile:
+            compile_blocks(self.model, args.compile_backend)
+        self.optimizer = build_adamw([p for p in self.model.parameters() if p.requires_grad], OptimConfig(),
+                                     setup.fused_optimizer, device)
+        self.amp = AUTOCAST[setup.autocast]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.encoder = build_semantic_encoder(args, setup, device) if setup.online_semantics else None
+        self.inputs = InputBuilder(PRESET, SimpleNamespace(num_classes=1000), 32, 1000, False, self.encoder)
+        self.loss_fn = JointLoss(**PRESET.loss_kwargs())
+        self.host = host_batch(batch, self.model.config.num_patches + 1, args, setup)
+        self.times: list[float] = []
+        self.memory_mib = 0.0
+        self.other_load = float("nan")  # cores used by other processes while timed
+
+    def step(self) -> float:
+        """One optimisation step from host memory: inputs, loss, backward, clip, AdamW, EMA; seconds."""
         start = time.perf_counter()
-        x = inputs(host, device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            terms = loss_fn(model, x.x0, x.y, x.cls_target, x.repa_target)
-        scaler.scale(terms.total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model, 0.9999)
-        synchronize(device)
+        x = self.inputs(self.host, self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            terms = self.loss_fn(self.model, x.x0, x.y, x.cls_target, x.repa_target)
+        self.scaler.scale(terms.total).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        EMA_UPDATES[self.setup.ema](self.ema, self.model, 0.9999)
+        synchronize(self.device)
         return time.perf_counter() - start
 
-    model.train()
-    with peak_memory(device) as peak:
-        for _ in range(args.warmup):
-            step()
-        times = [step() for _ in range(args.steps)]
-    flops = training_flops_per_image(name, args, encoder, device)
-    median = statistics.median(times)
-    result = {"model": name, "batch": batch, **describe(setup), "step_s": round(median, 4),
-              "images_per_s": round(batch / median, 3), "peak_mem_mib": round(peak[0]),
-              "gflop_per_image": round(flops / 1e9, 1), "load_avg_1min": round(os.getloadavg()[0], 2)}
-    peak_flops = peak_tflops(device, args.peak_tflops)
-    if peak_flops:
-        result["mfu"] = round(flops * batch / median / (peak_flops * 1e12), 4)
-    return result
+    def result(self) -> dict:
+        flops = training_flops_per_image(self.name, self.args, self.encoder, self.device)
+        median = statistics.median(self.times)
+        result = {"model": self.name, "batch": self.batch, **describe(self.setup), "step_s": round(median, 4),
+                  "images_per_s": round(self.batch / median, 3), "peak_mem_mib": round(self.memory_mib),
+                  "gflop_per_image": round(flops / 1e9, 1), "other_load_cores": round(self.other_load, 2)}
+        peak_flops = peak_tflops(self.device, self.args.peak_tflops)
+        if peak_flops:
+            result["mfu"] = round(flops * self.batch / median / (peak_flops * 1e12), 4)
+        return result
+
+
+def memory_in_use_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 if statm.exists() else 0.0
+
+
+def measure_training(name: str, batch: int, args, device: torch.device) -> list[dict]:
+    """Both setups at one (model, batch): median of ``args.steps`` timed steps after ``args.warmup``.
+
+    Memory: a setup's peak over its warm-up steps above the memory in use before it was built.
+    ``--interleave`` keeps both setups built and alternates their timed steps, so that load from
+    other processes on a shared machine hits both alike; otherwise each is timed, then freed.
+    """
+    results, runs = [], []
+    for setup in setups(device, args.compile):
+        before = memory_in_use_mib(device)
+        try:
+            with peak_memory(device) as peak:
+                run = TrainingRun(name, batch, setup, args, device)
+                for _ in range(args.warmup):
+                    run.step()
+        except torch.OutOfMemoryError:
+            results.append({"model": name, "batch": batch, **describe(setup), "error": "out of memory"})
+            free_memory(device)
+            continue
+        run.memory_mib = peak[0] - before
+        if args.interleave:
+            runs.append(run)
+            continue
+        with other_load() as load:
+            run.times = [run.step() for _ in range(args.steps)]
+        run.other_load = load[0]
+        results.append(run.result())
+        del run
+        free_memory(device)
+    with other_load() as load:
+        for _ in range(args.steps):
+            for run in runs:
+                run.times.append(run.step())
+    for run in runs:
+        run.other_load = load[0]
+    return results + [run.result() for run in runs]
 
 
 def run_training(args, device: torch.device, results: dict, out: Path) -> None:
     for name in args.models:
         for batch in args.batches:
-            for setup in setups(device, args.compile):
-                try:
-                    results["train"].append(measure_training(name, batch, setup, args, device))
-                except torch.OutOfMemoryError:
-                    results["train"].append({"model": name, "batch": batch, **describe(setup), "error": "out of memory"})
-                free_memory(device)
-                write_results(results, out)
+            results["train"] += measure_training(name, batch, args, device)
+            write_results(results, out)
 
 
 def free_memory(device: torch.device) -> None:
@@ -346,14 +419,15 @@ def measure_sampling(args, device: torch.device, results: dict, out: Path) -> No
         samples = {}
         for setup in (authors, fast):
             draw(setup, sampler, 2)  # warm-up: kernels, compilation (guided and unguided batch shapes)
-            with peak_memory(device) as peak:
+            before = memory_in_use_mib(device)
+            with peak_memory(device) as peak, other_load() as load:
                 samples[setup], seconds = draw(setup, sampler, steps)
             results["sample"].append({
                 "model": args.sample_model, "mode": mode, "steps": steps, "batch": args.sample_batch, **guidance,
                 "setup": setup.name, "precision": precision[setup],
                 "attention": setup.attention, "compile": setup.compile, "seconds": round(seconds, 3),
-                "images_per_s": round(args.sample_batch / seconds, 4), "peak_mem_mib": round(peak[0]),
-                "load_avg_1min": round(os.getloadavg()[0], 2),
+                "images_per_s": round(args.sample_batch / seconds, 4), "peak_mem_mib": round(peak[0] - before),
+                "other_load_cores": round(load[0], 2),
             })
         difference = (samples[fast] - samples[authors]).abs()
         results["sample"][-1] |= {"max_abs_vs_fp32": round(float(difference.max()), 5),
@@ -377,9 +451,9 @@ def speedups(rows: list[dict], key: tuple[str, ...], rate: str) -> list[dict]:
 
 
 TRAIN_HEADER = ("| model | batch | setup | attention | autocast | semantics | AdamW | EMA | compile | step (s) | "
-                "images/s | peak mem (MiB) | GFLOP/image | MFU |")
+                "images/s | peak mem (MiB) | GFLOP/image | MFU | other load (cores) |")
 SAMPLE_HEADER = ("| model | sampler | steps | batch | CFG | interval | setup | precision | attention | compile | "
-                 "seconds | images/s | max-abs vs fp32 | mean-abs vs fp32 |")
+                 "seconds | images/s | max-abs vs fp32 | mean-abs vs fp32 | other load (cores) |")
 
 
 def markdown(results: dict) -> str:
@@ -388,11 +462,12 @@ def markdown(results: dict) -> str:
     if results["train"]:
         lines += [TRAIN_HEADER, "|" + "---|" * TRAIN_HEADER.count(" | ") + "---|"]
         for r in results["train"]:
-            adamw = "fused/foreach" if r["fused_optimizer"] else "loop"
+            adamw = "fused" if r["fused_optimizer"] else "loop"
             sem = "online" if r["online_semantics"] else "cached"
             cells = [r["model"], r["batch"], r["setup"], r["attention"], r["autocast"], sem, adamw, r["ema"],
                      r["compile"], r.get("step_s", r.get("error")), r.get("images_per_s", "–"),
-                     r.get("peak_mem_mib", "–"), r.get("gflop_per_image", "–"), r.get("mfu", "–")]
+                     r.get("peak_mem_mib", "–"), r.get("gflop_per_image", "–"), r.get("mfu", "–"),
+                     r.get("other_load_cores", "–")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines += ["", "Training speed-up (fast ÷ authors images/s): " + ", ".join(
             f"{s['model']} batch {s['batch']}: **{s['speedup']}×**"
@@ -403,7 +478,7 @@ def markdown(results: dict) -> str:
             cells = [r["model"], r["mode"].upper(), r["steps"], r["batch"], r["cfg_scale"],
                      f"[{r['guidance_low']}, {r['guidance_high']}]", r["setup"], r["precision"], r["attention"],
                      r["compile"], r["seconds"], r["images_per_s"], r.get("max_abs_vs_fp32", "–"),
-                     r.get("mean_abs_vs_fp32", "–")]
+                     r.get("mean_abs_vs_fp32", "–"), r["other_load_cores"]]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines += ["", "Sampling speed-up (fast ÷ authors images/s): " + ", ".join(
             f"{s['mode'].upper()}-{s['steps']}: **{s['speedup']}×**"
@@ -421,6 +496,8 @@ def write_results(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("--warmup and --steps must be at least 1 (memory is measured over the warm-up).")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32

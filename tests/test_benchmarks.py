@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -13,6 +14,7 @@ from conftest import REPO
 def load_benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
@@ -63,7 +65,6 @@ def test_gpu_script_parses_and_every_run_works_tiny_on_cpu(tmp_path):
     """benchmarks/gpu.sh as shipped (compiled fast path, both parts), each run shrunk to a tiny CPU model."""
     import os
     import subprocess
-    import sys
 
     script = REPO / "benchmarks" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -78,3 +79,19 @@ def test_gpu_script_parses_and_every_run_works_tiny_on_cpu(tmp_path):
     assert [(r["mode"], r["steps"]) for r in fast_rows] == [("sde", 3), ("ode", 2)]
     assert all(0 < r["max_abs_vs_fp32"] < 0.1 and r["precision"] == "bf16" for r in fast_rows)
     assert "| SiT-S/2 | SDE | 3 | 1 | 2.8 | [0.0, 0.9] | fast | bf16 |" in (tmp_path / "sample" / "compare.md").read_text()
+
+
+def test_compare_interleaved_training_tiny(tmp_path):
+    result = load_benchmark("compare").main([*TINY_COMPARE, "--parts", "train", "--interleave", "--out", str(tmp_path)])
+    rows = {r["setup"]: r for r in result["train"]}
+    assert rows["authors"]["online_semantics"] and not rows["fast"]["online_semantics"]
+    assert all(r["images_per_s"] > 0 and r["peak_mem_mib"] >= 0 for r in rows.values())
+    assert "Training speed-up" in (tmp_path / "compare.md").read_text()
+
+
+def test_flop_count_matches_the_papers_sit_xl2_training_flops():
+    """SiT-XL/2 REGLUE: ≈ 727 GFLOP per training image without the frozen VFM (counted on meta)."""
+    compare = load_benchmark("compare")
+    args = compare.parse_args([])
+    flops = compare.training_flops_per_image("SiT-XL/2", args, None, compare.torch.device("cpu"))
+    assert abs(flops / 1e9 - 727) < 2
