@@ -37,6 +37,7 @@ class ModelConfig:
     depth: int | None = None  # size overrides for small demo/test models; None: the size's value
     hidden_size: int | None = None
     num_heads: int | None = None
+    projector_dim: int | None = None  # REPA projector width; None: the paper's 2048 (smaller for CPU demos)
 
 
 @dataclass

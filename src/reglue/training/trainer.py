@@ -109,7 +109,8 @@ class StepNoise:
 def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim: int) -> SiT:
     preset = get_preset(config.model.preset)
     m = config.model
-    sizes = {"encoder_depth": m.encoder_depth, "depth": m.depth, "hidden_size": m.hidden_size, "num_heads": m.num_heads}
+    sizes = {"encoder_depth": m.encoder_depth, "depth": m.depth, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+             "projector_dim": m.projector_dim}
     overrides = {k: v for k, v in sizes.items() if v is not None}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
