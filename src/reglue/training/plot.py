@@ -4,11 +4,14 @@ One panel per loss term the run logged (keys starting with "loss/", in the order
 appear), then grad_norm and lr when present; x is the training step. Each panel shows the raw
 values faint and their centred moving average over ``smoothing`` logged points bold, on a log
 y axis when every value is positive. Non-finite values (skipped steps) are left out.
+:func:`plot_runs` draws several runs into one such figure, one colour per run (e.g. the
+demo's ``sit`` vs ``reglue`` comparison).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +48,58 @@ def _panel_keys(records: list[dict]) -> list[str]:
     return losses + [key for key in EXTRA_PANELS if key in seen]
 
 
-def _draw_panel(axes, key: str, steps: np.ndarray, values: np.ndarray, smoothing: int) -> None:
-    (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3)
-    axes.plot(steps, moving_average(values, smoothing), linewidth=2.0, color=raw.get_color())
-    axes.set(title=key, xlabel="step", yscale="log" if np.all(values > 0) else "linear")
+def _panels(runs: dict[str | None, list[dict]]) -> list[tuple[str, list]]:
+    """(key, [(label, steps, values), ...]) for every key any run logged a finite value of."""
+    panels = []
+    for key in _panel_keys([record for records in runs.values() for record in records]):
+        lines = [(label, *_series(records, key)) for label, records in runs.items()]
+        lines = [line for line in lines if len(line[2])]
+        if lines:
+            panels.append((key, lines))
+    return panels
+
+
+def _draw_panel(axes, key: str, lines: list[tuple[str | None, np.ndarray, np.ndarray]], smoothing: int) -> None:
+    """One panel: per (label, steps, values) line the raw values faint and their moving average bold."""
+    for label, steps, values in lines:
+        (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3)
+        axes.plot(steps, moving_average(values, smoothing), linewidth=2.0, color=raw.get_color(), label=label)
+    positive = all(np.all(values > 0) for _, _, values in lines)
+    axes.set(title=key, xlabel="step", yscale="log" if positive else "linear")
     axes.grid(True, which="major", alpha=0.3)
+    if any(label is not None for label, _, _ in lines):
+        axes.legend()
+
+
+def _draw_figure(panels: list[tuple[str, list]], title: str, smoothing: int, out: Path) -> Path:
+    """Lay ``panels`` ((key, lines) each) out in rows of PANEL_COLUMNS and save the PNG atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), dpi=100)
+    FigureCanvasAgg(figure)
+    for index, (key, lines) in enumerate(panels, start=1):
+        _draw_panel(figure.add_subplot(rows, columns, index), key, lines, smoothing)
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_write(out) as tmp:
+        figure.savefig(tmp, format="png")
+    return out
+
+
+def _check_smoothing(smoothing: int) -> None:
+    if smoothing < 1:
+        raise ValueError(f"smoothing is a window of logged points and must be >= 1, found {smoothing}.")
+
+
+def _require_losses(panels: list[tuple[str, list]], where: str, records: int) -> None:
+    if not any(key.startswith(LOSS_PREFIX) for key, _ in panels):
+        raise ValueError(
+            f"{where} has {records} metrics records but no finite value of a 'loss/...' key; "
+            "plot a run once it has logged its first training steps."
+        )
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int = 20) -> Path:
@@ -58,29 +108,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
     ``smoothing``: the moving-average window in logged points (1: no smoothing).
     Raises FileNotFoundError without ``run_dir/metrics.jsonl``, ValueError when it holds no loss value.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if smoothing < 1:
-        raise ValueError(f"smoothing is a window of logged points and must be >= 1, found {smoothing}.")
+    _check_smoothing(smoothing)
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    panels = [(key, *_series(records, key)) for key in _panel_keys(records)]
-    panels = [(key, steps, values) for key, steps, values in panels if len(values)]
-    if not any(key.startswith(LOSS_PREFIX) for key, _, _ in panels):
-        raise ValueError(
-            f"{run_dir} has {len(records)} metrics records but no finite value of a 'loss/...' key; "
-            "plot a run once it has logged its first training steps."
-        )
-    columns = min(PANEL_COLUMNS, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), dpi=100)
-    FigureCanvasAgg(figure)
-    for index, (key, steps, values) in enumerate(panels, start=1):
-        _draw_panel(figure.add_subplot(rows, columns, index), key, steps, values, smoothing)
-    figure.suptitle(run_dir.resolve().name)
-    figure.tight_layout()
+    panels = _panels({None: records})
+    _require_losses(panels, str(run_dir), len(records))
     out = run_dir / PLOT_FILE if out is None else Path(out)
-    with atomic_write(out) as tmp:
-        figure.savefig(tmp, format="png")
-    return out
+    return _draw_figure(panels, run_dir.resolve().name, smoothing, out)
+
+
+def plot_runs(runs: Mapping[str, str | Path], out: str | Path, smoothing: int = 20) -> Path:
+    """Draw several runs into one figure at ``out``: ``runs`` maps a legend label to a run directory.
+
+    A panel per loss term any run logged (then grad_norm, lr), each run's curve in its own colour.
+    Raises like :func:`plot_run` when a run has no metrics or none of them logged a loss.
+    """
+    _check_smoothing(smoothing)
+    records = {label: read_metrics(Path(run_dir)) for label, run_dir in runs.items()}
+    panels = _panels(records)
+    _require_losses(panels, ", ".join(map(str, runs.values())), sum(map(len, records.values())))
+    return _draw_figure(panels, " vs ".join(runs), smoothing, Path(out))
