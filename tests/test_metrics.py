@@ -219,10 +219,16 @@ def test_panels_use_a_log_axis_only_for_positive_values():
     FigureCanvasAgg(figure)
     positive, mixed = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     steps = np.arange(1, 5)
-    plot._draw_panel(positive, "loss/total", steps, np.array([4.0, 3.0, 2.0, 1.0]), smoothing=2)
-    plot._draw_panel(mixed, "lr", steps, np.array([0.0, 1.0, 2.0, 3.0]), smoothing=2)
-    assert (positive.get_yscale(), mixed.get_yscale()) == ("log", "linear")
+    plot._draw_panel(positive, "loss/total", [(None, steps, np.array([4.0, 3.0, 2.0, 1.0]))], smoothing=2)
+    plot._draw_panel(mixed, "loss/repa", [("a", steps, np.array([4.0, 3.0, 2.0, 1.0])),
+                                          ("b", steps, np.array([0.0, -1.0, -2.0, -3.0]))], smoothing=2)
+    assert (positive.get_yscale(), mixed.get_yscale()) == ("log", "linear")  # log only if every line is positive
     assert len(positive.lines) == 2  # raw and moving average
+    assert positive.get_legend() is None and [t.get_text() for t in mixed.get_legend().get_texts()] == ["a", "b"]
+
+
+def test_moving_average_of_a_constant_series_is_exactly_constant():
+    assert np.all(plot.moving_average(np.full(120, 2e-3), 20) == 2e-3)
 
 
 def test_plot_run_fails_clearly_without_metrics_or_losses(tmp_path):

@@ -27,12 +27,13 @@ PANEL_COLUMNS = 3
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Centred mean over ``window`` points ((window-1)//2 before, window//2 after; fewer at the
-    ends), (N,) -> (N,)."""
+    ends), (N,) -> (N,). Clipped to the values' range: the running-sum differences carry rounding
+    errors, which on a constant series (e.g. the learning rate) would draw as noise."""
     before, after = (window - 1) // 2, window // 2
     cumulative = np.concatenate([[0.0], np.cumsum(values)])
     index = np.arange(len(values))
     lo, hi = np.maximum(index - before, 0), np.minimum(index + after + 1, len(values))
-    return (cumulative[hi] - cumulative[lo]) / (hi - lo)
+    return np.clip((cumulative[hi] - cumulative[lo]) / (hi - lo), values.min(), values.max())
 
 
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
