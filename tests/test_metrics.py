@@ -241,3 +241,22 @@ def test_plot_run_fails_clearly_without_metrics_or_losses(tmp_path):
     assert not (tmp_path / plot.PLOT_FILE).exists()
     with pytest.raises(ValueError, match="smoothing"):
         plot_run(tmp_path, smoothing=0)
+
+
+def test_plot_runs_draws_every_run_in_one_figure_each_in_its_own_colour(tmp_path, monkeypatch):
+    for name, keys in (("sit", ("loss/total", "loss/latent")), ("reglue", ("loss/total", "loss/latent", "loss/repa"))):
+        with MetricsLogger(tmp_path / name, tensorboard=False) as logger:
+            for step in range(1, 6):
+                logger.log(step, {key: 1.0 / step for key in keys})
+    panels = {}
+    draw = plot._draw_panel
+
+    def record(axes, key, lines, smoothing, colours=None):
+        draw(axes, key, lines, smoothing, colours)
+        panels[key] = {line.get_label(): line.get_color() for line in axes.lines if not line.get_label().startswith("_")}
+
+    monkeypatch.setattr(plot, "_draw_panel", record)
+    out = plot.plot_runs({"sit": tmp_path / "sit", "reglue": tmp_path / "reglue"}, tmp_path / "both.png")
+    assert Image.open(out).size[0] > 0
+    assert panels == {"loss/total": {"sit": "C0", "reglue": "C1"}, "loss/latent": {"sit": "C0", "reglue": "C1"},
+                      "loss/repa": {"reglue": "C1"}}

@@ -60,10 +60,12 @@ def _panels(runs: dict[str | None, list[dict]]) -> list[tuple[str, list]]:
     return panels
 
 
-def _draw_panel(axes, key: str, lines: list[tuple[str | None, np.ndarray, np.ndarray]], smoothing: int) -> None:
-    """One panel: per (label, steps, values) line the raw values faint and their moving average bold."""
+def _draw_panel(axes, key: str, lines: list[tuple[str | None, np.ndarray, np.ndarray]], smoothing: int,
+                colours: Mapping[str | None, str] | None = None) -> None:
+    """One panel: per (label, steps, values) line the raw values faint and their moving average bold,
+    in ``colours[label]`` when given (so a run keeps its colour in panels it shares with fewer runs)."""
     for label, steps, values in lines:
-        (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3)
+        (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3, color=(colours or {}).get(label))
         axes.plot(steps, moving_average(values, smoothing), linewidth=2.0, color=raw.get_color(), label=label)
     positive = all(np.all(values > 0) for _, _, values in lines)
     axes.set(title=key, xlabel="step", yscale="log" if positive else "linear")
@@ -81,8 +83,10 @@ def _draw_figure(panels: list[tuple[str, list]], title: str, smoothing: int, out
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.5 * columns, 3.2 * rows), dpi=100)
     FigureCanvasAgg(figure)
+    labels = dict.fromkeys(label for _, lines in panels for label, _, _ in lines)  # first appearance order
+    colours = {label: f"C{i}" for i, label in enumerate(labels)}
     for index, (key, lines) in enumerate(panels, start=1):
-        _draw_panel(figure.add_subplot(rows, columns, index), key, lines, smoothing)
+        _draw_panel(figure.add_subplot(rows, columns, index), key, lines, smoothing, colours)
     figure.suptitle(title)
     figure.tight_layout()
     with atomic_write(out) as tmp:
