@@ -41,7 +41,9 @@ import torch
 
 from reglue.config import RunConfig, from_dict
 from reglue.data import store
+from reglue.encoders.pixel import PIXEL_AUTOENCODER
 from reglue.encoders.semantics import VFMSpec
+from reglue.errors import ReglueError
 from reglue.io import atomic_write
 from reglue.presets import PRESETS, get_preset
 
@@ -225,7 +227,7 @@ def _data_stages(ledger: _Ledger, paths: DemoPaths, settings: DemoSettings, prog
     count = len(CLASSES) * settings.images_per_class
     ledger.run("images", f"{count} synthetic images, {len(CLASSES)} classes",
                lambda: write_synthetic_dataset(paths.images, settings.images_per_class, SYNTHETIC_SIDE, settings.seed))
-    prepare = PrepareSettings(str(paths.images), vae="pixel", shard_size=count)
+    prepare = PrepareSettings(str(paths.images), vae=PIXEL_AUTOENCODER, shard_size=count)
     ledger.run("prepare", f"crop to 256² and encode with the {AUTOENCODER_LABEL}",
                lambda: run_prepare(prepare, paths.data, show_progress=progress))
     if not settings.uses_vfm:
@@ -283,7 +285,7 @@ def _train(paths: DemoPaths, settings: DemoSettings, preset: str) -> None:
 
     result = train(demo_config(paths, settings, preset), resume="auto")
     if result.stopped_early:
-        raise RuntimeError(f"training {preset} stopped at step {result.step}; rerun the demo to resume it.")
+        raise ReglueError(f"training {preset} stopped at step {result.step}; rerun the demo to resume it.")
 
 
 # ----------------------------------------------------------------------------- sample (7)
@@ -370,7 +372,7 @@ def _check_finite(value, where: str = "metrics") -> None:
         for i, item in enumerate(value):
             _check_finite(item, f"{where}[{i}]")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise RuntimeError(f"{where} is {value}; the demo's training diverged: rerun with a new --out folder.")
+        raise ReglueError(f"{where} is {value}; the demo's training diverged: rerun with a new --out folder.")
 
 
 # ----------------------------------------------------------------------------- report (9)
