@@ -190,3 +190,16 @@ def test_authors_checkpoint_loads_for_sampling_and_reproduces_their_sde_samples(
                          cfg_scale=p["cfg_scale"], cls_cfg_scale=p["cls_cfg_scale"], guidance_low=p["guidance_low"],
                          guidance_high=p["guidance_high"])
         assert (out - case["out"]).abs().max() < 1e-5
+
+
+def test_sample_and_grid_decode_with_the_weight_free_pixel_autoencoder(setup, tmp_path):
+    from PIL import Image
+
+    root = setup[0]
+    assert main(["sample", "--ckpt", str(root / "ema"), "--out", str(tmp_path / "px"), "--num-samples", "2",
+                 "--steps", "2", "--mode", "ode", "--vae", "pixel", "--quiet"]) == 0
+    with np.load(tmp_path / "px" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 64, 64, 3)  # 8×8 latents, factor 8
+    assert main(["grid", "--ckpt", str(root / "ema"), "--classes", "1,2", "--steps", "2", "--vae", "pixel",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").width == 2 * 64

@@ -15,7 +15,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     main_job, test_command = quick_start_commands()
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
-    assert "pytest" in test_command and "scripts/setup.sh" in main_job
+    assert "pytest" in test_command and "scripts/setup.sh" in main_job and "reglue demo" in main_job
 
 
 def test_readme_scripts_exist():

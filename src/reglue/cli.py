@@ -161,7 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from reglue.distributed import process_state
-    from reglue.encoders.vae import VAE
+    from reglue.encoders.vae import load_vae
     from reglue.generate import PAPER, SampleSettings, generate, load_sampling_model
 
     paper = PAPER if args.paper else {}
@@ -174,7 +174,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     state = process_state()
     model = load_sampling_model(args.ckpt, args.weights).to(state.device)
     model.check_inputs = state.device.type == "cpu"
-    vae = VAE(args.vae).to(state.device)
+    vae = load_vae(args.vae).to(state.device)
     mine = len(range(state.process_index, settings.num_samples, state.num_processes))
     with tqdm(total=mine, unit="img", desc="sample", disable=args.quiet or not state.is_main_process) as bar:
         npz = generate(model, vae, args.out, settings, args.per_device_batch, state.device, state.process_index,
@@ -188,7 +188,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from reglue.encoders.vae import VAE
+    from reglue.encoders.vae import load_vae
     from reglue.generate import PAPER, SampleSettings, class_grid, load_sampling_model
     from reglue.io import atomic_write
 
@@ -198,7 +198,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     settings = SampleSettings(num_samples=len(classes) * args.per_class, num_steps=args.steps,
                               cfg_scale=args.cfg_scale, guidance_low=PAPER["guidance_low"],
                               guidance_high=PAPER["guidance_high"], seed=args.seed)
-    grid = class_grid(model, VAE(args.vae).to(device), classes, settings, args.per_class, device)
+    grid = class_grid(model, load_vae(args.vae).to(device), classes, settings, args.per_class, device)
     with atomic_write(args.out) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     print(f"wrote {args.out}")
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="ImageFolder tree (class sub-folders), flat folder (unconditional), or a .zip")
     p.add_argument("dst", help="output dataset directory (rerun the same command to resume)")
     p.add_argument("--resolution", type=int, choices=(256, 512), default=256)
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--max-images", type=int, default=None, help="use only the first N files (sorted by path)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
@@ -326,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per SiT/VAE call (memory; part of the settings: fixes the float kernels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="local diffusers folder or cached hub id")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)
 
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.set_defaults(func=_cmd_grid)
 
     p = commands.add_parser("evaluate", help="FID, sFID, Inception Score, precision, recall (ADM suite, PyTorch)")

@@ -454,11 +454,11 @@ _PREVIEW_VAES: dict[str, object] = {}
 
 def _preview_vae(vae_id: str, device: torch.device):
     """The dataset's VAE for decoding previews, or None (with one warning) if it cannot load."""
-    from reglue.encoders.vae import VAE
+    from reglue.encoders.vae import load_vae
 
     if vae_id not in _PREVIEW_VAES:
         try:
-            _PREVIEW_VAES[vae_id] = VAE(vae_id).to(device)
+            _PREVIEW_VAES[vae_id] = load_vae(vae_id).to(device)
         except (OSError, ValueError) as err:
             log.warning("sample previews disabled: the dataset's VAE %s does not load (%s)", vae_id, err)
             _PREVIEW_VAES[vae_id] = None
