@@ -253,7 +253,10 @@ def config_from_weights(state: dict, args: dict):
 
 def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings, per_class: int = 1,
                device: torch.device | str = "cpu") -> np.ndarray:
-    """A labelled uint8 grid (H, W, 3): one column per class, ``per_class`` rows, class ids on top."""
+    """A labelled uint8 grid (H, W, 3): one column per class, ``per_class`` rows, class ids on top.
+
+    Each column is one batch, so model calls use at most 2·``per_class`` rows (no padding to the
+    settings' micro-batch); the grid is still the same for the same settings and ``per_class``."""
     from dataclasses import replace
 
     from PIL import Image, ImageDraw
@@ -261,7 +264,7 @@ def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings
     device = torch.device(device)
     columns = []
     for column, label in enumerate(classes):
-        class_settings = replace(settings, labels=str(label))
+        class_settings = replace(settings, labels=str(label), micro_batch=min(settings.micro_batch, 2 * per_class))
         indices = [column * per_class + r for r in range(per_class)]
         images, _ = sample_batch(model.eval(), vae, indices, class_settings, device)
         columns.append(np.concatenate(list(images), axis=0))  # (per_class·H, W, 3)
