@@ -113,9 +113,10 @@ def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettin
 
 def decode_fixed(vae, latents: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """``vae.decode`` with every call exactly ``micro_batch`` latents (the last chunk padded)."""
-    n = latents.shape[0]
-    rows = torch.arange(-(-n // micro_batch) * micro_batch, device=latents.device).clamp(max=n - 1)
-    return vae.decode(latents[rows], batch_size=micro_batch)[:n]
+    from reglue.sampling import padded_rows
+
+    rows = padded_rows(latents.shape[0], micro_batch, latents.device)
+    return vae.decode(latents[rows], batch_size=micro_batch)[: latents.shape[0]]
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -75,6 +75,11 @@ class _Guidance:
         return x, cls_c
 
 
+def padded_rows(n: int, micro_batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row indices 0..n−1, padded to a multiple of ``micro_batch`` by repeating row n−1."""
+    return torch.arange(-(-n // micro_batch) * micro_batch, device=device).clamp(max=n - 1)
+
+
 class _JointVelocity:
     """Calls the model on the float64 state and returns float64 velocities.
 
@@ -109,15 +114,12 @@ class _JointVelocity:
 
     def _forward(self, x, t, y, cls):
         """(v (N, C, H, W), v_cls (N, z) or None), in fixed-size chunks when ``micro_batch`` is set."""
-        n, m = x.shape[0], self.micro_batch or x.shape[0]
-        vs, v_clss = [], []
-        for start in range(0, n, m):
-            rows = torch.arange(start, start + m, device=x.device).clamp(max=n - 1)  # pad: repeat the last row
-            v, _, v_cls = self.model(x[rows], t[rows], y[rows], cls_token=cls[rows] if cls is not None else None)
-            keep = min(m, n - start)
-            vs.append(v[:keep])
-            v_clss.append(v_cls[:keep] if v_cls is not None else None)
-        return torch.cat(vs), (torch.cat(v_clss) if v_clss[0] is not None else None)
+        n = x.shape[0]
+        outputs = [self.model(x[rows], t[rows], y[rows], cls_token=cls[rows] if cls is not None else None)
+                   for rows in padded_rows(n, self.micro_batch or n, x.device).split(self.micro_batch or n)]
+        v = torch.cat([out[0] for out in outputs])[:n]  # padding rows dropped
+        v_cls = torch.cat([out[2] for out in outputs])[:n] if outputs[0][2] is not None else None
+        return v, v_cls
 
 
 @contextlib.contextmanager
