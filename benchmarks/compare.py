@@ -55,7 +55,7 @@ from reglue.encoders.vfm import build_vfm
 from reglue.models import build_sit
 from reglue.models.compressor import SemanticCompressor
 from reglue.presets import get_preset
-from reglue.sampling import sample_ode, sample_sde
+from reglue.sampling import Guidance, sample_ode, sample_sde
 from reglue.training.ema import EMA_UPDATES
 from reglue.training.inputs import InputBuilder
 from reglue.training.trainer import build_adamw
@@ -404,14 +404,14 @@ def measure_sampling(args, device: torch.device, results: dict, out: Path) -> No
     cls = torch.randn(args.sample_batch, c.z_dim, generator=g).to(device)
     y = torch.arange(args.sample_batch, device=device) % c.num_classes
     low, high = args.guidance_interval
-    guidance = {"cfg_scale": args.cfg_scale, "guidance_low": low, "guidance_high": high}
+    guidance = Guidance(scale=args.cfg_scale, low=low, high=high)
 
     def draw(setup: Setup, sampler, steps: int) -> tuple[torch.Tensor, float]:
         torch.manual_seed(2)
         start = time.perf_counter()
         amp = AUTOCAST[precision[setup]]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            x = sampler(models[setup], latents, y, cls, num_steps=steps, **guidance)
+            x = sampler(models[setup], latents, y, cls, num_steps=steps, guidance=guidance)
         synchronize(device)
         return x, time.perf_counter() - start
 

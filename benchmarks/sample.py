@@ -17,7 +17,7 @@ import torch
 
 from reglue.models import build_sit
 from reglue.presets import get_preset
-from reglue.sampling import sample_ode, sample_sde
+from reglue.sampling import Guidance, sample_ode, sample_sde
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +54,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(2)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            if args.mode == "sde":
-                x = sample_sde(model, latents, y, cls, args.steps, cfg_scale=args.cfg_scale,
-                               guidance_high=args.guidance_high)
-            else:
-                x = sample_ode(model, latents, y, cls, args.steps, cfg_scale=args.cfg_scale,
-                               guidance_high=args.guidance_high)
+            sampler = sample_sde if args.mode == "sde" else sample_ode
+            x = sampler(model, latents, y, cls, num_steps=args.steps,
+                        guidance=Guidance(scale=args.cfg_scale, high=args.guidance_high))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return x, time.perf_counter() - start

@@ -9,7 +9,7 @@ import torch
 
 from reglue.models import SemanticCompressor, SiT, build_sit, load_authors_checkpoint, load_state_dict_strict
 from reglue.models.sit import sincos_pos_embed_2d
-from reglue.sampling import sample_sde
+from reglue.sampling import Guidance, sample_sde
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,9 +52,9 @@ def test_sde_samples_reproduce_authors_seed_for_seed(official_vectors, official_
     torch.manual_seed(sample["torch_manual_seed"])
     out = sample_sde(
         official_model, sample["latents"], sample["y"], sample["cls_latents"],
-        num_steps=p["num_steps"], cfg_scale=p["cfg_scale"], cls_cfg_scale=p["cls_cfg_scale"],
-        guidance_low=p["guidance_low"], guidance_high=p["guidance_high"],
-        vae_only_cfg=p["vae_cfg"] == "true",
+        num_steps=p["num_steps"],
+        guidance=Guidance(scale=p["cfg_scale"], cls_scale=p["cls_cfg_scale"], low=p["guidance_low"],
+                          high=p["guidance_high"], vae_only=p["vae_cfg"] == "true"),
     )
     assert out.dtype == torch.float64
     assert max_abs(out, sample["out"]) < 1e-5

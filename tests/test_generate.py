@@ -12,6 +12,7 @@ from conftest import tiny_sit
 from reglue.cli import main
 from reglue.encoders.vae import VAE
 from reglue.generate import SampleSettings, config_from_weights, generate, load_sampling_model
+from reglue.sampling import Guidance, sample_sde
 from test_prepare import tiny_vae_dir
 
 
@@ -24,13 +25,17 @@ def setup(tmp_path_factory):
     return root, model, VAE(str(vae_dir)), vae_dir
 
 
-SETTINGS = SampleSettings(num_samples=7, num_steps=4, cfg_scale=2.0, guidance_high=0.9, seed=3, micro_batch=4)
+SETTINGS = SampleSettings(num_samples=7, num_steps=4, guidance=Guidance(scale=2.0, high=0.9), seed=3, micro_batch=4)
+
+
+def pngs_of(folder, count: int):
+    from PIL import Image
+
+    return [np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(count)]
 
 
 def pngs(folder):
-    from PIL import Image
-
-    return [np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(SETTINGS.num_samples)]
+    return pngs_of(folder, SETTINGS.num_samples)
 
 
 def test_batch_size_and_process_count_do_not_change_the_images(setup, tmp_path):
@@ -118,6 +123,84 @@ def test_model_loads_from_a_training_checkpoint(setup, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
 
 
+def test_the_interpolant_path_travels_with_the_model_into_reglue_sample(setup, tmp_path):
+    """A cosine model saved and reloaded is sampled with the cosine score by ``generate``."""
+    import json
+
+    from reglue.generate import decode_fixed, initial_noise
+
+    _, _, vae, _ = setup
+    cosine = tiny_sit("reglue", path="cosine").eval()
+    cosine.save_pretrained(tmp_path / "cosine")
+    assert json.loads((tmp_path / "cosine" / "config.json").read_text())["path"] == "cosine"
+    loaded = load_sampling_model(tmp_path / "cosine")
+    assert loaded.config.path == "cosine"
+    settings = SampleSettings(num_samples=2, num_steps=3, guidance=Guidance(scale=2.0), labels="1,2", micro_batch=2)
+    generate(loaded, vae, tmp_path / "out", settings, per_device_batch=2)
+
+    def decoded(path):
+        noise = [initial_noise(i, settings.seed, loaded) for i in range(2)]
+        x = sample_sde(loaded, torch.stack([n[0] for n in noise]), torch.tensor([1, 2]),
+                       torch.stack([n[1] for n in noise]), num_steps=3, guidance=settings.guidance, path=path,
+                       noise_generators=[n[2] for n in noise], micro_batch=2)
+        return decode_fixed(vae, x[:, :4].float(), 2).permute(0, 2, 3, 1).numpy()
+
+    got = np.stack(pngs_of(tmp_path / "out", 2))
+    assert np.array_equal(got, decoded("cosine"))
+    assert not np.array_equal(got, decoded("linear"))  # what `reglue sample` drew before the path travelled
+
+
+def test_configs_without_a_path_load_as_linear_and_checkpoints_take_the_runs_path(setup, tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from reglue.training.checkpoint import save_checkpoint
+
+    _, model, _, _ = setup
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["path"]  # written before SiTConfig.path existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert load_sampling_model(tmp_path / "old").config.path == "linear"
+    sit_config = {k: v for k, v in asdict(model.config).items() if k != "path"}
+    save_checkpoint(tmp_path, 3, {"model": model.state_dict(), "ema": model.state_dict(), "sit_config": sit_config,
+                                  "config": {"loss": {"path": "cosine"}}})
+    assert load_sampling_model(tmp_path / "checkpoints" / "step-000000003.pt").config.path == "cosine"
+    with pytest.raises(ValueError, match="path must be one of"):
+        tiny_sit("reglue", path="vp")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cfg-scale", "0.5"], "guidance scale must be >= 1"),
+    (["--cfg-scale", "1", "--cls-cfg-scale", "0.5"], "would be ignored"),
+    (["--vae-only-cfg"], "needs a guidance scale > 1"),
+    (["--mode", "ode", "--cfg-scale", "2", "--vae-only-cfg"], "SDE sampler only"),
+    (["--heun"], "correction of the ODE sampler"),
+    (["--guidance-interval", "0.9", "0.1"], "0 <= LOW <= HIGH <= 1"),
+])
+def test_sample_cli_refuses_guidance_that_would_do_nothing(setup, tmp_path, capsys, flags, message):
+    root, _, _, vae_dir = setup
+    code = main(["sample", "--ckpt", str(root / "ema"), "--out", str(tmp_path / "x"), "--num-samples", "1",
+                 "--steps", "2", "--vae", str(vae_dir), "--quiet", *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_grid_cli_takes_every_guidance_option(setup, tmp_path):
+    root, _, _, vae_dir = setup
+    from PIL import Image
+
+    common = ["grid", "--ckpt", str(root / "ema"), "--classes", "1,2", "--per-class", "1", "--steps", "3",
+              "--vae", str(vae_dir)]  # SDE grid times 1, 0.52, 0.04
+    assert main([*common, "--cfg-scale", "3", "--guidance-interval", "0", "0.7", "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--cfg-scale", "3", "--guidance-interval", "0", "0.2", "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert not np.array_equal(a, b)  # the interval reaches the sampler
+    assert main([*common, "--cfg-scale", "1", "--cls-cfg-scale", "4", "--out", str(tmp_path / "cls.png")]) == 0
+    assert main([*common, "--mode", "ode", "--out", str(tmp_path / "ode.png")]) == 0
+
+
 def test_grid_cli_writes_a_labelled_grid(setup, tmp_path):
     from PIL import Image
 
@@ -176,7 +259,6 @@ def test_killed_run_restarted_gives_the_images_of_an_uninterrupted_one(setup, tm
 
 
 def test_authors_checkpoint_loads_for_sampling_and_reproduces_their_sde_samples(official_vectors, tmp_path):
-    from reglue.sampling import sample_sde
 
     state = {"module." + k: v for k, v in official_vectors["state_dict"].items()}
     path = tmp_path / "authors.pt"
@@ -187,8 +269,8 @@ def test_authors_checkpoint_loads_for_sampling_and_reproduces_their_sde_samples(
         p = case["params"]
         torch.manual_seed(case["torch_manual_seed"])
         out = sample_sde(model, case["latents"], case["y"], case["cls_latents"], num_steps=p["num_steps"],
-                         cfg_scale=p["cfg_scale"], cls_cfg_scale=p["cls_cfg_scale"], guidance_low=p["guidance_low"],
-                         guidance_high=p["guidance_high"])
+                         guidance=Guidance(scale=p["cfg_scale"], cls_scale=p["cls_cfg_scale"],
+                                           low=p["guidance_low"], high=p["guidance_high"]))
         assert (out - case["out"]).abs().max() < 1e-5
 
 

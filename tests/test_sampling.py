@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import tiny_sit
 from reglue.presets import PRESETS
-from reglue.sampling import sample_ode, sample_sde
+from reglue.sampling import Guidance, sample_ode, sample_sde
 
 B, LATENT, SEMANTIC, Z = 2, 4, 16, 12
 
@@ -70,9 +70,20 @@ class ConstantVelocity(nn.Module):
         return v, None, v_cls
 
 
+def authors_coefficients(path: str, t: float) -> tuple[float, float, float, float]:
+    """(α, σ, α̇, σ̇) as the authors' ``get_score_from_velocity`` spells them per path type."""
+    if path == "linear":
+        return 1 - t, t, -1.0, 1.0
+    return (math.cos(t * math.pi / 2), math.sin(t * math.pi / 2),
+            -math.pi / 2 * math.sin(t * math.pi / 2), math.pi / 2 * math.cos(t * math.pi / 2))
+
+
 def reference_sde(model, x, cls, y, num_steps, cfg=1.0, cls_cfg=None, low=0.0, high=1.0,
-                  vae_only=False, null=10):
-    """SPEC §8 Euler–Maruyama written out: linear path, g = 2·t, ε_x then ε_cls per noisy step."""
+                  vae_only=False, null=10, path="linear"):
+    """SPEC §8 Euler–Maruyama written out as the authors' ``euler_maruyama_sampler(..., path_type)``:
+    score = (α/α̇·v − x) / (σ² − α/α̇·σ̇·σ), g = 2·t, ε_x then ε_cls per noisy step. Guidance as
+    reglue.sampling.Guidance decides it: the unconditional pass runs when cfg > 1 or the CLS scale > 1
+    (the authors look at cfg only: identical whenever cfg > 1)."""
     cls_cfg = cfg if cls_cfg is None else cls_cfg
     x, cls = x.double(), None if cls is None else cls.double()
     y_null = torch.full_like(y, null)
@@ -93,17 +104,19 @@ def reference_sde(model, x, cls, y, num_steps, cfg=1.0, cls_cfg=None, low=0.0, h
                 if vel is None:
                     out.append(None)
                     continue
-                score = (-(1 - t) * vel.double() - state) / (t**2 + (1 - t) * t)
+                alpha, sigma, d_alpha, d_sigma = authors_coefficients(path, t)
+                ratio = alpha / d_alpha
+                score = (ratio * vel.double() - state) / (sigma**2 - ratio * d_sigma * sigma)
                 out.append(vel.double() - 0.5 * g * score)
             return out
 
         d_x, d_cls = drifts(y)
-        if cfg > 1 and low <= t <= high:
+        if (cfg > 1 or cls_cfg > 1) and low <= t <= high:
             u_x, u_cls = drifts(y_null)
-            if vae_only and not last:
+            if cfg > 1 and vae_only and not last:
                 k = LATENT
                 d_x = torch.cat([d_x[:, :k] + cfg * (d_x[:, :k] - u_x[:, :k]), d_x[:, k:]], 1)
-            else:
+            elif cfg > 1:
                 d_x = u_x + cfg * (d_x - u_x)
             if d_cls is not None and cls_cfg > 0:
                 d_cls = u_cls + cls_cfg * (d_cls - u_cls)
@@ -222,8 +235,7 @@ def test_sde_doubles_batch_exactly_inside_interval(reglue_model, null_label):
     starts = sde_starts(10)
     low, high = starts[6], starts[3]
     model = CallRecorder(reglue_model)
-    seeded(sample_sde, model, x, y, cls, num_steps=10, cfg_scale=2.0,
-           guidance_low=low, guidance_high=high, null_label=null_label)
+    seeded(sample_sde, model, x, y, cls, num_steps=10, guidance=Guidance(scale=2.0, low=low, high=high), null_label=null_label)
     guided = [low <= t <= high for t in starts]
     assert guided == [False] * 3 + [True] * 4 + [False] * 3
     assert_doubling(model.calls, guided, y, 10 if null_label is None else null_label)
@@ -232,8 +244,7 @@ def test_sde_doubles_batch_exactly_inside_interval(reglue_model, null_label):
 def test_sde_last_step_is_guided_when_interval_reaches_its_start(reglue_model):
     x, cls, y = reglue_inputs()
     model = CallRecorder(reglue_model)
-    seeded(sample_sde, model, x, y, cls, num_steps=4, cfg_scale=1.5,
-           guidance_low=0.0, guidance_high=0.05)
+    seeded(sample_sde, model, x, y, cls, num_steps=4, guidance=Guidance(scale=1.5, low=0.0, high=0.05))
     assert model.batches == [B, B, B, 2 * B]
     assert model.times[-1] == pytest.approx(0.04)
 
@@ -241,7 +252,7 @@ def test_sde_last_step_is_guided_when_interval_reaches_its_start(reglue_model):
 def test_ode_doubles_batch_exactly_inside_interval(reglue_model):
     x, cls, y = reglue_inputs()
     model = CallRecorder(reglue_model)
-    sample_ode(model, x, y, cls, num_steps=8, cfg_scale=3.0, guidance_low=0.3, guidance_high=0.7)
+    sample_ode(model, x, y, cls, num_steps=8, guidance=Guidance(scale=3.0, low=0.3, high=0.7))
     starts = ode_grid(8)[:-1]
     guided = [0.3 <= t <= 0.7 for t in starts]
     assert sum(guided) == 3
@@ -251,8 +262,7 @@ def test_ode_doubles_batch_exactly_inside_interval(reglue_model):
 def test_ode_heun_correction_uses_guidance_of_step_start(reglue_model):
     x, cls, y = reglue_inputs()
     model = CallRecorder(reglue_model)
-    sample_ode(model, x, y, cls, num_steps=8, heun=True, cfg_scale=3.0,
-               guidance_low=0.3, guidance_high=0.7)
+    sample_ode(model, x, y, cls, num_steps=8, heun=True, guidance=Guidance(scale=3.0, low=0.3, high=0.7))
     grid = ode_grid(8)
     expected_times, guided = [], []
     for i in range(8):
@@ -269,13 +279,12 @@ def test_ode_heun_correction_uses_guidance_of_step_start(reglue_model):
 def test_cfg_scale_one_ignores_interval_and_never_doubles(reglue_model):
     x, cls, y = reglue_inputs()
     full, part = CallRecorder(reglue_model), CallRecorder(reglue_model)
-    a = seeded(sample_sde, full, x, y, cls, num_steps=6, cfg_scale=1.0)
-    b = seeded(sample_sde, part, x, y, cls, num_steps=6, cfg_scale=1.0,
-               guidance_low=0.0, guidance_high=0.9)
+    a = seeded(sample_sde, full, x, y, cls, num_steps=6, guidance=Guidance(scale=1.0))
+    b = seeded(sample_sde, part, x, y, cls, num_steps=6, guidance=Guidance(scale=1.0, low=0.0, high=0.9))
     assert torch.equal(a, b)
     assert full.batches == part.batches == [B] * 6
-    c = sample_ode(full, x, y, cls, num_steps=4, heun=True, cfg_scale=1.0)
-    d = sample_ode(part, x, y, cls, num_steps=4, heun=True, cfg_scale=1.0, guidance_high=0.9)
+    c = sample_ode(full, x, y, cls, num_steps=4, heun=True, guidance=Guidance(scale=1.0))
+    d = sample_ode(part, x, y, cls, num_steps=4, heun=True, guidance=Guidance(scale=1.0, high=0.9))
     assert torch.equal(c, d)
     assert set(full.batches + part.batches) == {B}
 
@@ -285,21 +294,21 @@ def test_cfg_scale_one_ignores_interval_and_never_doubles(reglue_model):
 
 def test_cls_cfg_scale_none_equals_cfg_scale(reglue_model):
     x, cls, y = reglue_inputs()
-    a = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5)
-    b = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5, cls_cfg_scale=2.5)
-    c = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, cfg_scale=2.5, cls_cfg_scale=1.5)
+    a = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, guidance=Guidance(scale=2.5))
+    b = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, guidance=Guidance(scale=2.5, cls_scale=2.5))
+    c = seeded(sample_sde, reglue_model, x, y, cls, num_steps=5, guidance=Guidance(scale=2.5, cls_scale=1.5))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    d = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, cfg_scale=2.5)
-    e = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, cfg_scale=2.5, cls_cfg_scale=2.5)
+    d = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, guidance=Guidance(scale=2.5))
+    e = sample_ode(reglue_model, x, y, cls, num_steps=4, heun=True, guidance=Guidance(scale=2.5, cls_scale=2.5))
     assert torch.equal(d, e)
 
 
 def test_cls_cfg_scale_zero_keeps_conditional_cls_drift_and_guides_latent():
     model = ConstantVelocity(LATENT + SEMANTIC, cls_dim=Z, cls_coupling=1.0)
     x, cls, y = reglue_inputs()
-    kwargs = dict(num_steps=5, cfg_scale=3.0, guidance_low=0.2, guidance_high=0.9)
-    got = seeded(sample_sde, model, x, y, cls, cls_cfg_scale=0, **kwargs)
+    kwargs = dict(num_steps=5, guidance=Guidance(scale=3.0, low=0.2, high=0.9))
+    got = seeded(sample_sde, model, x, y, cls, num_steps=5, guidance=Guidance(scale=3.0, cls_scale=0, low=0.2, high=0.9))
     want = seeded(reference_sde, model, x, cls, y, cls_cfg=0, low=0.2, high=0.9,
                   num_steps=5, cfg=3.0)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
@@ -312,7 +321,7 @@ def test_cls_cfg_scale_zero_keeps_conditional_cls_drift_and_guides_latent():
 def test_cls_cfg_scale_zero_on_real_model_matches_reference():
     model = tiny_sit("reglue").double().eval()
     x, cls, y = reglue_inputs()
-    got = seeded(sample_sde, model, x, y, cls, num_steps=4, cfg_scale=2.0, cls_cfg_scale=0)
+    got = seeded(sample_sde, model, x, y, cls, num_steps=4, guidance=Guidance(scale=2.0, cls_scale=0))
     want = seeded(reference_sde, model, x, cls, y, num_steps=4, cfg=2.0, cls_cfg=0)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
 
@@ -320,11 +329,10 @@ def test_cls_cfg_scale_zero_on_real_model_matches_reference():
 def test_vae_only_cfg_rule_matches_hand_derivation():
     model = ConstantVelocity(LATENT + SEMANTIC)
     x, _, y = reglue_inputs()
-    kwargs = dict(num_steps=4, cfg_scale=4.0)
-    got = seeded(sample_sde, model, x, y, vae_only_cfg=True, **kwargs)
+    got = seeded(sample_sde, model, x, y, num_steps=4, guidance=Guidance(scale=4.0, vae_only=True))
     want = seeded(reference_sde, model, x, None, y, num_steps=4, cfg=4.0, vae_only=True)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
-    standard = seeded(sample_sde, model, x, y, **kwargs)
+    standard = seeded(sample_sde, model, x, y, num_steps=4, guidance=Guidance(scale=4.0))
     assert not torch.allclose(got, standard)
 
 
@@ -332,7 +340,7 @@ def test_vae_only_cfg_one_noisy_step_in_closed_form():
     model = ConstantVelocity(LATENT + SEMANTIC)
     x, _, y = reglue_inputs()
     w = 4.0
-    got = seeded(sample_sde, model, x, y, num_steps=2, cfg_scale=w, vae_only_cfg=True)
+    got = seeded(sample_sde, model, x, y, num_steps=2, guidance=Guidance(scale=w, vae_only=True))
     torch.manual_seed(123)
     eps = torch.randn_like(x.double())
     v_c = model.v_cond[None, :, None, None]
@@ -348,8 +356,7 @@ def test_vae_only_cfg_one_noisy_step_in_closed_form():
 def test_sde_matches_reference_loop_float64():
     model = tiny_sit("reglue").double().eval()
     x, cls, y = reglue_inputs(seed=5, batch=3)
-    kwargs = dict(num_steps=6, cfg_scale=2.0)
-    got = seeded(sample_sde, model, x, y, cls, guidance_low=0.3, guidance_high=0.8, **kwargs)
+    got = seeded(sample_sde, model, x, y, cls, num_steps=6, guidance=Guidance(scale=2.0, low=0.3, high=0.8))
     want = seeded(reference_sde, model, x, cls, y, low=0.3, high=0.8, num_steps=6, cfg=2.0)
     assert got.dtype == torch.float64
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
@@ -361,11 +368,72 @@ def test_sde_matches_reference_loop_float64():
 def test_ode_matches_reference_loop_float64(heun):
     model = tiny_sit("reglue").double().eval()
     x, cls, y = reglue_inputs(seed=6, batch=3)
-    got = sample_ode(model, x, y, cls, num_steps=5, heun=heun, cfg_scale=2.0,
-                     guidance_low=0.3, guidance_high=0.7)
+    got = sample_ode(model, x, y, cls, num_steps=5, heun=heun, guidance=Guidance(scale=2.0, low=0.3, high=0.7))
     want = reference_ode(model, x, cls, y, num_steps=5, heun=heun, cfg=2.0, low=0.3, high=0.7)
     assert got.dtype == torch.float64
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_sde_takes_the_cosine_path_from_the_model_and_matches_the_authors_sampler():
+    """A model trained on the cosine path is sampled with the cosine score unless told otherwise."""
+    model = tiny_sit("reglue", path="cosine").double().eval()
+    x, cls, y = reglue_inputs(seed=7, batch=3)
+    guidance = Guidance(scale=2.0, high=0.8)
+    got = seeded(sample_sde, model, x, y, cls, num_steps=6, guidance=guidance)
+    want = seeded(reference_sde, model, x, cls, y, num_steps=6, cfg=2.0, high=0.8, path="cosine")
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    linear = seeded(sample_sde, model, x, y, cls, num_steps=6, guidance=guidance, path="linear")
+    assert not torch.allclose(got, linear, atol=1e-6)  # the path matters: the old default was wrong
+
+
+# ------------------------------------------------------------------ guidance values
+
+
+def test_cls_guidance_alone_runs_the_unconditional_pass_and_guides_only_the_cls():
+    """cfg 1 with cls 3: the CLS is guided, the joint state takes its conditional drift."""
+    model = ConstantVelocity(LATENT + SEMANTIC, cls_dim=Z, cls_coupling=1.0)
+    x, cls, y = reglue_inputs()
+    recorder = CallRecorder(model)
+    got = seeded(sample_sde, recorder, x, y, cls, num_steps=4, guidance=Guidance(scale=1.0, cls_scale=3.0))
+    assert recorder.batches == [2 * B] * 4
+    want = seeded(reference_sde, model, x, cls, y, num_steps=4, cfg=1.0, cls_cfg=3.0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    unguided = seeded(sample_sde, model, x, y, cls, num_steps=4)
+    assert not torch.allclose(got, unguided, atol=1e-6)  # the CLS trajectory (coupled into x) changed
+    ode = CallRecorder(model)
+    sample_ode(ode, x, y, cls, num_steps=3, guidance=Guidance(cls_scale=3.0, high=0.5))
+    assert ode.batches == [B, B, 2 * B]  # steps start at 1, 2/3, 1/3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"scale": 0.5}, "must be >= 1"),
+    ({"scale": -2.0}, "must be >= 1"),
+    ({"scale": float("nan")}, "must be >= 1"),
+    ({"cls_scale": -1.0}, "must be >= 0"),
+    ({"scale": 1.0, "cls_scale": 0.5}, "would be ignored"),
+    ({"low": -0.1}, "0 <= LOW <= HIGH <= 1"),
+    ({"high": 1.5}, "0 <= LOW <= HIGH <= 1"),
+    ({"vae_only": True}, "needs a guidance scale > 1"),
+])
+def test_guidance_that_would_do_nothing_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Guidance(**kwargs)
+
+
+def test_guidance_is_frozen_and_keyword_only():
+    g = Guidance(scale=2.0, cls_scale=0.0, low=0.1, high=0.9)
+    assert (g.enabled, g.effective_cls_scale, g.active(0.05), g.active(0.5)) == (True, 0.0, False, True)
+    assert not Guidance().enabled and Guidance(cls_scale=1.0).enabled is False
+    with pytest.raises(TypeError):
+        Guidance(2.0)  # noqa: the scale must be named
+    with pytest.raises(AttributeError):
+        g.scale = 3.0
+
+
+def test_ode_refuses_the_authors_vae_only_rule(reglue_model):
+    x, cls, y = reglue_inputs()
+    with pytest.raises(ValueError, match="SDE sampler only"):
+        sample_ode(reglue_model, x, y, cls, num_steps=2, guidance=Guidance(scale=2.0, vae_only=True))
 
 
 # ------------------------------------------------------------------ presets
@@ -386,9 +454,9 @@ def test_every_preset_samples_finite(name, cfg):
     model = tiny_sit(name).eval()
     x, cls, y = preset_inputs(name)
     outs = [
-        seeded(sample_sde, model, x, y, cls, num_steps=3, cfg_scale=cfg, guidance_high=0.7),
-        sample_ode(model, x, y, cls, num_steps=3, cfg_scale=cfg),
-        sample_ode(model, x, y, cls, num_steps=3, heun=True, cfg_scale=cfg),
+        seeded(sample_sde, model, x, y, cls, num_steps=3, guidance=Guidance(scale=cfg, high=0.7)),
+        sample_ode(model, x, y, cls, num_steps=3, guidance=Guidance(scale=cfg)),
+        sample_ode(model, x, y, cls, num_steps=3, heun=True, guidance=Guidance(scale=cfg)),
     ]
     for out in outs:
         assert out.shape == x.shape
@@ -402,9 +470,9 @@ def test_every_preset_samples_finite(name, cfg):
 def test_empty_guidance_interval_raises(reglue_model):
     x, cls, y = reglue_inputs()
     with pytest.raises(ValueError):
-        sample_sde(reglue_model, x, y, cls, num_steps=2, guidance_low=0.8, guidance_high=0.2)
+        sample_sde(reglue_model, x, y, cls, num_steps=2, guidance=Guidance(low=0.8, high=0.2))
     with pytest.raises(ValueError):
-        sample_ode(reglue_model, x, y, cls, num_steps=2, guidance_low=0.8, guidance_high=0.2)
+        sample_ode(reglue_model, x, y, cls, num_steps=2, guidance=Guidance(low=0.8, high=0.2))
 
 
 def test_zero_steps_raises(reglue_model):
@@ -441,7 +509,7 @@ def test_cls_latents_for_model_without_cls_slot_raises():
 def test_training_mode_model_samples_as_in_eval_and_stays_training():
     model = tiny_sit("reglue")
     x, cls, y = reglue_inputs()
-    kwargs = dict(num_steps=4, cfg_scale=2.0)
+    kwargs = dict(num_steps=4, guidance=Guidance(scale=2.0))
     model.eval()
     want_sde = seeded(sample_sde, model, x, y, cls, **kwargs)
     want_ode = sample_ode(model, x, y, cls, heun=True, **kwargs)

@@ -157,6 +157,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_guidance_options(parser: argparse.ArgumentParser, defaults: str) -> None:
+    group = parser.add_argument_group("classifier-free guidance", f"defaults: {defaults} (docs/sampling.md)")
+    group.add_argument("--cfg-scale", type=float, default=None, help="guidance scale w >= 1 (1 = no guidance)")
+    group.add_argument("--cls-cfg-scale", type=float, default=None,
+                       help="CLS guidance scale (default: --cfg-scale; 0: conditional CLS drift); > 1 guides alone")
+    group.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                       help="guide only steps starting at t in [LOW, HIGH]")
+    group.add_argument("--vae-only-cfg", action="store_true",
+                       help="SDE only: the authors' --vae_cfg rule (docs/architecture.md)")
+
+
+def _guidance(args: argparse.Namespace, base):
+    """The command's :class:`Guidance`: ``base`` with the given flags on top."""
+    from reglue.sampling import Guidance
+
+    low, high = args.guidance_interval or (base.low, base.high)
+    return Guidance(scale=base.scale if args.cfg_scale is None else args.cfg_scale, cls_scale=args.cls_cfg_scale,
+                    low=low, high=high, vae_only=args.vae_only_cfg)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -164,12 +184,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from reglue.encoders.vae import load_vae
     from reglue.generate import PAPER, SampleSettings, generate, load_sampling_model
 
-    paper = PAPER if args.paper else {}
-    low, high = args.guidance_interval or (paper.get("guidance_low", 0.0), paper.get("guidance_high", 1.0))
+    base = PAPER if args.paper else SampleSettings()
     settings = SampleSettings(
-        args.num_samples, args.mode or paper.get("mode", "sde"), args.steps or paper.get("num_steps", 250),
-        args.heun, args.cfg_scale if args.cfg_scale is not None else paper.get("cfg_scale", 1.0),
-        args.cls_cfg_scale, low, high, args.vae_only_cfg, args.labels, args.seed, args.precision, args.micro_batch,
+        num_samples=args.num_samples, mode=args.mode or base.mode, num_steps=args.steps or base.num_steps,
+        heun=args.heun, guidance=_guidance(args, base.guidance), labels=args.labels, seed=args.seed,
+        precision=args.precision, micro_batch=args.micro_batch,
     )
     state = process_state()
     model = load_sampling_model(args.ckpt, args.weights).to(state.device)
@@ -177,8 +196,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     vae = load_vae(args.vae).to(state.device)
     mine = len(range(state.process_index, settings.num_samples, state.num_processes))
     with tqdm(total=mine, unit="img", desc="sample", disable=args.quiet or not state.is_main_process) as bar:
-        npz = generate(model, vae, args.out, settings, args.per_device_batch, state.device, state.process_index,
-                       state.num_processes, state.wait_for_everyone, bar.update)
+        npz = generate(model, vae, args.out, settings, per_device_batch=args.per_device_batch, device=state.device,
+                       rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
+                       progress=bar.update)
     if state.is_main_process:
         print(f"wrote {settings.num_samples} samples to {args.out} and {npz}")
     return 0
@@ -189,16 +209,16 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from reglue.encoders.vae import load_vae
-    from reglue.generate import PAPER, SampleSettings, class_grid, load_sampling_model
+    from reglue.generate import GRID_GUIDANCE, SampleSettings, class_grid, load_sampling_model
     from reglue.io import atomic_write
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sampling_model(args.ckpt).to(device)
     classes = [int(c) for c in args.classes.split(",")]
-    settings = SampleSettings(num_samples=len(classes) * args.per_class, num_steps=args.steps,
-                              cfg_scale=args.cfg_scale, guidance_low=PAPER["guidance_low"],
-                              guidance_high=PAPER["guidance_high"], seed=args.seed)
-    grid = class_grid(model, load_vae(args.vae).to(device), classes, settings, args.per_class, device)
+    settings = SampleSettings(num_samples=len(classes) * args.per_class, mode=args.mode, num_steps=args.steps,
+                              guidance=_guidance(args, GRID_GUIDANCE), seed=args.seed)
+    grid = class_grid(model, load_vae(args.vae).to(device), classes, settings, per_class=args.per_class,
+                      device=device)
     with atomic_write(args.out) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     print(f"wrote {args.out}")
@@ -316,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("sde", "ode"), default=None)
     p.add_argument("--steps", type=int, default=None, help="default 250")
     p.add_argument("--heun", action="store_true", help="ODE only: Heun correction")
-    p.add_argument("--cfg-scale", type=float, default=None, help="default 1 (no guidance)")
-    p.add_argument("--cls-cfg-scale", type=float, default=None, help="default: same as --cfg-scale; 0: conditional")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
-    p.add_argument("--vae-only-cfg", action="store_true", help="the authors' --vae_cfg rule (docs/architecture.md)")
+    _add_guidance_options(p, "none; with --paper scale 2.8 on [0, 0.9]")
     p.add_argument("--labels", default="random", help="random | balanced | a comma-separated class list")
     p.add_argument("--per-device-batch", type=int, default=32,
                    help="samples advanced together per process (does not change the images)")
@@ -337,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="207,360,387,974,88,979,417,279")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--out", default="grid.png")
+    p.add_argument("--mode", choices=("sde", "ode"), default="sde")
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    _add_guidance_options(p, "scale 4 on [0, 0.9]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")

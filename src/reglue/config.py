@@ -107,8 +107,17 @@ class LogConfig:
     sample_every: int = 10_000  # EMA sample grid; 0 disables
     sample_mode: str = "sde"  # sde | ode
     sample_steps: int = 50
-    sample_cfg: float = 1.0
+    sample_cfg: float = 1.0  # guidance scale of the preview (1 = none); see reglue.sampling.Guidance
+    sample_cls_cfg: float | None = None  # CLS guidance scale; null = sample_cfg, 0 = conditional CLS drift
+    sample_guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [low, high] in t
     sample_count: int = 16
+
+    def guidance(self):
+        """The previews' :class:`~reglue.sampling.Guidance` (validated)."""
+        from reglue.sampling import Guidance
+
+        low, high = self.sample_guidance_interval
+        return Guidance(scale=self.sample_cfg, cls_scale=self.sample_cls_cfg, low=low, high=high)
 
 
 @dataclass

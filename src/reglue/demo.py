@@ -294,16 +294,18 @@ def _sample(paths: DemoPaths, settings: DemoSettings, preset: str, device: torch
 
     from reglue.encoders.pixel import PixelAutoencoder
     from reglue.generate import SampleSettings, class_grid, generate, load_sampling_model
+    from reglue.sampling import Guidance
 
     class_names = store.read_manifest(paths.data)["class_names"]
     model = load_sampling_model(paths.run(preset) / "ema").to(device)
     autoencoder = PixelAutoencoder().to(device)
-    rows_per_call = 2 if settings.cfg_scale > 1 else 1  # guidance doubles the rows of a model call
-    common = {"mode": SAMPLER, "num_steps": settings.sample_steps, "cfg_scale": settings.cfg_scale,
-              "seed": settings.seed}
+    guidance = Guidance(scale=settings.cfg_scale)
+    rows_per_call = 2 if guidance.enabled else 1  # guidance doubles the rows of a model call
+    common = {"mode": SAMPLER, "num_steps": settings.sample_steps, "guidance": guidance, "seed": settings.seed}
     grid_settings = SampleSettings(num_samples=len(class_names) * settings.grid_rows,
                                    micro_batch=rows_per_call * settings.grid_rows, **common)
-    grid = class_grid(model, autoencoder, range(len(class_names)), grid_settings, settings.grid_rows, device)
+    grid = class_grid(model, autoencoder, range(len(class_names)), grid_settings, per_class=settings.grid_rows,
+                      device=device)
     vfm = VFM_LABEL if uses_vfm(preset) else "not used"
     captioned = _caption(grid, [_grid_title(preset, settings, class_names), f"VFM: {vfm} · {AUTOENCODER_LABEL}"])
     with atomic_write(paths.grid(preset)) as tmp:

@@ -24,25 +24,21 @@ import torch
 from reglue.data import store
 from reglue.io import atomic_write
 from reglue.models.sit import SiT
+from reglue.sampling import NO_GUIDANCE, Guidance, padded_rows, sample_ode, sample_sde
 from reglue.training.order import seeded_generator
 
 NOISE_STREAM, LABEL_STREAM = 3, 4  # (seed, stream, i) for sample i
-PAPER = {"mode": "sde", "num_steps": 250, "cfg_scale": 2.8, "guidance_low": 0.0, "guidance_high": 0.9}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SampleSettings:
     """What determines the images; a rerun into the same folder must match."""
 
     num_samples: int = 50_000
     mode: str = "sde"  # sde | ode
     num_steps: int = 250
-    heun: bool = False
-    cfg_scale: float = 1.0
-    cls_cfg_scale: float | None = None
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    vae_only_cfg: bool = False
+    heun: bool = False  # ODE only
+    guidance: Guidance = NO_GUIDANCE
     labels: str = "random"  # random | balanced | comma-separated class list
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
@@ -51,16 +47,28 @@ class SampleSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("sde", "ode"):
             raise ValueError(f"mode must be sde or ode, found {self.mode!r}.")
+        if self.heun and self.mode != "ode":
+            raise ValueError("heun is a correction of the ODE sampler; use mode ode or drop heun.")
+        if self.guidance.vae_only and self.mode != "sde":
+            raise ValueError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, found {self.precision!r}.")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, found {self.num_samples}.")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, found {self.num_steps}.")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, found {self.micro_batch}.")
         fixed = self.labels in ("random", "balanced")
         if not fixed and not all(c.strip().isdigit() for c in self.labels.split(",")):
             raise ValueError(f"labels must be random, balanced or comma-separated class ids such as 1,7,42; "
                              f"found {self.labels!r}.")
+
+
+# The paper's evaluation sampler (SPEC §8, §11): SDE, 250 steps, CFG 2.8 on t in [0, 0.9].
+PAPER = SampleSettings(mode="sde", num_steps=250, guidance=Guidance(scale=2.8, low=0.0, high=0.9))
+# `reglue grid`'s default: stronger guidance than the paper's FID setting, for a picture.
+GRID_GUIDANCE = Guidance(scale=4.0, low=0.0, high=0.9)
 
 
 def label_of(index: int, settings: SampleSettings, num_classes: int) -> int:
@@ -91,30 +99,24 @@ def initial_noise(index: int, seed: int, model: SiT) -> tuple[torch.Tensor, torc
 def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettings,
                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices."""
-    from reglue.sampling import sample_ode, sample_sde
-
     noise = [initial_noise(i, settings.seed, model) for i in indices]
     latents = torch.stack([n[0] for n in noise]).to(device)
     cls = torch.stack([n[1] for n in noise]).to(device) if model.use_cls_token else None
     labels = torch.tensor([label_of(i, settings, model.num_classes) for i in indices], device=device)
-    guidance = {"cfg_scale": settings.cfg_scale, "cls_cfg_scale": settings.cls_cfg_scale,
-                "guidance_low": settings.guidance_low, "guidance_high": settings.guidance_high}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     with autocast:
         if settings.mode == "sde":
-            x = sample_sde(model, latents, labels, cls, settings.num_steps, vae_only_cfg=settings.vae_only_cfg,
-                           noise_generators=[n[2] for n in noise], micro_batch=settings.micro_batch, **guidance)
+            x = sample_sde(model, latents, labels, cls, num_steps=settings.num_steps, guidance=settings.guidance,
+                           noise_generators=[n[2] for n in noise], micro_batch=settings.micro_batch)
         else:
-            x = sample_ode(model, latents, labels, cls, settings.num_steps, heun=settings.heun,
-                           micro_batch=settings.micro_batch, **guidance)
+            x = sample_ode(model, latents, labels, cls, num_steps=settings.num_steps, heun=settings.heun,
+                           guidance=settings.guidance, micro_batch=settings.micro_batch)
     images = decode_fixed(vae, x[:, :4].float(), settings.micro_batch)  # only the 4 VAE channels
     return images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy()
 
 
 def decode_fixed(vae, latents: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """``vae.decode`` with every call exactly ``micro_batch`` latents (the last chunk padded)."""
-    from reglue.sampling import padded_rows
-
     rows = padded_rows(latents.shape[0], micro_batch, latents.device)
     return vae.decode(latents[rows], batch_size=micro_batch)[: latents.shape[0]]
 
@@ -139,7 +141,7 @@ def _png(path: Path, image: np.ndarray) -> None:
 
 
 def generate(
-    model: SiT, vae, out_dir: str | Path, settings: SampleSettings, per_device_batch: int = 32,
+    model: SiT, vae, out_dir: str | Path, settings: SampleSettings, *, per_device_batch: int = 32,
     device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
     barrier: Callable[[], None] = lambda: None, progress: Callable[[int], None] | None = None,
 ) -> Path:
@@ -208,7 +210,10 @@ def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> 
     if payload is not None and payload.get("format") == FORMAT:
         from reglue.models.sit import SiTConfig
 
-        model = SiT(SiTConfig(**payload["sit_config"]))
+        # Checkpoints written before SiTConfig.path existed: the path is the run's loss.path.
+        run_path = payload.get("config", {}).get("loss", {}).get("path", "linear")
+        sit_config = {"path": run_path, **payload["sit_config"]}
+        model = SiT(SiTConfig(**sit_config))
         model.load_state_dict(payload[weights], strict=True)
         return model
     checkpoint = load_authors_checkpoint(path)
@@ -252,7 +257,7 @@ def config_from_weights(state: dict, args: dict):
     )
 
 
-def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings, per_class: int = 1,
+def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings, *, per_class: int = 1,
                device: torch.device | str = "cpu") -> np.ndarray:
     """A labelled uint8 grid (H, W, 3): one column per class, ``per_class`` rows, class ids on top.
 

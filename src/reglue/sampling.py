@@ -1,9 +1,9 @@
 """SDE and ODE samplers for the joint (latent ‖ semantics, CLS) state (SPEC §8).
 
 State is integrated in float64; the model sees inputs cast to its parameter dtype and a
-per-sample time vector. Classifier-free guidance doubles the batch as [x, x] with labels
-[y, null] inside ``[guidance_low, guidance_high]`` (decided at the step's start time) and
-combines the two drifts with one rule, :func:`apply_guidance`.
+per-sample time vector. Classifier-free guidance (one :class:`Guidance`
+value) doubles the batch as [x, x] with labels [y, null] inside its interval (decided at the
+step's start time) and combines the two drifts with one rule, :func:`apply_guidance`.
 
 ``micro_batch``: when given, every model call sees exactly this many rows (the rows are cut
 into chunks and the last chunk is padded with copies of its last row). Float kernels are
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,38 +42,79 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> to
     return uncond + scale * (cond - uncond)
 
 
-class _Guidance:
-    """The guidance options of one sampling run and the rule that combines drifts."""
+@dataclass(frozen=True, kw_only=True)
+class Guidance:
+    """Classifier-free guidance of one sampling run (SPEC §8), validated when built.
 
-    def __init__(self, cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels):
-        if guidance_low > guidance_high:
-            raise ValueError(
-                f"guidance interval [{guidance_low}, {guidance_high}] is empty; pass LOW <= HIGH."
-            )
-        self.cfg_scale = cfg_scale
-        self.cls_cfg_scale = cfg_scale if cls_cfg_scale is None else cls_cfg_scale
-        self.low, self.high = guidance_low, guidance_high
-        self.latent_channels = latent_channels
+    ``scale``: w of the joint (latent ‖ semantics) drift, ``d_u + w·(d_c − d_u)``; 1 = none.
+    ``cls_scale``: w of the CLS drift; None = ``scale``; 0 = the conditional CLS drift alone.
+    ``low``, ``high``: a step is guided when its start time t_cur lies in [low, high].
+    ``vae_only``: the authors' ``--vae_cfg`` rule (see :meth:`combine`); needs ``scale > 1``.
+
+    Rule: the unconditional pass runs (the batch doubled as [x, x], labels [y, null]) at the
+    steps inside the interval when ``scale > 1`` or the CLS scale is > 1 (the authors' sampler
+    looks at ``scale`` only, so their ``cfg 1, cls 3`` silently guides nothing); a state whose
+    scale is 1 then takes its conditional drift unchanged. Settings this rule would ignore are
+    refused: ``scale < 1``, and a CLS scale in (0, 1) with ``scale = 1``.
+    """
+
+    scale: float = 1.0
+    cls_scale: float | None = None
+    low: float = 0.0
+    high: float = 1.0
+    vae_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.scale >= 1.0:
+            raise ValueError(f"guidance scale must be >= 1 (1 = no guidance), found {self.scale}; scales below 1 "
+                             "would be ignored. Use --cfg-scale 1 to sample without guidance.")
+        if self.cls_scale is not None and not self.cls_scale >= 0.0:
+            raise ValueError(f"CLS guidance scale must be >= 0 (0 = conditional CLS drift) or None (same as the "
+                             f"guidance scale), found {self.cls_scale}.")
+        if self.scale == 1.0 and self.cls_scale is not None and 0.0 < self.cls_scale < 1.0:
+            raise ValueError(f"CLS guidance scale {self.cls_scale} with guidance scale 1 would be ignored (guidance "
+                             "runs only when a scale is > 1); use a CLS scale > 1, or raise --cfg-scale.")
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"guidance interval [{self.low}, {self.high}] must satisfy 0 <= LOW <= HIGH <= 1.")
+        if self.vae_only and self.scale <= 1.0:
+            raise ValueError("vae_only guidance (the authors' --vae_cfg rule) needs a guidance scale > 1, "
+                             f"found {self.scale}; raise --cfg-scale or drop --vae-only-cfg.")
+
+    @property
+    def effective_cls_scale(self) -> float:
+        return self.scale if self.cls_scale is None else self.cls_scale
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any step can be guided (a scale > 1)."""
+        return self.scale > 1.0 or self.effective_cls_scale > 1.0
 
     def active(self, t: float) -> bool:
-        return self.cfg_scale > 1.0 and self.low <= t <= self.high
+        """Whether the step starting at ``t`` runs the unconditional pass."""
+        return self.enabled and self.low <= t <= self.high
 
-    def combine(self, cond, uncond, vae_only: bool = False):
-        """(x, cls) drifts: conditional, unconditional (None without guidance) -> guided."""
+    def combine(self, cond, uncond, *, latent_channels: int = 4, vae_only_step: bool = False):
+        """(x, cls) drifts: conditional, unconditional (None when not guided) -> guided drifts.
+
+        ``vae_only_step``: apply the authors' ``--vae_cfg`` rule at this step (their noisy steps):
+        the first ``latent_channels`` (the VAE's) take d_c + w·(d_c − d_u) (sic: not
+        d_u + w·(...)), the semantic channels take d_c.
+        """
         if uncond is None:
             return cond
         (x_c, cls_c), (x_u, cls_u) = cond, uncond
-        if vae_only:
-            # The authors' `--vae_cfg` rule, reproduced as is: the 4 VAE channels take
-            # d_c + w·(d_c − d_u) (not d_u + w·(...)), the semantic channels take d_c.
-            k = self.latent_channels
-            latent = x_c[:, :k] + self.cfg_scale * (x_c[:, :k] - x_u[:, :k])
-            x = torch.cat([latent, x_c[:, k:]], dim=1)
-        else:
-            x = apply_guidance(x_c, x_u, self.cfg_scale)
-        if cls_c is not None and self.cls_cfg_scale > 0:
-            cls_c = apply_guidance(cls_c, cls_u, self.cls_cfg_scale)
+        x = x_c
+        if self.scale > 1.0 and self.vae_only and vae_only_step:
+            k = latent_channels
+            x = torch.cat([x_c[:, :k] + self.scale * (x_c[:, :k] - x_u[:, :k]), x_c[:, k:]], dim=1)
+        elif self.scale > 1.0:
+            x = apply_guidance(x_c, x_u, self.scale)
+        if cls_c is not None and self.effective_cls_scale > 0:
+            cls_c = apply_guidance(cls_c, cls_u, self.effective_cls_scale)
         return x, cls_c
+
+
+NO_GUIDANCE = Guidance()
 
 
 def padded_rows(n: int, micro_batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -168,20 +210,25 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"num_steps must be >= 1, found {num_steps}.")
 
 
+def _model_path(model: nn.Module, path: str | None) -> str:
+    """The interpolant path to sample with: ``path`` if given, else the model's own (``SiTConfig.path``)."""
+    if path is not None:
+        return path
+    config = getattr(unwrap_model(model), "config", None)
+    return getattr(config, "path", "linear")  # bare velocity modules (tests) follow the linear path
+
+
 def sample_sde(
     model: nn.Module,
     latents: torch.Tensor,
     y: torch.Tensor,
     cls_latents: torch.Tensor | None = None,
+    *,
     num_steps: int = 250,
-    cfg_scale: float = 1.0,
-    cls_cfg_scale: float | None = None,
-    guidance_low: float = 0.0,
-    guidance_high: float = 1.0,
-    vae_only_cfg: bool = False,
+    guidance: Guidance = NO_GUIDANCE,
+    path: str | None = None,
     latent_channels: int = 4,
     null_label: int | None = None,
-    path: str = "linear",
     noise_generators: list[torch.Generator] | None = None,
     micro_batch: int | None = None,
 ) -> torch.Tensor:
@@ -190,14 +237,13 @@ def sample_sde(
     latents (B, C, H, W) and cls_latents (B, z) are the initial noise; returns the float64
     joint sample (B, C, H, W) (decode the first ``latent_channels``). Noise is drawn from
     the global generator, ε_x then ε_cls, once per step, so seeds match the authors'.
-    ``cls_cfg_scale``: None = same as ``cfg_scale``; 0 = conditional CLS drift only.
-    ``vae_only_cfg``: the authors' ``--vae_cfg`` rule (see :meth:`_Guidance.combine`).
+    ``path``: the interpolant the score is computed for; None = the model's (``SiTConfig.path``).
     ``noise_generators``: one CPU generator per sample; each step's noise of sample b is then
     drawn from generator b (ε_x then ε_cls), so a sample does not depend on its batch.
     ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
     """
     _check_steps(num_steps)
-    guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
+    path = _model_path(model, path)
     velocity = _JointVelocity(model, y, null_label, micro_batch)
     x, cls = _initial_state(model, latents, y, cls_latents)
     grid = sde_time_grid(num_steps).tolist()
@@ -216,12 +262,11 @@ def sample_sde(
             diffusion = 2 * t_cur
             if not last:
                 eps_x, eps_cls = _step_noise(x, cls, noise_generators)
-            guided = guidance.active(t_cur)
-            cond, uncond = velocity(x, cls, t_cur, guided)
+            cond, uncond = velocity(x, cls, t_cur, guidance.active(t_cur))
             cond = (drift(cond[0], x, t_cur, diffusion), drift(cond[1], cls, t_cur, diffusion))
             if uncond is not None:
                 uncond = (drift(uncond[0], x, t_cur, diffusion), drift(uncond[1], cls, t_cur, diffusion))
-            d_x, d_cls = guidance.combine(cond, uncond, vae_only=vae_only_cfg and not last)
+            d_x, d_cls = guidance.combine(cond, uncond, latent_channels=latent_channels, vae_only_step=not last)
             x = x + d_x * dt
             if cls is not None:
                 cls = cls + d_cls * dt
@@ -238,24 +283,25 @@ def sample_ode(
     latents: torch.Tensor,
     y: torch.Tensor,
     cls_latents: torch.Tensor | None = None,
+    *,
     num_steps: int = 50,
     heun: bool = False,
-    cfg_scale: float = 1.0,
-    cls_cfg_scale: float | None = None,
-    guidance_low: float = 0.0,
-    guidance_high: float = 1.0,
-    latent_channels: int = 4,
+    guidance: Guidance = NO_GUIDANCE,
     null_label: int | None = None,
     micro_batch: int | None = None,
 ) -> torch.Tensor:
     """Euler (or Heun) probability-flow ODE sampler on ``linspace(1, 0, N + 1)``.
 
-    Heun's correction is applied on every step except the last (2N − 1 model calls);
-    guidance for both stages of a step is decided at its start time. Returns float64.
+    The velocity is the ODE's drift for any interpolant path, so no path is needed. Heun's
+    correction is applied on every step except the last (2N − 1 model calls); guidance for
+    both stages of a step is decided at its start time. ``guidance.vae_only`` is refused: the
+    authors' rule exists for their SDE sampler only. Returns float64.
     ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
     """
     _check_steps(num_steps)
-    guidance = _Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, latent_channels)
+    if guidance.vae_only:
+        raise ValueError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only; "
+                         "use mode sde or drop it.")
     velocity = _JointVelocity(model, y, null_label, micro_batch)
     x, cls = _initial_state(model, latents, y, cls_latents)
     grid = ode_time_grid(num_steps).tolist()

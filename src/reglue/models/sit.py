@@ -24,10 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglue.transport import PATHS
+
 
 @dataclass(frozen=True)
 class SiTConfig:
-    """Everything needed to rebuild a :class:`SiT` (stored as ``config.json``)."""
+    """Everything needed to rebuild a :class:`SiT` (stored as ``config.json``).
+
+    ``path`` is not used by the network; it travels with the weights so samplers compute the
+    score of the interpolant the model was trained on (configs without it: linear).
+    """
 
     input_size: int = 32
     patch_size: int = 2
@@ -43,8 +49,12 @@ class SiTConfig:
     projector_dim: int = 2048
     use_cls_token: bool = True
     qk_norm: bool = False
+    path: str = "linear"  # the interpolant it was trained on (linear | cosine); the SDE's score needs it
 
     def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS} (the interpolant the model was trained on), "
+                             f"found {self.path!r}.")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}; "

@@ -116,7 +116,8 @@ def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim:
         torch.manual_seed(config.train.seed)
         return build_sit(
             config.model.name, input_size=latent_size, num_classes=num_classes, qk_norm=config.model.qk_norm,
-            class_dropout_prob=config.model.class_dropout_prob, **preset.model_kwargs(vfm_dim=vfm_dim),
+            class_dropout_prob=config.model.class_dropout_prob, path=config.loss.path,
+            **preset.model_kwargs(vfm_dim=vfm_dim),
             **overrides,
         ).set_attention(config.model.attention)
 
@@ -487,10 +488,8 @@ def preview_grid(ema: SiT, config: RunConfig, manifest: dict, latent_size: int, 
         y = torch.full_like(y, ema.num_classes)
     sampler = sample_sde if config.log.sample_mode == "sde" else sample_ode
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.train.seed)
-        path = {"path": config.loss.path} if sampler is sample_sde else {}
-        x = sampler(ema, latents, y, cls, num_steps=config.log.sample_steps, cfg_scale=config.log.sample_cfg,
-                    **path)
+        torch.manual_seed(config.train.seed)  # the model carries its path (SiTConfig.path)
+        x = sampler(ema, latents, y, cls, num_steps=config.log.sample_steps, guidance=config.log.guidance())
     images = vae.decode(x[:, :4].float())  # (n, 3, H, W) uint8
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
