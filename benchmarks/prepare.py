@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         make_images(src, args.images)
-        settings = PrepareSettings(str(src), args.resolution, f"random-{args.vae}", shard_size=max(args.images // 4, 1))
+        settings = PrepareSettings(source=str(src), resolution=args.resolution, vae=f"random-{args.vae}",
+                                   shard_size=max(args.images // 4, 1))
         start = time.perf_counter()
         summary = prepare_dataset(settings, dst, vae, batch_size=args.batch_size)
         seconds = time.perf_counter() - start

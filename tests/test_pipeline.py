@@ -82,7 +82,7 @@ def test_cache_semantics_equals_online_encoder_up_to_fp16(dataset_dir, tmp_path)
     assert main(["cache-semantics", str(dataset_dir), "--compressor", str(compressor_file), "--repa-targets",
                  "--quiet", "--batch-size", "4"]) == 0
     data = PreparedDataset(dataset_dir, fields=("images", "semantics", "cls", "repa"))
-    encoder, _ = build_semantic_encoder(dataset_dir / "norm_stats.safetensors", compressor_file)
+    encoder, _ = build_semantic_encoder(dataset_dir / "norm_stats.safetensors", compressor=compressor_file)
     images = torch.stack([data[i]["images"] for i in range(len(data))])
     online = encoder(images)
     cached = {name: torch.stack([data[i][name] for i in range(len(data))]) for name in ("semantics", "cls", "repa")}

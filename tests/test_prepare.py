@@ -236,7 +236,7 @@ def test_ranks_write_their_own_shards_and_match_one_process(tmp_path, vae_dir):
     from reglue.encoders.vae import VAE
 
     src = make_image_folder(tmp_path / "src")
-    settings = PrepareSettings(str(src), vae=str(vae_dir), shard_size=2)
+    settings = PrepareSettings(source=str(src), vae=str(vae_dir), shard_size=2)
     vae = VAE(str(vae_dir))
     prepare_dataset(settings, tmp_path / "one", vae)
     other = prepare_dataset(settings, tmp_path / "two", vae, rank=1, world_size=2)

@@ -80,9 +80,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from reglue.data.prepare import PrepareSettings, run_prepare
     from reglue.distributed import process_state
 
-    settings = PrepareSettings(str(args.src), args.resolution, args.vae, args.max_images, args.shard_size,
-                               args.min_size, args.vae_dtype)
-    summary = run_prepare(settings, args.dst, args.batch_size, show_progress=not args.quiet)
+    settings = PrepareSettings(source=str(args.src), resolution=args.resolution, vae=args.vae,
+                               max_images=args.max_images, shard_size=args.shard_size, min_size=args.min_size,
+                               vae_dtype=args.vae_dtype)
+    summary = run_prepare(settings, args.dst, batch_size=args.batch_size, show_progress=not args.quiet)
     if not process_state().is_main_process:
         return 0
     print(
@@ -96,8 +97,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_norm_stats(args: argparse.Namespace) -> int:
     from reglue.pipeline import run_norm_stats
 
-    out = run_norm_stats(args.data, _vfm_spec(args, required=True), args.out, args.num_images,
-                         args.batch_size, _autocast(args.autocast), show_progress=not args.quiet)
+    out = run_norm_stats(args.data, _vfm_spec(args, required=True), out=args.out, num_images=args.num_images,
+                         batch_size=args.batch_size, autocast_dtype=_autocast(args.autocast),
+                         show_progress=not args.quiet)
     print(f"wrote norm stats to {out}")
     return 0
 
@@ -106,8 +108,9 @@ def _cmd_fit_pca(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_fit_pca
 
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
-    out = run_fit_pca(args.data, norm_stats, args.rank, args.out, args.num_images, args.batch_size,
-                      _vfm_spec(args, required=False), _autocast(args.autocast), show_progress=not args.quiet)
+    out = run_fit_pca(args.data, norm_stats, rank=args.rank, out=args.out, num_images=args.num_images,
+                      batch_size=args.batch_size, spec=_vfm_spec(args, required=False),
+                      autocast_dtype=_autocast(args.autocast), show_progress=not args.quiet)
     print(f"wrote PCA (rank {args.rank}) to {out}")
     return 0
 
@@ -130,8 +133,9 @@ def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
 
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
-    written = run_cache_semantics(args.data, norm_stats, args.compressor, args.pca, args.repa_targets,
-                                  args.batch_size, _vfm_spec(args, required=False), _autocast(args.autocast),
+    written = run_cache_semantics(args.data, norm_stats, compressor=args.compressor, pca=args.pca,
+                                  repa_targets=args.repa_targets, batch_size=args.batch_size,
+                                  spec=_vfm_spec(args, required=False), autocast_dtype=_autocast(args.autocast),
                                   show_progress=not args.quiet)
     print(f"cached semantics in {args.data}: {written} shard(s) written, the rest already cached")
     return 0

@@ -227,14 +227,14 @@ def _data_stages(ledger: _Ledger, paths: DemoPaths, settings: DemoSettings, prog
     count = len(CLASSES) * settings.images_per_class
     ledger.run("images", f"{count} synthetic images, {len(CLASSES)} classes",
                lambda: write_synthetic_dataset(paths.images, settings.images_per_class, SYNTHETIC_SIDE, settings.seed))
-    prepare = PrepareSettings(str(paths.images), vae=PIXEL_AUTOENCODER, shard_size=count)
+    prepare = PrepareSettings(source=str(paths.images), vae=PIXEL_AUTOENCODER, shard_size=count)
     ledger.run("prepare", f"crop to 256² and encode with the {AUTOENCODER_LABEL}",
                lambda: run_prepare(prepare, paths.data, show_progress=progress))
     if not settings.uses_vfm:
         return
     norm_stats = paths.data / NORM_STATS_FILE
     ledger.run("norm-stats", f"channel statistics of the {VFM_LABEL}",
-               lambda: run_norm_stats(paths.data, VFM, norm_stats, count, show_progress=progress))
+               lambda: run_norm_stats(paths.data, VFM, out=norm_stats, num_images=count, show_progress=progress))
     compressor = paths.data / COMPRESSOR_DIR
     pca = paths.data / PCA_FILE
     if settings.semantics == "compressor":
@@ -243,11 +243,13 @@ def _data_stages(ledger: _Ledger, paths: DemoPaths, settings: DemoSettings, prog
                                                 seed=settings.seed, progress=progress, **_compressor_options(count)))
     elif settings.semantics == "pca":
         ledger.run("pca", f"rank-{PCA_RANK} PCA of features of the VFM ({UNTRAINED})",
-                   lambda: run_fit_pca(paths.data, norm_stats, PCA_RANK, pca, count, show_progress=progress))
+                   lambda: run_fit_pca(paths.data, norm_stats, rank=PCA_RANK, out=pca, num_images=count,
+                                       show_progress=progress))
     ledger.run("semantics", f"cache semantics, CLS and REPA targets of the VFM ({UNTRAINED})",
                lambda: run_cache_semantics(
-                   paths.data, norm_stats, compressor / BEST_WEIGHTS if settings.semantics == "compressor" else None,
-                   pca if settings.semantics == "pca" else None, repa_targets=True, show_progress=progress))
+                   paths.data, norm_stats, compressor=compressor / BEST_WEIGHTS if settings.semantics == "compressor"
+                   else None, pca=pca if settings.semantics == "pca" else None, repa_targets=True,
+                   show_progress=progress))
 
 
 def _compressor_options(count: int) -> dict:

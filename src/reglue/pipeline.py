@@ -46,7 +46,7 @@ def _warn_if_random(spec: VFMSpec) -> None:
 
 
 def run_norm_stats(
-    data: str | Path, spec: VFMSpec, out: str | Path | None = None, num_images: int = OFFICIAL_NORM_STATS_IMAGES,
+    data: str | Path, spec: VFMSpec, *, out: str | Path | None = None, num_images: int = OFFICIAL_NORM_STATS_IMAGES,
     batch_size: int = 64, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
     """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``.
@@ -81,7 +81,7 @@ def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> t
 
 
 def run_fit_pca(
-    data: str | Path, norm_stats: str | Path, rank: int = 8, out: str | Path | None = None,
+    data: str | Path, norm_stats: str | Path, *, rank: int = 8, out: str | Path | None = None,
     num_images: int = 10_000, batch_size: int = 64, spec: VFMSpec | None = None,
     autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
@@ -140,7 +140,7 @@ def run_train_compressor(
 
 
 def build_semantic_encoder(
-    norm_stats: str | Path | None, compressor: str | Path | None = None, pca: str | Path | None = None,
+    norm_stats: str | Path | None, *, compressor: str | Path | None = None, pca: str | Path | None = None,
     spec: VFMSpec | None = None, resolution: int = 256, autocast_dtype: torch.dtype | None = None,
 ) -> tuple[SemanticEncoder, dict]:
     """A :class:`SemanticEncoder` from files, and a JSON-able record identifying its inputs."""
@@ -171,7 +171,7 @@ def build_semantic_encoder(
 
 
 def run_cache_semantics(
-    data: str | Path, norm_stats: str | Path | None, compressor: str | Path | None = None,
+    data: str | Path, norm_stats: str | Path | None, *, compressor: str | Path | None = None,
     pca: str | Path | None = None, repa_targets: bool = False, batch_size: int = 64,
     spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> int:
@@ -181,10 +181,11 @@ def run_cache_semantics(
 
     state = process_state()
     manifest = read_manifest(data)
-    encoder, info = build_semantic_encoder(norm_stats, compressor, pca, spec, manifest["resolution"],
-                                           autocast_dtype)
+    encoder, info = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, spec=spec,
+                                           resolution=manifest["resolution"], autocast_dtype=autocast_dtype)
     encoder.to(state.device)
     mine = sum(s["count"] for s in manifest["shards"][state.process_index :: state.num_processes])
     with _progress_bar(mine, "cache-semantics", show_progress and state.is_main_process) as bar:
-        return cache_semantics(data, encoder, info, repa_targets, batch_size, state.device,
-                               state.process_index, state.num_processes, state.wait_for_everyone, bar.update)
+        return cache_semantics(data, encoder, info, repa_targets=repa_targets, batch_size=batch_size,
+                               device=state.device, rank=state.process_index, world_size=state.num_processes,
+                               barrier=state.wait_for_everyone, progress=bar.update)

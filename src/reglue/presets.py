@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preset:
     """Which parts of REGLUE's joint model a method uses, and its loss weights."""
 
@@ -39,7 +39,7 @@ class Preset:
             return None
         return "cls_patches" if self.cls_token else "patches"
 
-    def model_kwargs(self, latent_channels: int = 4, vfm_dim: int = 768) -> dict:
+    def model_kwargs(self, *, latent_channels: int = 4, vfm_dim: int = 768) -> dict:
         """:class:`~reglue.models.SiTConfig` fields this preset fixes."""
         needs_vfm_width = self.repa or self.cls_token
         return {
@@ -60,11 +60,16 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("sit", None, 0, 0, False, False, 0.0, 0.0, 0.0, 33.0),
-        Preset("repa", None, 0, 0, False, True, 0.0, 0.0, 0.5, 24.4),
-        Preset("redi", "pca", 8, 1, False, False, 1.0, 0.0, 0.0, 21.4),
-        Preset("reg", None, 0, 0, True, True, 0.0, 0.03, 0.5, 15.2),
-        Preset("reglue", "compressor", 16, 4, True, True, 1.0, 0.03, 0.5, 12.9),
+        Preset(name="sit", semantics=None, semantic_channels=0, semantic_layers=0, cls_token=False, repa=False,
+               lambda_sem=0.0, lambda_cls=0.0, lambda_rep=0.0, paper_fid=33.0),
+        Preset(name="repa", semantics=None, semantic_channels=0, semantic_layers=0, cls_token=False, repa=True,
+               lambda_sem=0.0, lambda_cls=0.0, lambda_rep=0.5, paper_fid=24.4),
+        Preset(name="redi", semantics="pca", semantic_channels=8, semantic_layers=1, cls_token=False, repa=False,
+               lambda_sem=1.0, lambda_cls=0.0, lambda_rep=0.0, paper_fid=21.4),
+        Preset(name="reg", semantics=None, semantic_channels=0, semantic_layers=0, cls_token=True, repa=True,
+               lambda_sem=0.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=15.2),
+        Preset(name="reglue", semantics="compressor", semantic_channels=16, semantic_layers=4, cls_token=True,
+               repa=True, lambda_sem=1.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=12.9),
     )
 }
 

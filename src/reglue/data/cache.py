@@ -47,6 +47,7 @@ def cache_semantics(
     root: str | Path,
     encoder: SemanticEncoder,
     info: dict,
+    *,
     repa_targets: bool = False,
     batch_size: int = 64,
     device: torch.device | str = "cpu",

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrepareSettings:
     """Everything that determines the output; a rerun into the same directory must match."""
 
@@ -110,6 +110,7 @@ def prepare_dataset(
     settings: PrepareSettings,
     dst: str | Path,
     vae,
+    *,
     batch_size: int = 32,
     rank: int = 0,
     world_size: int = 1,
@@ -201,7 +202,7 @@ def _manifest(settings, source, shards, images, skipped) -> dict:
 
 
 def run_prepare(
-    settings: PrepareSettings, dst: str | Path, batch_size: int = 32, show_progress: bool = True,
+    settings: PrepareSettings, dst: str | Path, *, batch_size: int = 32, show_progress: bool = True,
 ) -> PrepareSummary:
     """Prepare with the VAE named in ``settings`` (``"pixel"``: the weight-free pixel autoencoder)
     on this process's device; works alone or under ``accelerate launch`` / ``torchrun`` (each
@@ -222,5 +223,6 @@ def run_prepare(
     bar = tqdm(total=todo, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
                dynamic_ncols=True)
     with bar:
-        return prepare_dataset(settings, dst, vae, batch_size, state.process_index, state.num_processes,
-                               state.wait_for_everyone, bar.update, source)
+        return prepare_dataset(settings, dst, vae, batch_size=batch_size, rank=state.process_index,
+                               world_size=state.num_processes, barrier=state.wait_for_everyone,
+                               progress=bar.update, source=source)
