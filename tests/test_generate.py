@@ -201,6 +201,26 @@ def test_grid_cli_takes_every_guidance_option(setup, tmp_path):
     assert main([*common, "--mode", "ode", "--out", str(tmp_path / "ode.png")]) == 0
 
 
+def test_image_sampler_gives_the_images_of_reglue_sample(setup, tmp_path):
+    from reglue.generate import ImageSampler
+
+    root, _, _, vae_dir = setup
+    assert main(["sample", "--ckpt", str(root / "ema"), "--out", str(tmp_path / "cli"), "--num-samples", "3",
+                 "--steps", "3", "--cfg-scale", "2", "--guidance-interval", "0", "0.9", "--labels", "4,1,7",
+                 "--seed", "5", "--micro-batch", "4", "--vae", str(vae_dir), "--quiet"]) == 0
+    sampler = ImageSampler.from_pretrained(root / "ema", vae=vae_dir, device="cpu")
+    options = dict(guidance=Guidance(scale=2.0, high=0.9), num_steps=3, seed=5, micro_batch=4)
+    images = sampler([4, 1, 7], output_type="np", batch_size=2, **options)
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, np.stack(pngs_of(tmp_path / "cli", 3)))
+    pil = sampler([4, 1, 7], **options)
+    assert [p.size for p in pil] == [(64, 64)] * 3 and np.array_equal(np.asarray(pil[2]), images[2])
+    with pytest.raises(ValueError, match="labels is empty"):
+        sampler([])
+    with pytest.raises(ValueError, match="output_type"):
+        sampler([1], output_type="tensor")
+
+
 def test_grid_cli_writes_a_labelled_grid(setup, tmp_path):
     from PIL import Image
 

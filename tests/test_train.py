@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -210,6 +211,22 @@ def test_sample_previews_are_saved_and_logged(cached_data):
     grid = Image.open(run / "samples" / "step-000000002.png")
     assert grid.size == (2 * 256, 2 * 256)  # 3 samples in a 2×2 grid
     assert any((run / "tensorboard").iterdir())
+
+
+def test_the_runs_path_is_saved_with_the_model_and_previews_take_every_guidance_option(cached_data):
+    import json
+
+    run = cached_data / "cosine"
+    train(config_for(cached_data, "cosine", "train.max_steps=1", "loss.path=cosine", "log.sample_every=1",
+                     "log.sample_count=2", "log.sample_steps=2", "log.sample_cfg=1", "log.sample_cls_cfg=3",
+                     "log.sample_guidance_interval=[0.0, 0.5]"))
+    assert json.loads((run / "ema" / "config.json").read_text())["path"] == "cosine"
+    assert (run / "samples" / "step-000000001.png").is_file()
+    for override, message in (("log.sample_cfg=0.5", "guidance scale must be >= 1"),
+                              ("log.sample_guidance_interval=[0.9, 0.1]", "0 <= LOW <= HIGH <= 1"),
+                              ("log.sample_guidance_interval=[0.1]", "expected [low, high]")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_for(cached_data, "refused", override)
 
 
 def test_class_balanced_subsets_and_unconditional_mode(cached_data):
