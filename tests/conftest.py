@@ -70,3 +70,26 @@ def tiny_sit(preset: str = "reglue", perturb: bool = True, seed: int = 0, **over
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """``prepared(preset)``: the data folder a tiny ``reglue demo --preset PRESET`` prepares
+    (pixel autoencoder, random tiny DINOv2, 8 classes × 2 images at 256²), made by the demo's
+    own data stages once per session: the redi demo's (PCA semantics) for redi, the reglue demo's
+    (compressor semantics, CLS, REPA targets) for every other preset."""
+    from reglue import demo
+
+    made: dict[str, Path] = {}
+
+    def prepared(preset: str) -> Path:
+        kind = "redi" if preset == "redi" else "reglue"
+        if kind not in made:
+            settings = demo.DemoSettings(presets=(kind,), steps=1, images_per_class=2, compressor_epochs=1)
+            out = tmp_path_factory.mktemp(f"demo-data-{kind}")
+            paths = demo.DemoPaths(out)
+            demo._data_stages(demo._Ledger(out, settings), paths, settings, progress=False)
+            made[kind] = paths.data
+        return made[kind]
+
+    return prepared

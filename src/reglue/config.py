@@ -48,6 +48,7 @@ class DataConfig:
     compressor: str | None = None  # online REGLUE: compressor weights
     pca: str | None = None  # online ReDi: PCA file
     vfm_autocast: str = "bf16"  # precision of the frozen VFM in online mode (no | fp16 | bf16)
+    vfm: dict | None = None  # the VFM the run expects ({name, weights, layers, arch}); null: the one that made the data
     images_per_class: int | None = None  # class-balanced subset: at most this many per class
     fraction: float | None = None  # class-balanced subset: this share of every class
     unconditional: bool = False  # ignore labels: every sample gets the null label
@@ -136,7 +137,10 @@ class RunConfig:
         from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
         from reglue.presets import PRESETS
         from reglue.training.ema import EMA_UPDATES
+        from reglue.transport import lambda_sem_milestones
 
+        online = self.data.semantics == "online" and self.model.preset in PRESETS
+        local_semantics = PRESETS[self.model.preset].semantics if online else None  # compressor | pca | None
         rules = [
             (self.model.name in SIT_MODELS, "model.name", f"one of {', '.join(SIT_MODELS)}"),
             (self.model.preset in PRESETS, "model.preset", f"one of {', '.join(PRESETS)}"),
@@ -169,12 +173,23 @@ class RunConfig:
             (self.train.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "a positive integer"),
             (self.log.sample_steps >= 1 and self.log.sample_count >= 1, "log.sample_steps/sample_count",
              "positive integers"),
-            (all(isinstance(m, list) and len(m) == 2 for m in self.loss.lambda_sem_schedule),
-             "loss.lambda_sem_schedule", "a list of [step, factor] pairs"),
+            (local_semantics != "compressor" or bool(self.data.compressor), "data.compressor",
+             "the compressor weights for the reglue preset with data.semantics=online "
+             "(data.compressor=DATA/compressor/compressor_best.safetensors)"),
+            (local_semantics != "pca" or bool(self.data.pca), "data.pca",
+             "the file of `reglue fit-pca` for the redi preset with data.semantics=online "
+             "(data.pca=DATA/pca.safetensors)"),
+            (_is_vfm_spec(self.data.vfm), "data.vfm",
+             "null (the VFM that made the data) or a mapping of name, weights, layers (list of blocks) and arch "
+             "({embed_dim, depth, num_heads}), e.g. {name: dinov2_vitb14_reg, weights: path/to/dinov2.pth}"),
         ]
         for ok, key, expected in rules:
             if not ok:
                 raise ConfigError(f"{key}: invalid value {_lookup(self, key)!r}; expected {expected}.")
+        try:
+            lambda_sem_milestones(self.loss.lambda_sem_schedule)
+        except ValueError as err:
+            raise ConfigError(f"loss.lambda_sem_schedule: {err}") from None
         return self
 
     def to_dict(self) -> dict:
@@ -192,6 +207,25 @@ def _lookup(config, dotted: str):
     for part in dotted.split("/")[0].split("."):
         value = getattr(value, part)
     return value
+
+
+def _is_vfm_spec(value) -> bool:
+    """None, or a mapping of :class:`~reglue.encoders.semantics.VFMSpec` fields with fitting types."""
+    from reglue.encoders.semantics import VFMSpec
+
+    if value is None:
+        return True
+    if not isinstance(value, dict) or not set(value) <= {f.name for f in dataclasses.fields(VFMSpec)}:
+        return False
+    layers, arch = value.get("layers"), value.get("arch", {})
+    return (isinstance(value.get("name", ""), str)
+            and (value.get("weights") is None or isinstance(value["weights"], str))
+            and (layers is None or isinstance(layers, list) and all(_is_int(b) for b in layers))
+            and isinstance(arch, dict) and all(isinstance(k, str) and _is_int(v) for k, v in arch.items()))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(text: str) -> bool:
@@ -225,7 +259,7 @@ def _check_type(key: str, value, hint) -> object:
         return value
     elif hint is str and isinstance(value, bool):  # YAML 1.1 reads `no` (as in mixed_precision=no) as false
         return "yes" if value else "no"
-    elif (origin or hint) is list and isinstance(value, list):
+    elif (origin or hint) in (list, dict) and isinstance(value, origin or hint):
         return value
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, found {value!r} ({type(value).__name__}).")
 

@@ -21,6 +21,25 @@ TIME_SAMPLINGS = ("uniform", "lognormal")
 AUTHORS_XL_SEMANTIC_SCHEDULE: tuple[tuple[int, float], ...] = ((250_000, 0.5), (500_000, 0.25))
 
 
+def lambda_sem_milestones(schedule: Sequence[Sequence]) -> tuple[tuple[int, float], ...]:
+    """``[[step, factor], ...]`` as ``((step, factor), ...)``; ValueError unless every step is a
+    whole number >= 0, every factor a number >= 0 and the steps increase."""
+    milestones = []
+    for item in schedule:
+        ok = isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2
+        step, factor = item if ok else (None, None)
+        if not (ok and isinstance(step, int | float) and not isinstance(step, bool) and float(step).is_integer()
+                and step >= 0 and isinstance(factor, int | float) and not isinstance(factor, bool) and factor >= 0):
+            raise ValueError(f"expected [step, factor] pairs (whole step >= 0, factor >= 0), found {item!r}; "
+                             "e.g. [[250000, 0.5], [500000, 0.25]].")
+        milestones.append((int(step), float(factor)))
+    steps = [s for s, _ in milestones]
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"milestone steps must increase, found {steps}; list the [step, factor] pairs in "
+                         "increasing step order, e.g. [[250000, 0.5], [500000, 0.25]].")
+    return tuple(milestones)
+
+
 def path_coefficients(path: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(α_t, σ_t, α̇_t, σ̇_t), each shaped like ``t``."""
     if path == "linear":
@@ -110,16 +129,13 @@ class JointLoss:
             raise ValueError(f"unknown path {path!r}; choose one of {PATHS}.")
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
-        steps = [int(s) for s, _ in lambda_sem_schedule]
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"lambda_sem_schedule steps must increase, found {steps}.")
         self.latent_channels = latent_channels
         self.path = path
         self.time_sampling = time_sampling
         self.lambda_sem = lambda_sem
         self.lambda_cls = lambda_cls
         self.lambda_rep = lambda_rep
-        self.lambda_sem_schedule = tuple((int(s), float(f)) for s, f in lambda_sem_schedule)
+        self.lambda_sem_schedule = lambda_sem_milestones(lambda_sem_schedule)
 
     def lambda_sem_at(self, step: int) -> float:
         """λ_s times the factor of the last schedule milestone reached by ``step``."""

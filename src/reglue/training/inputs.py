@@ -5,11 +5,16 @@ semantic channels (compressed or PCA semantics upsampled to the latent grid), th
 and the REPA target tokens. Semantics come either from the dataset's cache
 (``data.semantics=cached``) or from the frozen VFM run on the stored images every step
 (``online``, as the authors' trainer).
+
+:func:`open_run_inputs` opens all of that for ``reglue train`` and checks the config against
+the data and this machine before the run creates anything (see its docstring).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +23,10 @@ import torch
 from reglue.config import ConfigError, RunConfig
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
-from reglue.encoders.semantics import SemanticEncoder, upsample_semantics
+from reglue.distributed import on_cpu_only
+from reglue.encoders.semantics import SemanticEncoder, VFMSpec, upsample_semantics
 from reglue.encoders.vae import latents_from_moments
-from reglue.presets import Preset
+from reglue.presets import Preset, get_preset
 
 
 @dataclass
@@ -43,15 +49,151 @@ def dataset_fields(config: RunConfig, preset: Preset) -> tuple[str, ...]:
     return ("moments", *needed)
 
 
+@dataclass
+class RunInputs:
+    """What a run reads, opened and checked by :func:`open_run_inputs`."""
+
+    config: RunConfig  # data.vfm resolved to the VFM that made the semantics (presets that read one)
+    dataset: PreparedDataset
+    rows: np.ndarray  # (N,) the training rows of the dataset
+    encoder: SemanticEncoder | None  # the frozen VFM (+ compressor / PCA) of data.semantics=online
+
+
+def open_run_inputs(config: RunConfig) -> RunInputs:
+    """Open the data of ``config`` and check the config against it and this machine; writes nothing.
+
+    Whatever cannot work is a :class:`ConfigError` naming the key and the fix, before the run
+    creates a file: fp16 without a GPU, missing data, cached arrays or online files, a VFM other
+    than ``data.vfm``, a compressor / PCA of other widths than the VFM and the preset, a SiT token
+    grid other than the REPA targets' grid, a global batch larger than the training rows.
+    """
+    if config.train.mixed_precision == "fp16" and on_cpu_only():
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPUs.")
+    preset = get_preset(config.model.preset)
+    dataset = open_training_dataset(config, preset)
+    rows = training_rows(dataset, config)
+    if len(rows) < config.train.global_batch:
+        raise ConfigError(
+            f"train.global_batch {config.train.global_batch} exceeds the {len(rows)} training images; "
+            "lower it or use more data."
+        )
+    config = _resolve_vfm(config, preset, dataset)
+    encoder = online_encoder(config, preset, dataset.manifest["resolution"])
+    if encoder is not None and encoder.compressor is not None:
+        _check_semantic_widths(config, preset, encoder)
+    _check_token_grid(config, preset, dataset, encoder)
+    return RunInputs(config, dataset, rows, encoder)
+
+
+def vfm_spec(value: dict) -> VFMSpec:
+    """``data.vfm`` (VFMSpec fields; missing ones take VFMSpec's defaults) as a :class:`VFMSpec`."""
+    return VFMSpec.from_json(json.dumps({**asdict(VFMSpec()), **value}))
+
+
+def vfm_record(spec: VFMSpec) -> dict:
+    """``spec`` as the ``data.vfm`` mapping a resolved config records (YAML-safe: lists, not tuples)."""
+    return {**asdict(spec), "layers": None if spec.layers is None else list(spec.layers)}
+
+
+def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) -> RunConfig:
+    """``config`` with ``data.vfm`` = the VFM that made the run's semantics; another one is refused.
+
+    Cached: the VFM recorded in ``semantics.json`` (a ``data.vfm`` given is compared by the reader,
+    see :func:`open_training_dataset`); online: the one recorded in the norm stats. Presets that
+    read nothing from a VFM keep ``data.vfm`` as given.
+    """
+    from reglue.pipeline import load_norm_stats_and_spec
+
+    if not required_targets(preset):
+        return config
+    if config.data.semantics == "cached":
+        made_with = VFMSpec.from_json(dataset.semantics_info["vfm"])
+    else:
+        path = norm_stats_path(config)
+        try:
+            made_with = load_norm_stats_and_spec(path)[1]
+        except ValueError as err:
+            raise ConfigError(f"data.norm_stats: {err}") from None
+        if config.data.vfm is not None and vfm_spec(config.data.vfm) != made_with:
+            raise ConfigError(
+                f"data.vfm: the norm stats {path} were computed with VFM {made_with.to_json()} but the run asks "
+                f"for {vfm_spec(config.data.vfm).to_json()}; compute them with the run's VFM (`reglue norm-stats "
+                f"{config.data.dir} --vfm ... --vfm-weights ...`) or set data.vfm to match (null takes theirs)."
+            )
+    return replace(config, data=replace(config.data, vfm=vfm_record(made_with)))
+
+
+def norm_stats_path(config: RunConfig) -> Path:
+    """The norm stats of ``data.semantics=online`` (they record the VFM); a missing file is refused."""
+    from reglue.pipeline import NORM_STATS_FILE
+
+    path = Path(config.data.norm_stats or Path(config.data.dir) / NORM_STATS_FILE)
+    if not path.is_file():
+        raise ConfigError(f"data.norm_stats: {path} not found; data.semantics=online runs the VFM recorded there: "
+                          f"run `reglue norm-stats {config.data.dir} --vfm-weights ...` or set data.norm_stats=PATH.")
+    return path
+
+
+def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticEncoder) -> None:
+    """The online compressor / PCA must take the VFM's channels and give the preset's S channels."""
+    from reglue.models.compressor import PCAProjection
+
+    module, extractor = encoder.compressor, encoder.extractor
+    if isinstance(module, PCAProjection):
+        key, path, widths = "data.pca", config.data.pca, (module.mean.shape[0], module.rank)
+        fix = f"fit one on this VFM's features: `reglue fit-pca {config.data.dir} --rank {preset.semantic_channels}`"
+    else:
+        key, path, widths = "data.compressor", config.data.compressor, (module.channels[0], module.latent_channels)
+        fix = (f"train one on this VFM's features with {preset.semantic_channels} output channels "
+               f"(`reglue train-compressor {config.data.dir}`)")
+    vfm_channels = len(extractor.layers) * extractor.embed_dim
+    if widths != (vfm_channels, preset.semantic_channels):
+        raise ConfigError(
+            f"{key}: {path} maps {widths[0]} VFM channels to {widths[1]}, but the run's VFM gives {vfm_channels} "
+            f"({len(extractor.layers)} blocks × {extractor.embed_dim}) and the {preset.name} preset models "
+            f"{preset.semantic_channels} semantic channels; {fix}."
+        )
+
+
+def _check_token_grid(config: RunConfig, preset: Preset, dataset: PreparedDataset,
+                      encoder: SemanticEncoder | None) -> None:
+    """The SiT's patch must divide the latent, and give the REPA targets' grid (the VFM's) for REPA."""
+    from reglue.models.sit import PATCH_SIZES, sit_config
+
+    name = config.model.name
+    patch, latent = sit_config(name).patch_size, dataset.manifest["resolution"] // 8
+    if latent % patch:
+        raise ConfigError(f"model.name: {name}'s patch {patch} does not divide the {latent}×{latent} latent of "
+                          f"{config.data.dir}; choose a patch size dividing {latent}.")
+    if not preset.repa:
+        return
+    if encoder is not None:
+        vfm_grid, where = encoder.extractor.grid_size, "of the online VFM"
+    else:
+        vfm_grid, where = math.isqrt(dataset[0]["repa"].shape[0] - 1), f"cached in {config.data.dir}"  # (1 + h·w, D)
+    if latent // patch == vfm_grid:
+        return
+    fitting = latent // vfm_grid if latent % vfm_grid == 0 else None
+    fix = (f"use patch {fitting} (model.name={name.rsplit('/', 1)[0]}/{fitting})" if fitting in PATCH_SIZES else
+           f"no registered patch size {PATCH_SIZES} gives that grid; use a preset without REPA (sit, redi)")
+    raise ConfigError(
+        f"model.name: {name} cuts the {latent}×{latent} latent into a {latent // patch}×{latent // patch} token grid "
+        f"(patch {patch}), but the REPA targets {where} lie on the VFM's {vfm_grid}×{vfm_grid} grid; {fix}."
+    )
+
+
 def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
-    """The prepared dataset with the arrays this run reads; clear errors for what is missing."""
+    """The prepared dataset with the arrays this run reads; clear errors for what is missing.
+
+    With cached semantics and ``data.vfm`` set, the reader refuses a cache made by another VFM."""
     fields = dataset_fields(config, preset)
     try:
         store.read_manifest(config.data.dir)
     except FileNotFoundError as err:
         raise ConfigError(f"data.dir: {err}") from None
+    vfm = vfm_spec(config.data.vfm).to_json() if config.data.vfm is not None else None
     try:
-        dataset = PreparedDataset(config.data.dir, fields=fields)
+        dataset = PreparedDataset(config.data.dir, fields=fields, vfm=vfm)
     except FileNotFoundError as err:
         if config.data.semantics == "cached" and set(fields) & {"semantics", "cls", "repa"}:
             raise ConfigError(
@@ -59,6 +201,8 @@ def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
                 f"{config.data.dir}{' --repa-targets' if preset.repa else ''}`) or set data.semantics=online."
             ) from None
         raise
+    except ValueError as err:  # the cache's VFM is not data.vfm
+        raise ConfigError(f"data.vfm: {err} Or set data.vfm to the cache's VFM (null takes it).") from None
     if "semantics" in fields and len(dataset) and dataset[0]["semantics"].shape[0] != preset.semantic_channels:
         raise ConfigError(
             f"model.preset={preset.name} models {preset.semantic_channels} semantic channels but the cache in "
@@ -122,18 +266,21 @@ class InputBuilder:
 
 
 def online_encoder(config: RunConfig, preset: Preset, resolution: int) -> SemanticEncoder | None:
-    """The frozen VFM (+ compressor / PCA) for ``data.semantics=online``; None when not needed."""
-    from reglue.pipeline import NORM_STATS_FILE, build_semantic_encoder
+    """The frozen VFM (+ compressor / PCA) for ``data.semantics=online``; None when not needed.
+
+    ``config`` is validated (data.compressor / data.pca are set where the preset needs them)."""
+    from reglue.pipeline import build_semantic_encoder
 
     if config.data.semantics != "online" or not required_targets(preset):
         return None
-    norm_stats = config.data.norm_stats or str(Path(config.data.dir) / NORM_STATS_FILE)
+    norm_stats = norm_stats_path(config)
     compressor = config.data.compressor if preset.semantics == "compressor" else None
     pca = config.data.pca if preset.semantics == "pca" else None
-    if preset.semantics == "compressor" and compressor is None:
-        raise ConfigError("data.compressor: the reglue preset online needs the compressor weights file.")
-    if preset.semantics == "pca" and pca is None:
-        raise ConfigError("data.pca: the redi preset online needs the PCA file from `reglue fit-pca`.")
+    for key, path, fix in (("data.compressor", compressor, "train one with `reglue train-compressor DATA`"),
+                           ("data.pca", pca, "fit one with `reglue fit-pca DATA`")):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path} not found; {fix} or correct the path.")
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.data.vfm_autocast]
-    encoder, _ = build_semantic_encoder(norm_stats, compressor, pca, resolution=resolution, autocast_dtype=dtype)
+    encoder, _ = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, resolution=resolution,
+                                        autocast_dtype=dtype)
     return encoder

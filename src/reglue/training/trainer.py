@@ -36,7 +36,7 @@ from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
 from reglue.training import checkpoint as ckpt
 from reglue.training.ema import EMA_UPDATES
-from reglue.training.inputs import InputBuilder, online_encoder, open_training_dataset, training_rows
+from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
 from reglue.transport import JointLoss, sample_time
 
@@ -128,7 +128,7 @@ def _loss(config: RunConfig) -> JointLoss:
         if getattr(config.loss, key) is not None:
             weights[key] = getattr(config.loss, key)
     return JointLoss(path=config.loss.path, time_sampling=config.loss.time_sampling,
-                     lambda_sem_schedule=[tuple(m) for m in config.loss.lambda_sem_schedule], **weights)
+                     lambda_sem_schedule=config.loss.lambda_sem_schedule, **weights)
 
 
 def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -> torch.optim.AdamW:
@@ -178,10 +178,12 @@ def _vfm_dim(dataset, encoder) -> int:
 
 
 class Trainer:
-    """Holds the run's objects; :meth:`run` trains until ``max_steps`` or a stop request."""
+    """Holds the run's objects; :meth:`run` trains until ``max_steps`` or a stop request.
 
-    def __init__(self, config: RunConfig, accelerator):
-        self.config = config
+    ``inputs`` come from :func:`~reglue.training.inputs.open_run_inputs` (config checked against the data)."""
+
+    def __init__(self, inputs: RunInputs, accelerator):
+        config = self.config = inputs.config
         self.acc = accelerator
         self.preset = get_preset(config.model.preset)
         self.run_dir = Path(config.run_dir)
@@ -192,15 +194,8 @@ class Trainer:
                 f"{config.train.grad_accum} accumulation steps is not a whole per-device batch; choose a "
                 f"multiple of {accelerator.num_processes * config.train.grad_accum}."
             )
-        self.dataset = open_training_dataset(config, self.preset)
-        self.rows = training_rows(self.dataset, config)
-        if len(self.rows) < config.train.global_batch:
-            raise ConfigError(
-                f"train.global_batch {config.train.global_batch} exceeds the {len(self.rows)} training images; "
-                "lower it or use more data."
-            )
+        self.dataset, self.rows, encoder = inputs.dataset, inputs.rows, inputs.encoder
         resolution = self.dataset.manifest["resolution"]
-        encoder = online_encoder(config, self.preset, resolution)
         if encoder is not None:
             encoder.to(accelerator.device)
         num_classes = 0 if config.data.unconditional else self.dataset.num_classes  # 0: the null label only
@@ -302,20 +297,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def batches(self):
-        """This process's micro-batches from ``self.step`` on, forever (epoch after epoch)."""
+        """This process's micro-batches from ``self.step`` on, forever: one DataLoader whose batch
+        sampler walks epoch after epoch, so its worker processes live as long as the run."""
+        loader = DataLoader(self.dataset, batch_sampler=self._micro_batch_rows(),
+                            num_workers=self.config.data.num_workers,
+                            pin_memory=self.config.data.pin_memory and self.acc.device.type == "cuda",
+                            generator=torch.Generator())  # fixed worker seeds, global RNG untouched
+        yield from loader
+
+    def _micro_batch_rows(self):
+        """Dataset rows of this process's micro-batches from ``self.step`` on, epoch after epoch."""
         G, rows = self.config.train.global_batch, self.rows
-        steps_per_epoch = len(rows) // G
-        epoch, start = divmod(self.step, steps_per_epoch)
+        micro = self.per_device // self.config.train.grad_accum
+        epoch, start = divmod(self.step, len(rows) // G)
         while True:
-            order = process_batches(len(rows), G, seed=self.config.train.seed, epoch=epoch,
-                                    rank=self.acc.process_index, num_processes=self.acc.num_processes,
-                                    start_step=start)
-            micro = self.per_device // self.config.train.grad_accum
-            sampler = [rows[b[i : i + micro]].tolist() for b in order for i in range(0, len(b), micro)]
-            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.data.num_workers,
-                                pin_memory=self.config.data.pin_memory and self.acc.device.type == "cuda",
-                                generator=torch.Generator())
-            yield from loader
+            for batch in process_batches(len(rows), G, seed=self.config.train.seed, epoch=epoch,
+                                         rank=self.acc.process_index, num_processes=self.acc.num_processes,
+                                         start_step=start):
+                for i in range(0, len(batch), micro):
+                    yield rows[batch[i : i + micro]].tolist()
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ step
@@ -352,7 +352,10 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         EMA_UPDATES[cfg.ema](self.ema, self.acc.unwrap_model(self.model), cfg.ema_decay)
-        return {f"loss/{k}": v for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+        values = {f"loss/{k}": v for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+        if self.preset.semantic_channels:  # λ_s after the schedule's milestones
+            values["lambda/sem"] = terms.lambda_sem
+        return values
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         from tqdm.auto import tqdm
@@ -360,14 +363,13 @@ class Trainer:
         from reglue.training.metrics import MetricsLogger
 
         cfg, flag = self.config, _StopFlag()
-        batches = self.batches()
         metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                                 wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
                                 resume_step=self.step if self.resumed else None, enabled=self.acc.is_main_process)
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
         done_here, stopped = 0, False
-        with flag.installed(), metrics, bar:
+        with flag.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # closing: workers exit
             while self.step < cfg.train.max_steps:
                 start = time.perf_counter()
                 values = self.train_step(batches)
@@ -515,14 +517,13 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    precision = config.train.mixed_precision
-    if precision != "no" and on_cpu_only() and precision == "fp16":
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPUs.")
+    inputs = open_run_inputs(config)  # every check against the data and this machine, before any file
+    config = inputs.config
     torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
     torch.backends.cudnn.allow_tf32 = config.train.tf32
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu_only(), kwargs_handlers=[ddp])
-    trainer = Trainer(config, accelerator)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=on_cpu_only(), kwargs_handlers=[ddp])
+    trainer = Trainer(inputs, accelerator)
     found = ckpt.resolve_resume(trainer.run_dir, resume, log.warning)
     if found is not None:
         path, payload = found
