@@ -104,7 +104,9 @@ def test_evaluate_uses_stored_statistics_and_gives_the_known_fid(tmp_path, rando
         sigma_s=np.zeros_like(sigma_s),
     )
     np.savez(tmp_path / "samples.npz", arr_0=samples)
-    results = evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights, batch_size=4, splits=2)
+    results = evaluate(
+        tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights, batch_size=4, split_size=2
+    )
     assert results["fid"] == pytest.approx(2048 + np.trace(sigma), rel=1e-6)
     assert results["sfid"] == pytest.approx(2023 + np.trace(sigma_s), rel=1e-6)
     assert set(results) == {"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall"}
@@ -123,7 +125,7 @@ def test_evaluate_computes_and_caches_reference_statistics(tmp_path, random_weig
     np.savez(tmp_path / "samples.npz", arr_0=images(5, seed=4))
     cache_dir = tmp_path / "cache"
     run = lambda: evaluate(
-        tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights, 4, cache_dir=cache_dir, splits=5
+        tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights, 4, cache_dir=cache_dir, split_size=5
     )
 
     run()
@@ -145,14 +147,14 @@ def test_evaluate_computes_and_caches_reference_statistics(tmp_path, random_weig
     [
         (images(4).astype(np.float32), "uint8"),
         (images(4)[..., 0], r"\(N, H, W, 3\)"),
-        (images(3), "fewer than the 4 Inception Score splits"),
+        (images(3), "needs more than 3"),
     ],
 )
 def test_evaluate_rejects_malformed_samples(tmp_path, random_weights, arr_0, match):
     np.savez(tmp_path / "ref.npz", arr_0=images(4))
     np.savez(tmp_path / "samples.npz", arr_0=arr_0)
     with pytest.raises(ValueError, match=match):
-        evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights, splits=4)
+        evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", random_weights)
 
 
 def test_evaluate_cli_prints_the_table_and_writes_json(tmp_path, random_weights, capsys):

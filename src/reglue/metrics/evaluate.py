@@ -25,8 +25,8 @@ import torch
 from reglue.io import atomic_write
 from reglue.metrics.fid import feature_statistics, frechet_distance
 from reglue.metrics.inception import InceptionFeatures, extract_features, load_inception, resolve_weights_path
-from reglue.metrics.iscore import inception_score
-from reglue.metrics.manifold import precision_recall
+from reglue.metrics.iscore import SPLIT_SIZE, inception_score
+from reglue.metrics.manifold import NEIGHBOURHOOD_K, precision_recall
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,25 @@ def evaluate(
     batch_size: int = 250,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
-    splits: int = 10,
+    split_size: int = SPLIT_SIZE,
     progress: bool = False,
 ) -> dict[str, float]:
-    """FID, sFID, Inception Score (mean and std over ``splits``), precision and recall of the samples.
+    """FID, sFID, Inception Score (mean and std over parts of ``split_size`` images), precision and recall.
 
     Fails before any feature extraction on missing weights or a malformed sample file.
     """
     resolve_weights_path(inception_weights)  # a missing weights file fails before any reading
     samples = read_images(samples_npz)
-    if len(samples) < splits:
+    if len(samples) <= NEIGHBOURHOOD_K:
         raise ValueError(
-            f"{samples_npz} holds {len(samples)} images, fewer than the {splits} Inception Score splits; "
-            "generate more samples or pass fewer splits."
+            f"{samples_npz} holds {len(samples)} images; precision/recall with k={NEIGHBOURHOOD_K} needs "
+            f"more than {NEIGHBOURHOOD_K}; generate more samples."
         )
     extractor = load_inception(inception_weights)
     ref = reference_features(ref_npz, extractor, inception_weights, batch_size, device, cache_dir, progress)
     features = extract_features(samples, extractor, batch_size, device, progress)
     gen = _statistics(features)
-    is_mean, is_std = inception_score(features["logits"], splits)
+    is_mean, is_std = inception_score(features["logits"], split_size=split_size)
     precision, recall = precision_recall(ref["pool"], features["pool"], device=device)
     return {
         "fid": frechet_distance(ref["mu"], ref["sigma"], gen["mu"], gen["sigma"]),

@@ -1,9 +1,12 @@
 """Inception Score (Salimans et al. 2016) the way ADM computes it (SPEC §10).
 
 Class probabilities are softmax(pool·W) with W the 2015 Inception's 1008-way logits matrix and
-no bias (torch-fidelity's ``logits_unbiased``). The N images are cut into ``splits`` consecutive
-parts of ⌊N/splits⌋ (10 parts of 5000 for 50K, as ADM); a remainder of fewer than ``splits``
-images is left out, as torch-fidelity does. The score of a part is exp(E_x KL(p(y|x) ‖ p(y))).
+no bias (torch-fidelity's ``logits_unbiased``). As in ADM's ``compute_inception_score``, the N
+images are cut into consecutive parts of ``split_size`` = 5000 images, the last part holding
+whatever is left: 10 parts at 50K, parts of 5000, 5000 and 2000 at 12K, a single part below
+5000. The score of a part is exp(E_x KL(p(y|x) ‖ p(y))); the Inception Score is the plain mean
+over the parts (a short last part weighs as much as a full one, as in ADM). The standard
+deviation over the parts is returned beside it; ADM reports only the mean.
 """
 
 from __future__ import annotations
@@ -11,20 +14,21 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax, xlogy
 
+SPLIT_SIZE = 5000  # ADM's split_size
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and standard deviation over ``splits`` parts of the score of ``logits`` ``(N, C)``.
 
-    Raises ValueError when there are fewer images than splits.
+def inception_score(logits: np.ndarray, *, split_size: int = SPLIT_SIZE) -> tuple[float, float]:
+    """Mean and standard deviation over parts of ``split_size`` images of the score of ``logits`` ``(N, C)``.
+
+    The maths is float64. Raises ValueError on an empty or non-2-D ``logits`` or a ``split_size`` < 1.
     """
-    if logits.ndim != 2 or logits.shape[0] < splits or splits < 1:
+    if logits.ndim != 2 or logits.shape[0] < 1 or split_size < 1:
         raise ValueError(
-            f"Inception Score with {splits} splits needs logits (N, C) with N >= {splits}, found shape "
-            f"{logits.shape}; evaluate more images or request fewer splits."
+            f"Inception Score needs logits (N, C) with N >= 1 and split_size >= 1, found shape "
+            f"{logits.shape} and split_size {split_size}; evaluate at least one image."
         )
     probs = np.exp(log_softmax(logits.astype(np.float64), axis=1))  # (N, C)
-    part_size = logits.shape[0] // splits
-    scores = [_part_score(probs[i * part_size : (i + 1) * part_size]) for i in range(splits)]
+    scores = [_part_score(probs[start : start + split_size]) for start in range(0, len(probs), split_size)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
