@@ -297,7 +297,7 @@ def test_more_epochs_extend_a_finished_run_like_one_long_run(train, tmp_path, un
 
 def test_resuming_with_other_settings_is_refused(train, tmp_path):
     train(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"different compressor run \(lr: 0.003 there, 0.001 now\)"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: was 0.003, now 0.001\); use a new out_dir"):
         train(tmp_path, epochs=1, lr=1e-3)
     with pytest.raises(ValueError, match="more than the 1 asked"):
         train(tmp_path / "other", epochs=2)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reglue.settings import check_same_settings
+
 FORMAT_NAME = "reglue-dataset"
 FORMAT_VERSION = 1
 SHARDS_DIR = "shards"
@@ -84,13 +86,16 @@ def lock_directory(root: Path) -> Iterator[None]:
 
 
 def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> None:
-    """Refuse a rerun whose ``wanted`` differs from what ``path`` recorded; else record it (main only)."""
+    """Refuse a rerun whose ``wanted`` differs from what ``path`` recorded; else record it (main only).
+
+    The comparison is :func:`reglue.settings.check_same_settings` (a ValueError listing every
+    differing key, then ``fix``) over the keys of ``wanted``: anything else ``path`` holds (e.g.
+    the demo's stage ledger in ``demo.json``) is the caller's and not compared.
+    """
     if path.is_file():
         found = json.loads(path.read_text())
-        differing = sorted(k for k in wanted if found.get(k) != wanted[k])
-        if differing:
-            detail = ", ".join(f"{k}: was {found.get(k)!r}, now {wanted[k]!r}" for k in differing)
-            raise ValueError(f"{path.parent} was made with other inputs ({detail}); {fix}")
+        recorded = {key: value for key, value in found.items() if key in wanted}
+        check_same_settings(recorded, wanted, what=str(path.parent), fix=fix)
     elif is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, wanted)

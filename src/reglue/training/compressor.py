@@ -26,7 +26,7 @@ Files in ``out_dir`` (only the main process writes):
   written every ``checkpoint_every`` steps and at each epoch end: weights, Adam, the cosine, the
   epoch and step within it, the running epoch loss, best-so-far, history and torch's RNG states.
   Resuming refuses a state whose run settings differ (channels, batch, lr, schedule, seed, data
-  sizes, VFM); the number of processes may change.
+  sizes, VFM: :func:`reglue.settings.check_same_settings`); the number of processes may change.
 
 Weights files hold plain ``encoder.model.*`` / ``decoder.model.*`` state dicts with metadata
 (channels, epoch, MSEs, VFM layers); load them with
@@ -54,6 +54,7 @@ from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write
 from reglue.models.compressor import SemanticCompressor
+from reglue.settings import check_same_settings
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
@@ -62,6 +63,7 @@ HISTORY = "history.json"
 LOSS_CURVE = "loss_curve.png"
 TRAIN_STATE = "train_state.pt"
 STATE_FORMAT = "reglue-compressor-train-state-v1"
+RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
 SPLIT_STREAM = 0  # (seed, SPLIT_STREAM) splits off validation images
 
 _logger = logging.getLogger(__name__)
@@ -204,13 +206,7 @@ def _plot_loss_curve(path: Path, history: list[dict]) -> None:
 
 
 def _check_same_run(saved: dict, config: dict, where: Path) -> None:
-    differing = sorted(k for k in config if saved.get(k) != config[k])
-    if differing:
-        found = ", ".join(f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in differing)
-        raise ValueError(
-            f"{where} belongs to a different compressor run ({found}); use a new out_dir, "
-            "or start over in this one (resume=False; `--restart` on the command line)."
-        )
+    check_same_settings(saved, config, what=f"the compressor run in {where.parent}", fix=RESTART_FIX)
 
 
 def _finished_run(out_dir: Path, config: dict, epochs: int) -> CompressorRun | None:

@@ -34,6 +34,7 @@ from reglue.errors import ReglueError
 from reglue.models.official import load_state_dict_strict
 from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
+from reglue.settings import check_same_settings
 from reglue.training import checkpoint as ckpt
 from reglue.training.ema import EMA_UPDATES
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
@@ -147,27 +148,6 @@ RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "trai
                "data.pin_memory")  # kernels and data movement only: the maths are unchanged
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume with settings that change what the run computes (batch, data, model...)."""
-    old, new = _flatten(saved), _flatten(current)
-    differing = [k for k in sorted(old.keys() | new.keys())
-                 if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)]
-    if differing:
-        detail = ", ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differing)
-        raise ConfigError(f"cannot resume with other settings ({detail}); use the checkpoint's config "
-                          "(RUN_DIR/config.yaml) or start a new run directory.")
-
-
 def _vfm_dim(dataset, encoder) -> int:
     if encoder is not None:
         return encoder.extractor.embed_dim
@@ -237,7 +217,9 @@ class Trainer:
         }
 
     def restore(self, payload: dict) -> None:
-        _check_resumable(payload["config"], self.config.to_dict())
+        check_same_settings(payload["config"], self.config.to_dict(), free=RESUME_FREE, error=ConfigError,
+                            what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
+                            "or start a new run directory.")
         self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
