@@ -28,6 +28,7 @@ from reglue.training.checkpoint import (
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    save_state_file,
 )
 
 
@@ -293,11 +294,13 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_log_line(tmp_path):
     [
         (b"this is not a checkpoint\n" * 40, "truncated or corrupt"),
         ({"model": {}, "ema": {}, "steps": 3}, "not a reglue training checkpoint"),
+        ({"format": "reglue-compressor-train-state-v1", "progress": {}},
+         "found format='reglue-compressor-train-state-v1'\\); a file an older reglue wrote resumes only"),
         ({"format": FORMAT, "version": 1, "step": 3}, "lacks the completion marker"),
         ({"format": FORMAT, "version": 2, "step": 3, "complete": True}, "format version 2"),
         ({"format": FORMAT, "version": 1, "step": 3, "extra": Fraction(1, 3), "complete": True}, "pickled"),
     ],
-    ids=["garbage", "foreign", "incomplete", "newer_version", "pickled_object"],
+    ids=["garbage", "foreign", "older_format", "incomplete", "newer_version", "pickled_object"],
 )
 def test_invalid_checkpoint_files_raise_checkpoint_error(tmp_path, content, reason):
     path = tmp_path / "step-000000003.pt"
@@ -351,3 +354,22 @@ def test_resume_from_a_path_loads_that_checkpoint_or_fails(tmp_path):
     _write_truncated(newest)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):  # no silent fallback for a path
         resolve_resume(tmp_path, str(newest))
+
+
+def test_a_named_state_file_has_the_checkpoint_guarantees_without_pruning(tmp_path):
+    path = tmp_path / "run" / "train_state.pt"
+    payload = _payload()
+    (tmp_path / "run").mkdir()
+    stale = tmp_path / "run" / ".train_state.pt.tmp-12345"  # what a writer killed mid-save leaves
+    stale.write_bytes(b"half")
+    for step in (1, 2, 3, 4):
+        assert save_state_file(path, step, payload) == path
+    state = load_checkpoint(path)
+    assert (state["format"], state["version"], state["step"], state["complete"]) == (FORMAT, 1, 4, True)
+    _assert_same({k: state[k] for k in payload}, payload)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train_state.pt"]
+    with pytest.raises(ValueError, match="reserved key"):
+        save_state_file(path, 5, {"complete": False})
+    with pytest.raises(ValueError, match="weights_only"):
+        save_state_file(path, 5, {"where": Path("x")})
+    assert load_checkpoint(path)["step"] == 4  # a refused save writes nothing

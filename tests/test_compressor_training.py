@@ -18,6 +18,7 @@ from reglue.encoders.norm_stats import NormStatsAccumulator
 from reglue.encoders.vfm import build_dinov2
 from reglue.models.compressor import SemanticCompressor
 from reglue.training import compressor as training
+from reglue.training.checkpoint import CheckpointError, load_checkpoint, save_state_file
 from reglue.training.compressor import train_compressor
 from reglue.training.order import per_process_batch, process_batches
 
@@ -302,6 +303,41 @@ def test_resuming_with_other_settings_is_refused(train, tmp_path):
     with pytest.raises(ValueError, match="more than the 1 asked"):
         train(tmp_path / "other", epochs=2)
         train(tmp_path / "other", epochs=1)
+
+
+def test_train_state_is_a_training_checkpoint_with_every_rng_state(train, tmp_path):
+    run = train(tmp_path, epochs=1)
+    state = load_checkpoint(run.state_path)  # format, version and completion marker checked
+    assert state["kind"] == training.STATE_KIND and state["step"] == 2 and state["complete"] is True
+    (rng,) = state["rng"]  # one per process
+    assert set(rng) == {"python", "numpy", "torch", "cuda"}
+
+
+def test_resume_restores_the_checkpoints_rng_state(train, tmp_path, monkeypatch):
+    interrupt_after_checkpoints(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        train(tmp_path, epochs=1, checkpoint_every=1)
+    monkeypatch.undo()
+    (saved,) = load_checkpoint(tmp_path / training.TRAIN_STATE)["rng"]
+    restored = []
+    monkeypatch.setattr(training, "restore_rng_state", restored.append)
+    assert train(tmp_path, epochs=1, checkpoint_every=1).resumed_from == (0, 1)
+    (state,) = restored
+    assert torch.equal(state["torch"], saved["torch"]) and state["python"] == saved["python"]
+    assert torch.equal(state["numpy"]["key"], saved["numpy"]["key"])
+
+
+def test_an_invalid_or_old_format_train_state_is_refused_not_ignored(train, tmp_path):
+    old = {"format": "reglue-compressor-train-state-v1", "config": {}, "progress": {"epoch": 1}}
+    torch.save(old, tmp_path / training.TRAIN_STATE)
+    with pytest.raises(CheckpointError, match=r"cannot resume the compressor from it: not a reglue training "
+                       r"checkpoint .*found format='reglue-compressor-train-state-v1'.*`--restart`"):
+        train(tmp_path, epochs=1)
+    save_state_file(tmp_path / training.TRAIN_STATE, 0, {"kind": "sit", "config": {}})
+    with pytest.raises(CheckpointError, match="training state of 'sit', not of the semantic compressor"):
+        train(tmp_path, epochs=1)
+    run = train(tmp_path, epochs=1, resume=False)
+    assert run.resumed_from is None and load_checkpoint(run.state_path)["kind"] == training.STATE_KIND
 
 
 def test_resume_false_starts_over_and_drops_the_earlier_files(train, tmp_path, monkeypatch):

@@ -7,7 +7,10 @@ A run directory keeps its training state as ``checkpoints/step-{step:09d}.pt``, 
 
 ``payload`` is the caller's: model/EMA/optimiser/grad-scaler state dicts, the resolved config
 as a plain dict, one :func:`capture_rng_state` per rank, the data-order position. Only the main
-process should save; gathering the other ranks' RNG states is the caller's job.
+process should save; gathering the other ranks' RNG states is the caller's job. A trainer that
+keeps one state file under a fixed name (the semantic compressor's ``train_state.pt``) writes
+it with :func:`save_state_file` and reads it with :func:`load_checkpoint`: same format, same
+rules, no pruning.
 
 Rules this module keeps:
 
@@ -162,27 +165,41 @@ def save_checkpoint(
     Returns the path written. Raises ValueError before writing anything if ``payload`` holds
     something other than tensors and plain values, or uses a key the format reserves.
     """
-    if type(step) is not int or step < 0:
-        raise ValueError(f"step must be a non-negative int, found {step!r}.")
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (the newest checkpoint is what resumes), found {keep_last}.")
+    path = save_state_file(checkpoint_path(run_dir, step), step, payload)
+    for stale in path.parent.glob(_STALE_TEMP_GLOB):
+        stale.unlink(missing_ok=True)
+    _prune(run_dir, keep_last, set(milestones), just_written=path)
+    return path
+
+
+def save_state_file(path: str | Path, step: int, payload: dict) -> Path:
+    """Write ``payload`` as one training-state file at ``path``, in the checkpoint format.
+
+    The same guarantees as :func:`save_checkpoint` (format, version, ``step``, completion
+    marker, plain values only, atomic write; :func:`load_checkpoint` reads it back) for a
+    state kept under one fixed name, e.g. the compressor's ``train_state.pt``; no pruning.
+    Returns ``path``.
+    """
+    if type(step) is not int or step < 0:
+        raise ValueError(f"step must be a non-negative int, found {step!r}.")
     if type(payload) is not dict:
         raise ValueError(f"checkpoint payload must be a dict, found {type(payload).__name__}.")
     reserved = [k for k in _RESERVED_KEYS if k in payload]
     if reserved:
         raise ValueError(
-            f"checkpoint payload uses reserved key(s) {reserved}; save_checkpoint sets "
+            f"checkpoint payload uses reserved key(s) {reserved}; the checkpoint format sets "
             f"{list(_RESERVED_KEYS)} itself. Rename those entries."
         )
     _check_plain(payload, "payload")
-    path = checkpoint_path(run_dir, step)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, "step": step, **payload, "complete": True}
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
-    for stale in path.parent.glob(_STALE_TEMP_GLOB):
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-save
         stale.unlink(missing_ok=True)
-    _prune(run_dir, keep_last, set(milestones), just_written=path)
     return path
 
 
@@ -215,8 +232,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint onto the CPU (``weights_only``) and check it is ours and complete.
 
     Raises :class:`CheckpointError` if the file is missing, truncated or corrupt, holds pickled
-    objects, is not a reglue training checkpoint, has another format version, or lacks the
-    completion marker.
+    objects, is not a reglue training checkpoint (e.g. an older reglue's format), has another
+    format version, or lacks the completion marker.
     """
     path = Path(path)
     if not path.is_file():
@@ -238,11 +255,17 @@ def load_checkpoint(path: str | Path) -> dict:
             "objects other than tensors. Resume from another checkpoint.",
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = f"a dict with keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else type(state).__name__
+        if isinstance(state, dict) and isinstance(state.get("format"), str):  # e.g. an older reglue's format
+            found = f"format={state['format']!r}"
+            hint = "a file an older reglue wrote resumes only with that version."
+        else:
+            found = type(state).__name__
+            if isinstance(state, dict):
+                found = f"a dict with keys {sorted(map(str, state))[:6]}"
+            hint = "the authors' checkpoints load with reglue.models.official.load_authors_checkpoint."
         raise CheckpointError(
-            path,
-            f"not a reglue training checkpoint (expected a dict with format={FORMAT!r}, found {found}); "
-            "the authors' checkpoints load with reglue.models.official.load_authors_checkpoint.",
+            path, f"not a reglue training checkpoint (expected a dict with format={FORMAT!r}, found {found}); "
+            + hint,
         )
     if state.get("version") != VERSION:
         raise CheckpointError(

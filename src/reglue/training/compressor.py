@@ -22,11 +22,17 @@ Files in ``out_dir`` (only the main process writes):
 - ``compressor_best.safetensors``: weights of the epoch with the lowest validation MSE;
 - ``history.json``: the run config, per-epoch train/val MSE and lr, the best epoch;
 - ``loss_curve.png``: train and val MSE per epoch;
-- ``train_state.pt``: the resume state (tensors and plain containers, ``weights_only`` loadable),
-  written every ``checkpoint_every`` steps and at each epoch end: weights, Adam, the cosine, the
-  epoch and step within it, the running epoch loss, best-so-far, history and torch's RNG states.
-  Resuming refuses a state whose run settings differ (channels, batch, lr, schedule, seed, data
-  sizes, VFM: :func:`reglue.settings.check_same_settings`); the number of processes may change.
+- ``train_state.pt``: the resume state, a training checkpoint of :mod:`reglue.training.checkpoint`
+  (format, version, step, completion marker; tensors and plain values, ``weights_only``
+  loadable; written atomically) kept under one name, every ``checkpoint_every`` steps and at each
+  epoch end: weights, Adam, the cosine, the epoch and step within it, the running epoch loss,
+  best-so-far, history and every process's RNG states (:func:`capture_rng_state`; restored
+  when the number of processes is unchanged). Resuming refuses a state whose run settings differ
+  (channels, batch, lr, schedule, seed, data sizes, VFM: :func:`reglue.settings.check_same_settings`);
+  the number of processes may change. A ``train_state.pt`` that is not a valid checkpoint, e.g.
+  one written before this format (``reglue-compressor-train-state-v1``), is refused rather than
+  ignored: restarting silently would throw away the epochs it holds, which the user may want to
+  finish with the reglue version that wrote it; ``resume=False`` (``--restart``) starts over.
 
 Weights files hold plain ``encoder.model.*`` / ``decoder.model.*`` state dicts with metadata
 (channels, epoch, MSEs, VFM layers); load them with
@@ -55,6 +61,13 @@ from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write
 from reglue.models.compressor import SemanticCompressor
 from reglue.settings import check_same_settings
+from reglue.training.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_state_file,
+)
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
@@ -62,7 +75,7 @@ BEST_WEIGHTS = "compressor_best.safetensors"
 HISTORY = "history.json"
 LOSS_CURVE = "loss_curve.png"
 TRAIN_STATE = "train_state.pt"
-STATE_FORMAT = "reglue-compressor-train-state-v1"
+STATE_KIND = "semantic-compressor"  # the "kind" entry of train_state.pt: whose training state it is
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
 SPLIT_STREAM = 0  # (seed, SPLIT_STREAM) splits off validation images
 
@@ -177,8 +190,8 @@ def _save_weights(path: Path, model: SemanticCompressor, metadata: dict) -> None
 
 
 def _save_train_state(path: Path, state: dict) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+    """``state`` (:meth:`_CompressorTrainer.state_dict`) as a training checkpoint at ``path``."""
+    save_state_file(path, state["progress"]["global_step"], state)
 
 
 def _write_history(path: Path, payload: dict) -> None:
@@ -222,13 +235,18 @@ def _finished_run(out_dir: Path, config: dict, epochs: int) -> CompressorRun | N
 
 
 def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
+    """The checkpoint at ``path`` if there is one; refuses an invalid one (see the module doc)."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(
-            f"{path} is not a compressor training state ({STATE_FORMAT}); delete it or start over (resume=False; `--restart` on the command line)."
-        )
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(path, f"cannot resume the compressor from it: {err.reason} To train afresh, "
+                              f"{RESTART_FIX}") from err
+    if state.get("kind") != STATE_KIND:
+        kind = state.get("kind", "another trainer")
+        raise CheckpointError(path, f"holds the training state of {kind!r}, not of the semantic compressor "
+                              f"({STATE_KIND!r}); {RESTART_FIX}")
     _check_same_run(state["config"], config, path)
     done = state["progress"]["epoch"]
     if done > epochs:
@@ -288,30 +306,34 @@ class _CompressorTrainer:
         self.optimizer.load_state_dict(state["optimizer"])  # after the scheduler set its lr
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]  # one capture_rng_state() per process
+        if len(rng) == self.accelerator.num_processes:
+            restore_rng_state(rng[self.accelerator.process_index])
 
     def prepare(self) -> None:
         """Hand model and optimizer to accelerate (DDP on several GPUs). The loaders are ours:
         they shard each global batch by rank themselves, so accelerate must not re-shard them."""
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: list[dict]) -> dict:
+        """The payload of ``train_state.pt``; ``rng``: one :func:`capture_rng_state` per process."""
         return {
-            "format": STATE_FORMAT,
+            "kind": STATE_KIND,
             "config": self.config,
             "compressor": {k: v.detach().cpu() for k, v in self.compressor.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "progress": dict(vars(self.progress)),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng,
         }
 
     def checkpoint(self) -> None:
+        """Write ``train_state.pt`` (main process); every process must call it (gathers RNG states)."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([capture_rng_state()])
         if self.accelerator.is_main_process:
-            _save_train_state(self.out_dir / TRAIN_STATE, self.state_dict())
+            _save_train_state(self.out_dir / TRAIN_STATE, self.state_dict(rng))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, R, R) -> normalised VFM maps (B, C, h, w), float32."""
