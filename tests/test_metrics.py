@@ -260,3 +260,24 @@ def test_plot_runs_draws_every_run_in_one_figure_each_in_its_own_colour(tmp_path
     assert Image.open(out).size[0] > 0
     assert panels == {"loss/total": {"sit": "C0", "reglue": "C1"}, "loss/latent": {"sit": "C0", "reglue": "C1"},
                       "loss/repa": {"reglue": "C1"}}
+
+
+def test_plot_series_draws_named_series_against_any_x_through_the_panel_code(tmp_path, monkeypatch):
+    drawn = {}
+    draw = plot._draw_panel
+
+    def record(axes, key, lines, smoothing, colours=None, **options):
+        draw(axes, key, lines, smoothing, colours, **options)
+        drawn.update(key=key, labels=[label for label, _, _ in lines], xlabel=axes.get_xlabel(),
+                     yscale=axes.get_yscale(), markers=[line.get_marker() for line in axes.lines])
+
+    monkeypatch.setattr(plot, "_draw_panel", record)
+    out = plot.plot_series({"train": ([1, 2], [0.5, 0.25]), "validation": ([1, 2], [None, None])},
+                           tmp_path / "curve.png", title="semantic compressor", panel="MSE", xlabel="epoch")
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+    # an all-None series is left out; one bold line per series, each point marked (smoothing 1)
+    assert drawn == {"key": "MSE", "labels": ["train"], "xlabel": "epoch", "yscale": "log", "markers": ["o"]}
+    with pytest.raises(ValueError, match="no finite value"):
+        plot.plot_series({"train": ([1], [float("nan")])}, tmp_path / "none.png", title="t", panel="p")
+    assert not (tmp_path / "none.png").exists()

@@ -21,7 +21,7 @@ Files in ``out_dir`` (only the main process writes):
 - ``compressor_final.safetensors``: weights after the last epoch;
 - ``compressor_best.safetensors``: weights of the epoch with the lowest validation MSE;
 - ``history.json``: the run config, per-epoch train/val MSE and lr, the best epoch;
-- ``loss_curve.png``: train and val MSE per epoch;
+- ``loss_curve.png``: train and val MSE per epoch (drawn by :func:`reglue.training.plot.plot_series`);
 - ``train_state.pt``: the resume state, a training checkpoint of :mod:`reglue.training.checkpoint`
   (format, version, step, completion marker; tensors and plain values, ``weights_only``
   loadable; written atomically) kept under one name, every ``checkpoint_every`` steps and at each
@@ -69,6 +69,7 @@ from reglue.training.checkpoint import (
     save_state_file,
 )
 from reglue.training.order import per_process_batch, process_batches, seeded_generator
+from reglue.training.plot import plot_series
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
 BEST_WEIGHTS = "compressor_best.safetensors"
@@ -200,22 +201,11 @@ def _write_history(path: Path, payload: dict) -> None:
 
 
 def _plot_loss_curve(path: Path, history: list[dict]) -> None:
-    """Train and val MSE per epoch, log scale; Agg canvas, pyplot's global state untouched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    """Train and val MSE per epoch (val left out without held-out images)."""
     epochs = [h["epoch"] for h in history]
-    axes.plot(epochs, [h["train_mse"] for h in history], marker="o", label="train")
-    if history[0]["val_mse"] is not None:
-        axes.plot(epochs, [h["val_mse"] for h in history], marker="o", label="validation")
-    axes.set(xlabel="epoch", ylabel="MSE (normalised features)", yscale="log", title="semantic compressor")
-    axes.legend()
-    figure.tight_layout()
-    with atomic_write(path) as tmp:
-        figure.savefig(tmp, format="png")
+    series = {"train": (epochs, [h["train_mse"] for h in history]),
+              "validation": (epochs, [h["val_mse"] for h in history])}
+    plot_series(series, path, title="semantic compressor", panel="MSE (normalised features)", xlabel="epoch")
 
 
 def _check_same_run(saved: dict, config: dict, where: Path) -> None:

@@ -2,16 +2,17 @@
 
 One panel per loss term the run logged (keys starting with "loss/", in the order they first
 appear), then grad_norm and lr when present; x is the training step. Each panel shows the raw
-values faint and their centred moving average over ``smoothing`` logged points bold, on a log
-y axis when every value is positive. Non-finite values (skipped steps) are left out.
-:func:`plot_runs` draws several runs into one such figure, one colour per run (e.g. the
-demo's ``sit`` vs ``reglue`` comparison).
+values faint and their centred moving average over ``smoothing`` logged points bold (the raw
+line alone at ``smoothing=1``), on a log y axis when every value is positive. Non-finite values
+(skipped steps) are left out. :func:`plot_runs` draws several runs into one such figure, one
+colour per run (e.g. the demo's ``sit`` vs ``reglue`` comparison); :func:`plot_series` draws
+named series against any x the same way (the semantic compressor's per-epoch MSE).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +62,29 @@ def _panels(runs: dict[str | None, list[dict]]) -> list[tuple[str, list]]:
 
 
 def _draw_panel(axes, key: str, lines: list[tuple[str | None, np.ndarray, np.ndarray]], smoothing: int,
-                colours: Mapping[str | None, str] | None = None) -> None:
-    """One panel: per (label, steps, values) line the raw values faint and their moving average bold,
-    in ``colours[label]`` when given (so a run keeps its colour in panels it shares with fewer runs)."""
+                colours: Mapping[str | None, str] | None = None, *, xlabel: str = "step",
+                marker: str | None = None) -> None:
+    """One panel: per (label, steps, values) line the raw values faint and their moving average bold
+    (only the values, bold, at ``smoothing=1``), in ``colours[label]`` when given (so a run keeps its
+    colour in panels it shares with fewer runs); ``marker`` marks every point of the bold line."""
     for label, steps, values in lines:
-        (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3, color=(colours or {}).get(label))
-        axes.plot(steps, moving_average(values, smoothing), linewidth=2.0, color=raw.get_color(), label=label)
+        colour = (colours or {}).get(label)
+        if smoothing > 1:
+            (raw,) = axes.plot(steps, values, linewidth=0.8, alpha=0.3, color=colour)
+            colour = raw.get_color()
+        smoothed = moving_average(values, smoothing) if smoothing > 1 else values
+        axes.plot(steps, smoothed, linewidth=2.0, color=colour, label=label, marker=marker)
     positive = all(np.all(values > 0) for _, _, values in lines)
-    axes.set(title=key, xlabel="step", yscale="log" if positive else "linear")
+    axes.set(title=key, xlabel=xlabel, yscale="log" if positive else "linear")
     axes.grid(True, which="major", alpha=0.3)
     if any(label is not None for label, _, _ in lines):
         axes.legend()
 
 
-def _draw_figure(panels: list[tuple[str, list]], title: str, smoothing: int, out: Path) -> Path:
-    """Lay ``panels`` ((key, lines) each) out in rows of PANEL_COLUMNS and save the PNG atomically."""
+def _draw_figure(panels: list[tuple[str, list]], title: str, smoothing: int, out: Path,
+                 **panel_options) -> Path:
+    """Lay ``panels`` ((key, lines) each) out in rows of PANEL_COLUMNS and save the PNG atomically;
+    ``panel_options`` (``xlabel``, ``marker``) go to every panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -86,7 +95,7 @@ def _draw_figure(panels: list[tuple[str, list]], title: str, smoothing: int, out
     labels = dict.fromkeys(label for _, lines in panels for label, _, _ in lines)  # first appearance order
     colours = {label: f"C{i}" for i, label in enumerate(labels)}
     for index, (key, lines) in enumerate(panels, start=1):
-        _draw_panel(figure.add_subplot(rows, columns, index), key, lines, smoothing, colours)
+        _draw_panel(figure.add_subplot(rows, columns, index), key, lines, smoothing, colours, **panel_options)
     figure.suptitle(title)
     figure.tight_layout()
     with atomic_write(out) as tmp:
@@ -133,3 +142,33 @@ def plot_runs(runs: Mapping[str, str | Path], out: str | Path, smoothing: int = 
     panels = _panels(records)
     _require_losses(panels, ", ".join(map(str, runs.values())), sum(map(len, records.values())))
     return _draw_figure(panels, " vs ".join(runs), smoothing, Path(out))
+
+
+def plot_series(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]],
+    out: str | Path,
+    *,
+    title: str,
+    panel: str,
+    xlabel: str = "step",
+    smoothing: int = 1,
+    marker: str | None = "o",
+) -> Path:
+    """Draw named ``(x, y)`` series into one panel titled ``panel`` at ``out``; returns its path.
+
+    The panel is drawn like every panel of :func:`plot_run` (log y axis when all values are
+    positive; non-finite and None values left out; a series with none left is dropped).
+    ``marker`` marks each point, so a curve of one or two epochs still shows. Raises ValueError
+    when no series has a finite value.
+    """
+    _check_smoothing(smoothing)
+    lines = []
+    for label, (xs, ys) in series.items():
+        pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if pairs:
+            x, y = zip(*pairs)
+            lines.append((label, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)))
+    if not lines:
+        raise ValueError(f"no finite value in the series {list(series)} to plot into {out}; "
+                         "plot after the first point.")
+    return _draw_figure([(panel, lines)], title, smoothing, Path(out), xlabel=xlabel, marker=marker)
