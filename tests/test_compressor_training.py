@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
@@ -338,6 +339,27 @@ def test_an_invalid_or_old_format_train_state_is_refused_not_ignored(train, tmp_
         train(tmp_path, epochs=1)
     run = train(tmp_path, epochs=1, resume=False)
     assert run.resumed_from is None and load_checkpoint(run.state_path)["kind"] == training.STATE_KIND
+
+
+def test_loader_workers_persist_across_epochs_and_resume_stays_bit_identical(train, tmp_path, monkeypatch,
+                                                                            uninterrupted):
+    loaders = []
+
+    def counted_loader(*args, **kwargs):
+        loaders.append(kwargs)
+        return DataLoader(*args, **kwargs)
+
+    interrupt_after_checkpoints(monkeypatch, 2)  # mid-epoch 2
+    with pytest.raises(Interrupted):
+        train(tmp_path, epochs=3, checkpoint_every=3, num_workers=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "DataLoader", counted_loader)
+    run = train(tmp_path, epochs=3, checkpoint_every=3, num_workers=1)
+    assert run.resumed_from == (1, 1)
+    assert len(loaders) == 2 and all(kw["persistent_workers"] for kw in loaders)  # train + val, for 2 epochs
+    final, history = uninterrupted
+    assert_same_weights(load_weights(run.final_path), final)
+    assert run.history == history
 
 
 def test_resume_false_starts_over_and_drops_the_earlier_files(train, tmp_path, monkeypatch):

@@ -34,6 +34,10 @@ Files in ``out_dir`` (only the main process writes):
   ignored: restarting silently would throw away the epochs it holds, which the user may want to
   finish with the reglue version that wrote it; ``resume=False`` (``--restart``) starts over.
 
+The DataLoaders are built once per run and keep their workers across epochs
+(``persistent_workers``); each epoch only swaps the index lists their batch sampler yields, so
+the order stays index-addressed.
+
 Weights files hold plain ``encoder.model.*`` / ``decoder.model.*`` state dicts with metadata
 (channels, epoch, MSEs, VFM layers); load them with
 ``SemanticCompressor.from_state_dict(safetensors.torch.load_file(path))``.
@@ -265,6 +269,20 @@ class _Progress:
     history: list[dict] = field(default_factory=list)
 
 
+class _EpochBatches:
+    """A batch sampler that yields whatever index lists it holds: the one DataLoader of a run
+    (persistent workers) reads a new epoch's order once ``batches`` is replaced before the pass."""
+
+    def __init__(self, batches: list[list[int]] | None = None) -> None:
+        self.batches = batches or []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class _CompressorTrainer:
     """One training run: builds the model, optimizer and schedule, then runs epochs."""
 
@@ -285,6 +303,13 @@ class _CompressorTrainer:
         )
         self.extractor.to(accelerator.device)
         self.model = model
+        self.train_batches = _EpochBatches()  # set to each epoch's order by train_epoch
+        self.train_loader = self._loader(train_set, self.train_batches)
+        self.val_loader = None
+        if val_set is not None:  # every process its strided share of the held-out rows, in batches
+            mine = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
+            self.val_loader = self._loader(val_set, _EpochBatches(
+                [mine[i : i + self.batch] for i in range(0, len(mine), self.batch)]))
 
     @property
     def compressor(self) -> SemanticCompressor:
@@ -330,18 +355,21 @@ class _CompressorTrainer:
         images = images.to(self.accelerator.device, non_blocking=True)
         return self.norm_stats.normalize(self.extractor(images).local)
 
-    def _loader(self, batches: list[list[int]], dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, batches: _EpochBatches) -> DataLoader:
+        """One loader for the whole run; its workers persist, ``batches`` decides each pass's order.
+        Its own generator: worker seeds never draw from (or shift) the global RNG."""
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator(),
                           pin_memory=self.accelerator.device.type == "cuda")
 
     def train_epoch(self, bar) -> None:
         p, acc = self.progress, self.accelerator
-        batches = process_batches(
+        self.train_batches.batches = process_batches(
             len(self.train_set), self.config["global_batch"], seed=self.config["seed"], epoch=p.epoch,
             rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch,
         )
         self.model.train()
-        for batch in self._loader(batches, self.train_set):
+        for batch in self.train_loader:
             target = self.features(batch["images"])  # (B, C, h, w)
             loss = F.mse_loss(self.model(target), target)
             self.optimizer.zero_grad(set_to_none=True)
@@ -362,10 +390,8 @@ class _CompressorTrainer:
         if self.val_set is None:
             return None
         acc, model = self.accelerator, self.compressor.eval()
-        mine = list(range(acc.process_index, len(self.val_set), acc.num_processes))
-        batches = [mine[i : i + self.batch] for i in range(0, len(mine), self.batch)]
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (squared error, elements)
-        for batch in self._loader(batches, self.val_set):
+        for batch in self.val_loader:
             target = self.features(batch["images"])
             totals += torch.stack([(model(target) - target).double().square().sum(),
                                    torch.tensor(target.numel(), dtype=torch.float64, device=acc.device)])
