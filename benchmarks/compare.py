@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from reglue.config import OptimConfig
+from reglue.config import OptimConfig, TrainConfig
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.encoders.vfm import build_vfm
@@ -304,11 +304,11 @@ class TrainingRun:
             terms = self.loss_fn(self.model, x.x0, x.y, x.cls_target, x.repa_target)
         self.scaler.scale(terms.total).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OptimConfig.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        EMA_UPDATES[self.setup.ema](self.ema, self.model, 0.9999)
+        EMA_UPDATES[self.setup.ema](self.ema, self.model, TrainConfig.ema_decay)
         synchronize(self.device)
         return time.perf_counter() - start
 

@@ -1,7 +1,9 @@
 """Time one REGLUE training step: model + joint loss + backward + AdamW + EMA.
 
 Inputs are synthetic tensors of the real shapes (latent ‖ semantics, CLS target, REPA
-target), so the number measures the diffusion model's step alone (no VAE/VFM forward).
+target), so the number measures the diffusion model's step alone (no VAE/VFM forward). The
+optimiser, gradient clipping and EMA are the trainer's own (``build_adamw`` and the EMA update
+with the default ``optim``/``train`` settings), so the step is the one ``reglue train`` runs.
 
     python benchmarks/train_step.py --model SiT-B/2 --preset reglue --batch 8 --dtype bf16
 
@@ -21,9 +23,11 @@ import time
 
 import torch
 
+from reglue.config import OptimConfig, TrainConfig
 from reglue.models import build_sit
 from reglue.presets import get_preset
 from reglue.training.ema import EMA_UPDATES
+from reglue.training.trainer import build_adamw
 from reglue.transport import JointLoss
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,8 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--ema", choices=["foreach", "loop"], default="foreach",
+    parser.add_argument("--ema", choices=sorted(EMA_UPDATES), default=TrainConfig.ema,
                         help="'loop' is the authors' per-parameter EMA update")
+    parser.add_argument("--optimizer", choices=("fused", "loop"),
+                        default="fused" if TrainConfig.fused_optimizer else "loop",
+                        help="AdamW kernel (train.fused_optimizer); 'loop' is the authors' per-parameter loop")
     parser.add_argument("--compile", action="store_true", help="torch.compile each SiT block")
     parser.add_argument("--input-size", type=int, default=32, help="latent size (32 for 256² images)")
     parser.add_argument("--vfm-dim", type=int, default=768)
@@ -79,10 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile:
         for block in model.blocks:
             block.compile()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
-        fused=device.type == "cuda",
-    )
+    optim = OptimConfig()
+    optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], optim,
+                            args.optimizer == "fused", device)
     loss_fn = JointLoss(**preset.loss_kwargs())
     batch = synthetic_batch(args, preset, model.config, device)
     ema_update = EMA_UPDATES[args.ema]
@@ -95,11 +101,11 @@ def run(args: argparse.Namespace) -> dict:
             terms = loss_fn(model, **batch)
         scaler.scale(terms.total).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model)
+        ema_update(ema, model, TrainConfig.ema_decay)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "preset": args.preset, "batch": args.batch, "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "ema": args.ema, "compile": args.compile,
+        "threads": torch.get_num_threads(), "ema": args.ema, "optimizer": args.optimizer,
+        "compile": args.compile,
         "step_s": round(median, 4), "images_per_s": round(args.batch / median, 3),
         "peak_mem_mib": round(peak_memory_mib(device), 1), "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__,
