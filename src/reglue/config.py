@@ -190,6 +190,13 @@ class RunConfig:
             lambda_sem_milestones(self.loss.lambda_sem_schedule)
         except ValueError as err:
             raise ConfigError(f"loss.lambda_sem_schedule: {err}") from None
+        interval = self.log.sample_guidance_interval
+        if not (len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)):
+            raise ConfigError(f"log.sample_guidance_interval: invalid value {interval!r}; expected [low, high].")
+        try:
+            self.log.guidance()
+        except ValueError as err:
+            raise ConfigError(f"log.sample_cfg/sample_cls_cfg/sample_guidance_interval: {err}") from None
         return self
 
     def to_dict(self) -> dict:
