@@ -423,7 +423,8 @@ def measure_sampling(args, device: torch.device, results: dict, out: Path) -> No
             with peak_memory(device) as peak, other_load() as load:
                 samples[setup], seconds = draw(setup, sampler, steps)
             results["sample"].append({
-                "model": args.sample_model, "mode": mode, "steps": steps, "batch": args.sample_batch, **guidance,
+                "model": args.sample_model, "mode": mode, "steps": steps, "batch": args.sample_batch,
+                "cfg_scale": guidance.scale, "guidance_low": guidance.low, "guidance_high": guidance.high,
                 "setup": setup.name, "precision": precision[setup],
                 "attention": setup.attention, "compile": setup.compile, "seconds": round(seconds, 3),
                 "images_per_s": round(args.sample_batch / seconds, 4), "peak_mem_mib": round(peak[0] - before),
