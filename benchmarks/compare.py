@@ -49,6 +49,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from reglue.config import OptimConfig, TrainConfig
+from reglue.ema import EMA_UPDATES
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.encoders.vfm import build_vfm
@@ -56,7 +57,6 @@ from reglue.models import build_sit
 from reglue.models.compressor import SemanticCompressor
 from reglue.presets import get_preset
 from reglue.sampling import Guidance, sample_ode, sample_sde
-from reglue.training.ema import EMA_UPDATES
 from reglue.training.inputs import InputBuilder
 from reglue.training.trainer import build_adamw
 from reglue.transport import JointLoss

@@ -24,9 +24,9 @@ import time
 import torch
 
 from reglue.config import OptimConfig, TrainConfig
+from reglue.ema import EMA_UPDATES
 from reglue.models import build_sit
 from reglue.presets import get_preset
-from reglue.training.ema import EMA_UPDATES
 from reglue.training.trainer import build_adamw
 from reglue.transport import JointLoss
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from reglue.training.checkpoint import (
+from reglue.checkpoint import (
     FORMAT,
     CheckpointError,
     capture_rng_state,
@@ -222,7 +222,7 @@ def test_crash_while_writing_leaves_no_file_and_the_previous_checkpoint_intact(t
 def test_killed_writer_leaves_only_a_temp_file_which_is_ignored_then_removed(tmp_path):
     script = textwrap.dedent(f"""
         import os, torch
-        from reglue.training.checkpoint import save_checkpoint
+        from reglue.checkpoint import save_checkpoint
         def killed_mid_write(obj, f):
             with open(f, "wb") as handle:
                 handle.write(b"partial")

@@ -13,13 +13,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from reglue.checkpoint import CheckpointError, load_checkpoint, save_state_file
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.encoders.norm_stats import NormStatsAccumulator
 from reglue.encoders.vfm import build_dinov2
 from reglue.models.compressor import SemanticCompressor
 from reglue.training import compressor as training
-from reglue.training.checkpoint import CheckpointError, load_checkpoint, save_state_file
 from reglue.training.compressor import train_compressor
 from reglue.training.order import per_process_batch, process_batches
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_sit
-from reglue.training.ema import EMA_UPDATES, update_ema
+from reglue.ema import EMA_UPDATES, update_ema
 
 
 def test_foreach_ema_equals_authors_loop():

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_sit
 from reglue.cli import main
 from reglue.encoders.vae import VAE
-from reglue.generate import SampleSettings, config_from_weights, generate, load_sampling_model
+from reglue.generate import SampleSettings, generate
+from reglue.models.loading import config_from_weights, load_sampling_model
 from reglue.sampling import Guidance, sample_sde
 from test_prepare import tiny_vae_dir
 
@@ -111,7 +112,7 @@ def test_sample_cli_writes_npz(setup, tmp_path):
 def test_model_loads_from_a_training_checkpoint(setup, tmp_path):
     from dataclasses import asdict
 
-    from reglue.training.checkpoint import save_checkpoint
+    from reglue.checkpoint import save_checkpoint
 
     _, model, _, _ = setup
     ema = tiny_sit("reglue", seed=1).eval()
@@ -154,7 +155,7 @@ def test_configs_without_a_path_load_as_linear_and_checkpoints_take_the_runs_pat
     import json
     from dataclasses import asdict
 
-    from reglue.training.checkpoint import save_checkpoint
+    from reglue.checkpoint import save_checkpoint
 
     _, model, _, _ = setup
     model.save_pretrained(tmp_path / "old")

@@ -9,8 +9,9 @@ import torch
 from reglue.cli import main
 from reglue.data.dataset import PreparedDataset
 from reglue.data.synthetic import write_synthetic_dataset
+from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.pixel import PixelAutoencoder
-from reglue.encoders.vae import latents_from_moments, load_vae
+from reglue.encoders.vae import latents_from_moments
 
 
 def block_images(count: int, side: int = 32, seed: int = 0) -> torch.Tensor:

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
+from reglue import checkpoint as ckpt
 from reglue import demo
 from reglue.cli import main
 from reglue.config import ConfigError, load_config
-from reglue.training import checkpoint as ckpt
 from reglue.training.inputs import vfm_record
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
+from reglue import checkpoint as ckpt
 from reglue.cli import main
 from reglue.config import ConfigError, load_config
-from reglue.training import checkpoint as ckpt
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
 from test_pipeline import TINY_VFM, save_compressor

@@ -2,6 +2,10 @@
 
 Errors the user can fix (bad paths, mismatched settings, bad input) are printed as one line
 and exit with status 2; set ``REGLUE_DEBUG=1`` to see the traceback instead.
+
+Each command imports the library modules it needs inside its function: ``reglue --help`` and a
+mistyped option then answer at once instead of first loading torch, timm and diffusers. This is
+the one place the package defers imports (tests/test_layers.py keeps it so).
 """
 
 from __future__ import annotations
@@ -185,8 +189,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from reglue.distributed import process_state
-    from reglue.encoders.vae import load_vae
-    from reglue.generate import PAPER, SampleSettings, generate, load_sampling_model
+    from reglue.encoders.autoencoder import load_vae
+    from reglue.generate import PAPER, SampleSettings, generate
+    from reglue.models.loading import load_sampling_model
 
     base = PAPER if args.paper else SampleSettings()
     settings = SampleSettings(
@@ -212,9 +217,10 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from reglue.encoders.vae import load_vae
-    from reglue.generate import GRID_GUIDANCE, SampleSettings, class_grid, load_sampling_model
+    from reglue.encoders.autoencoder import load_vae
+    from reglue.generate import GRID_GUIDANCE, SampleSettings, class_grid
     from reglue.io import atomic_write
+    from reglue.models.loading import load_sampling_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sampling_model(args.ckpt).to(device)

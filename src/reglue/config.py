@@ -16,6 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from reglue.ema import EMA_UPDATES
+from reglue.encoders.semantics import VFMSpec
+from reglue.io import atomic_write
+from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
+from reglue.presets import PRESETS
+from reglue.sampling import Guidance
+from reglue.transport import lambda_sem_milestones
+
 PRECISIONS = ("no", "fp16", "bf16")
 SEMANTICS_SOURCES = ("cached", "online")
 SAMPLE_MODES = ("sde", "ode")
@@ -113,10 +121,8 @@ class LogConfig:
     sample_guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [low, high] in t
     sample_count: int = 16
 
-    def guidance(self):
+    def guidance(self) -> Guidance:
         """The previews' :class:`~reglue.sampling.Guidance` (validated)."""
-        from reglue.sampling import Guidance
-
         low, high = self.sample_guidance_interval
         return Guidance(scale=self.sample_cfg, cls_scale=self.sample_cls_cfg, low=low, high=high)
 
@@ -134,11 +140,6 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Cross-field rules; raises :class:`ConfigError` naming the key and the fix."""
-        from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
-        from reglue.presets import PRESETS
-        from reglue.training.ema import EMA_UPDATES
-        from reglue.transport import lambda_sem_milestones
-
         online = self.data.semantics == "online" and self.model.preset in PRESETS
         local_semantics = PRESETS[self.model.preset].semantics if online else None  # compressor | pca | None
         rules = [
@@ -203,8 +204,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from reglue.io import atomic_write
-
         with atomic_write(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -218,8 +217,6 @@ def _lookup(config, dotted: str):
 
 def _is_vfm_spec(value) -> bool:
     """None, or a mapping of :class:`~reglue.encoders.semantics.VFMSpec` fields with fitting types."""
-    from reglue.encoders.semantics import VFMSpec
-
     if value is None:
         return True
     if not isinstance(value, dict) or not set(value) <= {f.name for f in dataclasses.fields(VFMSpec)}:

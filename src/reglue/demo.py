@@ -41,11 +41,32 @@ import torch
 
 from reglue.config import RunConfig, from_dict
 from reglue.data import store
-from reglue.encoders.pixel import PIXEL_AUTOENCODER
+from reglue.data.dataset import PreparedDataset
+from reglue.data.prepare import PrepareSettings, run_prepare
+from reglue.data.synthetic import CLASSES, write_synthetic_dataset
+from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
 from reglue.encoders.semantics import VFMSpec
 from reglue.errors import ReglueError
+from reglue.generate import SampleSettings, class_grid, generate
 from reglue.io import atomic_write
+from reglue.metrics.evaluate import read_images, write_results
+from reglue.metrics.pixel_space import pixel_space_metrics
+from reglue.models.loading import load_sampling_model
+from reglue.pipeline import (
+    COMPRESSOR_DIR,
+    NORM_STATS_FILE,
+    PCA_FILE,
+    run_cache_semantics,
+    run_fit_pca,
+    run_norm_stats,
+    run_train_compressor,
+)
 from reglue.presets import PRESETS, get_preset
+from reglue.sampling import Guidance
+from reglue.training.compressor import BEST_WEIGHTS
+from reglue.training.metrics import read_metrics
+from reglue.training.plot import plot_run, plot_runs
+from reglue.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +232,6 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
 
 # ----------------------------------------------------------------------------- data stages (1-5)
 def _data_stages(ledger: _Ledger, paths: DemoPaths, settings: DemoSettings, progress: bool) -> None:
-    from reglue.data.prepare import PrepareSettings, run_prepare
-    from reglue.data.synthetic import CLASSES, write_synthetic_dataset
-    from reglue.pipeline import (
-        COMPRESSOR_DIR,
-        NORM_STATS_FILE,
-        PCA_FILE,
-        run_cache_semantics,
-        run_fit_pca,
-        run_norm_stats,
-        run_train_compressor,
-    )
-    from reglue.training.compressor import BEST_WEIGHTS
-
     count = len(CLASSES) * settings.images_per_class
     ledger.run("images", f"{count} synthetic images, {len(CLASSES)} classes",
                lambda: write_synthetic_dataset(paths.images, settings.images_per_class, SYNTHETIC_SIDE, settings.seed))
@@ -266,8 +274,6 @@ def _train_what(preset: str) -> str:
 
 def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str) -> RunConfig:
     """The validated training config of ``preset`` (the trainer saves it as ``runs/<preset>/config.yaml``)."""
-    from reglue.data.synthetic import CLASSES
-
     steps = settings.steps
     raw = {
         "run_dir": str(paths.run(preset)),
@@ -283,8 +289,6 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str) -> RunCon
 
 
 def _train(paths: DemoPaths, settings: DemoSettings, preset: str) -> None:
-    from reglue.training.trainer import train
-
     result = train(demo_config(paths, settings, preset), resume="auto")
     if result.stopped_early:
         raise ReglueError(f"training {preset} stopped at step {result.step}; rerun the demo to resume it.")
@@ -293,10 +297,6 @@ def _train(paths: DemoPaths, settings: DemoSettings, preset: str) -> None:
 # ----------------------------------------------------------------------------- sample (7)
 def _sample(paths: DemoPaths, settings: DemoSettings, preset: str, device: torch.device) -> None:
     from PIL import Image
-
-    from reglue.encoders.pixel import PixelAutoencoder
-    from reglue.generate import SampleSettings, class_grid, generate, load_sampling_model
-    from reglue.sampling import Guidance
 
     class_names = store.read_manifest(paths.data)["class_names"]
     model = load_sampling_model(paths.run(preset) / "ema").to(device)
@@ -339,11 +339,6 @@ def _caption(image: np.ndarray, lines: list[str]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- evaluate (8)
 def _evaluate(paths: DemoPaths, settings: DemoSettings) -> None:
-    from reglue.data.dataset import PreparedDataset
-    from reglue.metrics.evaluate import read_images, write_results
-    from reglue.metrics.pixel_space import pixel_space_metrics
-    from reglue.training.metrics import read_metrics
-
     data = PreparedDataset(paths.data, fields=("images",))
     rows = [data[i] for i in range(len(data))]
     real = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()  # (N, 256, 256, 3)
@@ -382,8 +377,6 @@ def _check_finite(value, where: str = "metrics") -> None:
 # ----------------------------------------------------------------------------- report (9)
 def _report(paths: DemoPaths, settings: DemoSettings, stage_seconds: dict[str, float]) -> None:
     from PIL import Image
-
-    from reglue.training.plot import plot_run, plot_runs
 
     curves = paths.out / "loss_curves.png"
     if len(settings.presets) == 1:

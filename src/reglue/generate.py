@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from reglue.data import store
-from reglue.encoders.vae import DEFAULT_VAE, load_vae
+from reglue.encoders.autoencoder import load_vae
+from reglue.encoders.vae import DEFAULT_VAE
 from reglue.io import atomic_write
+from reglue.models.loading import load_sampling_model
 from reglue.models.sit import SiT
 from reglue.sampling import NO_GUIDANCE, Guidance, padded_rows, sample_ode, sample_sde
-from reglue.training.order import seeded_generator
-
-NOISE_STREAM, LABEL_STREAM = 3, 4  # (seed, stream, i) for sample i
+from reglue.seeding import LABEL_STREAM, NOISE_STREAM, seeded_generator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,38 +192,6 @@ def pack_npz(out_dir: Path, settings: SampleSettings, num_classes: int, npz: Pat
         np.savez(handle, arr_0=images, labels=labels)
 
 
-def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> SiT:
-    """A SiT from an exported folder (``config.json`` + ``model.safetensors``), one of our training
-    checkpoints (``weights`` = "ema" or "model"), or the authors' ``.pt`` (config inferred from the
-    weights and their ``args``; ``overrides`` — e.g. ``num_heads`` for a non-registered size — win)."""
-    from reglue.models.official import load_authors_checkpoint, load_state_dict_strict
-    from reglue.training.checkpoint import FORMAT, load_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        return SiT.from_pretrained(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass RUN_DIR/ema, a checkpoint .pt or the authors' .pt.")
-    try:
-        payload = load_checkpoint(path)
-    except ValueError:
-        payload = None
-    if payload is not None and payload.get("format") == FORMAT:
-        from reglue.models.sit import SiTConfig
-
-        # Checkpoints written before SiTConfig.path existed: the path is the run's loss.path.
-        run_path = payload.get("config", {}).get("loss", {}).get("path", "linear")
-        sit_config = {"path": run_path, **payload["sit_config"]}
-        model = SiT(SiTConfig(**sit_config))
-        model.load_state_dict(payload[weights], strict=True)
-        return model
-    checkpoint = load_authors_checkpoint(path)
-    state = checkpoint.get(weights) or checkpoint.get("ema") or checkpoint["model"]
-    model = SiT(config_from_weights(state, checkpoint.get("args") or {}), **overrides)
-    load_state_dict_strict(model, state, f"{path} {weights} weights")
-    return model
-
-
 class ImageSampler:
     """Images from a trained model in a few lines, the same code path as ``reglue sample``.
 
@@ -245,7 +213,7 @@ class ImageSampler:
     def from_pretrained(cls, checkpoint: str | Path, *, vae: str | Path = DEFAULT_VAE, weights: str = "ema",
                         device: torch.device | str | None = None) -> ImageSampler:
         """``checkpoint``: RUN_DIR/ema, a training checkpoint, or the authors' ``.pt`` (see
-        :func:`load_sampling_model`); ``vae``: a diffusers folder, a cached hub id, or ``"pixel"``."""
+        :func:`~reglue.models.loading.load_sampling_model`); ``vae``: a diffusers folder, a cached hub id, or ``"pixel"``."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(load_sampling_model(checkpoint, weights), load_vae(vae), device=device)
 
@@ -271,40 +239,6 @@ class ImageSampler:
         from PIL import Image
 
         return [Image.fromarray(image) for image in images]
-
-
-def _size_name(hidden: int, depth: int, patch: int) -> str:
-    """The registered size with this width and depth; without one the head count is unknown."""
-    from reglue.models.sit import SIT_SIZES
-
-    for size, (d, h, _, _) in SIT_SIZES.items():
-        if (h, d) == (hidden, depth):
-            return f"SiT-{size}/{patch}"
-    raise ValueError(
-        f"the checkpoint's width {hidden} and depth {depth} match no registered SiT size and its args name no "
-        "model; pass num_heads (load_sampling_model(path, num_heads=...))."
-    )
-
-
-def config_from_weights(state: dict, args: dict):
-    """The SiTConfig of an authors' state dict: sizes from the weights, the rest from ``args``."""
-    from reglue.models.official import strip_module_prefix
-    from reglue.models.sit import sit_config
-
-    state = strip_module_prefix(state)
-    embed = state["x_embedder.proj.weight"]  # (D, C_in, p, p)
-    tokens = state["pos_embed"].shape[1]
-    use_cls = "cls_projectors2.weight" in state
-    grid = round((tokens - int(use_cls)) ** 0.5)
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    z_dim = state["projectors.0.4.weight"].shape[0] if "projectors.0.4.weight" in state else None
-    name = args.get("model") or _size_name(embed.shape[0], depth, embed.shape[-1])
-    return sit_config(
-        name, input_size=grid * embed.shape[-1], patch_size=embed.shape[-1], in_channels=embed.shape[1],
-        hidden_size=embed.shape[0], depth=depth, num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
-        z_dim=z_dim, use_cls_token=use_cls, encoder_depth=args.get("encoder_depth", sit_config(name).encoder_depth),
-        projector_dim=state["projectors.0.0.weight"].shape[0] if z_dim else 2048,
-    )
 
 
 def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings, *, per_class: int = 1,

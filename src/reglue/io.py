@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,12 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object
         raise ValueError(
             f"{path} is not a readable {what} file (a .safetensors, or a torch.save of tensors only): {reason}"
         ) from err
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,14 +16,23 @@ from pathlib import Path
 
 import torch
 
-from reglue.data.dataset import PreparedDataset
+from reglue.data.cache import cache_semantics
+from reglue.data.dataset import PreparedDataset, random_subset
+from reglue.data.store import read_manifest
 from reglue.distributed import process_state
-from reglue.encoders.norm_stats import NormStats, compute_norm_stats
-from reglue.encoders.semantics import SemanticEncoder, VFMSpec
+from reglue.encoders.norm_stats import NORM_STATS_FILE, compute_norm_stats
+from reglue.encoders.semantics import (
+    VFMSpec,
+    build_semantic_encoder,
+    load_norm_stats_and_spec,
+    warn_if_random,
+)
+from reglue.io import file_sha256
+from reglue.models.compressor import PCAProjection
+from reglue.training.compressor import train_compressor
 
 log = logging.getLogger(__name__)
 
-NORM_STATS_FILE = "norm_stats.safetensors"
 PCA_FILE = "pca.safetensors"
 COMPRESSOR_DIR = "compressor"
 OFFICIAL_NORM_STATS_IMAGES = 300 * 256
@@ -40,11 +49,6 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _warn_if_random(spec: VFMSpec) -> None:
-    if spec.is_random:
-        log.warning("VFM %s has RANDOM weights: features carry no semantics (demo/testing only).", spec.name)
-
-
 def run_norm_stats(
     data: str | Path, spec: VFMSpec, *, out: str | Path | None = None, num_images: int = OFFICIAL_NORM_STATS_IMAGES,
     batch_size: int = 64, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
@@ -57,27 +61,16 @@ def run_norm_stats(
     if state.is_main_process:
         dataset = PreparedDataset(data, fields=("images",))
         extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
-        _warn_if_random(spec)
+        warn_if_random(spec)
         metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
-                    "layers": ",".join(map(str, extractor.layers))}
-        with _progress_bar(min(num_images, len(dataset)), "norm-stats", show_progress) as bar:
-            stats = compute_norm_stats(dataset, extractor, num_images, batch_size, device=state.device,
+                    "layers": ",".join(map(str, extractor.layers)), "seed": "0"}
+        subset = random_subset(dataset, num_images, seed=0)  # read in index order for memory-map locality
+        with _progress_bar(len(subset), "norm-stats", show_progress) as bar:
+            stats = compute_norm_stats(subset, extractor, batch_size=batch_size, device=state.device,
                                        progress=bar.update, metadata=metadata)
         stats.save(out)
     state.wait_for_everyone()
     return out
-
-
-def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> tuple[NormStats, VFMSpec]:
-    """The stats file and the VFM it was computed with (``spec`` overrides the recorded one)."""
-    stats = NormStats.load(path)
-    if spec is None:
-        if "vfm" not in stats.metadata:
-            raise ValueError(
-                f"{path} does not record its VFM (e.g. the authors' stats file); pass --vfm and --vfm-weights."
-            )
-        spec = VFMSpec.from_json(stats.metadata["vfm"])
-    return stats, spec
 
 
 def run_fit_pca(
@@ -88,9 +81,6 @@ def run_fit_pca(
     """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data`` (main process only)."""
     from torch.utils.data import DataLoader
 
-    from reglue.data.dataset import random_subset
-    from reglue.models.compressor import PCAProjection
-
     state = process_state()
     out = Path(out) if out is not None else Path(data) / PCA_FILE
     if not state.is_main_process:
@@ -100,7 +90,7 @@ def run_fit_pca(
     dataset = PreparedDataset(data, fields=("images",))
     device = state.device
     extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
-    _warn_if_random(spec)
+    warn_if_random(spec)
     subset = random_subset(dataset, num_images)
     loader = DataLoader(subset, batch_size=batch_size)
 
@@ -125,49 +115,14 @@ def run_train_compressor(
     ``options`` go to :func:`reglue.training.compressor.train_compressor` (epochs,
     global_batch, lr, val_data, val_fraction, resume, ...). Returns its ``CompressorRun``.
     """
-    from reglue.data.store import read_manifest
-    from reglue.training.compressor import train_compressor
-
     stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     resolution = read_manifest(data)["resolution"]
     extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
-    _warn_if_random(spec)
-    from reglue.data.cache import file_sha256
+    warn_if_random(spec)
 
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
     inputs = {"vfm": spec.to_json(), "norm_stats_sha256": file_sha256(norm_stats)}
     return train_compressor(data, out_dir, extractor, stats, inputs=inputs, **options)
-
-
-def build_semantic_encoder(
-    norm_stats: str | Path | None, *, compressor: str | Path | None = None, pca: str | Path | None = None,
-    spec: VFMSpec | None = None, resolution: int = 256, autocast_dtype: torch.dtype | None = None,
-) -> tuple[SemanticEncoder, dict]:
-    """A :class:`SemanticEncoder` from files, and a JSON-able record identifying its inputs."""
-    from reglue.data.cache import file_sha256
-    from reglue.models.compressor import PCAProjection, SemanticCompressor
-
-    if compressor is not None and pca is not None:
-        raise ValueError("pass either a compressor or a PCA file, not both.")
-    stats, info = None, {}
-    if norm_stats is not None:
-        stats, spec = load_norm_stats_and_spec(norm_stats, spec)
-        info["norm_stats_sha256"] = file_sha256(norm_stats)
-    if spec is None:
-        raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
-    module = None
-    if compressor is not None:
-        from reglue.io import read_tensor_file
-
-        module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
-        info["compressor_sha256"] = file_sha256(compressor)
-    elif pca is not None:
-        module = PCAProjection.load(pca)
-        info["pca_sha256"] = file_sha256(pca)
-    extractor = spec.build(resolution, autocast_dtype)
-    _warn_if_random(spec)
-    info.update(vfm=spec.to_json(), resolution=resolution, vfm_autocast=str(autocast_dtype))
-    return SemanticEncoder(extractor, stats, module), info
 
 
 def run_cache_semantics(
@@ -176,9 +131,6 @@ def run_cache_semantics(
     spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> int:
     """Cache compressed semantics, CLS (and REPA targets) for every image of ``data``."""
-    from reglue.data.cache import cache_semantics
-    from reglue.data.store import read_manifest
-
     state = process_state()
     manifest = read_manifest(data)
     encoder, info = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, spec=spec,

@@ -13,7 +13,6 @@ compressor and norm-stats checksums); a rerun with different inputs is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +23,6 @@ import torch
 from reglue.data import store
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.io import atomic_write
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cached_fields(has_compressor: bool, repa_targets: bool) -> tuple[str, ...]:

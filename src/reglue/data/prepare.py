@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import reglue
 from reglue.data import store
 from reglue.data.images import BadImageError, adm_center_crop, load_image
 from reglue.data.sources import ImageSource, SourceItem, open_source
 from reglue.distributed import process_state
+from reglue.encoders.autoencoder import load_vae
+from reglue.io import atomic_write
 
 log = logging.getLogger(__name__)
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -164,8 +167,6 @@ def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices
         skipped.extend(info["skipped"])
     images = sum(s["count"] for s in shards)
     if write:
-        from reglue.io import atomic_write
-
         with atomic_write(dst / store.SKIPPED) as tmp:
             tmp.write_text("path\treason\n" + "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped))
         store.write_json_atomic(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped))
@@ -174,8 +175,6 @@ def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices
 
 def _manifest(settings, source, shards, images, skipped) -> dict:
     import PIL
-
-    import reglue
 
     R = settings.resolution
     return {
@@ -208,8 +207,6 @@ def run_prepare(
     on this process's device; works alone or under ``accelerate launch`` / ``torchrun`` (each
     rank writes its own shards)."""
     from tqdm.auto import tqdm
-
-    from reglue.encoders.vae import load_vae
 
     state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE

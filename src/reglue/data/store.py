@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reglue.io import atomic_write
 from reglue.settings import check_same_settings
 
 FORMAT_NAME = "reglue-dataset"
@@ -131,8 +132,6 @@ def open_array(root: Path, index: int, name: str) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    from reglue.io import atomic_write
-
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 

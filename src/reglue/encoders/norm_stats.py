@@ -16,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+
+from reglue.io import atomic_write, read_tensor_file
+
+NORM_STATS_FILE = "norm_stats.safetensors"  # DATA/norm_stats.safetensors, written by `reglue norm-stats`
 
 NUMPY_ARRAY_GLOBALS = [
     np.ndarray,
@@ -61,8 +66,6 @@ class NormStats:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from reglue.io import atomic_write
-
         with atomic_write(path) as tmp:
             save_file({"mean": self.mean, "std": self.std}, str(tmp), metadata=self.metadata)
 
@@ -81,8 +84,6 @@ class NormStats:
 
     @classmethod
     def _load_authors(cls, path: Path) -> NormStats:
-        from reglue.io import read_tensor_file
-
         raw = read_tensor_file(path, "norm-stats", allowed=tuple(NUMPY_ARRAY_GLOBALS))
         if not isinstance(raw, dict) or not {"mean", "std"} <= set(raw):
             found = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
@@ -116,23 +117,16 @@ class NormStatsAccumulator:
 
 @torch.no_grad()
 def compute_norm_stats(
-    dataset, extractor, num_images: int, batch_size: int = 64, seed: int = 0,
-    device: torch.device | str = "cpu", num_workers: int = 0, progress=None, metadata: dict | None = None,
+    images, extractor, *, batch_size: int = 64, device: torch.device | str = "cpu", num_workers: int = 0,
+    progress=None, metadata: dict | None = None,
 ) -> NormStats:
-    """Stats of ``extractor(images).local`` over a seeded random subset of ``dataset``.
-
-    ``dataset[i]["images"]`` is uint8 (3, R, R); the subset has min(num_images, len) images
-    (official: 300 × 256 = 76,800), read in index order for memory-map locality.
-    """
-    from torch.utils.data import DataLoader
-
-    from reglue.data.dataset import random_subset
-
-    subset = random_subset(dataset, num_images, seed)
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+    """Stats of ``extractor(images).local`` over every item of ``images``, a dataset whose
+    ``images[i]["images"]`` is uint8 (3, R, R) (``reglue norm-stats`` passes a seeded random subset
+    of the prepared data: official 300 × 256 = 76,800 images)."""
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     accumulator = NormStatsAccumulator()
     for batch in loader:
         accumulator.update(extractor(batch["images"].to(device)).local)
         if progress is not None:
             progress(len(batch["images"]))
-    return accumulator.result(dict(metadata or {}, num_images=str(len(subset)), seed=str(seed)))
+    return accumulator.result(dict(metadata or {}, num_images=str(len(images))))

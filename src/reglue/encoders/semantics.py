@@ -5,6 +5,8 @@
 - :class:`SemanticEncoder` = frozen VFM → z-scored multi-layer maps → frozen compressor (or
   PCA): uint8 images (B, 3, R, R) → :class:`SemanticTargets`: ``semantics`` (B, S, h, w) at
   the VFM grid, ``cls`` (B, D) and ``repa`` (B, 1 + h·w, D).
+- :func:`build_semantic_encoder` assembles one from the files of a prepared dataset (norm stats,
+  compressor or PCA) and records what it was built from.
 - :func:`upsample_semantics` brings (B, S, h, w) to the latent grid (bilinear, align_corners
   False), e.g. 16×16 → 32×32 at 256².
 """
@@ -12,7 +14,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -21,6 +25,10 @@ from torch import nn
 
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor, build_vfm
+from reglue.io import file_sha256, read_tensor_file
+from reglue.models.compressor import PCAProjection, SemanticCompressor
+
+_logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "random"  # the explicit value for a randomly initialised VFM (demo, tests)
 
@@ -103,3 +111,47 @@ def upsample_semantics(semantics: torch.Tensor, size: int) -> torch.Tensor:
     if semantics.shape[-1] == size and semantics.shape[-2] == size:
         return semantics
     return F.interpolate(semantics, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def warn_if_random(spec: VFMSpec) -> None:
+    """One warning when ``spec`` builds a randomly initialised VFM (demo, tests)."""
+    if spec.is_random:
+        _logger.warning("VFM %s has RANDOM weights: features carry no semantics (demo/testing only).", spec.name)
+
+
+def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> tuple[NormStats, VFMSpec]:
+    """The stats file and the VFM it was computed with (``spec`` overrides the recorded one)."""
+    stats = NormStats.load(path)
+    if spec is None:
+        if "vfm" not in stats.metadata:
+            raise ValueError(
+                f"{path} does not record its VFM (e.g. the authors' stats file); pass --vfm and --vfm-weights."
+            )
+        spec = VFMSpec.from_json(stats.metadata["vfm"])
+    return stats, spec
+
+
+def build_semantic_encoder(
+    norm_stats: str | Path | None, *, compressor: str | Path | None = None, pca: str | Path | None = None,
+    spec: VFMSpec | None = None, resolution: int = 256, autocast_dtype: torch.dtype | None = None,
+) -> tuple[SemanticEncoder, dict]:
+    """A :class:`SemanticEncoder` from files, and a JSON-able record identifying its inputs."""
+    if compressor is not None and pca is not None:
+        raise ValueError("pass either a compressor or a PCA file, not both.")
+    stats, info = None, {}
+    if norm_stats is not None:
+        stats, spec = load_norm_stats_and_spec(norm_stats, spec)
+        info["norm_stats_sha256"] = file_sha256(norm_stats)
+    if spec is None:
+        raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
+    module = None
+    if compressor is not None:
+        module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
+        info["compressor_sha256"] = file_sha256(compressor)
+    elif pca is not None:
+        module = PCAProjection.load(pca)
+        info["pca_sha256"] = file_sha256(pca)
+    extractor = spec.build(resolution, autocast_dtype)
+    warn_if_random(spec)
+    info.update(vfm=spec.to_json(), resolution=resolution, vfm_autocast=str(autocast_dtype))
+    return SemanticEncoder(extractor, stats, module), info

@@ -192,16 +192,6 @@ class VAE(nn.Module):
             )
 
 
-def load_vae(source: str | os.PathLike | AutoencoderKL = DEFAULT_VAE, dtype: torch.dtype = torch.float32):
-    """The autoencoder ``source`` names: the weight-free :class:`~reglue.encoders.pixel.PixelAutoencoder`
-    for ``"pixel"`` (``dtype`` unused: it computes in float32), else the SD-VAE :class:`VAE`."""
-    from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
-
-    if isinstance(source, (str, os.PathLike)) and str(source) == PIXEL_AUTOENCODER:
-        return PixelAutoencoder()
-    return VAE(source, dtype)
-
-
 def _positive(batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, found {batch_size}.")

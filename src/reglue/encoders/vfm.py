@@ -53,7 +53,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from reglue.io import read_tensor_file
-from reglue.models.official import describe_state_dict_mismatch, strip_module_prefix
+from reglue.state_dict import describe_state_dict_mismatch, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reglue.models.official import load_state_dict_strict
+from reglue.io import atomic_write
+from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 
 
 class ResidualBlock(nn.Module):
@@ -91,8 +92,6 @@ class SemanticCompressor(nn.Module):
 
         Accepts the authors' state dicts with or without a ``module.`` prefix.
         """
-        from reglue.models.official import strip_module_prefix
-
         state_dict = strip_module_prefix(state_dict)
         convs = sorted(
             (int(m.group(1)), w.shape)
@@ -165,8 +164,6 @@ class PCAProjection(nn.Module):
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
-
-        from reglue.io import atomic_write
 
         with atomic_write(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglue.io import atomic_write
+from reglue.state_dict import load_state_dict_strict
 from reglue.transport import PATHS
 
 
@@ -415,8 +417,6 @@ class SiT(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (weights only, no pickle)."""
         from safetensors.torch import save_file
 
-        from reglue.io import atomic_write
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -428,8 +428,6 @@ class SiT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> SiT:
         from safetensors.torch import load_file
-
-        from reglue.models.official import load_state_dict_strict
 
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):

@@ -22,7 +22,7 @@ Files in ``out_dir`` (only the main process writes):
 - ``compressor_best.safetensors``: weights of the epoch with the lowest validation MSE;
 - ``history.json``: the run config, per-epoch train/val MSE and lr, the best epoch;
 - ``loss_curve.png``: train and val MSE per epoch (drawn by :func:`reglue.training.plot.plot_series`);
-- ``train_state.pt``: the resume state, a training checkpoint of :mod:`reglue.training.checkpoint`
+- ``train_state.pt``: the resume state, a training checkpoint of :mod:`reglue.checkpoint`
   (format, version, step, completion marker; tensors and plain values, ``weights_only``
   loadable; written atomically) kept under one name, every ``checkpoint_every`` steps and at each
   epoch end: weights, Adam, the cosine, the epoch and step within it, the running epoch loss,
@@ -58,21 +58,22 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from reglue.data.dataset import PreparedDataset
-from reglue.distributed import on_cpu_only
-from reglue.encoders.norm_stats import NormStats
-from reglue.encoders.vfm import VFMExtractor
-from reglue.io import atomic_write
-from reglue.models.compressor import SemanticCompressor
-from reglue.settings import check_same_settings
-from reglue.training.checkpoint import (
+from reglue.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_state_file,
 )
-from reglue.training.order import per_process_batch, process_batches, seeded_generator
+from reglue.data.dataset import PreparedDataset
+from reglue.distributed import on_cpu_only
+from reglue.encoders.norm_stats import NormStats
+from reglue.encoders.vfm import VFMExtractor
+from reglue.io import atomic_write
+from reglue.models.compressor import SemanticCompressor
+from reglue.seeding import SPLIT_STREAM, seeded_generator
+from reglue.settings import check_same_settings
+from reglue.training.order import per_process_batch, process_batches
 from reglue.training.plot import plot_series
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
@@ -82,7 +83,6 @@ LOSS_CURVE = "loss_curve.png"
 TRAIN_STATE = "train_state.pt"
 STATE_KIND = "semantic-compressor"  # the "kind" entry of train_state.pt: whose training state it is
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
-SPLIT_STREAM = 0  # (seed, SPLIT_STREAM) splits off validation images
 
 _logger = logging.getLogger(__name__)
 

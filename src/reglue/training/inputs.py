@@ -24,8 +24,17 @@ from reglue.config import ConfigError, RunConfig
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.distributed import on_cpu_only
-from reglue.encoders.semantics import SemanticEncoder, VFMSpec, upsample_semantics
+from reglue.encoders.norm_stats import NORM_STATS_FILE
+from reglue.encoders.semantics import (
+    SemanticEncoder,
+    VFMSpec,
+    build_semantic_encoder,
+    load_norm_stats_and_spec,
+    upsample_semantics,
+)
 from reglue.encoders.vae import latents_from_moments
+from reglue.models.compressor import PCAProjection
+from reglue.models.sit import PATCH_SIZES, sit_config
 from reglue.presets import Preset, get_preset
 
 
@@ -102,8 +111,6 @@ def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) ->
     see :func:`open_training_dataset`); online: the one recorded in the norm stats. Presets that
     read nothing from a VFM keep ``data.vfm`` as given.
     """
-    from reglue.pipeline import load_norm_stats_and_spec
-
     if not required_targets(preset):
         return config
     if config.data.semantics == "cached":
@@ -125,8 +132,6 @@ def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) ->
 
 def norm_stats_path(config: RunConfig) -> Path:
     """The norm stats of ``data.semantics=online`` (they record the VFM); a missing file is refused."""
-    from reglue.pipeline import NORM_STATS_FILE
-
     path = Path(config.data.norm_stats or Path(config.data.dir) / NORM_STATS_FILE)
     if not path.is_file():
         raise ConfigError(f"data.norm_stats: {path} not found; data.semantics=online runs the VFM recorded there: "
@@ -136,8 +141,6 @@ def norm_stats_path(config: RunConfig) -> Path:
 
 def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticEncoder) -> None:
     """The online compressor / PCA must take the VFM's channels and give the preset's S channels."""
-    from reglue.models.compressor import PCAProjection
-
     module, extractor = encoder.compressor, encoder.extractor
     if isinstance(module, PCAProjection):
         key, path, widths = "data.pca", config.data.pca, (module.mean.shape[0], module.rank)
@@ -158,8 +161,6 @@ def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticE
 def _check_token_grid(config: RunConfig, preset: Preset, dataset: PreparedDataset,
                       encoder: SemanticEncoder | None) -> None:
     """The SiT's patch must divide the latent, and give the REPA targets' grid (the VFM's) for REPA."""
-    from reglue.models.sit import PATCH_SIZES, sit_config
-
     name = config.model.name
     patch, latent = sit_config(name).patch_size, dataset.manifest["resolution"] // 8
     if latent % patch:
@@ -269,8 +270,6 @@ def online_encoder(config: RunConfig, preset: Preset, resolution: int) -> Semant
     """The frozen VFM (+ compressor / PCA) for ``data.semantics=online``; None when not needed.
 
     ``config`` is validated (data.compressor / data.pca are set where the preset needs them)."""
-    from reglue.pipeline import build_semantic_encoder
-
     if config.data.semantics != "online" or not required_targets(preset):
         return None
     norm_stats = norm_stats_path(config)

@@ -8,10 +8,9 @@ interrupted one stopped, and changing the number of processes keeps the global b
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-SHUFFLE_STREAM = 1  # (seed, SHUFFLE_STREAM, epoch) orders an epoch
+from reglue.seeding import SHUFFLE_STREAM, seeded_generator
 
 
 def per_process_batch(global_batch: int, num_processes: int) -> int:
@@ -22,12 +21,6 @@ def per_process_batch(global_batch: int, num_processes: int) -> int:
             f"processes; pick e.g. {num_processes * max(1, global_batch // num_processes)}."
         )
     return global_batch // num_processes
-
-
-def seeded_generator(seed: int, *stream: int) -> torch.Generator:
-    """A CPU generator for one named stream of the run seed (SeedSequence mixing, no collisions)."""
-    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 def process_batches(

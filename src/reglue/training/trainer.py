@@ -28,21 +28,26 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
 from reglue.distributed import on_cpu_only
+from reglue.ema import EMA_UPDATES
+from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
-from reglue.models.official import load_state_dict_strict
+from reglue.io import atomic_write
+from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
 from reglue.models.sit import SiT, build_sit
 from reglue.presets import get_preset
+from reglue.sampling import sample_ode, sample_sde
+from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
-from reglue.training import checkpoint as ckpt
-from reglue.training.ema import EMA_UPDATES
+from reglue.state_dict import load_state_dict_strict
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
-from reglue.training.order import per_process_batch, process_batches, seeded_generator
+from reglue.training.metrics import MetricsLogger
+from reglue.training.order import per_process_batch, process_batches
 from reglue.transport import JointLoss, sample_time
 
 log = logging.getLogger(__name__)
-STEP_STREAM = 2  # (seed, STEP_STREAM, step) seeds a step's times, noises and label dropout
 
 
 @dataclass
@@ -252,8 +257,6 @@ class Trainer:
         Their ``args`` are compared with this run's config and differences are logged; the
         optimiser starts fresh (their AdamW state indexes parameters differently).
         """
-        from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
-
         checkpoint = load_authors_checkpoint(path)
         core = self.acc.unwrap_model(self.model)
         load_state_dict_strict(core, checkpoint.get("model", checkpoint.get("ema")), f"{path} model weights")
@@ -342,8 +345,6 @@ class Trainer:
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from reglue.training.metrics import MetricsLogger
-
         cfg, flag = self.config, _StopFlag()
         metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                                 wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
@@ -391,8 +392,6 @@ class Trainer:
         if grid is not None:
             from PIL import Image
 
-            from reglue.io import atomic_write
-
             path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as tmp:
@@ -439,8 +438,6 @@ _PREVIEW_VAES: dict[str, object] = {}
 
 def _preview_vae(vae_id: str, device: torch.device):
     """The dataset's VAE for decoding previews, or None (with one warning) if it cannot load."""
-    from reglue.encoders.vae import load_vae
-
     if vae_id not in _PREVIEW_VAES:
         try:
             _PREVIEW_VAES[vae_id] = load_vae(vae_id).to(device)
@@ -457,8 +454,6 @@ def preview_grid(ema: SiT, config: RunConfig, manifest: dict, latent_size: int, 
     Noise comes from a generator seeded with the run seed and labels cycle through the classes,
     so every preview of a run shows the same noise and labels.
     """
-    from reglue.sampling import sample_ode, sample_sde
-
     vae = _preview_vae(manifest["vae"], device)
     if vae is None:
         return None
