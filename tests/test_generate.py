@@ -151,6 +151,16 @@ def test_the_interpolant_path_travels_with_the_model_into_reglue_sample(setup, t
     assert not np.array_equal(got, decoded("linear"))  # what `reglue sample` drew before the path travelled
 
 
+def test_a_training_state_of_another_kind_is_refused_for_sampling(tmp_path):
+    from reglue.checkpoint import save_state_file
+
+    path = save_state_file(tmp_path / "train_state.pt", 3, {"kind": "semantic-compressor", "weights": {}})
+    with pytest.raises(ValueError, match="another kind \\(semantic-compressor\\), not a SiT checkpoint"):
+        load_sampling_model(path)
+    with pytest.raises(ValueError, match="weights must be ema or model"):
+        load_sampling_model(path, "best")
+
+
 def test_configs_without_a_path_load_as_linear_and_checkpoints_take_the_runs_path(setup, tmp_path):
     import json
     from dataclasses import asdict
@@ -210,7 +220,7 @@ def test_image_sampler_gives_the_images_of_reglue_sample(setup, tmp_path):
                  "--steps", "3", "--cfg-scale", "2", "--guidance-interval", "0", "0.9", "--labels", "4,1,7",
                  "--seed", "5", "--micro-batch", "4", "--vae", str(vae_dir), "--quiet"]) == 0
     sampler = ImageSampler.from_pretrained(root / "ema", vae=vae_dir, device="cpu")
-    options = dict(guidance=Guidance(scale=2.0, high=0.9), num_steps=3, seed=5, micro_batch=4)
+    options = {"guidance": Guidance(scale=2.0, high=0.9), "num_steps": 3, "seed": 5, "micro_batch": 4}
     images = sampler([4, 1, 7], output_type="np", batch_size=2, **options)
     assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
     assert np.array_equal(images, np.stack(pngs_of(tmp_path / "cli", 3)))

@@ -425,7 +425,7 @@ def test_guidance_is_frozen_and_keyword_only():
     assert (g.enabled, g.effective_cls_scale, g.active(0.05), g.active(0.5)) == (True, 0.0, False, True)
     assert not Guidance().enabled and Guidance(cls_scale=1.0).enabled is False
     with pytest.raises(TypeError):
-        Guidance(2.0)  # noqa: the scale must be named
+        Guidance(2.0)  # the scale must be named
     with pytest.raises(AttributeError):
         g.scale = 3.0
 

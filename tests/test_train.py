@@ -300,6 +300,16 @@ def test_resume_with_other_settings_is_refused_but_max_steps_may_grow(cached_dat
     assert train(config_for(cached_data, "grow", "train.max_steps=3", "log.every=1"), resume="auto").step == 3
 
 
+def test_a_checkpoint_from_before_data_vfm_existed_resumes(cached_data):
+    run = train(config_for(cached_data, "pre-vfm", "train.max_steps=2")).run_dir
+    (step, path), = ckpt.list_checkpoints(run)
+    payload = ckpt.load_checkpoint(path)
+    del payload["config"]["data"]["vfm"]  # what a checkpoint written before the key existed holds
+    ckpt.save_checkpoint(run, step, {k: v for k, v in payload.items() if k not in ("format", "version", "step",
+                                                                                  "complete")})
+    assert train(config_for(cached_data, "pre-vfm", "train.max_steps=3"), resume="auto").step == 3
+
+
 def test_from_authors_adopts_their_args_and_weights(cached_data, capsys):
     import argparse
 

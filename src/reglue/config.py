@@ -175,14 +175,14 @@ class RunConfig:
             (self.log.sample_steps >= 1 and self.log.sample_count >= 1, "log.sample_steps/sample_count",
              "positive integers"),
             (local_semantics != "compressor" or bool(self.data.compressor), "data.compressor",
-             "the compressor weights for the reglue preset with data.semantics=online "
-             "(data.compressor=DATA/compressor/compressor_best.safetensors)"),
+             ("the compressor weights for the reglue preset with data.semantics=online "
+              "(data.compressor=DATA/compressor/compressor_best.safetensors)")),
             (local_semantics != "pca" or bool(self.data.pca), "data.pca",
-             "the file of `reglue fit-pca` for the redi preset with data.semantics=online "
-             "(data.pca=DATA/pca.safetensors)"),
+             ("the file of `reglue fit-pca` for the redi preset with data.semantics=online "
+              "(data.pca=DATA/pca.safetensors)")),
             (_is_vfm_spec(self.data.vfm), "data.vfm",
-             "null (the VFM that made the data) or a mapping of name, weights, layers (list of blocks) and arch "
-             "({embed_dim, depth, num_heads}), e.g. {name: dinov2_vitb14_reg, weights: path/to/dinov2.pth}"),
+             ("null (the VFM that made the data) or a mapping of name, weights, layers (list of blocks) and arch "
+              "({embed_dim, depth, num_heads}), e.g. {name: dinov2_vitb14_reg, weights: path/to/dinov2.pth}")),
         ]
         for ok, key, expected in rules:
             if not ok:

@@ -222,7 +222,10 @@ class Trainer:
         }
 
     def restore(self, payload: dict) -> None:
-        check_same_settings(payload["config"], self.config.to_dict(), free=RESUME_FREE, error=ConfigError,
+        # Checkpoints from before data.vfm existed: the run adopts the cache's VFM, which open_run_inputs
+        # has already checked against the data, so the new key is not a change of settings.
+        adopted = ("data.vfm",) if "vfm" not in payload["config"].get("data", {}) else ()
+        check_same_settings(payload["config"], self.config.to_dict(), free=RESUME_FREE + adopted, error=ConfigError,
                             what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
                             "or start a new run directory.")
         self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
