@@ -29,6 +29,7 @@ from reglue.models.loading import load_sampling_model
 from reglue.models.sit import SiT
 from reglue.sampling import NO_GUIDANCE, Guidance, padded_rows, sample_ode, sample_sde
 from reglue.seeding import LABEL_STREAM, NOISE_STREAM, seeded_generator
+from reglue.state_dict import weights_fingerprint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,18 +121,6 @@ def decode_fixed(vae, latents: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """``vae.decode`` with every call exactly ``micro_batch`` latents (the last chunk padded)."""
     rows = padded_rows(latents.shape[0], micro_batch, latents.device)
     return vae.decode(latents[rows], batch_size=micro_batch)[: latents.shape[0]]
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 (16 hex digits) of a module's parameters and buffers: names, dtypes, shapes, values."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def _png(path: Path, image: np.ndarray) -> None:

@@ -3,10 +3,12 @@
 Checkpoints saved from DDP or ``torch.compile`` carry ``module.`` / ``_orig_mod.`` prefixes;
 :func:`load_state_dict_strict` strips them, then reports every missing, unexpected and
 mis-shaped key together instead of failing on the first (timm ``checkpoint_filter_fn`` style).
+:func:`weights_fingerprint` names a module's weights in records (sample folders, metrics).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -63,3 +65,13 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             )
         raise ValueError(f"{what} does not fit the model:\n  {problem}{hint}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of a module's parameters and buffers: names, dtypes, shapes, values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
