@@ -205,10 +205,60 @@ def test_registered_dinov2_sizes_have_official_shapes(name, width, heads, fc1_wi
 def test_registry_depths_and_default_layers_are_the_last_four_blocks():
     assert {n: a.depth for n, a in VFM_MODELS.items() if a.family == "dinov2"} == {
         "dinov2_vits14_reg": 12, "dinov2_vitb14_reg": 12, "dinov2_vitl14_reg": 24, "dinov2_vitg14_reg": 40,
+        "dinov2_vits14": 12, "dinov2_vitb14": 12, "dinov2_vitl14": 24, "dinov2_vitg14": 40,
     }
     assert build_vfm("dinov2_vits14_reg", weights=None, depth=6).layers == (2, 3, 4, 5)
     with pytest.raises(ValueError, match="unknown VFM 'dinov2_vitx14'"):
         build_vfm("dinov2_vitx14", weights=None)
+
+
+@pytest.mark.parametrize(
+    "name, width, heads, fc1_width",
+    [("dinov2_vits14", 384, 6, 1536), ("dinov2_vitb14", 768, 12, 3072), ("dinov2_vitl14", 1024, 16, 4096),
+     ("dinov2_vitg14", 1536, 24, 8192)],
+)
+def test_registered_dinov2_without_registers_has_official_shapes(name, width, heads, fc1_width):
+    extractor = build_vfm(name, weights=None, depth=1, layers=(0,))
+    keys = extractor.vit.state_dict()
+    assert "reg_token" not in keys and extractor.vit.num_prefix_tokens == 1
+    assert keys["pos_embed"].shape == (1, 37 * 37, width)
+    assert keys["blocks.0.mlp.fc1.weight"].shape == (fc1_width, width)
+    assert extractor.vit.blocks[0].attn.num_heads == heads
+    out = build_vfm(name, weights=None, depth=1, layers=(0,), embed_dim=32, num_heads=2)(random_images(1, 256))
+    assert out.repa.shape == (1, 1 + 256, 32)  # [CLS; patches], nothing else
+
+
+def tiny_official_state_dict(registers: int) -> dict[str, torch.Tensor]:
+    """A random state dict in the official hub layout: CLS slot in pos_embed, mask_token, registers or not."""
+    torch.manual_seed(1)
+    source = build_dinov2(32, 2, 2, weights=None, layers=(0, 1), num_register_tokens=registers).vit.state_dict()
+    official = {k: v for k, v in source.items() if k not in ("pos_embed", "reg_token")}
+    official.update(pos_embed=torch.randn(1, 1 + 37 * 37, 32), mask_token=torch.zeros(1, 32))
+    if registers:
+        official["register_tokens"] = torch.randn(1, registers, 32)
+    return official
+
+
+def test_official_no_register_layout_loads_and_resizes_positions_like_the_hub_model():
+    """dinov2_vitl14_pretrain.pth's layout: no register_tokens; the hub model resizes the 37×37
+    positions with scale factor (16 + 0.1) / 37 and no antialias (interpolate_offset=0.1)."""
+    official = tiny_official_state_dict(registers=0)
+    extractor = build_vfm("dinov2_vitl14", weights=official, embed_dim=32, depth=2, num_heads=2)
+    grid = official["pos_embed"][:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic", antialias=False)
+    got = extractor.vit.grid_pos_embed((16, 16)).reshape(1, 16, 16, 32).permute(0, 3, 1, 2)
+    assert torch.equal(got, expected)
+    by_size = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True)  # the *_reg models' rule
+    assert (got - by_size).abs().max() > 1e-3
+
+
+def test_register_weights_in_a_model_without_registers_name_the_fix():
+    with pytest.raises(ValueError) as err:
+        build_vfm("dinov2_vitl14", weights=tiny_official_state_dict(registers=4), embed_dim=32, depth=2,
+                  num_heads=2)
+    message = str(err.value)
+    assert "unexpected key(s), e.g. ['reg_token']" in message
+    assert "4 register tokens" in message and "dinov2_vitb14_reg" in message
 
 
 def test_512_input_gives_32x32_maps_and_1025_repa_tokens(vectors):

@@ -10,7 +10,7 @@ the three things REGLUE needs (:class:`VFMFeatures`):
 - ``repa`` (B, 1 + h·w, D): [CLS; patch tokens] of the last block after the final norm, the
   REPA target. Register tokens are always dropped.
 
-DINOv2 (``dinov2_vit{s,b,l,g}14_reg``), exactly as the authors' pipeline:
+DINOv2 with registers (``dinov2_vit{s,b,l,g}14_reg``, REGLUE's VFM), exactly as the authors' pipeline:
 
 - preprocessing: uint8 → float/255 → ImageNet mean/std → ``F.interpolate(size=224·(res//256),
   mode="bicubic")`` (no antialias, align_corners False), i.e. 16×16 patch tokens at 256²;
@@ -18,6 +18,12 @@ DINOv2 (``dinov2_vit{s,b,l,g}14_reg``), exactly as the authors' pipeline:
   grid with bicubic interpolation, antialias=True, output size given; computed once per grid and
   cached (recomputed only when the grid, device or weights change);
 - token order [CLS, registers, patches]; the CLS keeps its position embedding, registers get none.
+
+DINOv2 without registers (``dinov2_vit{s,b,l,g}14``, the network of FD_DINOv2,
+:mod:`reglue.metrics.feature_space`): the same ViT with no register tokens, whose official hub
+builder resizes the position embeddings differently: ``interpolate_offset=0.1`` (a scale factor
+(g_new + 0.1) / g_old is given instead of the output size, so the bicubic taps sit slightly off
+the reg models' ones) and ``interpolate_antialias=False``. :class:`VFMArch` records both.
   timm stores the CLS position pre-added to ``cls_token`` (its ``no_embed_class`` layout), which
   is the same fp32 sum the official model computes in its forward.
 - ViT-g's fused SwiGLU MLP (official ``mlp.w12``/``mlp.w3``) is timm's ``SwiGLUPacked``
@@ -171,9 +177,12 @@ def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
     if proj is None or proj.ndim != 4:
         return "The weights have no patch_embed.proj.weight; are they a ViT backbone?"
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    registers = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    example = "dinov2_vitb14_reg" if registers else "dinov2_vitb14"
     return (
-        f"They describe a ViT of width {proj.shape[0]}, patch {proj.shape[-1]}, {depth} blocks; "
-        "build that size (e.g. build_vfm('dinov2_vitb14_reg', ...)) or pass the weights made for this one."
+        f"They describe a ViT of width {proj.shape[0]}, patch {proj.shape[-1]}, {depth} blocks, "
+        f"{registers} register tokens; build that model (e.g. build_vfm('{example}', ...), --vfm {example}) "
+        "or pass the weights made for this one."
     )
 
 
@@ -187,12 +196,16 @@ class DINOv2ViT(VisionTransformer):
 
     ``pos_embed`` (1, g², D) keeps the pretraining grid (g = img_size / patch, 37 for 518) and
     covers the patches only; the CLS position is folded into ``cls_token``. For an h×w input grid
-    it is resized once (bicubic, antialias, output size given) and cached.
+    it is resized once (bicubic) and cached, with the official model's two switches (their names):
+    ``interpolate_offset`` 0 gives the output size; > 0 gives the scale factor
+    ((h + offset) / g, (w + offset) / g) instead, as the no-register models do with 0.1;
+    ``interpolate_antialias`` (True for the register models, False for the others).
     """
 
     def __init__(
         self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-        num_register_tokens: int, swiglu: bool,
+        num_register_tokens: int, swiglu: bool, interpolate_offset: float = 0.0,
+        interpolate_antialias: bool = True,
     ):
         mlp = {}
         if swiglu:  # official hidden width (⌊8D/3⌋ + 7)//8·8; SwiGLUPacked's fc1 is twice that
@@ -204,6 +217,8 @@ class DINOv2ViT(VisionTransformer):
             num_heads=num_heads, reg_tokens=num_register_tokens, num_classes=0, init_values=1e-5,
             no_embed_class=True, dynamic_img_size=True, **mlp,
         )
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
         self._grid_pos_cache: tuple[tuple, torch.Tensor] | None = None
 
     def grid_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -211,10 +226,17 @@ class DINOv2ViT(VisionTransformer):
         pos = self.pos_embed
         key = (grid, pos.device, pos.dtype, pos.data_ptr(), pos._version)  # new weights → new key
         if self._grid_pos_cache is None or self._grid_pos_cache[0] != key:
-            resized = resample_abs_pos_embed(
-                pos.detach(), new_size=list(grid), old_size=list(self.patch_embed.grid_size),
-                num_prefix_tokens=0, interpolation="bicubic", antialias=True,
-            )
+            old_grid = tuple(self.patch_embed.grid_size)
+            if self.interpolate_offset:
+                resized = _resize_pos_embed_by_scale(
+                    pos.detach(), grid, old_grid, offset=self.interpolate_offset,
+                    antialias=self.interpolate_antialias,
+                )
+            else:
+                resized = resample_abs_pos_embed(
+                    pos.detach(), new_size=list(grid), old_size=list(old_grid), num_prefix_tokens=0,
+                    interpolation="bicubic", antialias=self.interpolate_antialias,
+                )
             self._grid_pos_cache = (key, resized)
         return self._grid_pos_cache[1]
 
@@ -229,6 +251,27 @@ class DINOv2ViT(VisionTransformer):
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(batch, -1, -1))  # (B, R, D), no position
         return torch.cat(prefix + [patches], dim=1)
+
+
+def _resize_pos_embed_by_scale(
+    pos: torch.Tensor, grid: tuple[int, int], old_grid: tuple[int, int], *, offset: float, antialias: bool,
+) -> torch.Tensor:
+    """(1, g_h·g_w, D) → (1, h·w, D), bicubic with the scale factor ((h + offset) / g_h, …) given.
+
+    The official no-register DINOv2 resize: F.interpolate computes the output size as
+    floor(g · scale) = h and samples at (i + 0.5) / scale − 0.5, not at (i + 0.5) · g / h − 0.5.
+    """
+    (h, w), (old_h, old_w) = grid, old_grid
+    dim = pos.shape[-1]
+    image = pos.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)  # (1, D, g_h, g_w)
+    scale = ((h + offset) / old_h, (w + offset) / old_w)
+    resized = F.interpolate(image, scale_factor=scale, mode="bicubic", antialias=antialias)  # (1, D, h, w)
+    if tuple(resized.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"position embedding resize by scale {scale} gave a {tuple(resized.shape[-2:])} grid, expected "
+            f"{(h, w)}; use interpolate_offset 0 (output size given) for this input size."
+        )
+    return resized.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,16 +376,19 @@ def _input_size(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
 def build_dinov2(
     embed_dim: int, depth: int, num_heads: int, *, weights: Weights, patch_size: int = 14,
     num_register_tokens: int = 4, swiglu: bool = False, img_size: int = 518,
+    interpolate_offset: float = 0.0, interpolate_antialias: bool = True,
     layers: Sequence[int] = (8, 9, 10, 11), resolution: int = 256,
     autocast_dtype: torch.dtype | None = None,
 ) -> VFMExtractor:
     """A DINOv2 extractor of any size. ``img_size`` is the pretraining size (its grid is
-    ``pos_embed``'s); ``swiglu`` selects ViT-g's MLP; ``weights`` see the module docstring."""
+    ``pos_embed``'s); ``swiglu`` selects ViT-g's MLP; ``interpolate_*`` the position-embedding
+    resize (:class:`DINOv2ViT`); ``weights`` see the module docstring."""
     input_size = _input_size(resolution, "dinov2")
     state_dict, what = read_weights(weights)
     vit = DINOv2ViT(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, num_register_tokens=num_register_tokens, swiglu=swiglu,
+        interpolate_offset=interpolate_offset, interpolate_antialias=interpolate_antialias,
     )
     return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)
 
@@ -370,7 +416,7 @@ def _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_d
 
 @dataclass(frozen=True)
 class VFMArch:
-    """A registered VFM's architecture (official sizes)."""
+    """A registered VFM's architecture (official sizes and the official hub builder's switches)."""
 
     family: Literal["dinov2", "dinov3"]
     embed_dim: int
@@ -378,13 +424,23 @@ class VFMArch:
     num_heads: int
     swiglu: bool = False  # DINOv2-g's fused SwiGLU MLP
     timm_name: str = ""  # DINOv3: timm's registry entry
+    num_register_tokens: int = 4  # DINOv2: 4 for the *_reg models, 0 for the others
+    interpolate_offset: float = 0.0  # DINOv2 position-embedding resize (DINOv2ViT): 0.1 without registers
+    interpolate_antialias: bool = True  # ... and no antialias without registers
 
+
+# DINOv2 without registers: the official hub builder's defaults (no registers, offset 0.1, no antialias).
+_NO_REGISTERS = {"num_register_tokens": 0, "interpolate_offset": 0.1, "interpolate_antialias": False}
 
 VFM_MODELS: dict[str, VFMArch] = {
     "dinov2_vits14_reg": VFMArch("dinov2", 384, 12, 6),
     "dinov2_vitb14_reg": VFMArch("dinov2", 768, 12, 12),
     "dinov2_vitl14_reg": VFMArch("dinov2", 1024, 24, 16),
     "dinov2_vitg14_reg": VFMArch("dinov2", 1536, 40, 24, swiglu=True),
+    "dinov2_vits14": VFMArch("dinov2", 384, 12, 6, **_NO_REGISTERS),
+    "dinov2_vitb14": VFMArch("dinov2", 768, 12, 12, **_NO_REGISTERS),
+    "dinov2_vitl14": VFMArch("dinov2", 1024, 24, 16, **_NO_REGISTERS),  # FD_DINOv2's network
+    "dinov2_vitg14": VFMArch("dinov2", 1536, 40, 24, swiglu=True, **_NO_REGISTERS),
     "dinov3_vits16": VFMArch("dinov3", 384, 12, 6, timm_name="vit_small_patch16_dinov3"),
     "dinov3_vitb16": VFMArch("dinov3", 768, 12, 12, timm_name="vit_base_patch16_dinov3"),
     "dinov3_vitl16": VFMArch("dinov3", 1024, 24, 16, timm_name="vit_large_patch16_dinov3"),
@@ -410,4 +466,7 @@ def build_vfm(
     dims = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
     if arch.family == "dinov3":
         return build_dinov3(arch.timm_name, **dims, **common)
-    return build_dinov2(**dims, swiglu=arch.swiglu, **common)
+    return build_dinov2(
+        **dims, swiglu=arch.swiglu, num_register_tokens=arch.num_register_tokens,
+        interpolate_offset=arch.interpolate_offset, interpolate_antialias=arch.interpolate_antialias, **common,
+    )
