@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+import time
 import types
 
 import numpy as np
@@ -16,7 +17,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from reglue.training import plot
-from reglue.training.metrics import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE, MetricsLogger, read_metrics
+from reglue.training.metrics import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    WALL_TIME_KEY,
+    WANDB_ID_FILE,
+    MetricsLogger,
+    read_metrics,
+)
 from reglue.training.plot import moving_average, plot_run
 
 
@@ -36,14 +44,19 @@ def tensorboard_scalars(run_dir, tag):
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
+def without_wall_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != WALL_TIME_KEY} for record in records]
+
+
 def test_log_appends_one_flushed_json_line_per_call(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     logger.log(1, {"loss/total": 0.5, "grad_norm": np.float32(2.0), "images_per_s": 7})
-    first_line = '{"step": 1, "loss/total": 0.5, "grad_norm": 2.0, "images_per_s": 7.0}\n'
-    assert (tmp_path / METRICS_FILE).read_text() == first_line
+    (first_line,) = (tmp_path / METRICS_FILE).read_text().splitlines(keepends=True)
+    assert first_line.startswith('{"step": 1, "loss/total": 0.5, "grad_norm": 2.0, "images_per_s": 7.0, '
+                                 '"wall_time_s": ') and first_line.endswith("}\n")
     logger.log(2, {"loss/total": torch.tensor(0.25), "lr": 1e-4})
     logger.close()
-    assert read_metrics(tmp_path) == [
+    assert without_wall_time(read_metrics(tmp_path)) == [
         {"step": 1, "loss/total": 0.5, "grad_norm": 2.0, "images_per_s": 7.0},
         {"step": 2, "loss/total": 0.25, "lr": 1e-4},
     ]
@@ -53,7 +66,7 @@ def test_non_finite_values_are_json_null_and_read_back_as_nan(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as logger:
         logger.log(3, {"loss/total": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
     line = (tmp_path / METRICS_FILE).read_text()
-    assert json.loads(line) == {"step": 3, "loss/total": None, "grad_norm": None, "lr": 1e-4}
+    assert without_wall_time([json.loads(line)]) == [{"step": 3, "loss/total": None, "grad_norm": None, "lr": 1e-4}]
     (record,) = read_metrics(tmp_path)
     assert math.isnan(record["loss/total"]) and math.isnan(record["grad_norm"]) and record["lr"] == 1e-4
 
@@ -64,6 +77,8 @@ def test_bad_steps_values_and_images_are_refused(tmp_path):
             logger.log(1, {"loss/total": "low"})
         with pytest.raises(ValueError, match="other than 'step'"):
             logger.log(1, {"step": 2.0})
+        with pytest.raises(ValueError, match="the logger writes those"):
+            logger.log(1, {WALL_TIME_KEY: 3.0})
         with pytest.raises(ValueError, match="integer >= 0"):
             logger.log(1.5, {"lr": 1e-4})
         with pytest.raises(ValueError, match=r"uint8 numpy array \(H, W, 3\), found float32"):
@@ -85,7 +100,7 @@ def test_resume_removes_the_steps_after_the_checkpoint_and_keeps_the_earlier(tmp
 def test_a_new_run_replaces_an_earlier_history(tmp_path):
     log_steps(tmp_path, range(1, 4), tensorboard=False)
     log_steps(tmp_path, [1], scale=10.0, tensorboard=False)
-    assert read_metrics(tmp_path) == [{"step": 1, "loss/total": 10.0, "lr": 1e-4}]
+    assert without_wall_time(read_metrics(tmp_path)) == [{"step": 1, "loss/total": 10.0, "lr": 1e-4}]
 
 
 def test_cut_short_last_line_is_skipped_with_a_warning_and_dropped_on_resume(tmp_path, caplog):
@@ -98,6 +113,26 @@ def test_cut_short_last_line_is_skipped_with_a_warning_and_dropped_on_resume(tmp
     log_steps(tmp_path, [3], tensorboard=False, resume_step=2)
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_wall_time_counts_training_seconds_and_continues_across_a_resume(tmp_path):
+    log_steps(tmp_path, [1, 2], tensorboard=False)
+    first, second = (r[WALL_TIME_KEY] for r in read_metrics(tmp_path))
+    assert 0 <= first <= second < 5  # seconds since the logger opened
+    # an interrupted run: steps 1-3 logged at 10, 20 and 30 s, its last checkpoint at step 2, a line cut short
+    rows = [{"step": step, "loss/total": 1.0, WALL_TIME_KEY: 10.0 * step} for step in (1, 2, 3)]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "wall_ti')
+    with MetricsLogger(tmp_path, tensorboard=False, resume_step=2) as logger:
+        time.sleep(0.06)
+        logger.log(3, {"loss/total": 1.0})
+        logger.log(4, {"loss/total": 1.0})
+    times = [r[WALL_TIME_KEY] for r in read_metrics(tmp_path)]
+    # continues from step 2's 20 s: not from 0, nor from the replayed step 3's 30 s
+    assert times[:2] == [10.0, 20.0] and 20.05 < times[2] <= times[3] < 25
+    # a history from before wall_time_s existed resumes from 0
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss/total": 1.0}\n')
+    log_steps(tmp_path, [2], tensorboard=False, resume_step=1)
+    assert 0 <= read_metrics(tmp_path)[-1][WALL_TIME_KEY] < 5
 
 
 def test_unreadable_line_before_the_last_is_an_error_naming_it(tmp_path):

@@ -9,6 +9,12 @@ checkpoint the run resumes from, and TensorBoard gets ``purge_step=S + 1`` to hi
 events; a logger opened without ``resume_step`` starts a new history (an existing file is
 replaced, older TensorBoard events are hidden).
 
+Every line also holds ``wall_time_s``: seconds of training since the run started, counted from
+when the logger was opened and continued across resumes: a resumed logger starts from the last
+``wall_time_s`` it keeps, so time spent after that line by the interrupted process (steps that
+are replayed) is not counted. ``reglue plot --x time`` draws against it. It is written to
+metrics.jsonl only: TensorBoard and W&B keep their own wall clocks.
+
 TensorBoard events go to ``run_dir/tensorboard`` under the keys given ("loss/latent" is tag
 "loss/latent"). Weights & Biases (optional) keeps one W&B run per run directory, its id in
 ``run_dir/wandb_run_id``; W&B cannot rewind, so after a resume it ignores the replayed steps it
@@ -22,6 +28,7 @@ import json
 import logging
 import math
 import numbers
+import time
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +40,7 @@ from reglue.io import atomic_write
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
+WALL_TIME_KEY = "wall_time_s"
 
 _logger = logging.getLogger(__name__)
 
@@ -92,18 +100,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [{k: math.nan if v is None else v for k, v in record.items()} for record in records]
 
 
-def _truncate_history(path: Path, first_new_step: int) -> None:
-    """Rewrite ``path`` (atomically) keeping only well-formed records with step < first_new_step."""
+def _truncate_history(path: Path, first_new_step: int) -> list[dict]:
+    """Rewrite ``path`` (atomically) keeping only well-formed records with step < first_new_step;
+    returns the kept records."""
     kept = []
     if first_new_step > 0 and path.is_file():
         kept = [r for r in _parse_lines(path)[0] if r["step"] < first_new_step]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), encoding="utf-8")
+    return kept
+
+
+def _last_wall_time(records: list[dict]) -> float:
+    """The last ``wall_time_s`` among ``records`` (0.0 when none holds one: a new run, or a history
+    written before the key existed)."""
+    times = [r[WALL_TIME_KEY] for r in records if isinstance(r.get(WALL_TIME_KEY), int | float)]
+    return float(times[-1]) if times else 0.0
 
 
 def _as_float(key: object, value: object) -> float:
-    if not isinstance(key, str) or key == "step":
-        raise ValueError(f"metric names must be strings other than 'step', found {key!r}; rename it.")
+    if not isinstance(key, str) or key in ("step", WALL_TIME_KEY):
+        raise ValueError(f"metric names must be strings other than 'step' and '{WALL_TIME_KEY}' (the logger "
+                         f"writes those), found {key!r}; rename it.")
     try:
         return float(value)
     except (TypeError, ValueError) as err:
@@ -169,7 +187,8 @@ class MetricsLogger:
                                     "`pip install wandb`, or set log.wandb=false")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
-        _truncate_history(path, first_new_step)
+        self._time_before = _last_wall_time(_truncate_history(path, first_new_step))
+        self._started = time.monotonic()
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open until close())
         if tensorboard_module is not None:
             self._tensorboard = tensorboard_module.SummaryWriter(
@@ -181,7 +200,8 @@ class MetricsLogger:
                 id=_wandb_run_id(self.run_dir, resuming=resume_step is not None), resume="allow")
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        """Append {"step": step, **values} to metrics.jsonl and send each value to TensorBoard/W&B."""
+        """Append {"step": step, **values, "wall_time_s": ...} to metrics.jsonl and send each value to
+        TensorBoard/W&B."""
         if not self.enabled:
             return
         self._check_open()
@@ -189,7 +209,8 @@ class MetricsLogger:
             raise ValueError(f"step must be an integer >= 0, found {step!r}.")
         step = int(step)
         floats = {key: _as_float(key, value) for key, value in values.items()}
-        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in floats.items()}}
+        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in floats.items()},
+                  WALL_TIME_KEY: round(self._time_before + time.monotonic() - self._started, 3)}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
