@@ -44,9 +44,9 @@ def finished(tmp_path_factory):
     figures = []
     draw = plot._draw_figure
 
-    def record(panels, title, smoothing, path):
-        figures.append({key: [label for label, _, _ in lines] for key, lines in panels})
-        return draw(panels, title, smoothing, path)
+    def record(panels, out, **options):
+        figures.append({panel.key: list(panel.lines) for panel in panels})
+        return draw(panels, out, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demo, "_evaluate", lambda paths, settings: (_ for _ in ()).throw(KeyboardInterrupt))

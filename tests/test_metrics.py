@@ -1,4 +1,4 @@
-"""Training metrics: metrics.jsonl history, resume truncation, TensorBoard and W&B mirrors, loss plots."""
+"""Training metrics: metrics.jsonl history, resume truncation, wall time, TensorBoard and W&B mirrors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 
-from reglue.training import plot
 from reglue.training.metrics import (
     METRICS_FILE,
     TENSORBOARD_DIR,
@@ -25,7 +21,6 @@ from reglue.training.metrics import (
     MetricsLogger,
     read_metrics,
 )
-from reglue.training.plot import moving_average, plot_run
 
 
 def log_steps(run_dir, steps, scale=1.0, **kwargs):
@@ -227,92 +222,3 @@ def test_wandb_gets_scalars_images_and_one_run_id_across_resumes(tmp_path, fake_
     assert first.init_kwargs["id"] == resumed.init_kwargs["id"] != new.init_kwargs["id"]
     assert resumed.init_kwargs["resume"] == "allow"
     assert (tmp_path / WANDB_ID_FILE).read_text().strip() == new.init_kwargs["id"]
-
-
-# ----------------------------------------------------------------------------- plots
-def test_moving_average_is_centred_and_exact_at_the_ends():
-    np.testing.assert_allclose(moving_average(np.array([0.0, 0.0, 3.0, 0.0, 0.0]), 3), [0, 1, 1, 1, 0])
-    np.testing.assert_allclose(moving_average(np.array([3.0, 0.0]), 3), [1.5, 1.5])
-    np.testing.assert_allclose(moving_average(np.full(7, 2.0), 4), np.full(7, 2.0))
-
-
-def test_plot_run_draws_a_panel_per_loss_term_plus_grad_norm_and_lr(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
-        for step in range(1, 41):
-            logger.log(step, {"loss/total": 1 / step, "loss/latent": 0.5 / step, "loss/cls": 0.1,
-                              "grad_norm": 2.0, "lr": 1e-4 * min(1, step / 10), "images_per_s": 9.0})
-    path = plot_run(tmp_path)
-    assert path == tmp_path / plot.PLOT_FILE and path.stat().st_size > 0
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (3 * 450, 2 * 320)  # 5 panels, 3 columns
-    custom = plot_run(tmp_path, out=tmp_path / "curves.png", smoothing=1)
-    assert custom.is_file()
-
-
-def test_panels_use_a_log_axis_only_for_positive_values():
-    figure = Figure()
-    FigureCanvasAgg(figure)
-    positive, mixed = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    steps = np.arange(1, 5)
-    plot._draw_panel(positive, "loss/total", [(None, steps, np.array([4.0, 3.0, 2.0, 1.0]))], smoothing=2)
-    plot._draw_panel(mixed, "loss/repa", [("a", steps, np.array([4.0, 3.0, 2.0, 1.0])),
-                                          ("b", steps, np.array([0.0, -1.0, -2.0, -3.0]))], smoothing=2)
-    assert (positive.get_yscale(), mixed.get_yscale()) == ("log", "linear")  # log only if every line is positive
-    assert len(positive.lines) == 2  # raw and moving average
-    assert positive.get_legend() is None and [t.get_text() for t in mixed.get_legend().get_texts()] == ["a", "b"]
-
-
-def test_moving_average_of_a_constant_series_is_exactly_constant():
-    assert np.all(plot.moving_average(np.full(120, 2e-3), 20) == 2e-3)
-
-
-def test_plot_run_fails_clearly_without_metrics_or_losses(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
-        plot_run(tmp_path)
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
-        logger.log(1, {"lr": 1e-4, "loss/total": float("nan")})
-    with pytest.raises(ValueError, match="no finite value of a 'loss/...' key"):
-        plot_run(tmp_path)
-    assert not (tmp_path / plot.PLOT_FILE).exists()
-    with pytest.raises(ValueError, match="smoothing"):
-        plot_run(tmp_path, smoothing=0)
-
-
-def test_plot_runs_draws_every_run_in_one_figure_each_in_its_own_colour(tmp_path, monkeypatch):
-    for name, keys in (("sit", ("loss/total", "loss/latent")), ("reglue", ("loss/total", "loss/latent", "loss/repa"))):
-        with MetricsLogger(tmp_path / name, tensorboard=False) as logger:
-            for step in range(1, 6):
-                logger.log(step, {key: 1.0 / step for key in keys})
-    panels = {}
-    draw = plot._draw_panel
-
-    def record(axes, key, lines, smoothing, colours=None):
-        draw(axes, key, lines, smoothing, colours)
-        panels[key] = {line.get_label(): line.get_color() for line in axes.lines if not line.get_label().startswith("_")}
-
-    monkeypatch.setattr(plot, "_draw_panel", record)
-    out = plot.plot_runs({"sit": tmp_path / "sit", "reglue": tmp_path / "reglue"}, tmp_path / "both.png")
-    assert Image.open(out).size[0] > 0
-    assert panels == {"loss/total": {"sit": "C0", "reglue": "C1"}, "loss/latent": {"sit": "C0", "reglue": "C1"},
-                      "loss/repa": {"reglue": "C1"}}
-
-
-def test_plot_series_draws_named_series_against_any_x_through_the_panel_code(tmp_path, monkeypatch):
-    drawn = {}
-    draw = plot._draw_panel
-
-    def record(axes, key, lines, smoothing, colours=None, **options):
-        draw(axes, key, lines, smoothing, colours, **options)
-        drawn.update(key=key, labels=[label for label, _, _ in lines], xlabel=axes.get_xlabel(),
-                     yscale=axes.get_yscale(), markers=[line.get_marker() for line in axes.lines])
-
-    monkeypatch.setattr(plot, "_draw_panel", record)
-    out = plot.plot_series({"train": ([1, 2], [0.5, 0.25]), "validation": ([1, 2], [None, None])},
-                           tmp_path / "curve.png", title="semantic compressor", panel="MSE", xlabel="epoch")
-    with Image.open(out) as image:
-        assert image.format == "PNG"
-    # an all-None series is left out; one bold line per series, each point marked (smoothing 1)
-    assert drawn == {"key": "MSE", "labels": ["train"], "xlabel": "epoch", "yscale": "log", "markers": ["o"]}
-    with pytest.raises(ValueError, match="no finite value"):
-        plot.plot_series({"train": ([1], [float("nan")])}, tmp_path / "none.png", title="t", panel="p")
-    assert not (tmp_path / "none.png").exists()

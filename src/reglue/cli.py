@@ -251,9 +251,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from reglue.training.plot import plot_run
+    from reglue.training.plot import plot_run, plot_runs
 
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    options = {"x": args.x, "log_x": args.log_x, "log_y": args.log_y, "smoothing": args.smoothing,
+               "paper": args.paper}
+    if len(args.runs) == 1:
+        drawn = plot_run(args.runs[0], args.out, **options)
+    elif args.out is None:
+        raise ValueError(f"{len(args.runs)} runs go into one figure; name its file with --out "
+                         "(e.g. --out curves.png).")
+    else:
+        drawn = plot_runs(args.runs, args.out, **options)
+    print(f"wrote {drawn.path}")
     return 0
 
 
@@ -384,9 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = commands.add_parser("plot", help="draw a run's loss curves to PNG")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="default RUN_DIR/loss_curves.png")
+    p = commands.add_parser("plot", help="draw runs' loss and evaluation curves into one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with metrics.jsonl)")
+    p.add_argument("--out", default=None, help="the PNG (default RUN/loss_curves.png; required for several runs)")
+    p.add_argument("--x", choices=("step", "images", "time"), default="step",
+                   help="x axis: training step, images seen (step x train.global_batch) or training wall time")
+    p.add_argument("--log-x", action="store_true", help="logarithmic x axis")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axes (panels whose values are all positive)")
+    p.add_argument("--smoothing", type=int, default=20, help="moving-average window in logged points (1: none)")
+    p.add_argument("--paper", action="store_true",
+                   help="mark the paper's SiT-B/2 FID-50K (Table 1) in the eval/fid panel of SiT-B/2 runs")
     p.set_defaults(func=_cmd_plot)
 
     p = commands.add_parser("fit-pca", help="ReDi's PCA of the z-scored VFM maps")

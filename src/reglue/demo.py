@@ -380,9 +380,9 @@ def _report(paths: DemoPaths, settings: DemoSettings, stage_seconds: dict[str, f
 
     curves = paths.out / "loss_curves.png"
     if len(settings.presets) == 1:
-        plot_run(paths.run(settings.presets[0]), curves)
+        plot_run(paths.run(settings.presets[0]), curves, log_y=True)
     else:
-        plot_runs({p: paths.run(p) for p in settings.presets}, curves)
+        plot_runs({p: paths.run(p) for p in settings.presets}, curves, log_y=True)
     grids = [np.asarray(Image.open(paths.grid(p)).convert("RGB")) for p in settings.presets]
     with atomic_write(paths.out / "grid.png") as tmp:
         Image.fromarray(_side_by_side(grids)).save(tmp, format="PNG")

@@ -10,11 +10,18 @@ loss and the samplers read these fields instead of branching on the method's nam
 | redi     | yes    | PCA r=8 of the last layer     | -            | -              | 21.4            |
 | reg      | yes    | -                             | yes          | [CLS; patches] | 15.2            |
 | reglue   | yes    | compressor, last 4 layers, 16 | yes          | [CLS; patches] | 12.9            |
+
+The FIDs are the paper's Table 1 (FID-50K, no guidance, SiT-B/2 at batch 256); REGLUE's 14.5 at
+300K steps is the one earlier point it reports. ``reglue plot --paper`` draws them as markers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+PAPER_MODEL = "SiT-B/2"  # the model size of every paper FID below
+PAPER_STEPS = 400_000  # the training step of Preset.paper_fid
+PAPER_BATCH = 256  # the paper's global batch: images seen = steps × 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +38,11 @@ class Preset:
     lambda_cls: float
     lambda_rep: float
     paper_fid: float  # SiT-B/2 at 400K steps, no guidance (paper)
+    paper_fid_earlier: tuple[tuple[int, float], ...] = ()  # (step, FID) the paper also reports for SiT-B/2
+
+    def paper_fids(self) -> tuple[tuple[int, float], ...]:
+        """(step, FID-50K) of this method's SiT-B/2 without guidance, as the paper reports them."""
+        return (*self.paper_fid_earlier, (PAPER_STEPS, self.paper_fid))
 
     @property
     def repa_target(self) -> str | None:
@@ -69,7 +81,8 @@ PRESETS: dict[str, Preset] = {
         Preset(name="reg", semantics=None, semantic_channels=0, semantic_layers=0, cls_token=True, repa=True,
                lambda_sem=0.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=15.2),
         Preset(name="reglue", semantics="compressor", semantic_channels=16, semantic_layers=4, cls_token=True,
-               repa=True, lambda_sem=1.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=12.9),
+               repa=True, lambda_sem=1.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=12.9,
+               paper_fid_earlier=((300_000, 14.5),)),
     )
 }
 

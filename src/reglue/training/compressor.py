@@ -209,7 +209,8 @@ def _plot_loss_curve(path: Path, history: list[dict]) -> None:
     epochs = [h["epoch"] for h in history]
     series = {"train": (epochs, [h["train_mse"] for h in history]),
               "validation": (epochs, [h["val_mse"] for h in history])}
-    plot_series(series, path, title="semantic compressor", panel="MSE (normalised features)", xlabel="epoch")
+    plot_series(series, path, title="semantic compressor", panel="MSE (normalised features)", xlabel="epoch",
+                log_y=True)
 
 
 def _check_same_run(saved: dict, config: dict, where: Path) -> None:
