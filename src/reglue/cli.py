@@ -241,8 +241,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from reglue.metrics.evaluate import evaluate, format_table, write_results
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(args.ref, args.samples, args.inception, args.batch_size, device, args.cache_dir,
-                       progress=not args.quiet)
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    results = evaluate(args.ref, args.samples, metrics=metrics, inception_weights=args.inception,
+                       vfm=_vfm_spec(args, required=True), batch_size=args.batch_size, device=device,
+                       cache_dir=args.cache_dir, progress=not args.quiet)
     out = args.out or str(args.samples).removesuffix(".npz") + ".metrics.json"
     write_results(results, out)
     print(format_table(results))
@@ -381,11 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.set_defaults(func=_cmd_grid)
 
-    p = commands.add_parser("evaluate", help="FID, sFID, Inception Score, precision, recall (ADM suite, PyTorch)")
+    p = commands.add_parser("evaluate", help="ADM suite (FID, sFID, IS, precision, recall) and FD_DINOv2; "
+                            "only the metrics asked for (docs/evaluation.md)")
     p.add_argument("--ref", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--samples", required=True, help="samples .npz from `reglue sample`")
-    p.add_argument("--inception", required=True,
-                   help="weights-inception-2015-12-05-6726825d.pth (torch-fidelity's port), or its folder")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated: fid,sfid,is,pr (Inception), fd_dinov2,pr_dinov2 (fd_NAME,pr_NAME with "
+                   "--vfm NAME); default: the ADM suite if --inception is given, plus fd_dinov2 if --vfm-weights is")
+    p.add_argument("--inception", default=None,
+                   help="weights-inception-2015-12-05-6726825d.pth (torch-fidelity's port), or its folder; "
+                   "needed for fid, sfid, is, pr")
+    group = p.add_argument_group("feature space of fd_dinov2 / pr_dinov2", "needed for those metrics")
+    group.add_argument("--vfm", default="dinov2_vitl14",
+                       help="registry name (default dinov2_vitl14: DINOv2 ViT-L/14 without registers, FD_DINOv2)")
+    group.add_argument("--vfm-weights", default=None,
+                       help="e.g. weights/dinov2_vitl14_pretrain.pth (official) or a timm file; 'random' for tests")
+    group.add_argument("--vfm-arch", default=None,
+                       help="architecture overrides for small test models, e.g. embed_dim=32,depth=4,num_heads=2")
+    p.set_defaults(vfm_layers=None)  # the feature space uses the final CLS token only
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--cache-dir", default=None, help="where computed reference statistics are cached")

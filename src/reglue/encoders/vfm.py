@@ -177,12 +177,18 @@ def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
     if proj is None or proj.ndim != 4:
         return "The weights have no patch_embed.proj.weight; are they a ViT backbone?"
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    registers = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
-    example = "dinov2_vitb14_reg" if registers else "dinov2_vitb14"
+    width, registers = proj.shape[0], state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    registered = [
+        name for name, arch in VFM_MODELS.items()
+        if (arch.embed_dim, arch.depth, arch.num_register_tokens) == (width, depth, registers)
+    ]
+    build = (
+        f"build_vfm('{registered[0]}', ...), --vfm {registered[0]}" if registered
+        else f"a registered name with embed_dim={width}, depth={depth} (--vfm-arch for small models)"
+    )
     return (
-        f"They describe a ViT of width {proj.shape[0]}, patch {proj.shape[-1]}, {depth} blocks, "
-        f"{registers} register tokens; build that model (e.g. build_vfm('{example}', ...), --vfm {example}) "
-        "or pass the weights made for this one."
+        f"They describe a ViT of width {width}, patch {proj.shape[-1]}, {depth} blocks, {registers} register "
+        f"tokens; build that model ({build}) or pass the weights made for this one."
     )
 
 
