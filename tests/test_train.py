@@ -224,7 +224,7 @@ def test_the_runs_path_is_saved_with_the_model_and_previews_take_every_guidance_
     assert (run / "samples" / "step-000000001.png").is_file()
     for override, message in (("log.sample_cfg=0.5", "guidance scale must be >= 1"),
                               ("log.sample_guidance_interval=[0.9, 0.1]", "0 <= LOW <= HIGH <= 1"),
-                              ("log.sample_guidance_interval=[0.1]", "expected [low, high]")):
+                              ("log.sample_guidance_interval=[0.1]", "must be [low, high]")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             config_for(cached_data, "refused", override)
 

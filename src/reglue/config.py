@@ -25,6 +25,9 @@ from reglue.sampling import Guidance
 from reglue.transport import lambda_sem_milestones
 
 PRECISIONS = ("no", "fp16", "bf16")
+# fd: Fréchet distance in eval.vfm's feature space (eval/fd_dinov2 for DINOv2 ViT-L/14, else eval/fd_<network>);
+# pr: precision / recall in that space; fid: Inception FID (needs eval.inception).
+EVAL_METRICS = ("fd", "pr", "fid")
 SEMANTICS_SOURCES = ("cached", "online")
 SAMPLE_MODES = ("sde", "ode")
 
@@ -123,8 +126,36 @@ class LogConfig:
 
     def guidance(self) -> Guidance:
         """The previews' :class:`~reglue.sampling.Guidance` (validated)."""
-        low, high = self.sample_guidance_interval
-        return Guidance(scale=self.sample_cfg, cls_scale=self.sample_cls_cfg, low=low, high=high)
+        return _guidance(self.sample_cfg, self.sample_cls_cfg, self.sample_guidance_interval)
+
+
+@dataclass
+class EvalSamplerConfig:
+    mode: str = "sde"  # sde | ode
+    steps: int = 50
+    cfg: float = 1.0  # guidance scale (1 = none); see reglue.sampling.Guidance
+    cls_cfg: float | None = None  # CLS guidance scale; null = cfg, 0 = conditional CLS drift
+    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # [low, high] in t
+
+    def guidance(self) -> Guidance:
+        return _guidance(self.cfg, self.cls_cfg, self.guidance_interval)
+
+
+@dataclass
+class EvalConfig:
+    """Quality during training (docs/training.md): EMA samples scored every ``every`` steps."""
+
+    every: int = 0  # steps between evaluations (and the final step); 0 = off
+    num_samples: int = 10_000  # samples per evaluation, the same per-index noise and labels every time
+    metrics: list = field(default_factory=lambda: ["fd"])  # fd | pr | fid, see EVAL_METRICS
+    vfm: dict | None = None  # feature network of fd/pr (VFMSpec fields); null: DINOv2 ViT-L/14 (FD_DINOv2)
+    inception: str | None = None  # Inception-v3 weights file for fid
+    reference: str | None = None  # ADM .npz reference batch; null: the training set (statistics cached in DATA/eval)
+    reference_images: int = 50_000  # training-set images behind the reference statistics (all if fewer)
+    sampler: EvalSamplerConfig = field(default_factory=EvalSamplerConfig)
+    batch: int = 32  # samples advanced together per process (memory only)
+    micro_batch: int = 32  # rows per SiT / VAE / feature-network call (fixes the float kernels)
+    seed: int = 0  # the samples' noise and labels
 
 
 @dataclass
@@ -137,6 +168,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> RunConfig:
         """Cross-field rules; raises :class:`ConfigError` naming the key and the fix."""
@@ -191,14 +223,36 @@ class RunConfig:
             lambda_sem_milestones(self.loss.lambda_sem_schedule)
         except ValueError as err:
             raise ConfigError(f"loss.lambda_sem_schedule: {err}") from None
-        interval = self.log.sample_guidance_interval
-        if not (len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)):
-            raise ConfigError(f"log.sample_guidance_interval: invalid value {interval!r}; expected [low, high].")
-        try:
-            self.log.guidance()
-        except ValueError as err:
-            raise ConfigError(f"log.sample_cfg/sample_cls_cfg/sample_guidance_interval: {err}") from None
+        for prefix, options in (("log.sample_cfg/sample_cls_cfg/sample_guidance_interval", self.log),
+                                ("eval.sampler.cfg/cls_cfg/guidance_interval", self.eval.sampler)):
+            try:
+                options.guidance()
+            except ValueError as err:
+                raise ConfigError(f"{prefix}: {err}") from None
+        self._validate_eval()
         return self
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        last_possible = self.train.max_steps
+        rules = [
+            (e.every >= 0, "eval.every", "a step count >= 0 (0 turns evaluation off)"),
+            (e.every == 0 or e.every <= last_possible, "eval.every",
+             f"at most train.max_steps ({last_possible}), or evaluation never fires before the end"),
+            (e.num_samples >= 2, "eval.num_samples", "at least 2 samples (a covariance needs two)"),
+            (bool(e.metrics) and all(m in EVAL_METRICS for m in e.metrics), "eval.metrics",
+             f"a non-empty list from {EVAL_METRICS}"),
+            (e.every == 0 or "fid" not in e.metrics or bool(e.inception), "eval.inception",
+             "the Inception-v3 weights file for the fid metric (eval.inception=PATH)"),
+            (_is_vfm_spec(e.vfm), "eval.vfm", "null (DINOv2 ViT-L/14) or a mapping of VFM fields"),
+            (e.reference_images >= 2, "eval.reference_images", "at least 2 images"),
+            (e.sampler.mode in SAMPLE_MODES, "eval.sampler.mode", f"one of {SAMPLE_MODES}"),
+            (e.sampler.steps >= 1, "eval.sampler.steps", "a positive integer"),
+            (e.batch >= 1 and e.micro_batch >= 1, "eval.batch/micro_batch", "positive integers"),
+        ]
+        for ok, key, expected in rules:
+            if not ok:
+                raise ConfigError(f"{key}: invalid value {_lookup(self, key)!r}; expected {expected}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,6 +260,14 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         with atomic_write(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _guidance(scale: float, cls_scale: float | None, interval: list) -> Guidance:
+    """A validated :class:`Guidance` from a config's scale, CLS scale and [low, high] interval."""
+    if not (isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)):
+        raise ValueError(f"the guidance interval must be [low, high], found {interval!r}.")
+    low, high = interval
+    return Guidance(scale=scale, cls_scale=cls_scale, low=low, high=high)
 
 
 def _lookup(config, dotted: str):

@@ -43,7 +43,8 @@ from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.state_dict import load_state_dict_strict
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
-from reglue.training.metrics import MetricsLogger
+from reglue.training.evaluation import Evaluator, eval_due
+from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.transport import JointLoss, sample_time
 
@@ -150,7 +151,7 @@ def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -
 RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
                "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
                "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
-               "data.pin_memory")  # kernels and data movement only: the maths are unchanged
+               "data.pin_memory", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
 
 
 def _vfm_dim(dataset, encoder) -> int:
@@ -202,6 +203,11 @@ class Trainer:
         self.resumed = False
         self.skipped = 0
         self.nonfinite_in_row = 0
+        self.evaluator = None  # built, and its settings checked, before the run writes a file
+        if config.eval.every:
+            self.evaluator = Evaluator(config, device=accelerator.device, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+            log.info(self.evaluator.describe())
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -356,6 +362,8 @@ class Trainer:
                    disable=not self.acc.is_main_process)
         done_here, stopped = 0, False
         with flag.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # closing: workers exit
+            if self._evaluation_pending():  # stopped at an evaluation step before evaluating: do it now
+                self.evaluate(metrics)
             while self.step < cfg.train.max_steps:
                 start = time.perf_counter()
                 values = self.train_step(batches)
@@ -372,12 +380,36 @@ class Trainer:
                 stop = self._any_rank(flag.raised) or (stop_after_steps is not None and done_here >= stop_after_steps)
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and not stop:
                     self.preview(metrics)
+                # Before the checkpoint of the same step: a run killed in between re-evaluates on resume.
+                if eval_due(self.step, cfg.eval.every, cfg.train.max_steps) and not stop:
+                    self.evaluate(metrics)
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
                     self.save()
                 if stop:
                     stopped = True
                     break
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    def evaluate(self, metrics) -> None:
+        """Score the EMA (every process samples its share) and log ``eval/*`` at this step."""
+        if self.evaluator is None:
+            return
+        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            values = self.evaluator(self.ema, self.step)
+        if values is not None:
+            metrics.log(self.step, values)
+            summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
+            log.info("step %d evaluation: %s", self.step, summary)
+        self.acc.wait_for_everyone()
+
+    def _evaluation_pending(self) -> bool:
+        """A resumed run at an evaluation step whose metrics hold no evaluation of it (it stopped first)."""
+        if not (self.resumed and eval_due(self.step, self.config.eval.every, self.config.train.max_steps)):
+            return False
+        missing = self.acc.is_main_process and not any(
+            row["step"] == self.step and any(k.startswith("eval/") for k in row) for row in read_metrics(self.run_dir)
+        )
+        return self._any_rank(missing)
 
     def preview(self, metrics) -> None:
         """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only.

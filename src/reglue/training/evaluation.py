@@ -1,0 +1,263 @@
+"""Quality during training: EMA samples scored every ``eval.every`` steps (docs/training.md).
+
+The paper compares methods by how fast their FID falls with training. :class:`Evaluator` draws
+``eval.num_samples`` samples from the EMA with the per-index noise and labels of ``reglue sample``
+(:func:`reglue.generate.sample_batch`, seed ``eval.seed``): the same samples at every evaluation,
+so a curve moves only because the model does. Sample i is drawn by process i mod world, and every
+SiT, VAE and feature-network call sees exactly ``eval.micro_batch`` rows, so the numbers do not
+depend on the number of processes. The features are gathered on the main process in index order
+and scored against the reference statistics:
+
+- ``fd``: Fréchet distance in the feature space of ``eval.vfm`` (DINOv2 ViT-L/14 by default:
+  ``eval/fd_dinov2``; another network ``n``: ``eval/fd_n``), see docs/evaluation.md;
+- ``pr``: precision and recall (k = 3) in that space (``eval/precision``, ``eval/recall``);
+- ``fid``: Inception FID on the 2048-d pool features (``eval/fid``; weights in ``eval.inception``).
+
+The reference is ``eval.reference`` (an ADM ``.npz`` of images) or, by default, the prepared
+training set: ``eval.reference_images`` of its images chosen by a seeded permutation. Its features
+are computed once per feature network and cached beside the data
+(``DATA/eval/<space>-<fingerprint>-<n>.npz``), keyed by the network's weights fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+from reglue.config import ConfigError, RunConfig
+from reglue.data.dataset import PreparedDataset, random_subset
+from reglue.encoders.autoencoder import load_vae
+from reglue.encoders.semantics import VFMSpec
+from reglue.generate import SampleSettings, sample_batch
+from reglue.io import atomic_write, file_sha256
+from reglue.metrics.evaluate import read_images
+from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, load_feature_space
+from reglue.metrics.fid import feature_statistics, frechet_distance
+from reglue.metrics.inception import load_inception, resolve_weights_path
+from reglue.metrics.manifold import NEIGHBOURHOOD_K, precision_recall
+from reglue.models.sit import SiT
+from reglue.sampling import padded_rows
+from reglue.state_dict import weights_fingerprint
+
+log = logging.getLogger(__name__)
+REFERENCE_DIR = "eval"  # DATA/eval/: cached reference features of the training set
+
+
+class InceptionSpace:
+    """The Inception-v3 pool features (FID) behind the same interface as :class:`FeatureSpace`."""
+
+    key, network = "fid", "inception-v3-2015-12-05"
+
+    def __init__(self, weights: str | Path, *, device: torch.device):
+        self.extractor = load_inception(resolve_weights_path(weights)).to(device).eval()
+        self.fingerprint = weights_fingerprint(self.extractor)
+        self.device = device
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray, *, batch_size: int = 64, progress=None) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float64 (N, 2048) pool features."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            chunks.append(self.extractor(batch.to(self.device).permute(0, 3, 1, 2))["pool"].double().cpu().numpy())
+        return np.concatenate(chunks)
+
+
+def eval_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether the run evaluates after ``step``: every ``every`` steps and at the last one."""
+    return every > 0 and (step % every == 0 or step == max_steps)
+
+
+def feature_spec(config: RunConfig) -> VFMSpec:
+    """``eval.vfm`` as a :class:`VFMSpec`; null is FD_DINOv2's DINOv2 ViT-L/14 (weights required)."""
+    if config.eval.vfm is None:
+        return FD_DINOV2
+    return VFMSpec(**{**config.eval.vfm, "layers": None})
+
+
+def _npz_images_shape(path: Path) -> tuple[int, ...]:
+    """The shape of an ADM ``.npz``'s ``arr_0`` read from its header, without loading the images."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(handle)
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ConfigError(f"eval.reference: {path} is not an ADM .npz with an arr_0 of images ({err}); pack the "
+                          "reference images with np.savez(path, arr_0=images_uint8_nhwc).") from None
+    return shape
+
+
+class Evaluator:
+    """Scores the EMA at a step; built (and every setting checked) before the run writes a file."""
+
+    def __init__(self, config: RunConfig, *, device: torch.device, rank: int = 0, world_size: int = 1,
+                 gather: Callable[[list], list] = gather_object, barrier: Callable[[], None] = lambda: None):
+        e = config.eval
+        self.config, self.device = config, device
+        self.rank, self.world_size, self.gather, self.barrier = rank, world_size, gather, barrier
+        self.data_dir = Path(config.data.dir)
+        self.manifest = PreparedDataset(self.data_dir, fields=("images",)).manifest
+        self.resolution = self.manifest["resolution"]
+        self._check_reference()
+        try:
+            self.spaces: list[FeatureSpace | InceptionSpace] = []
+            if {"fd", "pr"} & set(e.metrics):
+                self.spaces.append(load_feature_space(feature_spec(config), device=device))
+            if "fid" in e.metrics:
+                self.spaces.append(InceptionSpace(e.inception, device=device))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"eval.vfm/eval.inception: {err}") from None
+        try:
+            self.vae = load_vae(self.manifest["vae"]).to(device)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"eval: the dataset's VAE {self.manifest['vae']} is needed to decode the samples "
+                              f"and does not load ({err}); put its weights where the message says or set "
+                              "eval.every=0.") from None
+        self.settings = SampleSettings(
+            num_samples=e.num_samples, mode=e.sampler.mode, num_steps=e.sampler.steps,
+            guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch,
+        )
+        self._reference: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ reference
+    def _check_reference(self) -> None:
+        e = self.config.eval
+        if e.reference is None:
+            count = min(len(PreparedDataset(self.data_dir, fields=("images",))), e.reference_images)
+        else:
+            path = Path(e.reference)
+            if not path.is_file():
+                raise ConfigError(f"eval.reference: {path} not found; pass an ADM .npz of reference images "
+                                  "or null for the training set.")
+            shape = _npz_images_shape(path)
+            if len(shape) != 4 or shape[1:] != (self.resolution, self.resolution, 3):
+                raise ConfigError(f"eval.reference: {path} holds images of shape {tuple(shape[1:])}, but the run "
+                                  f"samples {self.resolution}² RGB images; use a reference batch of the data's "
+                                  "resolution, or null for the training set.")
+            count = shape[0]
+        if "pr" in e.metrics and count < e.num_samples:
+            raise ConfigError(f"eval.num_samples: precision/recall compares {e.num_samples} samples with a reference "
+                              f"of {count} images; lower eval.num_samples to at most {count} or use a larger reference.")
+        if count <= NEIGHBOURHOOD_K:
+            raise ConfigError(f"eval.reference: {count} reference images are too few; use at least "
+                              f"{NEIGHBOURHOOD_K + 1}.")
+
+    def _cache_path(self, space) -> Path:
+        e = self.config.eval
+        source = (f"train{e.reference_images}" if e.reference is None
+                  else f"npz{file_sha256(e.reference)[:16]}")
+        return self.data_dir / REFERENCE_DIR / f"{space.network}-{space.fingerprint}-{source}.npz"
+
+    def _reference_features(self) -> dict[str, np.ndarray]:
+        """Reference features per space key (main process; other processes get an empty dict)."""
+        paths = {space.key: self._cache_path(space) for space in self.spaces}
+        cached = all(path.is_file() for path in paths.values())
+        self.barrier()  # every process has looked before the main one may write
+        if cached:
+            if self.rank != 0:
+                return {}
+            return {key: np.load(path)["features"] for key, path in paths.items()}
+        images = self._reference_images()
+        mine = list(range(self.rank, len(images), self.world_size))
+        local = {space.key: self._features(space, np.stack([images[i] for i in mine])) if mine else None
+                 for space in self.spaces}
+        gathered = self.gather([(mine, local)])
+        if self.rank != 0:
+            self.barrier()
+            return {}
+        features = {key: _in_index_order(gathered, key) for key in paths}
+        for key, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, features=features[key])
+            log.info("cached reference features (%d images) in %s", len(features[key]), path)
+        self.barrier()
+        return features
+
+    def _reference_images(self):
+        """uint8 (H, W, 3) reference images, indexable: the ADM batch or the training subset."""
+        e = self.config.eval
+        if e.reference is not None:
+            return read_images(e.reference)
+        subset = random_subset(PreparedDataset(self.data_dir, fields=("images",)), e.reference_images, seed=0)
+        return _SubsetImages(subset)
+
+    # ------------------------------------------------------------------ scoring
+    def _features(self, space, images: np.ndarray) -> np.ndarray:
+        """Features of uint8 (N, H, W, 3) in fixed-size calls of ``micro_batch`` rows (padded)."""
+        micro = self.config.eval.micro_batch
+        rows = padded_rows(len(images), micro).numpy()
+        return space.features(images[rows], batch_size=micro)[: len(images)]
+
+    @torch.no_grad()
+    def __call__(self, ema: SiT, step: int) -> dict[str, float] | None:
+        """``eval/<metric>`` values and ``eval/seconds`` on the main process; None on the others."""
+        start = time.perf_counter()
+        if self._reference is None:
+            self._reference = self._reference_features()
+        was_training = ema.training
+        ema.eval()
+        mine = list(range(self.rank, self.settings.num_samples, self.world_size))
+        local: dict[str, list[np.ndarray]] = {space.key: [] for space in self.spaces}
+        for chunk_start in range(0, len(mine), self.config.eval.batch):
+            indices = mine[chunk_start : chunk_start + self.config.eval.batch]
+            images, _ = sample_batch(ema, self.vae, indices, self.settings, self.device)
+            for space in self.spaces:
+                local[space.key].append(self._features(space, images))
+        ema.train(was_training)
+        merged = {key: np.concatenate(parts) if parts else None for key, parts in local.items()}
+        gathered = self.gather([(mine, merged)])
+        if self.rank != 0:
+            return None
+        values = {}
+        for space in self.spaces:
+            samples = _in_index_order(gathered, space.key)
+            values.update(self._score(space, samples, self._reference[space.key]))
+        values["eval/seconds"] = time.perf_counter() - start
+        return values
+
+    def _score(self, space, samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        metrics = self.config.eval.metrics
+        values = {}
+        if space.key == "fid" or "fd" in metrics:
+            values[f"eval/{space.key}"] = frechet_distance(*feature_statistics(samples), *feature_statistics(reference))
+        if space.key != "fid" and "pr" in metrics:
+            precision, recall = precision_recall(reference, samples)
+            values["eval/precision"], values["eval/recall"] = precision, recall
+        return values
+
+    def describe(self) -> str:
+        """One line naming what is measured: networks with fingerprints, sample count, reference."""
+        e = self.config.eval
+        networks = ", ".join(f"{s.network} ({s.fingerprint})" for s in self.spaces)
+        reference = e.reference or f"the training set ({e.reference_images} images at most)"
+        return (f"evaluating {', '.join(e.metrics)} every {e.every} steps on {e.num_samples} EMA samples "
+                f"in {networks} against {reference}")
+
+
+class _SubsetImages:
+    """The ``images`` of a subset of the prepared data as uint8 (H, W, 3), by index."""
+
+    def __init__(self, subset):
+        self.subset = subset
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.subset[index]["images"].permute(1, 2, 0).numpy()
+
+
+def _in_index_order(gathered: list, key: str) -> np.ndarray:
+    """Concatenate every process's (indices, {key: features}) in sample-index order."""
+    indices = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _ in gathered if idx])
+    features = np.concatenate([feats[key] for idx, feats in gathered if idx])
+    return features[np.argsort(indices, kind="stable")]

@@ -1,0 +1,108 @@
+"""Quality during training: eval/* series, resume without gaps or duplicates, process count, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reglue.config import ConfigError, load_config
+from reglue.training.metrics import read_metrics
+from reglue.training.trainer import train
+from test_train import TINY_MODEL, cached_data, config_for  # noqa: F401 (cached_data is a fixture)
+
+TINY_EVAL_VFM = "{name: dinov2_vits14, weights: random, arch: {embed_dim: 32, depth: 2, num_heads: 2}}"
+EVAL = ["eval.every=2", "eval.num_samples=4", "eval.batch=2", "eval.micro_batch=2", "eval.sampler.steps=2",
+        "eval.metrics=[fd, pr]", f"eval.vfm={TINY_EVAL_VFM}"]
+
+
+def eval_series(run_dir) -> dict[int, dict[str, float]]:
+    """{step: {eval/...: value}} without the timing, which differs between runs."""
+    series = {}
+    for row in read_metrics(run_dir):
+        values = {k: v for k, v in row.items() if k.startswith("eval/") and k != "eval/seconds"}
+        if values:
+            assert row["step"] not in series, f"two evaluations logged at step {row['step']}"
+            series[row["step"]] = values
+    return series
+
+
+def test_a_run_evaluates_every_n_steps_and_at_the_end_into_metrics(cached_data):
+    result = train(config_for(cached_data, "eval", "train.max_steps=5", *EVAL))
+    series = eval_series(result.run_dir)
+    assert sorted(series) == [2, 4, 5]  # every 2 steps, and the last step
+    key = "eval/fd_dinov2_vits14"
+    for values in series.values():
+        assert set(values) == {key, "eval/precision", "eval/recall"}
+        assert np.isfinite(values[key]) and values[key] > 0
+        assert 0.0 <= values["eval/precision"] <= 1.0
+    assert len({values[key] for values in series.values()}) == 3  # the model moved between evaluations
+    timed = [row for row in read_metrics(result.run_dir) if "eval/seconds" in row]
+    assert len(timed) == 3 and all(row["eval/seconds"] > 0 for row in timed)
+    cached = list((cached_data / "data" / "eval").glob("dinov2_vits14-*-train50000.npz"))
+    assert len(cached) == 1  # the training set's features, computed once for the run
+
+
+def test_killed_and_resumed_the_series_equals_an_uninterrupted_one(cached_data):
+    whole = eval_series(train(config_for(cached_data, "eval-whole", "train.max_steps=5", *EVAL)).run_dir)
+    parts = config_for(cached_data, "eval-parts", "train.max_steps=5", *EVAL)
+    assert train(parts, stop_after_steps=2).stopped_early  # stops at an evaluation step, before evaluating it
+    assert sorted(eval_series(parts.run_dir)) == []
+    train(parts, resume="auto", stop_after_steps=1)  # evaluates step 2 first, then stops at 3
+    assert sorted(eval_series(parts.run_dir)) == [2]
+    train(parts, resume="auto")
+    assert eval_series(parts.run_dir) == whole  # no gap, no duplicate, the same values
+
+
+def test_two_processes_give_the_series_of_one(cached_data):
+    args = ["--config", "configs/demo.yaml", f"data.dir={cached_data / 'data'}", *TINY_MODEL,
+            "train.global_batch=2", "train.max_steps=2", *EVAL]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29549",
+                    "-m", "reglue.cli", "train", *args, f"run_dir={cached_data / 'eval-ddp'}"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    one = eval_series(train(load_config("configs/demo.yaml", [*args[2:], f"run_dir={cached_data / 'eval-one'}"])).run_dir)
+    two = eval_series(cached_data / "eval-ddp")
+    assert sorted(one) == sorted(two) == [2]
+    for key, value in one[2].items():  # DDP's weights agree with one process within 1e-5 (test_train)
+        assert two[2][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.every=9", "evaluation never fires before the end"),
+    ("eval.metrics=[fd, inception]", "eval.metrics"),
+    ("eval.metrics=[fid]", "eval.inception"),
+    ("eval.sampler.cfg=0.5", "guidance scale must be >= 1"),
+])
+def test_settings_that_cannot_work_are_refused_when_loaded(cached_data, override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_for(cached_data, "never", "train.max_steps=5", *EVAL, override)
+
+
+def test_bad_references_and_networks_are_refused_before_any_file(cached_data, tmp_path):
+    small = tmp_path / "ref64.npz"
+    np.savez(small, arr_0=np.zeros((8, 64, 64, 3), np.uint8))
+    few = tmp_path / "ref_few.npz"
+    np.savez(few, arr_0=np.zeros((3, 256, 256, 3), np.uint8))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"cls_token": torch.zeros(1, 1, 7)}, str(wrong))
+    text = tmp_path / "ref.npz"
+    text.write_text("not an archive")
+    cases = [
+        (f"eval.reference={text}", "is not an ADM .npz with an arr_0"),
+        (f"eval.reference={tmp_path / 'absent.npz'}", "not found"),
+        (f"eval.reference={small}", "holds images of shape (64, 64, 3)"),
+        (f"eval.reference={few}", "precision/recall compares 4 samples with a reference of 3 images"),
+        ("eval.num_samples=7", "reference of 6 images"),
+        (f"eval.vfm={{name: dinov2_vits14, weights: {wrong}}}", "eval.vfm"),
+    ]
+    for override, message in cases:
+        run = f"refused-{len(message)}"
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            train(config_for(cached_data, run, "train.max_steps=4", *EVAL, override))
+        assert not (cached_data / run).exists()
