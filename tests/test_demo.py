@@ -92,12 +92,15 @@ def test_outputs_are_well_formed_and_labelled_random(finished):
     assert config["model"]["preset"] == "reglue" and config["train"]["max_steps"] == 3
     exported = json.loads((out / "runs" / "reglue" / "ema" / "config.json").read_text())
     assert exported["projector_dim"] == demo.MODEL["projector_dim"]  # model.projector_dim reaches the SiT
+    for preset in COMPARED:  # both runs were scored during training: every step of 3 (every = 3 // 4 -> 1)
+        assert list(metrics["presets"][preset]["fd_during_training"]) == ["1", "2", "3"]
 
 
 def test_report_links_existing_files_and_says_the_encoders_are_random(finished):
     out, _, _ = finished
     report = (out / "report.md").read_text()
     assert "random, untrained" in report and "Plumbing checks" in report
+    assert f"`{demo.EVAL_KEY}` panel" in report and "| reglue | 1: " in report
     links = re.findall(r"\]\(([^)]+)\)", report)
     assert {"grid.png", "loss_curves.png", "metrics.json", "runs/reglue/config.yaml", "runs/sit/config.yaml"} <= set(links)
     missing = [link for link in links if not (out / link).exists()]

@@ -88,6 +88,9 @@ EMA_DECAY = 0.995
 COMPRESSOR = {"channels": (128, 64, 16), "global_batch": 32, "lr": 1e-3, "val_fraction": 0.125}
 PCA_RANK = 8
 SAMPLER = "sde"
+EVAL_SAMPLES = 32  # samples per evaluation during training
+EVAL_KEY = f"eval/fd_{VFM.name}"
+EVAL_LABEL = f"FD in the feature space of the {UNTRAINED} tiny DINOv2 (random features: a plumbing check)"
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,19 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str) -> RunCon
                   "mixed_precision": "no", "ema_decay": EMA_DECAY, "seed": settings.seed},
         "checkpoint": {"every": 100, "keep_last": 1},
         "log": {"every": max(1, steps // 150), "tensorboard": False, "sample_every": 0},
+        "eval": _eval_config(settings),
     }
     return from_dict(RunConfig, raw).validate()
+
+
+def _eval_config(settings: DemoSettings) -> dict:
+    """Quality during training: FD in the random VFM's feature space, 4 times per run, on the
+    same samples each time, against every training image (the space is random, see EVAL_LABEL)."""
+    images = len(CLASSES) * settings.images_per_class
+    return {"every": max(1, settings.steps // 4), "num_samples": min(EVAL_SAMPLES, images), "metrics": ["fd"],
+            "vfm": {"name": VFM.name, "weights": VFM.weights, "arch": dict(VFM.arch)}, "reference_images": images,
+            "sampler": {"mode": SAMPLER, "steps": settings.sample_steps}, "seed": settings.seed,
+            "batch": EVAL_SAMPLES, "micro_batch": EVAL_SAMPLES}
 
 
 def _train(paths: DemoPaths, settings: DemoSettings, preset: str) -> None:
@@ -348,10 +362,12 @@ def _evaluate(paths: DemoPaths, settings: DemoSettings) -> None:
         npz = paths.samples(preset) / "samples.npz"
         with np.load(npz) as packed:
             labels = packed["labels"]
-        last = read_metrics(paths.run(preset))[-1]
+        history = read_metrics(paths.run(preset))
+        last = [row for row in history if "loss/latent" in row][-1]
         results[preset] = {
             "training_steps": settings.steps,
             "final_losses": {k: v for k, v in last.items() if k.startswith("loss/")},
+            "fd_during_training": {str(row["step"]): row[EVAL_KEY] for row in history if EVAL_KEY in row},
             **pixel_space_metrics(real, real_labels, read_images(npz), labels, data.num_classes),
             "samples": str(npz.relative_to(paths.out)),
             "vfm": VFM_LABEL if uses_vfm(preset) else "not used",
@@ -441,6 +457,12 @@ def _metrics_section(metrics: dict) -> list[str]:
         lines.append(f"| {preset} | {m['class_accuracy']:.3f} | {m['class_accuracy_real_images']:.3f} | "
                      f"{m['thumbnail_fid']:.4f} | {m['thumbnail_precision']:.3f} | {m['thumbnail_recall']:.3f} | "
                      f"{m['final_losses']['loss/latent']:.4f} |")
+    lines += ["", (f"During training each run was scored {EVAL_SAMPLES} samples at a time ({EVAL_LABEL}; "
+                   f"the `{EVAL_KEY}` panel of the curves above):"), "",
+              "| preset | step: FD |", "|---|---|"]
+    for preset, m in metrics["presets"].items():
+        series = ", ".join(f"{step}: {fd:.4g}" for step, fd in m["fd_during_training"].items())
+        lines.append(f"| {preset} | {series} |")
     return [*lines, ""]
 
 
