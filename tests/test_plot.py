@@ -88,7 +88,7 @@ def test_plot_command_draws_two_runs_in_one_figure_with_every_metric_in_its_own_
             np.testing.assert_array_equal(xs, EVAL_STEPS)
             np.testing.assert_allclose(ys, [scale * 1000 / s for s in EVAL_STEPS])
     np.testing.assert_array_equal(drawn.panels["loss/total"].lines["run_b"][0], list(STEPS))
-    assert drawn.title == "run_a vs run_b\nevaluation: dinov2_vitl14 features, 500 samples"
+    assert drawn.title == "run_a vs run_b\nevaluation: fd/pr in dinov2_vitl14 features, 500 samples"
     for key, axes in recorded["axes"].items():  # a run keeps its colour in every panel
         colours = {line.get_label(): line.get_color() for line in axes.lines if not line.get_label().startswith("_")}
         assert colours == {"run_a": "C0", "run_b": "C1"}, key
@@ -106,8 +106,8 @@ def test_the_title_names_each_runs_evaluation_settings_when_they_differ(two_runs
     config["eval"] = {"num_samples": 1000, "vfm": None}  # null: the default network
     (run_b / "config.yaml").write_text(yaml.safe_dump(config))
     drawn = plot_runs([run_a, run_b], tmp_path / "out.png")
-    assert drawn.title.splitlines()[1] == ("evaluation: run_a: dinov2_vitl14 features, 500 samples; "
-                                           "run_b: DINOv2 ViT-L/14 features, 1,000 samples")
+    assert drawn.title.splitlines()[1] == ("evaluation: run_a: fd/pr in dinov2_vitl14 features, 500 samples; "
+                                           "run_b: fd/pr in DINOv2 ViT-L/14 features, 1,000 samples")
     del config["eval"]  # a run from before evaluation existed: no details to give
     (run_b / "config.yaml").write_text(yaml.safe_dump(config))
     (run_a / "config.yaml").unlink()

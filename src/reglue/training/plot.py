@@ -58,8 +58,9 @@ class RunInfo:
     eval_samples: int | None = None  # eval.num_samples
 
     def describe_eval(self) -> str | None:
-        """'DINOv2 ViT-L/14 features, 10,000 samples', or None without an eval section."""
-        parts = [f"{self.eval_network} features" if self.eval_network else None,
+        """'fd/pr in DINOv2 ViT-L/14 features, 10,000 samples' (eval/fid is always Inception), or None
+        without an eval section."""
+        parts = [f"fd/pr in {self.eval_network} features" if self.eval_network else None,
                  f"{self.eval_samples:,} samples" if self.eval_samples else None]
         return ", ".join(p for p in parts if p) or None
 
