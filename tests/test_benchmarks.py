@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, shared_file
 
 
 def load_benchmark(name: str):
@@ -95,3 +95,17 @@ def test_flop_count_matches_the_papers_sit_xl2_training_flops():
     args = compare.parse_args([])
     flops = compare.training_flops_per_image("SiT-XL/2", args, None, compare.torch.device("cpu"))
     assert abs(flops / 1e9 - 727) < 2
+
+
+@pytest.mark.parametrize("what", ["speed", "resize"])
+def test_feature_space_benchmark_tiny(capsys, what):
+    photos = shared_file("testdata/real_images")
+    result = load_benchmark("feature_space").main([
+        what, "--arch", '{"embed_dim": 32, "depth": 2, "num_heads": 2}', "--images", "6", "--batch", "3",
+        "--batches", "1", "--resolution", "64", "--device", "cpu", "--photos", str(photos),
+    ])
+    if what == "speed":
+        assert result["images_per_s"] > 0 and result["gflop_per_image"] > 0
+    else:
+        assert result["fd_same_images_torch_vs_pil"] >= 0 and result["input_grey_levels_max_abs"] > 0
+    assert capsys.readouterr().out.startswith("{")
