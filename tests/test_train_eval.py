@@ -94,7 +94,7 @@ def test_bad_references_and_networks_are_refused_before_any_file(cached_data, tm
     text = tmp_path / "ref.npz"
     text.write_text("not an archive")
     cases = [
-        (f"eval.reference={text}", "is not an ADM .npz with an arr_0"),
+        (f"eval.reference={text}", "is not a readable .npz"),
         (f"eval.reference={tmp_path / 'absent.npz'}", "not found"),
         (f"eval.reference={small}", "holds images of shape (64, 64, 3)"),
         (f"eval.reference={few}", "precision/recall compares 4 samples with a reference of 3 images"),

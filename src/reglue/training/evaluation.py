@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.semantics import VFMSpec
 from reglue.generate import SampleSettings, sample_batch
 from reglue.io import atomic_write, file_sha256
-from reglue.metrics.evaluate import read_images
+from reglue.metrics.evaluate import image_batch_shape, read_images
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
 from reglue.metrics.inception import load_inception, resolve_weights_path
@@ -82,19 +81,6 @@ def feature_spec(config: RunConfig) -> VFMSpec:
     return VFMSpec(**{**config.eval.vfm, "layers": None})
 
 
-def _npz_images_shape(path: Path) -> tuple[int, ...]:
-    """The shape of an ADM ``.npz``'s ``arr_0`` read from its header, without loading the images."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as handle:
-            major, _ = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(handle)
-    except (zipfile.BadZipFile, KeyError, ValueError) as err:
-        raise ConfigError(f"eval.reference: {path} is not an ADM .npz with an arr_0 of images ({err}); pack the "
-                          "reference images with np.savez(path, arr_0=images_uint8_nhwc).") from None
-    return shape
-
-
 class Evaluator:
     """Scores the EMA at a step; built (and every setting checked) before the run writes a file."""
 
@@ -137,8 +123,11 @@ class Evaluator:
             if not path.is_file():
                 raise ConfigError(f"eval.reference: {path} not found; pass an ADM .npz of reference images "
                                   "or null for the training set.")
-            shape = _npz_images_shape(path)
-            if len(shape) != 4 or shape[1:] != (self.resolution, self.resolution, 3):
+            try:
+                shape = image_batch_shape(path)
+            except ValueError as err:
+                raise ConfigError(f"eval.reference: {err}") from None
+            if shape[1:] != (self.resolution, self.resolution, 3):
                 raise ConfigError(f"eval.reference: {path} holds images of shape {tuple(shape[1:])}, but the run "
                                   f"samples {self.resolution}² RGB images; use a reference batch of the data's "
                                   "resolution, or null for the training set.")
