@@ -93,3 +93,13 @@ def demo_data(tmp_path_factory):
         return made[kind]
 
     return prepared
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads stall when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -21,13 +20,7 @@ TINY = {"steps": 3, "images_per_class": 2, "compressor_epochs": 1, "sample_steps
         "grid_rows": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads stall when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def stage_names(out) -> list[str]:

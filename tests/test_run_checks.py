@@ -23,13 +23,7 @@ FAST = ["train.max_steps=2", "log.every=1", "checkpoint.every=100"]
 SEMANTIC_PRESETS = ("redi", "reglue")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads stall when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def demo_config(data: Path, run_dir: Path, *overrides: str):
