@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from reglue.config import ConfigError, load_config
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
+from test_evaluate import random_weights  # noqa: F401 (a fixture: random Inception-v3 weights)
 from test_train import TINY_MODEL, cached_data, config_for  # noqa: F401 (cached_data is a fixture)
 
 TINY_EVAL_VFM = "{name: dinov2_vits14, weights: random, arch: {embed_dim: 32, depth: 2, num_heads: 2}}"
@@ -106,3 +107,18 @@ def test_bad_references_and_networks_are_refused_before_any_file(cached_data, tm
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             train(config_for(cached_data, run, "train.max_steps=4", *EVAL, override))
         assert not (cached_data / run).exists()
+
+
+def test_inception_fid_during_training_and_weights_that_do_not_fit(cached_data, random_weights, tmp_path):
+    result = train(config_for(cached_data, "eval-fid", "train.max_steps=2", *EVAL, "eval.metrics=[fd, fid]",
+                              f"eval.inception={random_weights}"))
+    (values,) = eval_series(result.run_dir).values()
+    assert set(values) == {"eval/fd_dinov2_vits14", "eval/fid"} and np.isfinite(values["eval/fid"])
+    assert list((cached_data / "data" / "eval").glob("inception-v3-2015-12-05-*-train50000.npz"))
+    other = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(ConfigError, match="eval.vfm/eval.inception: .* is not an Inception-v3 state dict"):
+        train(config_for(cached_data, "eval-fid-bad", "train.max_steps=2", *EVAL, "eval.metrics=[fid]",
+                         f"eval.inception={other}"))
+    assert not (cached_data / "eval-fid-bad").exists()
+
