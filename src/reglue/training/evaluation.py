@@ -39,7 +39,7 @@ from reglue.io import atomic_write, file_sha256
 from reglue.metrics.evaluate import image_batch_shape, read_images
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
-from reglue.metrics.inception import load_inception, resolve_weights_path
+from reglue.metrics.inception import extract_features, load_inception, resolve_weights_path
 from reglue.metrics.manifold import NEIGHBOURHOOD_K, precision_recall
 from reglue.models.sit import SiT
 from reglue.sampling import padded_rows
@@ -59,14 +59,10 @@ class InceptionSpace:
         self.fingerprint = weights_fingerprint(self.extractor)
         self.device = device
 
-    @torch.no_grad()
-    def features(self, images: np.ndarray, *, batch_size: int = 64, progress=None) -> np.ndarray:
+    def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float64 (N, 2048) pool features."""
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            chunks.append(self.extractor(batch.to(self.device).permute(0, 3, 1, 2))["pool"].double().cpu().numpy())
-        return np.concatenate(chunks)
+        return extract_features(images, self.extractor, batch_size=batch_size, device=self.device)["pool"].astype(
+            np.float64)
 
 
 def eval_due(step: int, every: int, max_steps: int) -> bool:
@@ -111,7 +107,7 @@ class Evaluator:
             num_samples=e.num_samples, mode=e.sampler.mode, num_steps=e.sampler.steps,
             guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch,
         )
-        self._reference: dict[str, np.ndarray] | None = None
+        self._reference: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ reference
     def _check_reference(self) -> None:
@@ -190,10 +186,9 @@ class Evaluator:
     def __call__(self, ema: SiT, step: int) -> dict[str, float] | None:
         """``eval/<metric>`` values and ``eval/seconds`` on the main process; None on the others."""
         start = time.perf_counter()
-        if self._reference is None:
-            self._reference = self._reference_features()
-        was_training = ema.training
-        ema.eval()
+        if self._reference is None:  # features and their statistics, once per run
+            self._reference = {key: (features, *feature_statistics(features))
+                               for key, features in self._reference_features().items()}
         mine = list(range(self.rank, self.settings.num_samples, self.world_size))
         local: dict[str, list[np.ndarray]] = {space.key: [] for space in self.spaces}
         for chunk_start in range(0, len(mine), self.config.eval.batch):
@@ -201,7 +196,6 @@ class Evaluator:
             images, _ = sample_batch(ema, self.vae, indices, self.settings, self.device)
             for space in self.spaces:
                 local[space.key].append(self._features(space, images))
-        ema.train(was_training)
         merged = {key: np.concatenate(parts) if parts else None for key, parts in local.items()}
         gathered = self.gather([(mine, merged)])
         if self.rank != 0:
@@ -213,13 +207,15 @@ class Evaluator:
         values["eval/seconds"] = time.perf_counter() - start
         return values
 
-    def _score(self, space, samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    def _score(self, space, samples: np.ndarray, reference: tuple) -> dict[str, float]:
+        """``reference``: (features (N, D), mean (D,), covariance (D, D))."""
         metrics = self.config.eval.metrics
+        features, mu, sigma = reference
         values = {}
         if space.key == "fid" or "fd" in metrics:
-            values[f"eval/{space.key}"] = frechet_distance(*feature_statistics(samples), *feature_statistics(reference))
+            values[f"eval/{space.key}"] = frechet_distance(*feature_statistics(samples), mu, sigma)
         if space.key != "fid" and "pr" in metrics:
-            precision, recall = precision_recall(reference, samples)
+            precision, recall = precision_recall(features, samples)
             values["eval/precision"], values["eval/recall"] = precision, recall
         return values
 
