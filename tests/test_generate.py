@@ -90,6 +90,11 @@ def test_models_load_from_export_training_checkpoint_and_authors_format(setup, t
     torch.save({"model": state, "ema": state, "args": argparse.Namespace(model="SiT-S/2", encoder_depth=1)}, authors)
     loaded = load_sampling_model(authors).eval()
     assert (loaded.config.hidden_size, loaded.config.depth, loaded.config.z_dim) == (48, 2, 12)
+    assert loaded.config.path == "linear"  # their default path_type
+    cosine = tmp_path / "authors_cosine.pt"
+    torch.save({"model": state, "ema": state, "args": argparse.Namespace(model="SiT-S/2", encoder_depth=1,
+                                                                          path_type="cosine")}, cosine)
+    assert load_sampling_model(cosine).config.path == "cosine"
     assert torch.equal(loaded(x, t, y, cls_token=cls)[0], theirs(x, t, y, cls_token=cls)[0])
 
 

@@ -216,9 +216,7 @@ class RunConfig:
              ("null (the VFM that made the data) or a mapping of name, weights, layers (list of blocks) and arch "
               "({embed_dim, depth, num_heads}), e.g. {name: dinov2_vitb14_reg, weights: path/to/dinov2.pth}")),
         ]
-        for ok, key, expected in rules:
-            if not ok:
-                raise ConfigError(f"{key}: invalid value {_lookup(self, key)!r}; expected {expected}.")
+        self._refuse_first_broken(rules)
         try:
             lambda_sem_milestones(self.loss.lambda_sem_schedule)
         except ValueError as err:
@@ -250,6 +248,10 @@ class RunConfig:
             (e.sampler.steps >= 1, "eval.sampler.steps", "a positive integer"),
             (e.batch >= 1 and e.micro_batch >= 1, "eval.batch/micro_batch", "positive integers"),
         ]
+        self._refuse_first_broken(rules)
+
+    def _refuse_first_broken(self, rules: list[tuple[bool, str, str]]) -> None:
+        """ConfigError for the first (ok, key, expected) rule that does not hold."""
         for ok, key, expected in rules:
             if not ok:
                 raise ConfigError(f"{key}: invalid value {_lookup(self, key)!r}; expected {expected}.")

@@ -25,7 +25,6 @@ from reglue.encoders.semantics import (
     VFMSpec,
     build_semantic_encoder,
     load_norm_stats_and_spec,
-    warn_if_random,
 )
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
@@ -36,6 +35,7 @@ log = logging.getLogger(__name__)
 PCA_FILE = "pca.safetensors"
 COMPRESSOR_DIR = "compressor"
 OFFICIAL_NORM_STATS_IMAGES = 300 * 256
+NORM_STATS_SEED = 0  # the seeded subset of images behind the norm stats
 
 
 def default_autocast(device: torch.device) -> torch.dtype | None:
@@ -61,10 +61,9 @@ def run_norm_stats(
     if state.is_main_process:
         dataset = PreparedDataset(data, fields=("images",))
         extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
-        warn_if_random(spec)
         metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
-                    "layers": ",".join(map(str, extractor.layers)), "seed": "0"}
-        subset = random_subset(dataset, num_images, seed=0)  # read in index order for memory-map locality
+                    "layers": ",".join(map(str, extractor.layers)), "seed": str(NORM_STATS_SEED)}
+        subset = random_subset(dataset, num_images, seed=NORM_STATS_SEED)  # index order: memory-map locality
         with _progress_bar(len(subset), "norm-stats", show_progress) as bar:
             stats = compute_norm_stats(subset, extractor, batch_size=batch_size, device=state.device,
                                        progress=bar.update, metadata=metadata)
@@ -90,7 +89,6 @@ def run_fit_pca(
     dataset = PreparedDataset(data, fields=("images",))
     device = state.device
     extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
-    warn_if_random(spec)
     subset = random_subset(dataset, num_images)
     loader = DataLoader(subset, batch_size=batch_size)
 
@@ -118,7 +116,6 @@ def run_train_compressor(
     stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     resolution = read_manifest(data)["resolution"]
     extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
-    warn_if_random(spec)
 
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
     inputs = {"vfm": spec.to_json(), "norm_stats_sha256": file_sha256(norm_stats)}

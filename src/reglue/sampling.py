@@ -104,7 +104,7 @@ class Guidance:
             return cond
         (x_c, cls_c), (x_u, cls_u) = cond, uncond
         x = x_c
-        if self.scale > 1.0 and self.vae_only and vae_only_step:
+        if self.vae_only and vae_only_step:  # vae_only implies scale > 1 (__post_init__)
             k = latent_channels
             x = torch.cat([x_c[:, :k] + self.scale * (x_c[:, :k] - x_u[:, :k]), x_c[:, k:]], dim=1)
         elif self.scale > 1.0:

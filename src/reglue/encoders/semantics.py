@@ -52,6 +52,8 @@ class VFMSpec:
                 f"timm .safetensors), or --vfm-weights {RANDOM_WEIGHTS} for a weight-free demo."
             )
         weights = None if self.is_random else self.weights
+        if self.is_random:
+            _logger.warning("VFM %s has RANDOM weights: features carry no semantics (demo/testing only).", self.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random VFM is the same one in every step of a pipeline
             return build_vfm(
@@ -113,12 +115,6 @@ def upsample_semantics(semantics: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(semantics, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def warn_if_random(spec: VFMSpec) -> None:
-    """One warning when ``spec`` builds a randomly initialised VFM (demo, tests)."""
-    if spec.is_random:
-        _logger.warning("VFM %s has RANDOM weights: features carry no semantics (demo/testing only).", spec.name)
-
-
 def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> tuple[NormStats, VFMSpec]:
     """The stats file and the VFM it was computed with (``spec`` overrides the recorded one)."""
     stats = NormStats.load(path)
@@ -152,6 +148,5 @@ def build_semantic_encoder(
         module = PCAProjection.load(pca)
         info["pca_sha256"] = file_sha256(pca)
     extractor = spec.build(resolution, autocast_dtype)
-    warn_if_random(spec)
     info.update(vfm=spec.to_json(), resolution=resolution, vfm_autocast=str(autocast_dtype))
     return SemanticEncoder(extractor, stats, module), info

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from reglue.encoders.semantics import RANDOM_WEIGHTS, VFMSpec, warn_if_random
-from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIDE_PER_256, VFM_MODELS
+from reglue.encoders.semantics import RANDOM_WEIGHTS, VFMSpec
+from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD, VFM_MODELS
 from reglue.state_dict import weights_fingerprint
 
 FD_DINOV2 = VFMSpec(name="dinov2_vitl14", weights=None)  # the canonical network; weights given by the user
@@ -134,10 +134,9 @@ def load_feature_space(spec: VFMSpec | None = None, *, device: str | torch.devic
         raise ValueError(f"unknown VFM {spec.name!r} for the feature space; choose one of {', '.join(VFM_MODELS)}.")
     if spec.weights is None or not (spec.is_random or Path(spec.weights).is_file()):
         raise FileNotFoundError(_missing_weights_message(spec))
-    extractor = spec.build(resolution=256)  # the ViT alone is used; its own preprocessing is not
-    warn_if_random(spec)
-    side = FD_INPUT_SIDE if VFM_MODELS[spec.name].family == "dinov2" else INPUT_SIDE_PER_256["dinov3"]
-    return FeatureSpace(extractor.vit, network=spec.name, weights=spec.weights, input_size=side, device=device)
+    extractor = spec.build(resolution=256)  # the ViT and its input side (224 DINOv2, 256 DINOv3); not its preprocessing
+    return FeatureSpace(extractor.vit, network=spec.name, weights=spec.weights, input_size=extractor.input_size,
+                        device=device)
 
 
 def _missing_weights_message(spec: VFMSpec) -> str:

@@ -72,4 +72,5 @@ def config_from_weights(state: dict, args: dict) -> SiTConfig:
         hidden_size=embed.shape[0], depth=depth, num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
         z_dim=z_dim, use_cls_token=use_cls, encoder_depth=args.get("encoder_depth", sit_config(name).encoder_depth),
         projector_dim=state["projectors.0.0.weight"].shape[0] if z_dim else 2048,
+        path=args.get("path_type", "linear"),  # their --path-type, the interpolant the weights were trained on
     )

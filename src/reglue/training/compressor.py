@@ -270,20 +270,6 @@ class _Progress:
     history: list[dict] = field(default_factory=list)
 
 
-class _EpochBatches:
-    """A batch sampler that yields whatever index lists it holds: the one DataLoader of a run
-    (persistent workers) reads a new epoch's order once ``batches`` is replaced before the pass."""
-
-    def __init__(self, batches: list[list[int]] | None = None) -> None:
-        self.batches = batches or []
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 class _CompressorTrainer:
     """One training run: builds the model, optimizer and schedule, then runs epochs."""
 
@@ -304,13 +290,12 @@ class _CompressorTrainer:
         )
         self.extractor.to(accelerator.device)
         self.model = model
-        self.train_batches = _EpochBatches()  # set to each epoch's order by train_epoch
+        self.train_batches: list[list[int]] = []  # each epoch's order, set in place by train_epoch
         self.train_loader = self._loader(train_set, self.train_batches)
         self.val_loader = None
         if val_set is not None:  # every process its strided share of the held-out rows, in batches
             mine = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
-            self.val_loader = self._loader(val_set, _EpochBatches(
-                [mine[i : i + self.batch] for i in range(0, len(mine), self.batch)]))
+            self.val_loader = self._loader(val_set, [mine[i : i + self.batch] for i in range(0, len(mine), self.batch)])
 
     @property
     def compressor(self) -> SemanticCompressor:
@@ -356,8 +341,9 @@ class _CompressorTrainer:
         images = images.to(self.accelerator.device, non_blocking=True)
         return self.norm_stats.normalize(self.extractor(images).local)
 
-    def _loader(self, dataset: Dataset, batches: _EpochBatches) -> DataLoader:
-        """One loader for the whole run; its workers persist, ``batches`` decides each pass's order.
+    def _loader(self, dataset: Dataset, batches: list[list[int]]) -> DataLoader:
+        """One loader for the whole run; its workers persist, and it iterates ``batches`` afresh at
+        every pass, so replacing the list's contents in place decides the next pass's order.
         Its own generator: worker seeds never draw from (or shift) the global RNG."""
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator(),
@@ -365,7 +351,7 @@ class _CompressorTrainer:
 
     def train_epoch(self, bar) -> None:
         p, acc = self.progress, self.accelerator
-        self.train_batches.batches = process_batches(
+        self.train_batches[:] = process_batches(
             len(self.train_set), self.config["global_batch"], seed=self.config["seed"], epoch=p.epoch,
             rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch,
         )

@@ -86,7 +86,8 @@ class Evaluator:
         self.config, self.device = config, device
         self.rank, self.world_size, self.gather, self.barrier = rank, world_size, gather, barrier
         self.data_dir = Path(config.data.dir)
-        self.manifest = PreparedDataset(self.data_dir, fields=("images",)).manifest
+        self.images = PreparedDataset(self.data_dir, fields=("images",))  # the training set's pixels
+        self.manifest = self.images.manifest
         self.resolution = self.manifest["resolution"]
         self._check_reference()
         try:
@@ -113,7 +114,7 @@ class Evaluator:
     def _check_reference(self) -> None:
         e = self.config.eval
         if e.reference is None:
-            count = min(len(PreparedDataset(self.data_dir, fields=("images",))), e.reference_images)
+            count = min(len(self.images), e.reference_images)
         else:
             path = Path(e.reference)
             if not path.is_file():
@@ -172,7 +173,7 @@ class Evaluator:
         e = self.config.eval
         if e.reference is not None:
             return read_images(e.reference)
-        subset = random_subset(PreparedDataset(self.data_dir, fields=("images",)), e.reference_images, seed=0)
+        subset = random_subset(self.images, e.reference_images, seed=0)
         return _SubsetImages(subset)
 
     # ------------------------------------------------------------------ scoring

@@ -160,10 +160,6 @@ def read_run_info(run_dir: str | Path) -> RunInfo | None:
 
 
 def _read_run(label: str | None, run_dir: Path) -> _Run:
-    if not (run_dir / METRICS_FILE).is_file():
-        raise FileNotFoundError(
-            f"no {METRICS_FILE} in {run_dir}; give the directory of a run made by `reglue train` "
-            "(the run_dir of its config), once it has logged its first steps.")
     return _Run(label, run_dir, read_metrics(run_dir), read_run_info(run_dir))
 
 

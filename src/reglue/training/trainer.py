@@ -42,8 +42,8 @@ from reglue.sampling import sample_ode, sample_sde
 from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.state_dict import load_state_dict_strict
-from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.evaluation import Evaluator, eval_due
+from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.transport import JointLoss, sample_time
