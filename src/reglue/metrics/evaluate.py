@@ -29,11 +29,12 @@ that cannot be written is only logged. Arrays are read whole: 50K 256² samples 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,10 +138,12 @@ def reference_features(
     device: str | torch.device,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    images: Callable[[], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """``mu``, ``sigma`` (2048), ``mu_s``, ``sigma_s`` (2023) and ``pool`` (≤10K, 2048) of the reference.
 
     Stored statistics are used as they are; the rest is computed and cached (see the module docstring).
+    ``images``: gives the reference's images when they must be read (default: read ``ref_npz``).
     """
     ref_npz = _require_file(ref_npz)
     cache = _cache_path(ref_npz, resolve_weights_path(weights_path), cache_dir)
@@ -149,7 +152,7 @@ def reference_features(
             return {name: cached[name] for name in (*STATISTICS, "pool")}
     with np.load(ref_npz) as npz:
         stored = {name: npz[name] for name in STATISTICS if name in npz}
-    images = read_images(ref_npz)
+    images = (images or functools.partial(read_images, ref_npz))()
     if len(stored) == len(STATISTICS):
         features = extract_features(images[:PR_REFERENCE_IMAGES], extractor, batch_size, device, progress)
         result = stored
@@ -163,7 +166,7 @@ def reference_features(
 
 def space_reference(
     ref_npz: str | Path, space: FeatureSpace, *, batch_size: int = 64, cache_dir: str | Path | None = None,
-    progress: bool = False,
+    progress: bool = False, images: Callable[[], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """``mu`` (D,), ``sigma`` (D, D) float64 of all reference images in ``space`` and ``features``
     (≤10K, D) float32 of the first 10K (precision/recall); computed once, then read from the cache."""
@@ -176,7 +179,8 @@ def space_reference(
                 return {name: cached[name] for name in ("mu", "sigma", "features")}
         log.warning("%s was made with %s weights %s, not %s %s; recomputing it",
                     cache, *recorded, space.network, space.fingerprint)
-    features = space.features(read_images(ref_npz), batch_size=batch_size, progress=progress)
+    images = (images or functools.partial(read_images, ref_npz))()
+    features = space.features(images, batch_size=batch_size, progress=progress)
     mu, sigma = feature_statistics(features)
     result = {"mu": mu, "sigma": sigma, "features": features[:PR_REFERENCE_IMAGES].astype(np.float32)}
     identity = {"network": np.array(space.network), "fingerprint": np.array(space.fingerprint)}
@@ -219,16 +223,19 @@ def evaluate(
     if fd_name in asked or pr_name in asked:
         space = vfm if isinstance(vfm, FeatureSpace) else load_feature_space(spec, device=device)
     samples = read_images(samples_npz)
+    # The reference's pixels: read at most once, and only if a feature cache misses.
+    ref_images = functools.cache(functools.partial(read_images, ref_npz))
     results, networks = {}, {}
     if extractor is not None:
         results |= _inception_metrics(ref_npz, samples, extractor, inception_weights, inception_asked,
                                       batch_size=batch_size, device=device, cache_dir=cache_dir,
-                                      split_size=split_size, progress=progress)
+                                      split_size=split_size, progress=progress, ref_images=ref_images)
         networks["inception"] = {"network": INCEPTION_NETWORK, "weights": str(inception_weights),
                                  "weights_fingerprint": weights_fingerprint(extractor)}
     if space is not None:
         suffix = fd_name.removeprefix("fd_")
-        ref = space_reference(ref_npz, space, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+        ref = space_reference(ref_npz, space, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                              images=ref_images)
         features = space.features(samples, batch_size=batch_size, progress=progress)
         if fd_name in asked:
             results[fd_name] = frechet_distance(ref["mu"], ref["sigma"], *feature_statistics(features))
@@ -261,13 +268,14 @@ def format_table(results: dict) -> str:
 
 def _inception_metrics(
     ref_npz, samples: np.ndarray, extractor: InceptionFeatures, weights: Path, asked: Sequence[str], *,
-    batch_size: int, device, cache_dir, split_size: int, progress: bool,
+    batch_size: int, device, cache_dir, split_size: int, progress: bool, ref_images: Callable[[], np.ndarray],
 ) -> dict[str, float]:
     """The asked Inception metrics; the reference's features only when a metric compares with it."""
     features = extract_features(samples, extractor, batch_size, device, progress)
     ref = None
     if set(asked) & {"fid", "sfid", "pr"}:
-        ref = reference_features(ref_npz, extractor, weights, batch_size, device, cache_dir, progress)
+        ref = reference_features(ref_npz, extractor, weights, batch_size, device, cache_dir, progress,
+                                 images=ref_images)
     results = {}
     if "fid" in asked or "sfid" in asked:
         gen = _statistics(features)
