@@ -357,7 +357,7 @@ def test_bad_images_name_expected_and_found(extractor, images, found):
         ({"layers": (9, 8)}, r"strictly increasing .* found \(9, 8\)"),
         ({"layers": (8, 12)}, r"in 0\.\.11.*found \(8, 12\)"),
         ({"layers": ()}, r"at least one; found \(\)"),
-        ({"resolution": 300}, "multiple of 256.*found 300"),
+        ({"resolution": 300}, "multiple of 64 from 64 to 512.*found 300"),
         ({"autocast_dtype": torch.float64}, "autocast_dtype.*found torch.float64"),
     ],
 )

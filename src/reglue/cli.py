@@ -16,11 +16,31 @@ import os
 import sys
 
 from reglue import __version__
+from reglue.resolution import check_resolution
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
+DEMO_RESOLUTION = 128  # reglue.demo.DemoSettings.resolution (a test keeps the two equal)
 
 
 # ----------------------------------------------------------------------------- shared options
+def _resolution(text: str) -> int:
+    """argparse type of --resolution: a supported side (reglue.resolution), else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be an integer, found {text!r}.") from None
+    try:
+        return check_resolution(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_resolution(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    parser.add_argument("--resolution", type=_resolution, default=default, metavar="R",
+                        help=f"{what} side R: a multiple of 64 from 64 to 512 (default {default}); latents R/8, "
+                        "SiT tokens and VFM patches (R/16)²; later steps read it from the data's manifest")
+
+
 def _add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> None:
     group = parser.add_argument_group("vision foundation model", required_note)
     group.add_argument("--vfm", default=None, help="registry name (default dinov2_vitb14_reg)")
@@ -275,7 +295,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     settings = DemoSettings(presets=COMPARED if args.compare else (args.preset,), steps=args.steps,
-                            images_per_class=args.images_per_class, sample_steps=args.sample_steps, seed=args.seed)
+                            images_per_class=args.images_per_class, sample_steps=args.sample_steps, seed=args.seed,
+                            resolution=args.resolution)
     result = run_demo(args.out, settings, progress=not args.quiet)
     print(f"demo finished in {time.perf_counter() - start:.0f} s (VFM random, untrained; numbers are plumbing "
           f"checks). Outputs in {result.out}: report {result.report}, grid {result.grid}, "
@@ -299,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="image folder or zip → cropped images + VAE moments (resumable)")
     p.add_argument("src", help="ImageFolder tree (class sub-folders), flat folder (unconditional), or a .zip")
     p.add_argument("dst", help="output dataset directory (rerun the same command to resume)")
-    p.add_argument("--resolution", type=int, choices=(256, 512), default=256)
+    _add_resolution(p, 256, "crop")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
@@ -456,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-class", type=int, default=32, help="synthetic images per class (8 classes)")
     p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grid and the samples")
     p.add_argument("--seed", type=int, default=0)
+    _add_resolution(p, DEMO_RESOLUTION, "image")
     p.add_argument("--quiet", action="store_true", help="no progress bars for the data stages (training keeps its bar)")
     p.set_defaults(func=_cmd_demo)
     return parser

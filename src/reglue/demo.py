@@ -62,6 +62,7 @@ from reglue.pipeline import (
     run_train_compressor,
 )
 from reglue.presets import PRESETS, get_preset
+from reglue.resolution import check_resolution
 from reglue.sampling import Guidance
 from reglue.training.compressor import BEST_WEIGHTS
 from reglue.training.metrics import read_metrics
@@ -79,9 +80,8 @@ NOTE = (f"Plumbing checks, not results: the VFM is {UNTRAINED} and the models ar
 COMPARED = ("sit", "reglue")  # --compare
 STATE_FILE = "demo.json"
 
-SYNTHETIC_SIDE = 64  # drawn size; prepare upsamples to 256² (ADM crop), the autoencoder keeps 32²
 MODEL = {"name": "SiT-S/2", "depth": 4, "hidden_size": 64, "num_heads": 4, "encoder_depth": 2,
-         "projector_dim": 256}  # patch 2: 16×16 tokens, the grid of the VFM's REPA targets
+         "projector_dim": 256}  # patch 2: (R/16)² tokens, the grid of the VFM's REPA targets
 TRAIN_BATCH = 8  # on a CPU, more small steps beat fewer large ones at equal cost (tried 16 × 900 vs 8 × 1800)
 LEARNING_RATE = 2e-3
 EMA_DECAY = 0.995
@@ -106,6 +106,10 @@ class DemoSettings:
     grid_rows: int = 4  # samples per class in the grid
     cfg_scale: float = 4.0
     seed: int = 0
+    # Images are drawn and trained at 128²: 16×16 latents, 8×8 tokens, a 112² VFM input. A step
+    # costs about a quarter of 256²'s (docs/demo.md), and at 16×16 the pixel autoencoder still
+    # keeps every class's shape; 64² (8×8 latents) blurs triangles into blobs.
+    resolution: int = 128
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "presets", tuple(self.presets))
@@ -117,6 +121,7 @@ class DemoSettings:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, found {value}.")
+        check_resolution(self.resolution)
         if self.images_per_class < 2:
             raise ValueError(f"images_per_class must be >= 2 (one is held out for the compressor's "
                              f"validation), found {self.images_per_class}.")
@@ -237,9 +242,11 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
 def _data_stages(ledger: _Ledger, paths: DemoPaths, settings: DemoSettings, progress: bool) -> None:
     count = len(CLASSES) * settings.images_per_class
     ledger.run("images", f"{count} synthetic images, {len(CLASSES)} classes",
-               lambda: write_synthetic_dataset(paths.images, settings.images_per_class, SYNTHETIC_SIDE, settings.seed))
-    prepare = PrepareSettings(source=str(paths.images), vae=PIXEL_AUTOENCODER, shard_size=count)
-    ledger.run("prepare", f"crop to 256² and encode with the {AUTOENCODER_LABEL}",
+               lambda: write_synthetic_dataset(paths.images, settings.images_per_class, settings.resolution,
+                                               settings.seed))
+    prepare = PrepareSettings(source=str(paths.images), resolution=settings.resolution, vae=PIXEL_AUTOENCODER,
+                              shard_size=count)
+    ledger.run("prepare", f"{settings.resolution}² images encoded with the {AUTOENCODER_LABEL}",
                lambda: run_prepare(prepare, paths.data, show_progress=progress))
     if not settings.uses_vfm:
         return
@@ -355,7 +362,7 @@ def _caption(image: np.ndarray, lines: list[str]) -> np.ndarray:
 def _evaluate(paths: DemoPaths, settings: DemoSettings) -> None:
     data = PreparedDataset(paths.data, fields=("images",))
     rows = [data[i] for i in range(len(data))]
-    real = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()  # (N, 256, 256, 3)
+    real = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()  # (N, R, R, 3)
     real_labels = torch.stack([r["label"] for r in rows]).numpy()
     results = {}
     for preset in settings.presets:

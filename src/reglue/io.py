@@ -76,3 +76,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header ({} for other files or none)."""
+    import safetensors
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safetensors.safe_open(str(path), "pt") as handle:
+            return dict(handle.metadata() or {})
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); rewrite it.") from err

@@ -85,8 +85,8 @@ def run_fit_pca(
     if not state.is_main_process:
         state.wait_for_everyone()
         return out
-    stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     dataset = PreparedDataset(data, fields=("images",))
+    stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=dataset.manifest["resolution"])
     device = state.device
     extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
     subset = random_subset(dataset, num_images)
@@ -113,8 +113,8 @@ def run_train_compressor(
     ``options`` go to :func:`reglue.training.compressor.train_compressor` (epochs,
     global_batch, lr, val_data, val_fraction, resume, ...). Returns its ``CompressorRun``.
     """
-    stats, spec = load_norm_stats_and_spec(norm_stats, spec)
     resolution = read_manifest(data)["resolution"]
+    stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=resolution)
     extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
 
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR

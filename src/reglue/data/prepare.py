@@ -31,6 +31,7 @@ from reglue.data.sources import ImageSource, SourceItem, open_source
 from reglue.distributed import process_state
 from reglue.encoders.autoencoder import load_vae
 from reglue.io import atomic_write
+from reglue.resolution import check_resolution
 
 log = logging.getLogger(__name__)
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,8 +53,7 @@ class PrepareSettings:
         object.__setattr__(self, "source", str(Path(self.source).expanduser().resolve()))
         if self.vae_dtype not in VAE_DTYPES:
             raise ValueError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
-        if self.resolution not in (256, 512):
-            raise ValueError(f"resolution must be 256 or 512, found {self.resolution}.")
+        check_resolution(self.resolution)
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, found {self.shard_size}.")
         if self.max_images is not None and self.max_images < 1:

@@ -6,6 +6,10 @@ random position, size, rotation-free jitter and a noisy background, all from one
     write_synthetic_dataset("demo/images", images_per_class=32, size=64, seed=0)
 
 writes an ImageFolder tree (``<class>/<index>.png``) that ``reglue prepare`` reads like any other.
+Pictures are drawn natively at ``size`` (any side; the demo draws at its training resolution):
+shapes are fractions of the side, and the painters' fixed lengths (stripe period, checker cell,
+dot radius) are given for 64 pixels and scaled, so a class looks the same at every side (the
+pixel noise is drawn per pixel, so one seed's pictures at two sides are not rescaled copies).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from PIL import Image, ImageDraw
 from reglue.io import atomic_write
 
 Painter = Callable[[ImageDraw.ImageDraw, np.random.Generator, int], None]
+DRAWN_AT = 64  # the side the painters' fixed lengths (stripe period, cell, dot radius) are given for
 
 
 def _box(rng: np.random.Generator, size: int) -> tuple[int, int, int, int]:
@@ -60,9 +65,14 @@ def _cross(colour):
     return paint
 
 
+def _scaled(pixels: int, size: int) -> int:
+    """A length drawn for a 64-pixel picture, at ``size`` pixels (the same picture at any side)."""
+    return max(1, round(pixels * size / DRAWN_AT))
+
+
 def _stripes(colour):
     def paint(draw, rng, size):
-        period = int(rng.integers(6, 12))
+        period = _scaled(int(rng.integers(6, 12)), size)
         offset = int(rng.integers(0, period))
         for x in range(-period + offset, size, period):
             draw.rectangle((x, 0, x + period // 2 - 1, size), fill=colour)
@@ -71,7 +81,7 @@ def _stripes(colour):
 
 def _checkers(colour):
     def paint(draw, rng, size):
-        cell = int(rng.integers(6, 12))
+        cell = _scaled(int(rng.integers(6, 12)), size)
         for i, x in enumerate(range(0, size, cell)):
             for j, y in enumerate(range(0, size, cell)):
                 if (i + j) % 2 == 0:
@@ -83,7 +93,7 @@ def _dots(colour):
     def paint(draw, rng, size):
         for _ in range(int(rng.integers(12, 24))):
             x, y = rng.integers(0, size, 2)
-            r = int(rng.integers(2, 4))
+            r = _scaled(int(rng.integers(2, 4)), size)
             draw.ellipse((int(x) - r, int(y) - r, int(x) + r, int(y) + r), fill=colour)
     return paint
 

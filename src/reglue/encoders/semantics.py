@@ -8,7 +8,7 @@
 - :func:`build_semantic_encoder` assembles one from the files of a prepared dataset (norm stats,
   compressor or PCA) and records what it was built from.
 - :func:`upsample_semantics` brings (B, S, h, w) to the latent grid (bilinear, align_corners
-  False), e.g. 16×16 → 32×32 at 256².
+  False), R/16 → R/8 per side, e.g. 16×16 → 32×32 at 256², 8×8 → 16×16 at 128².
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor, build_vfm
-from reglue.io import file_sha256, read_tensor_file
+from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
 from reglue.models.compressor import PCAProjection, SemanticCompressor
 
 _logger = logging.getLogger(__name__)
@@ -115,9 +115,27 @@ def upsample_semantics(semantics: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(semantics, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def load_norm_stats_and_spec(path: str | Path, spec: VFMSpec | None = None) -> tuple[NormStats, VFMSpec]:
-    """The stats file and the VFM it was computed with (``spec`` overrides the recorded one)."""
+def check_made_at(metadata: dict, resolution: int | None, path: str | Path, remedy: str) -> None:
+    """Refuse a file whose recorded ``resolution`` (metadata, str or int) is not the data's.
+
+    Files without the record (the authors' norm stats) pass: nothing to compare."""
+    made_at = metadata.get("resolution")
+    if resolution is not None and made_at is not None and int(made_at) != resolution:
+        raise ValueError(
+            f"{path} was made from {made_at}² images, but this data is {resolution}² (its manifest's "
+            f"resolution); VFM features differ with the input size, so {remedy}"
+        )
+
+
+def load_norm_stats_and_spec(
+    path: str | Path, spec: VFMSpec | None = None, *, resolution: int | None = None,
+) -> tuple[NormStats, VFMSpec]:
+    """The stats file and the VFM it was computed with (``spec`` overrides the recorded one).
+
+    ``resolution`` (the data's) refuses stats recorded at another resolution."""
     stats = NormStats.load(path)
+    check_made_at(stats.metadata, resolution, path,
+                  "run `reglue norm-stats DATA` on this dataset (and retrain its compressor / PCA).")
     if spec is None:
         if "vfm" not in stats.metadata:
             raise ValueError(
@@ -136,12 +154,14 @@ def build_semantic_encoder(
         raise ValueError("pass either a compressor or a PCA file, not both.")
     stats, info = None, {}
     if norm_stats is not None:
-        stats, spec = load_norm_stats_and_spec(norm_stats, spec)
+        stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=resolution)
         info["norm_stats_sha256"] = file_sha256(norm_stats)
     if spec is None:
         raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
     module = None
     if compressor is not None:
+        check_made_at(read_safetensors_metadata(compressor), resolution, compressor,
+                      "train a compressor on this dataset: `reglue train-compressor DATA`.")
         module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
         info["compressor_sha256"] = file_sha256(compressor)
     elif pca is not None:

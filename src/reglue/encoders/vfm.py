@@ -12,8 +12,9 @@ the three things REGLUE needs (:class:`VFMFeatures`):
 
 DINOv2 with registers (``dinov2_vit{s,b,l,g}14_reg``, REGLUE's VFM), exactly as the authors' pipeline:
 
-- preprocessing: uint8 → float/255 → ImageNet mean/std → ``F.interpolate(size=224·(res//256),
-  mode="bicubic")`` (no antialias, align_corners False), i.e. 16×16 patch tokens at 256²;
+- preprocessing: uint8 → float/255 → ImageNet mean/std → ``F.interpolate(size=224·res/256,
+  mode="bicubic")`` (no antialias, align_corners False), i.e. res/16 patch tokens per side
+  (16×16 at 256², 8×8 at 128²; any res of :mod:`reglue.resolution`);
 - position embeddings: the pretraining grid (37×37 for img_size 518) is resized to the input
   grid with bicubic interpolation, antialias=True, output size given; computed once per grid and
   cached (recomputed only when the grid, device or weights change);
@@ -30,8 +31,8 @@ the reg models' ones) and ``interpolate_antialias=False``. :class:`VFMArch` reco
   (``mlp.fc1``/``mlp.fc2``, act(first half)·second half), hidden width (⌊8D/3⌋+7)//8·8.
 
 DINOv3 (``dinov3_vit{s,b,l}16``, timm's ``vit_*_patch16_dinov3``, an option): the same
-normalisation, but the image is resized to 256·(res//256) (identity at 256²), so patch 16 gives
-the same 16×16 grid; positions are RoPE, so nothing is resized. Weights must be in timm's layout
+normalisation, but the image is not resized (input side res), so patch 16 gives the same
+res/16 grid; positions are RoPE, so nothing is resized. Weights must be in timm's layout
 (the ``timm/vit_*_patch16_dinov3.lvd1689m`` files); the official DINOv3 layout is not mapped.
 
 Weights (``weights=``, always explicit): ``None`` (random init, for tests and demos), a state
@@ -59,19 +60,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from reglue.io import read_tensor_file
+from reglue.resolution import check_resolution
 from reglue.state_dict import describe_state_dict_mismatch, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# Network input side per 256 image pixels: 224 (16 tokens of 14 px) for DINOv2, 256 for DINOv3.
+# Network input side per 256 image pixels: 224 (16 tokens of 14 px) for DINOv2, 256 for DINOv3
+# (exact for every resolution of reglue.resolution: multiples of 64).
 INPUT_SIDE_PER_256 = {"dinov2": 224, "dinov3": 256}
 
 Weights = Mapping[str, torch.Tensor] | str | os.PathLike | None
 
 
 class VFMFeatures(NamedTuple):
-    """What :class:`VFMExtractor` returns, all float32 (h = w = 16 at 256², 32 at 512²)."""
+    """What :class:`VFMExtractor` returns, all float32 (h = w = res/16: 16 at 256², 32 at 512²)."""
 
     local: torch.Tensor  # (B, L·D, h, w): requested blocks' patch tokens after the final norm
     cls: torch.Tensor  # (B, D): last block's CLS after the final norm
@@ -303,7 +306,7 @@ class VFMExtractor(nn.Module):
         if input_size % patch:
             raise ValueError(
                 f"network input {input_size}² is not a multiple of the patch size {patch}; "
-                "use a patch size dividing 224 (DINOv2) or 256 (DINOv3)."
+                f"use a patch size dividing {input_size} (14 for DINOv2, 16 for DINOv3)."
             )
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
@@ -369,9 +372,8 @@ def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
 
 
 def _input_size(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
-    if resolution <= 0 or resolution % 256:
-        raise ValueError(f"resolution must be a positive multiple of 256 (256 or 512); found {resolution}.")
-    return INPUT_SIDE_PER_256[family] * (resolution // 256)
+    """The ViT's input side for R² images: 224·R/256 (DINOv2), R (DINOv3); R/16 patches per side."""
+    return INPUT_SIDE_PER_256[family] * check_resolution(resolution) // 256
 
 
 # --------------------------------------------------------------------------------------

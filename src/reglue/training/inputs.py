@@ -118,7 +118,7 @@ def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) ->
     else:
         path = norm_stats_path(config)
         try:
-            made_with = load_norm_stats_and_spec(path)[1]
+            made_with = load_norm_stats_and_spec(path, resolution=dataset.manifest["resolution"])[1]
         except ValueError as err:
             raise ConfigError(f"data.norm_stats: {err}") from None
         if config.data.vfm is not None and vfm_spec(config.data.vfm) != made_with:
