@@ -1,0 +1,274 @@
+"""Every supported resolution R (a multiple of 64 from 64 to 512) through the whole CLI chain
+(prepare → norm-stats → train-compressor → cache-semantics → train → sample → grid) with tiny
+models, checking each shape on the way; and every way a wrong resolution is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reglue.cli import main
+from reglue.config import ConfigError, load_config
+from reglue.data.dataset import PreparedDataset
+from reglue.data.synthetic import write_synthetic_dataset
+from reglue.encoders.norm_stats import NormStats
+from reglue.io import read_safetensors_metadata
+from reglue.models.loading import load_sampling_model
+from reglue.resolution import RESOLUTIONS, check_resolution, latent_size, token_grid
+from reglue.training.trainer import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
+
+TINY_VFM = ["--vfm-weights", "random", "--vfm-arch", "embed_dim=32,depth=4,num_heads=2", "--vfm-layers", "2,3"]
+VFM_DIM, VFM_CHANNELS = 32, 64  # embed_dim; 2 layers × 32
+TINY_MODEL = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+              "model.encoder_depth=1", "model.projector_dim=32"]
+FAST_TRAIN = ["train.global_batch=2", "train.max_steps=2", "log.every=1", "checkpoint.every=100"]
+COMPRESSOR_FILE = Path("compressor") / "compressor_best.safetensors"
+GRID_HEADER = 16  # rows of class labels above `reglue grid`'s images (reglue.generate.class_grid)
+SUPPORTED_MESSAGE = "multiple of 64 from 64 to 512"
+
+
+def make_data(root: Path, resolution: int, *, norm_stats: bool = True) -> Path:
+    """4 synthetic images drawn at ``resolution`` (2 classes × 2), prepared with the pixel autoencoder,
+    with the tiny random VFM's norm stats; returns the prepared folder."""
+    src = write_synthetic_dataset(root / "src", images_per_class=2, size=resolution, seed=0, num_classes=2)
+    data = root / "data"
+    assert main(["prepare", str(src), str(data), "--resolution", str(resolution), "--vae", "pixel", "--quiet"]) == 0
+    if norm_stats:
+        assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM]) == 0
+    return data
+
+
+def train_compressor(data: Path) -> Path:
+    assert main(["train-compressor", str(data), "--epochs", "1", "--global-batch", "2", "--val-fraction", "0.25",
+                 "--quiet"]) == 0
+    return data / COMPRESSOR_FILE
+
+
+# ----------------------------------------------------------------------------- the whole chain
+@pytest.mark.parametrize("resolution", [64, 128, 256, 512])
+def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resolution):
+    R, latent, grid = resolution, resolution // 8, resolution // 16
+    data = make_data(tmp_path, R, norm_stats=False)
+
+    # prepare: the manifest records R; rows hold R² images and R/8 latent moments
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["resolution"] == R and manifest["num_images"] == 4
+    rows = PreparedDataset(data, fields=("images", "moments"), resolution=R)
+    assert len(rows) == 4
+    for i in range(len(rows)):
+        row = rows[i]
+        assert row["images"].dtype == torch.uint8 and row["images"].shape == (3, R, R)
+        assert row["moments"].dtype == torch.float32 and row["moments"].shape == (8, latent, latent)
+
+    # norm-stats: 2 layers × 32 channels, made at R
+    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM]) == 0
+    stats = NormStats.load(data / "norm_stats.safetensors")
+    assert stats.channels == VFM_CHANNELS
+    assert stats.metadata["resolution"] == str(R) and stats.metadata["num_images"] == "4"
+
+    # train-compressor: one epoch; its weights record R
+    compressor = train_compressor(data)
+    assert compressor.is_file()
+    assert int(read_safetensors_metadata(compressor)["resolution"]) == R
+
+    # cache-semantics: semantics at the VFM grid R/16, CLS (D,), REPA (1 + (R/16)², D)
+    assert main(["cache-semantics", str(data), "--compressor", str(compressor), "--repa-targets", "--quiet"]) == 0
+    cached = PreparedDataset(data, fields=("semantics", "cls", "repa"), resolution=R)
+    channels = json.loads(read_safetensors_metadata(compressor)["channels"])
+    for i in range(len(cached)):
+        row = cached[i]
+        assert row["semantics"].shape == (channels[-1], grid, grid)
+        assert row["cls"].shape == (VFM_DIM,)
+        assert row["repa"].shape == (1 + grid * grid, VFM_DIM)
+    assert json.loads((data / "semantics.json").read_text())["resolution"] == R
+
+    # train: a tiny SiT on the R/8 latents, R/16 tokens
+    run = tmp_path / "run"
+    code = main(["train", "--config", "configs/demo.yaml", f"data.dir={data}", f"run_dir={run}", "model.preset=reglue",
+                 *TINY_MODEL, *FAST_TRAIN])
+    assert code == 0, capsys.readouterr().err
+    model = load_sampling_model(run / "ema")
+    assert model.config.input_size == latent
+    assert model.config.input_size // model.config.patch_size == grid and model.config.num_patches == grid * grid
+    assert model.config.in_channels == 4 + channels[-1]
+
+    # sample and grid decode R² images with the pixel autoencoder
+    samples = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(run / "ema"), "--out", str(samples), "--num-samples", "2", "--steps", "2",
+                 "--mode", "ode", "--vae", "pixel", "--quiet"]) == 0
+    with np.load(samples / "samples.npz") as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (2, R, R, 3)
+    assert main(["grid", "--ckpt", str(run / "ema"), "--classes", "0,1", "--per-class", "1", "--steps", "2",
+                 "--vae", "pixel", "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as image:
+        image.load()
+        width, height = image.size
+    # one R-wide column per class; per_class rows of R² images under the 16-pixel class-label header
+    assert width == 2 * R and (height - GRID_HEADER) == R, (width, height)
+
+
+# ----------------------------------------------------------------------------- the supported sides
+def test_check_resolution_accepts_exactly_the_multiples_of_64_from_64_to_512():
+    assert RESOLUTIONS == (64, 128, 192, 256, 320, 384, 448, 512)
+    for R in range(1100):
+        if R in RESOLUTIONS:
+            assert check_resolution(R) == R
+            assert latent_size(R) == R // 8 and token_grid(R) == R // 16
+        else:
+            with pytest.raises(ValueError, match=SUPPORTED_MESSAGE):
+                check_resolution(R)
+
+
+@pytest.mark.parametrize("value", [0, 63, 576, -64, 1024])
+def test_check_resolution_refuses_unsupported_integers(value):
+    with pytest.raises(ValueError, match=SUPPORTED_MESSAGE):
+        check_resolution(value)
+    with pytest.raises(ValueError, match=SUPPORTED_MESSAGE):
+        latent_size(value)
+    with pytest.raises(ValueError, match=SUPPORTED_MESSAGE):
+        token_grid(value)
+
+
+@pytest.mark.parametrize("value", [256.0, True, False, "256", None])
+def test_check_resolution_refuses_non_integers(value):
+    with pytest.raises(ValueError, match="must be an integer"):
+        check_resolution(value)
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("96", SUPPORTED_MESSAGE), ("1024", SUPPORTED_MESSAGE), ("32", SUPPORTED_MESSAGE), ("0", SUPPORTED_MESSAGE),
+    ("abc", "must be an integer"), ("256.0", "must be an integer"),
+])
+def test_prepare_refuses_an_unsupported_resolution_as_a_usage_error(tmp_path, capsys, value, needle):
+    src = write_synthetic_dataset(tmp_path / "src", images_per_class=1, size=64, seed=0, num_classes=1)
+    dst = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(src), str(dst), "--resolution", value, "--vae", "pixel", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resolution" in err and needle in err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("value", ["100", "1024", "abc"])
+def test_demo_refuses_an_unsupported_resolution_as_a_usage_error(tmp_path, capsys, value):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--resolution", value, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resolution" in err and (SUPPORTED_MESSAGE in err or "must be an integer" in err)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- files made at another R
+@pytest.fixture(scope="module")
+def two_sides(tmp_path_factory):
+    """A 64² and a 128² dataset, each with its own norm stats; the 64² one with a trained compressor."""
+    root = tmp_path_factory.mktemp("sides")
+    small = make_data(root / "64", 64)
+    large = make_data(root / "128", 128)
+    train_compressor(small)
+    return small, large
+
+
+def cache_outputs(data: Path) -> list[Path]:
+    """What cache-semantics or train-compressor would have written into ``data``."""
+    return [p for p in data.rglob("*") if p.name.startswith(("semantics", "cls", "repa")) or p.name == "compressor"]
+
+
+def test_norm_stats_of_another_resolution_are_refused_by_cache_semantics(two_sides, capsys):
+    small, large = two_sides
+    code = main(["cache-semantics", str(large), "--norm-stats", str(small / "norm_stats.safetensors"),
+                 "--compressor", str(small / COMPRESSOR_FILE), "--repa-targets", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "64²" in err and "128²" in err and "reglue norm-stats" in err and len(err.strip().splitlines()) == 1
+    assert not (large / "semantics.json").exists() and cache_outputs(large) == []
+
+
+def test_norm_stats_of_another_resolution_are_refused_by_train_compressor(two_sides, capsys):
+    small, large = two_sides
+    code = main(["train-compressor", str(large), "--norm-stats", str(small / "norm_stats.safetensors"),
+                 "--epochs", "1", "--global-batch", "2", "--val-fraction", "0.25", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "64²" in err and "128²" in err and "reglue norm-stats" in err and len(err.strip().splitlines()) == 1
+    assert not (large / "compressor").exists() and cache_outputs(large) == []
+
+
+def test_norm_stats_of_another_resolution_are_refused_by_fit_pca(two_sides, tmp_path, capsys):
+    small, large = two_sides
+    out = tmp_path / "pca.safetensors"
+    code = main(["fit-pca", str(large), "--norm-stats", str(small / "norm_stats.safetensors"), "--rank", "4",
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "64²" in err and "128²" in err and "reglue norm-stats" in err
+    assert not out.exists()
+
+
+def test_compressor_of_another_resolution_is_refused_by_cache_semantics(two_sides, capsys):
+    small, large = two_sides
+    assert NormStats.load(large / "norm_stats.safetensors").metadata["resolution"] == "128"
+    code = main(["cache-semantics", str(large), "--compressor", str(small / COMPRESSOR_FILE), "--repa-targets",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "64²" in err and "128²" in err and "train-compressor" in err and len(err.strip().splitlines()) == 1
+    assert str(small / COMPRESSOR_FILE) in err
+    assert not (large / "semantics.json").exists() and cache_outputs(large) == []
+
+
+def test_the_same_files_at_their_own_resolution_are_accepted(two_sides, tmp_path):
+    """The refusals above are about the resolution, not the files: on the 64² data itself they work."""
+    small, _ = two_sides
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    assert main(["cache-semantics", str(copy), "--compressor", str(small / COMPRESSOR_FILE), "--quiet"]) == 0
+    assert PreparedDataset(copy, fields=("semantics",))[0]["semantics"].shape[-2:] == (4, 4)
+
+
+def test_prepare_into_existing_data_at_another_resolution_is_refused(two_sides, capsys):
+    small, _ = two_sides
+    before = {p: p.read_bytes() for p in small.iterdir() if p.is_file()}
+    shards_before = sorted(p.relative_to(small) for p in (small / "shards").rglob("*"))
+    code = main(["prepare", str(small.parent / "src"), str(small), "--resolution", "128", "--vae", "pixel",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "resolution" in err
+    assert (small / "manifest.json").read_bytes() == before[small / "manifest.json"]
+    assert {p: p.read_bytes() for p in small.iterdir() if p.is_file()} == before
+    assert sorted(p.relative_to(small) for p in (small / "shards").rglob("*")) == shards_before
+    assert json.loads((small / "manifest.json").read_text())["resolution"] == 64
+
+
+def test_online_training_with_norm_stats_of_another_resolution_is_refused_before_the_run_dir(two_sides, tmp_path):
+    small, large = two_sides
+    run_dir = tmp_path / "run"
+    config = load_config("configs/demo.yaml", [
+        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=reglue", "data.semantics=online",
+        f"data.norm_stats={small / 'norm_stats.safetensors'}", f"data.compressor={small / COMPRESSOR_FILE}",
+        "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
+    with pytest.raises(ConfigError, match=r"data.norm_stats: .*64².*128².*reglue norm-stats"):
+        train(config)
+    assert not run_dir.exists()
+
+
+def test_online_training_with_a_compressor_of_another_resolution_is_refused_before_the_run_dir(two_sides, tmp_path):
+    small, large = two_sides
+    run_dir = tmp_path / "run"
+    config = load_config("configs/demo.yaml", [
+        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=reglue", "data.semantics=online",
+        f"data.compressor={small / COMPRESSOR_FILE}", "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
+    with pytest.raises(ValueError, match=r"64².*128².*train-compressor"):
+        train(config)
+    assert not run_dir.exists()
