@@ -109,3 +109,20 @@ def test_feature_space_benchmark_tiny(capsys, what):
     else:
         assert result["fd_same_images_torch_vs_pil"] >= 0 and result["input_grey_levels_max_abs"] > 0
     assert capsys.readouterr().out.startswith("{")
+
+
+def test_resolution_benchmark_tiny(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # resolution.py imports train_step as a sibling script
+    try:
+        bench = load_benchmark("resolution")
+        rows = bench.main(["--model", "demo", "--resolutions", "64,256", "--batch", "1", "--warmup", "0",
+                           "--steps", "1", "--vfm", "dinov2_vitb14_reg", "--device", "cpu",
+                           "--vfm-arch", '{"embed_dim": 32, "depth": 2, "num_heads": 2}',
+                           "--json", str(tmp_path / "r.json")])
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert [(r["resolution"], r["latent"], r["tokens"]) for r in rows] == [(64, 8, 4), (256, 32, 16)]
+    assert rows[1]["sit_step_vs_256"] == rows[1]["sit_forward_backward_vs_256"] == 1.0
+    assert 0 < rows[0]["sit_forward_backward_s"] <= rows[0]["sit_step_s"] and rows[0]["vfm_forward_vs_256"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["resolution"] == 64
+    assert "| 64² | 8² | 4² |" in capsys.readouterr().out
