@@ -5,6 +5,7 @@ models, checking each shape on the way; and every way a wrong resolution is refu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from reglue.encoders.norm_stats import NormStats
 from reglue.io import read_safetensors_metadata
 from reglue.models.loading import load_sampling_model
 from reglue.resolution import RESOLUTIONS, check_resolution, latent_size, token_grid
+from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
@@ -30,6 +32,11 @@ VFM_DIM, VFM_CHANNELS = 32, 64  # embed_dim; 2 layers × 32
 TINY_MODEL = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
               "model.encoder_depth=1", "model.projector_dim=32"]
 FAST_TRAIN = ["train.global_batch=2", "train.max_steps=2", "log.every=1", "checkpoint.every=100"]
+PREVIEW_AND_EVAL = [  # an EMA preview grid and FD in a tiny random DINOv2's space at step 2
+    "log.sample_every=2", "log.sample_count=2", "log.sample_steps=2",
+    "eval.every=2", "eval.num_samples=2", "eval.batch=2", "eval.micro_batch=2", "eval.sampler.steps=2",
+    "eval.metrics=[fd]", "eval.vfm={name: dinov2_vits14, weights: random, arch: {embed_dim: 32, depth: 2, num_heads: 2}}",
+]
 COMPRESSOR_FILE = Path("compressor") / "compressor_best.safetensors"
 GRID_HEADER = 16  # rows of class labels above `reglue grid`'s images (reglue.generate.class_grid)
 SUPPORTED_MESSAGE = "multiple of 64 from 64 to 512"
@@ -93,8 +100,13 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
     # train: a tiny SiT on the R/8 latents, R/16 tokens
     run = tmp_path / "run"
     code = main(["train", "--config", "configs/demo.yaml", f"data.dir={data}", f"run_dir={run}", "model.preset=reglue",
-                 *TINY_MODEL, *FAST_TRAIN])
+                 *TINY_MODEL, *FAST_TRAIN, *PREVIEW_AND_EVAL])
     assert code == 0, capsys.readouterr().err
+    # the EMA preview (2 samples side by side) and the in-training evaluation ran at R
+    with Image.open(run / "samples" / "step-000000002.png") as preview:
+        assert preview.size == (2 * R, R), preview.size
+    evaluations = [row for row in read_metrics(run) if "eval/fd_dinov2_vits14" in row]
+    assert [row["step"] for row in evaluations] == [2] and math.isfinite(evaluations[0]["eval/fd_dinov2_vits14"])
     model = load_sampling_model(run / "ema")
     assert model.config.input_size == latent
     assert model.config.input_size // model.config.patch_size == grid and model.config.num_patches == grid * grid
