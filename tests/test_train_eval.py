@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from reglue.config import ConfigError, load_config
+from reglue.data.dataset import PreparedDataset
+from reglue.encoders.autoencoder import load_vae
+from reglue.generate import SampleSettings, sample_batch
+from reglue.metrics.class_probe import train_class_probe
+from reglue.models.loading import load_sampling_model
+from reglue.training.evaluation import Evaluator
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
 from test_evaluate import random_weights  # noqa: F401 (a fixture: random Inception-v3 weights)
@@ -122,3 +129,41 @@ def test_inception_fid_during_training_and_weights_that_do_not_fit(cached_data, 
                          f"eval.inception={other}"))
     assert not (cached_data / "eval-fid-bad").exists()
 
+
+
+def test_class_accuracy_during_training_is_the_classifiers_accuracy_on_the_eval_samples(cached_data, tmp_path):
+    run = config_for(cached_data, "eval-acc", "train.max_steps=2", *EVAL, "eval.num_samples=6")
+    result = train(run)
+    # the evaluation's samples drawn again by hand; a classifier that memorised them with their labels
+    e = run.eval
+    settings = SampleSettings(num_samples=e.num_samples, mode=e.sampler.mode, num_steps=e.sampler.steps,
+                              guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch)
+    ema = load_sampling_model(result.run_dir / "ema")
+    data = PreparedDataset(cached_data / "data", fields=("images",))
+    samples, drawn = sample_batch(ema, load_vae(data.manifest["vae"]), list(range(e.num_samples)), settings,
+                                  torch.device("cpu"))
+    assert len(set(drawn.tolist())) > 1, "the test needs samples of several classes"
+    rows = [data[i] for i in range(len(data))]  # real images too, so that every class has some
+    real = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()
+    real_labels = torch.stack([r["label"] for r in rows]).numpy()
+    probe = train_class_probe(np.concatenate([samples] * 4 + [real] * 2), np.concatenate([drawn] * 4 + [real_labels] * 2),
+                              data.class_names, side=16, steps=40, held_out_fraction=0.25)
+    expected = probe.accuracy(samples, drawn)
+    assert expected >= 0.5, "the probe should recognise most of the samples it was trained on"
+    path = probe.save(tmp_path / "probe.safetensors")
+    scored = replace(run, eval=replace(e, metrics=["fd", "class_accuracy"], classifier=str(path)))
+    values = Evaluator(scored, device=torch.device("cpu"))(ema, step=2)
+    assert values["eval/class_accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_class_accuracy_needs_a_classifier_of_the_datas_classes(cached_data, tmp_path):
+    with pytest.raises(ConfigError, match="eval.classifier"):
+        config_for(cached_data, "never", "train.max_steps=2", *EVAL, "eval.metrics=[class_accuracy]")
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2
+    other = train_class_probe(images, labels, ["cats", "dogs"], side=16, steps=1, held_out_fraction=0.5)
+    path = other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match=r"classifies \['cats', 'dogs'\], but the data's classes are"):
+        train(config_for(cached_data, "eval-acc-bad", "train.max_steps=2", *EVAL, "eval.metrics=[class_accuracy]",
+                         f"eval.classifier={path}"))
+    assert not (cached_data / "eval-acc-bad").exists()

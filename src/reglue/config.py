@@ -26,8 +26,9 @@ from reglue.transport import lambda_sem_milestones
 
 PRECISIONS = ("no", "fp16", "bf16")
 # fd: Fréchet distance in eval.vfm's feature space (eval/fd_dinov2 for DINOv2 ViT-L/14, else eval/fd_<network>);
-# pr: precision / recall in that space; fid: Inception FID (needs eval.inception).
-EVAL_METRICS = ("fd", "pr", "fid")
+# pr: precision / recall in that space; fid: Inception FID (needs eval.inception);
+# class_accuracy: share of samples a classifier of the real images assigns their label (needs eval.classifier).
+EVAL_METRICS = ("fd", "pr", "fid", "class_accuracy")
 SEMANTICS_SOURCES = ("cached", "online")
 SAMPLE_MODES = ("sde", "ode")
 
@@ -147,9 +148,10 @@ class EvalConfig:
 
     every: int = 0  # steps between evaluations (and the final step); 0 = off
     num_samples: int = 10_000  # samples per evaluation, the same per-index noise and labels every time
-    metrics: list = field(default_factory=lambda: ["fd"])  # fd | pr | fid, see EVAL_METRICS
+    metrics: list = field(default_factory=lambda: ["fd"])  # fd | pr | fid | class_accuracy, see EVAL_METRICS
     vfm: dict | None = None  # feature network of fd/pr (VFMSpec fields); null: DINOv2 ViT-L/14 (FD_DINOv2)
     inception: str | None = None  # Inception-v3 weights file for fid
+    classifier: str | None = None  # class_accuracy's classifier (reglue.metrics.class_probe .safetensors)
     reference: str | None = None  # ADM .npz reference batch; null: the training set (statistics cached in DATA/eval)
     reference_images: int = 50_000  # training-set images behind the reference statistics (all if fewer)
     sampler: EvalSamplerConfig = field(default_factory=EvalSamplerConfig)
@@ -242,6 +244,8 @@ class RunConfig:
              f"a non-empty list from {EVAL_METRICS}"),
             (e.every == 0 or "fid" not in e.metrics or bool(e.inception), "eval.inception",
              "the Inception-v3 weights file for the fid metric (eval.inception=PATH)"),
+            (e.every == 0 or "class_accuracy" not in e.metrics or bool(e.classifier), "eval.classifier",
+             "a class-probe file for class_accuracy (eval.classifier=PATH, see reglue.metrics.class_probe)"),
             (_is_vfm_spec(e.vfm), "eval.vfm", "null (DINOv2 ViT-L/14) or a mapping of VFM fields"),
             (e.reference_images >= 2, "eval.reference_images", "at least 2 images"),
             (e.sampler.mode in SAMPLE_MODES, "eval.sampler.mode", f"one of {SAMPLE_MODES}"),

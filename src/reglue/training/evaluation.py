@@ -11,7 +11,10 @@ and scored against the reference statistics:
 - ``fd``: Fréchet distance in the feature space of ``eval.vfm`` (DINOv2 ViT-L/14 by default:
   ``eval/fd_dinov2``; another network ``n``: ``eval/fd_n``), see docs/evaluation.md;
 - ``pr``: precision and recall (k = 3) in that space (``eval/precision``, ``eval/recall``);
-- ``fid``: Inception FID on the 2048-d pool features (``eval/fid``; weights in ``eval.inception``).
+- ``fid``: Inception FID on the 2048-d pool features (``eval/fid``; weights in ``eval.inception``);
+- ``class_accuracy``: the share of samples that a classifier trained on the real images
+  (``eval.classifier``, :mod:`reglue.metrics.class_probe`) assigns the label they were drawn for
+  (``eval/class_accuracy``): does the model draw the class it is asked for.
 
 The reference is ``eval.reference`` (an ADM ``.npz`` of images) or, by default, the prepared
 training set: ``eval.reference_images`` of its images chosen by a seeded permutation. Its features
@@ -36,6 +39,7 @@ from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.semantics import VFMSpec
 from reglue.generate import SampleSettings, sample_batch
 from reglue.io import atomic_write, file_sha256
+from reglue.metrics.class_probe import ClassProbe
 from reglue.metrics.evaluate import image_batch_shape, read_images
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
@@ -98,6 +102,7 @@ class Evaluator:
                 self.spaces.append(InceptionSpace(e.inception, device=device))
         except (OSError, ValueError) as err:
             raise ConfigError(f"eval.vfm/eval.inception: {err}") from None
+        self.classifier = self._classifier() if "class_accuracy" in e.metrics else None
         try:
             self.vae = load_vae(self.manifest["vae"]).to(device)
         except (OSError, ValueError) as err:
@@ -109,6 +114,18 @@ class Evaluator:
             guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch,
         )
         self._reference: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def _classifier(self) -> ClassProbe:
+        """``eval.classifier``, refused unless it names the data's classes in the data's order."""
+        path = self.config.eval.classifier
+        try:
+            probe = ClassProbe.load(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"eval.classifier: {err}") from None
+        if list(probe.classes) != list(self.manifest["class_names"]):
+            raise ConfigError(f"eval.classifier: {path} classifies {list(probe.classes)}, but the data's classes are "
+                              f"{self.manifest['class_names']}; train the classifier on this dataset's images.")
+        return probe
 
     # ------------------------------------------------------------------ reference
     def _check_reference(self) -> None:
@@ -191,12 +208,15 @@ class Evaluator:
             self._reference = {key: (features, *feature_statistics(features))
                                for key, features in self._reference_features().items()}
         mine = list(range(self.rank, self.settings.num_samples, self.world_size))
-        local: dict[str, list[np.ndarray]] = {space.key: [] for space in self.spaces}
+        keys = [space.key for space in self.spaces] + (["class_accuracy"] if self.classifier else [])
+        local: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         for chunk_start in range(0, len(mine), self.config.eval.batch):
             indices = mine[chunk_start : chunk_start + self.config.eval.batch]
-            images, _ = sample_batch(ema, self.vae, indices, self.settings, self.device)
+            images, labels = sample_batch(ema, self.vae, indices, self.settings, self.device)
             for space in self.spaces:
                 local[space.key].append(self._features(space, images))
+            if self.classifier:
+                local["class_accuracy"].append((self.classifier.predict(images) == labels).astype(np.float64))
         merged = {key: np.concatenate(parts) if parts else None for key, parts in local.items()}
         gathered = self.gather([(mine, merged)])
         if self.rank != 0:
@@ -205,6 +225,8 @@ class Evaluator:
         for space in self.spaces:
             samples = _in_index_order(gathered, space.key)
             values.update(self._score(space, samples, self._reference[space.key]))
+        if self.classifier:
+            values["eval/class_accuracy"] = float(_in_index_order(gathered, "class_accuracy").mean())
         values["eval/seconds"] = time.perf_counter() - start
         return values
 
@@ -223,7 +245,8 @@ class Evaluator:
     def describe(self) -> str:
         """One line naming what is measured: networks with fingerprints, sample count, reference."""
         e = self.config.eval
-        networks = ", ".join(f"{s.network} ({s.fingerprint})" for s in self.spaces)
+        networks = ", ".join([f"{s.network} ({s.fingerprint})" for s in self.spaces]
+                             + ([f"the classifier {e.classifier}"] if self.classifier else []))
         reference = e.reference or f"the training set ({e.reference_images} images at most)"
         return (f"evaluating {', '.join(e.metrics)} every {e.every} steps on {e.num_samples} EMA samples "
                 f"in {networks} against {reference}")
