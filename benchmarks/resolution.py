@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from reglue.demo import MODEL as DEMO_MODEL
+from reglue.demo.settings import MODEL as DEMO_MODEL
 from reglue.encoders.vfm import build_vfm
 from reglue.resolution import RESOLUTIONS, check_resolution, latent_size, token_grid
 from train_step import parse_args as step_args
@@ -52,7 +52,7 @@ def sit_step_seconds(args: argparse.Namespace, resolution: int) -> dict:
     """Median seconds of one training step of ``args.model`` on R² images' latents: the whole
     step and its loss forward + backward (what grows with R; clip, AdamW and EMA do not)."""
     name, overrides = (DEMO_MODEL["name"], DEMO_OVERRIDES) if args.model == DEMO else (args.model, {})
-    vfm_dim = 32 if args.model == DEMO else 768  # the demo's tiny VFM; DINOv2-B otherwise
+    vfm_dim = args.vfm_arch.get("embed_dim", 768)  # the CLS / REPA target width: the VFM's (DINOv2-B: 768)
     step = step_args([
         "--model", name, "--preset", args.preset, "--batch", str(args.batch), "--dtype", args.dtype,
         "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
