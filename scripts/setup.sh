@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if absent) and install reglue with its test extras. Safe to rerun.
+# Create .venv (if absent) and install reglue with its test and teacher (train-vfm) extras. Safe to rerun.
 # PyTorch is pinned and installed first with plain pip, so no resolver pulls another build;
 # set REGLUE_TORCH_SPEC to choose another (e.g. "torch==2.9.1 torchvision==0.24.1").
 set -euo pipefail
@@ -16,5 +16,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC2086
 pip_install $TORCH_SPEC
-pip_install -e ".[test]"
+pip_install -e ".[test,teacher]"
 .venv/bin/python -c "import reglue, torch; print(f'reglue {reglue.__version__} ready (torch {torch.__version__}) in .venv')"

@@ -153,6 +153,32 @@ def _cmd_train_compressor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_vfm(args: argparse.Namespace) -> int:
+    from reglue.distributed import process_state
+    from reglue.metrics.probe import REPORT_MD
+    from reglue.training.teacher import TeacherSettings, train_teacher
+
+    options = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads, "epochs": args.epochs,
+               "global_batch": args.batch_size, "lr": args.lr, "local_crops": args.local_crops, "seed": args.seed,
+               "held_out_fraction": args.held_out_fraction, "checkpoint_every": args.checkpoint_every,
+               "num_workers": args.num_workers}
+    settings = TeacherSettings(**{k: v for k, v in options.items() if v is not None}, probe=args.probe,
+                               tensorboard=args.tensorboard)
+    result = train_teacher(args.data, args.out, settings, progress=not args.quiet, resume=args.resume)
+    if not process_state().is_main_process:
+        return 0
+    arch = ",".join(f"{k}={v}" for k, v in result.spec.arch.items())
+    print(f"teacher weights {result.weights} (official DINOv2 layout); use them with --vfm {result.spec.name} "
+          f"--vfm-weights {result.weights} --vfm-arch {arch}")
+    if result.report is not None:
+        print(f"quality ({result.out_dir / REPORT_MD}): {result.report.verdict}; linear probe "
+              f"{result.report.trained.linear:.3f} trained vs {result.report.untrained.linear:.3f} untrained")
+        if not result.report.passed:
+            print(f"reglue train-vfm: warning: the teacher FAILED its quality probe (see {result.out_dir / REPORT_MD}); "
+                  "train longer or on more images before using it.", file=sys.stderr)
+    return 0
+
+
 def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
 
@@ -359,6 +385,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
     p.set_defaults(func=_cmd_train_compressor)
+
+    p = commands.add_parser("train-vfm", help="train a small DINOv2-with-registers teacher, self-supervised (resumable)",
+                            description="DINOv2's recipe (DINO + iBOT + KoLeo, EMA teacher, multi-crop; lightly's "
+                            "parts) on a prepared dataset; writes OUT/teacher.pth in the official DINOv2 layout and a "
+                            "k-NN / linear-probe report. Needs the teacher extra: pip install \"reglue[teacher]\". "
+                            "See docs/teacher.md.")
+    p.add_argument("data", help="a prepared dataset directory (`reglue prepare`)")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--embed-dim", type=int, default=None, help="ViT width (default 96)")
+    p.add_argument("--depth", type=int, default=None, help="ViT blocks (default 4)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training images (default 15)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step over all processes (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
+    p.add_argument("--local-crops", type=int, default=None, help="local crops per image (default 2)")
+    p.add_argument("--held-out-fraction", type=float, default=None,
+                   help="share of labelled images held out for the probe (default 0.25)")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="no k-NN / linear-probe report (unlabelled data); every image is trained on")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between resume states (default 50)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers making the crops (default 0)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUT/tensorboard")
+    p.add_argument("--seed", type=int, default=None, help="initialisation, split, order and crops (default 0)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue the run in OUT (default); --no-resume deletes it and starts over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_vfm)
 
     p = commands.add_parser("train", help="train a preset (sit/repa/redi/reg/reglue) from a YAML config")
     p.add_argument("--config", default=None, help="YAML file, e.g. configs/reglue_sit_b2.yaml")

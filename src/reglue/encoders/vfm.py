@@ -38,7 +38,8 @@ res/16 grid; positions are RoPE, so nothing is resized. Weights must be in timm'
 Weights (``weights=``, always explicit): ``None`` (random init, for tests and demos), a state
 dict, or a local file: official DINOv2 ``.pth`` or timm ``.safetensors``/``.pth``/``.bin``.
 Every state dict goes through :func:`dinov2_to_timm` and a strict load whose failure lists
-missing, unexpected and mis-shaped keys. reglue never downloads: a hub id such as
+missing, unexpected and mis-shaped keys; :func:`timm_to_dinov2` writes a timm-layout backbone back
+in the official layout (how ``reglue train-vfm`` saves its teacher). reglue never downloads: a hub id such as
 ``"timm/vit_base_patch14_reg4_dinov2.lvd142m"`` fails at once, saying where to put the file.
 """
 
@@ -113,6 +114,43 @@ def dinov2_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     if pos_embed is not None and "cls_token" in out and _has_cls_slot(pos_embed.shape[1]):
         out["cls_token"] = out["cls_token"] + pos_embed[:, :1]
         out["pos_embed"] = pos_embed[:, 1:]
+    return out
+
+
+def timm_to_dinov2(
+    state_dict: Mapping[str, torch.Tensor], *, mask_token: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A timm-layout DINOv2 state dict in the official layout: the inverse of :func:`dinov2_to_timm`.
+
+    - ``reg_token`` → ``register_tokens``; a model without registers writes none;
+    - ``pos_embed`` (1, g², D) → (1, 1 + g², D) with a zero CLS slot, ``cls_token`` unchanged (timm
+      keeps the CLS position folded into ``cls_token``; the split is not recorded, so the canonical
+      one is written: the forward is the same, and mapped back every tensor is bit-identical);
+    - ``mask_token`` (1, D): the given one (official (1, D) or lightly's (1, 1, D)), else zeros (the
+      official initial value; inference never uses it);
+    - ViT-g's SwiGLU ``mlp.fc1`` / ``mlp.fc2`` → ``mlp.w12`` / ``mlp.w3`` (recognised by fc1's width
+      2·(⌊8D/3⌋ + 7)//8·8).
+
+    Keys come in the official order (``cls_token, pos_embed, register_tokens, mask_token``, patch
+    embed, blocks, norm). ``dinov2_to_timm(timm_to_dinov2(sd)) == sd`` for every timm-layout ``sd``,
+    and ``timm_to_dinov2(dinov2_to_timm(official), mask_token=official["mask_token"]) == official``
+    for an official dict whose CLS position slot is zero.
+    """
+    source = strip_module_prefix(state_dict)
+    cls_token, pos_embed = source.pop("cls_token"), source.pop("pos_embed")
+    dim = cls_token.shape[-1]
+    slot = torch.zeros_like(pos_embed[:, :1])  # (1, 1, D)
+    out = {"cls_token": cls_token, "pos_embed": torch.cat([slot, pos_embed], dim=1)}  # (1, 1 + g², D)
+    if "reg_token" in source:
+        out["register_tokens"] = source.pop("reg_token")
+    out["mask_token"] = torch.zeros(1, dim, dtype=cls_token.dtype) if mask_token is None else mask_token.reshape(1, dim)
+    fc1 = source.get("blocks.0.mlp.fc1.weight")
+    swiglu = fc1 is not None and fc1.shape[0] == 2 * swiglu_hidden_features(dim)
+    for key, value in source.items():
+        if swiglu:
+            key = re.sub(r"^(blocks\.\d+\.mlp)\.fc1\.", r"\1.w12.", key)
+            key = re.sub(r"^(blocks\.\d+\.mlp)\.fc2\.", r"\1.w3.", key)
+        out[key] = value
     return out
 
 
@@ -200,6 +238,11 @@ def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def swiglu_hidden_features(embed_dim: int) -> int:
+    """The official ViT-g SwiGLU hidden width (⌊8D/3⌋ + 7)//8·8 (4096 for D = 1536)."""
+    return (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+
+
 class DINOv2ViT(VisionTransformer):
     """timm's VisionTransformer in DINOv2's layout: tokens [CLS, R registers, h·w patches].
 
@@ -217,8 +260,8 @@ class DINOv2ViT(VisionTransformer):
         interpolate_antialias: bool = True,
     ):
         mlp = {}
-        if swiglu:  # official hidden width (⌊8D/3⌋ + 7)//8·8; SwiGLUPacked's fc1 is twice that
-            hidden = (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+        if swiglu:  # SwiGLUPacked's fc1 is twice the official hidden width
+            hidden = swiglu_hidden_features(embed_dim)
             mlp_ratio = (2 * hidden + 0.5) / embed_dim  # int(D · ratio) = 2·hidden exactly
             mlp = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": mlp_ratio}
         super().__init__(

@@ -1,0 +1,734 @@
+"""Training a DINOv2-with-registers teacher from scratch, self-supervised (``reglue train-vfm``).
+
+The backbone is :class:`reglue.encoders.vfm.DINOv2ViT` (patch 14, 4 registers, the official
+37×37 pretraining position grid, resized per input), any width/depth/heads from a CPU-sized toy to
+ViT-B. The recipe is DINOv2's (Oquab et al. 2023), assembled from lightly's parts:
+
+- multi-crop views (``lightly.transforms.DINOTransform``): 2 global crops at the VFM input side of
+  the data (224·R/256: 56 at R = 64, 112 at R = 128) and ``local_crops`` smaller ones (a multiple of
+  14, 3R/8 rounded: 28 at 64, 42 at 128), with colour jitter, grey, blur and solarisation;
+- a student and an EMA teacher, each a ``MaskedVisionTransformerTIMM`` around the ViT plus one
+  ``DINOProjectionHead`` (weight-normalised prototypes) shared by the CLS and the patch tokens
+  (DINOv2's default); the teacher follows the student with a momentum rising to 1 (cosine);
+- the loss ``DINOLoss`` on the CLS tokens (student: every crop; teacher: the global ones; the
+  teacher's output centred, its temperature warmed up) + ``ibot_weight`` · ``IBOTPatchLoss`` on the
+  masked patch tokens of the global crops (the student sees mask tokens, the teacher the image) +
+  ``koleo_weight`` · ``KoLeoLoss`` on the student's global CLS features, one crop at a time;
+- AdamW (no weight decay on 1-D parameters), linear warmup then cosine learning rate, gradient
+  clipping, the prototypes frozen for the first ``freeze_last_layer_fraction`` of the steps.
+
+Where this differs from DINOv2 at scale: the teacher is centred by a running mean (lightly's
+DINO centring), not Sinkhorn-Knopp; weight decay is constant; masks are random tokens (10-50 % of
+one of the two global crops of every image, which is DINOv2's share of masked crops) rather than
+blocks, which degenerate on 4×4 to 8×8 token grids; and :class:`TeacherSettings`' defaults are made
+for a run of about a hundred steps (LayerScale starting at 1, a fast EMA, larger crops, more KoLeo:
+each comment names DINOv2's value; docs/teacher.md has what was measured).
+
+Randomness is index-addressed (DESIGN practice 8): epoch e visits the training rows in the order
+of (seed, SHUFFLE_STREAM, e) (:mod:`reglue.training.order`); a row's crops and mask come from
+(seed, STEP_STREAM, e, row): lightly's transforms draw from the global generators, so they run with
+those seeded from that stream and restored afterwards. Weights start from ``seed``. A run killed
+and resumed from its ``train_state.pt`` therefore ends bit-identical to an uninterrupted one (on
+CPU, same number of processes and threads).
+
+Files in ``out_dir`` (written by the main process):
+
+- ``teacher.pth``: the teacher backbone in the official DINOv2 layout (``cls_token``, ``pos_embed``
+  (1, 1 + 37², D), ``register_tokens``, ``mask_token``, ``patch_embed.*``, ``blocks.*``, ``norm.*``;
+  :func:`reglue.encoders.vfm.timm_to_dinov2`), plain tensors: it loads wherever a VFM weights file
+  does (``--vfm-weights``, ``build_vfm("dinov2_vitb14_reg", weights=..., embed_dim=..., depth=...,
+  num_heads=...)``); :func:`teacher_spec` gives the matching :class:`VFMSpec`;
+- ``teacher.json``: {"vfm", "arch", "resolution", "weights", "settings", "data", "train_seconds", ...};
+- ``train_state.pt``: the resume state (student, teacher, head centres, AdamW, position, RNG), a
+  training checkpoint of :mod:`reglue.checkpoint`, every ``checkpoint_every`` steps and at the end;
+- ``metrics.jsonl`` (+ ``tensorboard/`` when asked): the loss terms, lr, momentum and teacher
+  temperature of every step; ``loss_curves.png`` drawn from it;
+- ``report.json`` / ``report.md``: k-NN and linear-probe accuracy of the teacher's CLS features on
+  held-out images against the same network untrained, and the PASSED/FAILED verdict
+  (:mod:`reglue.metrics.probe`). The held-out images (``held_out_fraction``, a seeded split) are
+  never trained on.
+
+Resuming refuses other settings (:func:`reglue.settings.check_same_settings`; only
+``checkpoint_every``, ``num_workers`` and ``tensorboard`` may change); ``resume=False`` deletes
+this run's files and starts over. Works alone or under ``accelerate launch`` / ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import to_pil_image
+
+from reglue.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_state_file,
+)
+from reglue.data.dataset import PreparedDataset
+from reglue.distributed import on_cpu_only
+from reglue.encoders.semantics import VFMSpec
+from reglue.encoders.vfm import (
+    INPUT_SIDE_PER_256,
+    VFM_MODELS,
+    DINOv2ViT,
+    VFMExtractor,
+    build_vfm,
+    timm_to_dinov2,
+)
+from reglue.errors import ReglueError
+from reglue.io import atomic_write
+from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
+from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
+from reglue.settings import check_same_settings
+from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from reglue.training.order import per_process_batch, process_batches
+from reglue.training.plot import PLOT_FILE, plot_run
+
+INSTALL_HINT = 'pip install "reglue[teacher]"'
+try:  # the optional extra "teacher"
+    from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+    from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
+    from lightly.models.utils import update_momentum
+    from lightly.transforms import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule, linear_warmup_schedule
+except ImportError as err:
+    raise ReglueError(f"training a teacher needs lightly ({err}); install it with {INSTALL_HINT}") from err
+
+VFM_NAME = "dinov2_vitb14_reg"  # the registry entry whose layout the teacher has (4 registers, patch 14)
+WEIGHTS_FILE = "teacher.pth"
+INFO_FILE = "teacher.json"
+TRAIN_STATE = "train_state.pt"
+STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
+RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--no-resume` on the command line)."
+FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard")
+PATCH = 14
+PROBE_BATCH = 64
+_RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD)
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSettings:
+    """Everything that decides a teacher run. The defaults are tuned for a one-to-two-minute CPU run on
+    a few hundred 128² images (docs/teacher.md has the measurements); where they depart from DINOv2's
+    ViT-B recipe, the DINOv2 value is in the comment. Fractions are of the run's total steps
+    (epochs × (training images // global_batch)).
+    """
+
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    layerscale_init: float = 1.0  # LayerScale γ at init (DINOv2: 1e-5, which stalls a run of a few hundred steps)
+    epochs: int = 15
+    global_batch: int = 32
+    lr: float = 2e-3  # AdamW peak after warmup (DINOv2: 5e-4 · batch / 1024 over 100+ epochs)
+    min_lr: float = 1e-5
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    head_hidden_dim: int = 256  # (DINOv2: 2048)
+    head_bottleneck_dim: int = 64  # (256)
+    head_prototypes: int = 256  # (65536)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # (0.07 after warmup)
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_fraction: float = 0.3
+    center_momentum: float = 0.9
+    momentum_start: float = 0.9  # teacher EMA momentum, cosine to 1 (DINOv2: 0.992)
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.3  # (0.1)
+    freeze_last_layer_fraction: float = 0.0
+    local_crops: int = 2  # (8)
+    local_crop_size: int | None = None  # None: 14·round(3R/8 / 14), at least 14
+    global_crop_scale: tuple[float, float] = (0.6, 1.0)  # (0.32, 1): a toy figure must stay in the crop
+    local_crop_scale: tuple[float, float] = (0.25, 0.6)  # (0.05, 0.32)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    probe: bool = True  # hold out labelled images and report k-NN / linear-probe accuracy
+    held_out_fraction: float = 0.25
+    seed: int = 0
+    checkpoint_every: int = 50
+    num_workers: int = 0
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("embed_dim", "depth", "num_heads", "epochs", "global_batch", "head_hidden_dim",
+                    "head_bottleneck_dim", "head_prototypes", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}.")
+        for name in ("layerscale_init", "lr", "student_temp", "clip_grad"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, found {getattr(self, name)}.")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}.")
+        for name in ("warmup_fraction", "teacher_temp_warmup_fraction", "freeze_last_layer_fraction",
+                     "held_out_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), found {getattr(self, name)}.")
+        for name in ("global_crop_scale", "local_crop_scale", "mask_ratio"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1, found {getattr(self, name)}.")
+        if self.local_crops < 0 or (self.local_crop_size is not None and
+                                    (self.local_crop_size < PATCH or self.local_crop_size % PATCH)):
+            raise ValueError(f"local_crops must be >= 0 and local_crop_size a multiple of {PATCH} (or None); "
+                             f"found {self.local_crops} and {self.local_crop_size}.")
+        if not 0.0 < self.momentum_start <= 1.0 or not 0.0 < self.warmup_teacher_temp <= self.teacher_temp:
+            raise ValueError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
+                             f"{self.momentum_start}, {self.warmup_teacher_temp}, {self.teacher_temp}.")
+
+    @property
+    def arch(self) -> dict[str, int]:
+        """The architecture overrides of ``dinov2_vitb14_reg`` (VFMSpec.arch, ``--vfm-arch``)."""
+        return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads}
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    """What :func:`train_teacher` left in ``out_dir``.
+
+    ``spec`` builds the trained teacher as a VFM (``spec.build(resolution)``); ``report`` is None when
+    the run had no probe; ``trained`` is False when ``out_dir`` already held this finished run;
+    ``resumed_from_step`` is the step training continued from, if it did.
+    """
+
+    out_dir: Path
+    weights: Path
+    spec: VFMSpec
+    report: ProbeReport | None
+    train_seconds: float
+    trained: bool = True
+    resumed_from_step: int | None = None
+
+
+def teacher_spec(out_dir: str | Path) -> VFMSpec:
+    """The :class:`VFMSpec` of the teacher in ``out_dir`` (read from its ``teacher.json``)."""
+    path = Path(out_dir) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; train a teacher there first: `reglue train-vfm DATA --out {out_dir}`.")
+    info = json.loads(path.read_text())
+    return VFMSpec(info["vfm"], str(Path(out_dir) / info["weights"]), None, dict(info["arch"]))
+
+
+def _teacher_spec(out_dir: Path, settings: TeacherSettings) -> VFMSpec:
+    return VFMSpec(VFM_NAME, str(out_dir / WEIGHTS_FILE), None, settings.arch)
+
+
+# --------------------------------------------------------------------------------------
+# The networks
+# --------------------------------------------------------------------------------------
+
+
+def build_backbone(settings: TeacherSettings) -> MaskedVisionTransformerTIMM:
+    """The DINOv2 ViT the teacher trains, seeded by ``settings.seed``, in lightly's masked wrapper.
+
+    ``.vit`` is a :class:`DINOv2ViT` of ``dinov2_vitb14_reg``'s layout with ``settings.arch``
+    (timm's initialisation, as DINOv2's); ``.mask_token`` (1, 1, D) starts at zero.
+    """
+    arch = replace(VFM_MODELS[VFM_NAME], **settings.arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        vit = DINOv2ViT(
+            img_size=518, patch_size=PATCH, embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
+            num_register_tokens=arch.num_register_tokens, swiglu=arch.swiglu,
+            interpolate_offset=arch.interpolate_offset, interpolate_antialias=arch.interpolate_antialias,
+        )
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.ls1.gamma.fill_(settings.layerscale_init)
+            block.ls2.gamma.fill_(settings.layerscale_init)
+    # skip lightly's MAE re-initialisation and sin-cos positions: keep DINOv2's init and learnt positions
+    return MaskedVisionTransformerTIMM(vit, weight_initialization="skip", pos_embed_initialization="skip",
+                                       antialias=arch.interpolate_antialias)
+
+
+class SelfDistillation(nn.Module):
+    """Backbone + DINO head, the student's or the teacher's: crops → CLS features and head logits."""
+
+    def __init__(self, settings: TeacherSettings, *, freeze_last_layer_steps: int = 0):
+        super().__init__()
+        self.backbone = build_backbone(settings)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(settings.seed + 1)
+            warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)  # lightly's head
+            self.head = DINOProjectionHead(
+                settings.embed_dim, settings.head_hidden_dim, settings.head_bottleneck_dim, settings.head_prototypes,
+                freeze_last_layer=freeze_last_layer_steps,  # lightly counts "epochs"; we pass steps
+            )
+
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, local_crops: torch.Tensor | None = None,
+                *, mask_input: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """global (2B, 3, G, G), masks (2B, g, g) bool, local (L·B, 3, l, l) →
+        cls (2B, D) backbone CLS of the global crops, cls_logits (2B + L·B, K) of every crop's CLS,
+        masked_logits (M, K) of the masked patch tokens (M = masks.sum()).
+
+        ``mask_input``: replace the masked patches by the mask token (the student) or not (the teacher).
+        """
+        prefix = self.backbone.vit.num_prefix_tokens  # CLS + registers
+        patch_mask = masks.flatten(1)  # (2B, g²)
+        token_mask = torch.cat([patch_mask.new_zeros(len(masks), prefix), patch_mask], dim=1) if mask_input else None
+        tokens = self.backbone.encode(global_crops, mask=token_mask)  # (2B, prefix + g², D)
+        cls = tokens[:, 0]
+        crops_cls = [cls]
+        if local_crops is not None and len(local_crops):
+            crops_cls.append(self.backbone.encode(local_crops)[:, 0])  # (L·B, D)
+        masked = tokens[:, prefix:][patch_mask]  # (M, D)
+        logits = self.head(torch.cat([*crops_cls, masked]))  # (2B + L·B + M, K)
+        return cls, logits[: len(logits) - len(masked)], logits[len(logits) - len(masked):]
+
+
+# --------------------------------------------------------------------------------------
+# Crops and masks, index-addressed
+# --------------------------------------------------------------------------------------
+
+
+def crop_sizes(resolution: int, settings: TeacherSettings) -> tuple[int, int]:
+    """(global, local) crop sides for R² images: the VFM input 224·R/256, and 14·round(3R/8 / 14)."""
+    global_side = INPUT_SIDE_PER_256["dinov2"] * resolution // 256
+    local_side = settings.local_crop_size or PATCH * max(1, round(3 * resolution / 8 / PATCH))
+    return global_side, local_side
+
+
+@contextlib.contextmanager
+def _global_rngs_seeded(generator: torch.Generator) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global CPU generators from ``generator``; restore them after."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+
+
+class CropViews(Dataset):
+    """Item (epoch, row) → that row's multi-crop views and iBOT mask, from (seed, STEP_STREAM, epoch, row).
+
+    Returns {"global": (2, 3, G, G), "local": (L, 3, l, l) float (ImageNet-normalised),
+    "masks": (2, g, g) bool: one of the two global crops has round(U(mask_ratio)·g²) ≥ 1 random
+    tokens masked, the other none}.
+    """
+
+    def __init__(self, images: Dataset, settings: TeacherSettings, resolution: int):
+        self.images, self.seed, self.mask_ratio = images, settings.seed, settings.mask_ratio
+        global_side, local_side = crop_sizes(resolution, settings)
+        self.grid = global_side // PATCH
+        self.local_side = local_side
+        self.transform = DINOTransform(
+            global_crop_size=global_side, global_crop_scale=settings.global_crop_scale,
+            local_crop_size=local_side, local_crop_scale=settings.local_crop_scale, n_local_views=settings.local_crops,
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, row = key
+        generator = seeded_generator(self.seed, STEP_STREAM, epoch, row)
+        image = to_pil_image(self.images[row]["images"])  # uint8 (3, R, R) → PIL
+        with _global_rngs_seeded(generator):
+            views = self.transform(image)
+        local = torch.stack(views[2:]) if len(views) > 2 else torch.zeros(0, 3, self.local_side, self.local_side)
+        return {"global": torch.stack(views[:2]), "local": local, "masks": self._masks(generator)}
+
+    def _masks(self, generator: torch.Generator) -> torch.Tensor:
+        tokens = self.grid * self.grid
+        low, high = self.mask_ratio
+        ratio = low + (high - low) * torch.rand((), generator=generator).item()
+        masked = torch.randperm(tokens, generator=generator)[: max(1, round(ratio * tokens))]
+        masks = torch.zeros(2, tokens, dtype=torch.bool)
+        masks[int(torch.randint(2, (), generator=generator)), masked] = True
+        return masks.view(2, self.grid, self.grid)
+
+
+def _view_major(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collated (B, V, ...) → (V·B, ...) with crop v of every image in rows [v·B, (v+1)·B): the chunks
+    lightly's DINO loss compares. Returns global (2B, 3, G, G), masks (2B, g, g), local (L·B, 3, l, l)."""
+    return tuple(batch[key].transpose(0, 1).flatten(0, 1) for key in ("global", "masks", "local"))
+
+
+def split_rows(num_images: int, settings: TeacherSettings) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows): a seeded round(N·held_out_fraction) held out when probing."""
+    if not settings.probe or settings.held_out_fraction == 0.0:
+        return list(range(num_images)), []
+    order = torch.randperm(num_images, generator=seeded_generator(settings.seed, SPLIT_STREAM)).tolist()
+    held_out = round(num_images * settings.held_out_fraction)
+    return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+class _TeacherTrainer:
+    """One run: student, EMA teacher, losses, AdamW, the index-addressed loader; then steps."""
+
+    def __init__(self, accelerator: Accelerator, images: Dataset, rows: list[int], settings: TeacherSettings,
+                 resolution: int, out_dir: Path, config: dict):
+        self.accelerator, self.rows, self.settings, self.out_dir, self.config = accelerator, rows, settings, out_dir, config
+        self.steps_per_epoch = len(rows) // settings.global_batch
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        self.freeze_steps = math.floor(settings.freeze_last_layer_fraction * self.total_steps)
+        self.progress = _Progress()
+        device = accelerator.device
+        self.student = SelfDistillation(settings, freeze_last_layer_steps=self.freeze_steps).to(device)
+        self.teacher = SelfDistillation(settings).to(device).requires_grad_(False)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.dino_loss = DINOLoss(settings.head_prototypes, teacher_temp=settings.teacher_temp,
+                                  student_temp=settings.student_temp, center_momentum=settings.center_momentum).to(device)
+        self.ibot_loss = IBOTPatchLoss(settings.head_prototypes, teacher_temp=settings.teacher_temp,
+                                       student_temp=settings.student_temp,
+                                       center_momentum=settings.center_momentum).to(device)
+        self.koleo_loss = KoLeoLoss()
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([
+            {"params": [p for p in trainable if p.ndim > 1], "weight_decay": settings.weight_decay},
+            {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ], lr=settings.lr)
+        self.batches: list[list[tuple[int, int]]] = []  # each epoch's order, replaced in place
+        self.loader = DataLoader(CropViews(images, settings, resolution), batch_sampler=self.batches,
+                                 num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
+                                 generator=torch.Generator(), pin_memory=device.type == "cuda")
+
+    @property
+    def student_module(self) -> SelfDistillation:
+        return self.accelerator.unwrap_model(self.student)
+
+    def restore(self, state: dict) -> None:
+        """Load a train_state.pt dict (before :meth:`prepare`)."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.dino_loss.load_state_dict(state["dino_loss"])
+        self.ibot_loss.load_state_dict(state["ibot_loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = _Progress(**state["progress"])
+        rng = state["rng"]  # one capture_rng_state() per process
+        if len(rng) == self.accelerator.num_processes:
+            restore_rng_state(rng[self.accelerator.process_index])
+
+    def prepare(self) -> None:
+        """DDP for the student on several processes; the loader shards its batches itself."""
+        self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
+
+    def checkpoint(self) -> None:
+        """Write train_state.pt (main process); every process must call it (gathers RNG states)."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([capture_rng_state()])
+        if not self.accelerator.is_main_process:
+            return
+        save_state_file(self.out_dir / TRAIN_STATE, self.progress.global_step, {
+            "kind": STATE_KIND, "config": self.config, "student": _cpu_state(self.student_module),
+            "teacher": _cpu_state(self.teacher), "dino_loss": _cpu_state(self.dino_loss),
+            "ibot_loss": _cpu_state(self.ibot_loss),
+            "optimizer": self.optimizer.state_dict(), "progress": dict(vars(self.progress)), "rng": rng,
+        })
+
+    def schedules(self, step: int) -> dict[str, float]:
+        """lr (warmup + cosine), teacher EMA momentum (cosine to 1), teacher temperature (linear warmup)."""
+        s = self.settings
+        warmup = math.floor(s.warmup_fraction * self.total_steps)
+        return {
+            "lr": cosine_warmup_schedule(step, self.total_steps, s.lr, s.min_lr, warmup, 0.0),
+            "momentum": cosine_schedule(step, self.total_steps, s.momentum_start, 1.0),
+            "teacher_temp": linear_warmup_schedule(step, math.floor(s.teacher_temp_warmup_fraction * self.total_steps),
+                                                   s.warmup_teacher_temp, s.teacher_temp),
+        }
+
+    def losses(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
+        """The DINOv2 loss terms of one batch (module doc); "total" is their weighted sum."""
+        device = self.accelerator.device
+        global_crops, masks, local_crops = (t.to(device, non_blocking=True) for t in _view_major(batch))
+        crops = 2 + len(local_crops) // (len(global_crops) // 2)
+        with torch.no_grad():
+            _, teacher_cls, teacher_masked = self.teacher(global_crops, masks, mask_input=False)
+        cls, student_cls, student_masked = self.student(global_crops, masks, local_crops)
+        dino = self.dino_loss(teacher_cls.chunk(2), student_cls.chunk(crops), teacher_temp=teacher_temp)
+        ibot = self.ibot_loss(teacher_masked, student_masked, masks, teacher_temp=teacher_temp)
+        koleo = sum(self.koleo_loss(crop) for crop in cls.chunk(2))
+        s = self.settings
+        return {"total": dino + s.ibot_weight * ibot + s.koleo_weight * koleo, "dino": dino, "ibot": ibot,
+                "koleo": koleo}
+
+    def train_step(self, batch: dict[str, torch.Tensor], metrics: MetricsLogger) -> float:
+        p, acc = self.progress, self.accelerator
+        schedule = self.schedules(p.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = schedule["lr"]
+        terms = self.losses(batch, schedule["teacher_temp"])
+        self.optimizer.zero_grad(set_to_none=True)
+        acc.backward(terms["total"])
+        self.student_module.head.cancel_last_layer_gradients(p.global_step)
+        acc.clip_grad_norm_(self.student.parameters(), self.settings.clip_grad)
+        self.optimizer.step()
+        with torch.no_grad():
+            update_momentum(self.student_module, self.teacher, schedule["momentum"])
+        values = acc.reduce(torch.stack([t.detach() for t in terms.values()]), "mean").tolist()
+        p.step_in_epoch += 1
+        p.global_step += 1
+        metrics.log(p.global_step, {**{f"loss/{k}": v for k, v in zip(terms, values)}, **schedule})
+        return values[0]
+
+    def train_epoch(self, bar, metrics: MetricsLogger) -> None:
+        p, acc = self.progress, self.accelerator
+        rows = process_batches(len(self.rows), self.settings.global_batch, seed=self.settings.seed, epoch=p.epoch,
+                               rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch)
+        self.batches[:] = [[(p.epoch, self.rows[i]) for i in batch] for batch in rows]
+        self.student.train()
+        for batch in self.loader:
+            loss = self.train_step(batch, metrics)
+            bar.update(1)
+            bar.set_postfix(epoch=p.epoch + 1, loss=f"{loss:.4f}")
+            if p.global_step % self.settings.checkpoint_every == 0:
+                self.checkpoint()
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------
+# Files: weights, the record, the report
+# --------------------------------------------------------------------------------------
+
+
+def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> None:
+    """The backbone in the official DINOv2 layout (plain tensors, ``torch.load(weights_only=True)``)."""
+    timm_layout = {k: v.detach().cpu().contiguous() for k, v in backbone.vit.state_dict().items()}
+    official = timm_to_dinov2(timm_layout, mask_token=backbone.mask_token.detach().cpu())
+    with atomic_write(path) as tmp:
+        torch.save(official, tmp)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@torch.no_grad()
+def _cls_features(extractor: VFMExtractor, images: Dataset, rows: list[int]) -> torch.Tensor:
+    """(len(rows), D) final-normed CLS features of uint8 images, in batches of PROBE_BATCH."""
+    chunks = []
+    device = next(extractor.parameters()).device
+    for start in range(0, len(rows), PROBE_BATCH):
+        batch = torch.stack([images[i]["images"] for i in rows[start : start + PROBE_BATCH]])  # (b, 3, R, R)
+        chunks.append(extractor(batch.to(device)).cls.cpu())
+    return torch.cat(chunks)
+
+
+def _probe(images: PreparedDataset, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
+           untrained: VFMExtractor) -> ProbeReport:
+    """k-NN / linear-probe accuracy of the trained and untrained CLS features on the held-out rows."""
+    labels = torch.tensor([int(images[i]["label"]) for i in range(len(images))])
+    scores = {}
+    for name, extractor in (("trained", trained), ("untrained", untrained)):
+        scores[name] = probe_scores(_cls_features(extractor, images, train_rows), labels[train_rows],
+                                    _cls_features(extractor, images, held_out), labels[held_out],
+                                    num_classes=images.num_classes)
+    return ProbeReport(scores["trained"], scores["untrained"], images.num_classes, len(train_rows), len(held_out))
+
+
+def _untrained_extractor(settings: TeacherSettings, resolution: int) -> VFMExtractor:
+    """The teacher's architecture with its initial weights (the same seed), as a VFM."""
+    weights = {k: v.detach() for k, v in build_backbone(settings).vit.state_dict().items()}
+    return build_vfm(VFM_NAME, weights=weights, resolution=resolution, **settings.arch)
+
+
+def _report_details(config: dict, train_seconds: float, steps: int) -> dict[str, object]:
+    s, data = config["settings"], config["data"]
+    images_per_s = steps * s["global_batch"] / train_seconds if train_seconds > 0 else float("nan")
+    global_side = INPUT_SIDE_PER_256["dinov2"] * data["resolution"] // 256
+    return {
+        "architecture": f"DINOv2 ViT, patch 14, 4 registers, embed_dim {s['embed_dim']}, depth {s['depth']}, "
+                        f"{s['num_heads']} heads",
+        "data": f"{data['images']} images at {data['resolution']}² ({data['train_images']} trained on)",
+        "crops": f"2 global {global_side}² + {s['local_crops']} local (scales {s['global_crop_scale']} / "
+                 f"{s['local_crop_scale']})",
+        "budget": f"{s['epochs']} epochs, {steps} steps of {s['global_batch']} images",
+        "training time": f"{train_seconds:.1f} s ({images_per_s:.1f} images/s, {steps / train_seconds:.2f} steps/s)"
+                         if train_seconds > 0 else "n/a",
+        "losses": f"DINO + {s['ibot_weight']}·iBOT + {s['koleo_weight']}·KoLeo; lr {s['lr']}, "
+                  f"{s['head_prototypes']} prototypes, teacher temp {s['warmup_teacher_temp']} → {s['teacher_temp']}",
+        "seed": s["seed"],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------
+
+
+def _check_data(images: PreparedDataset, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
+                num_processes: int) -> None:
+    if settings.probe and images.num_classes < 2:
+        raise ValueError(
+            f"{images.root} has {images.num_classes} class(es) of labels; the quality probe needs at least two. "
+            "Prepare labelled data (class sub-folders), or train without the probe (probe=False, `--no-probe`)."
+        )
+    if settings.probe and not held_out:
+        raise ValueError(
+            f"held_out_fraction {settings.held_out_fraction} of {len(images)} images holds none out for the probe; "
+            "raise it, or train without the probe (probe=False, `--no-probe`)."
+        )
+    if len(train_rows) < settings.global_batch:
+        raise ValueError(
+            f"{len(train_rows)} training images ({len(images)} in {images.root}, {len(held_out)} held out for the "
+            f"probe) make no full batch of {settings.global_batch}; lower global_batch (`--batch-size`) to at most "
+            f"{len(train_rows) // num_processes * num_processes}, or prepare more images."
+        )
+
+
+def _finished_run(out_dir: Path, config: dict) -> TeacherResult | None:
+    """The run in ``out_dir`` if it finished (its teacher.json exists); refuses other settings."""
+    path = out_dir / INFO_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    check_same_settings(saved["config"], config, what=f"the teacher in {out_dir}", fix=RESTART_FIX, free=FREE_SETTINGS)
+    report_path = out_dir / REPORT_JSON
+    report = ProbeReport.from_json(json.loads(report_path.read_text())) if report_path.is_file() else None
+    return TeacherResult(out_dir, out_dir / saved["weights"], teacher_spec(out_dir), report, saved["train_seconds"],
+                         trained=False)
+
+
+def _load_train_state(path: Path, config: dict) -> dict | None:
+    """The state at ``path`` if there is one, checked to be a teacher run with these settings."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(path, f"cannot resume the teacher from it: {err.reason} To train afresh, {RESTART_FIX}") from err
+    if state.get("kind") != STATE_KIND:
+        raise CheckpointError(path, f"holds the training state of {state.get('kind', 'another trainer')!r}, not of a "
+                              f"teacher ({STATE_KIND!r}); {RESTART_FIX}")
+    check_same_settings(state["config"], config, what=f"the teacher run in {path.parent}", fix=RESTART_FIX,
+                        free=FREE_SETTINGS)
+    return state
+
+
+def train_teacher(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    settings: TeacherSettings,
+    *,
+    progress: bool = True,
+    resume: bool = True,
+    log: Callable[[str], object] = _logger.info,
+) -> TeacherResult:
+    """Train a DINOv2-with-registers teacher on a ``reglue prepare`` directory (see the module doc).
+
+    ``resume`` continues from ``out_dir/train_state.pt`` or returns a finished run unchanged (other
+    settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
+    ``log`` gets a few lines (main process only); the tqdm bar shows the step loss.
+    """
+    accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
+    per_process_batch(settings.global_batch, accelerator.num_processes)
+    images = PreparedDataset(data_dir, fields=("images",))
+    resolution = images.manifest["resolution"]
+    train_rows, held_out = split_rows(len(images), settings)
+    _check_data(images, train_rows, held_out, settings, accelerator.num_processes)
+    config = {"settings": asdict(settings), "data": {
+        "resolution": resolution, "images": len(images), "train_images": len(train_rows),
+        "held_out_images": len(held_out), "num_classes": images.num_classes}}
+    out_dir = Path(out_dir)
+    if not accelerator.is_main_process:
+        log = _silent
+    if resume and (done := _finished_run(out_dir, config)) is not None:
+        log(f"{out_dir} already holds this teacher; not retraining.")
+        return done
+    state = _load_train_state(out_dir / TRAIN_STATE, config) if resume else None
+    trainer = _TeacherTrainer(accelerator, images, train_rows, settings, resolution, out_dir, config)
+    resumed_from = None
+    if state is not None:
+        trainer.restore(state)
+        resumed_from = trainer.progress.global_step
+        log(f"resuming the teacher run in {out_dir} at step {resumed_from}")
+    elif accelerator.is_main_process:  # starting over: no file of an earlier run may pass for this one's
+        for name in _RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    trainer.prepare()
+    _train(trainer, progress=progress, resumed_from=resumed_from, log=log)
+    report, train_seconds = None, 0.0  # known to the main process, which writes the files
+    if accelerator.is_main_process:
+        report, train_seconds = _finish(trainer, images, train_rows, held_out, resolution, log)
+    accelerator.wait_for_everyone()
+    return TeacherResult(out_dir, out_dir / WEIGHTS_FILE, _teacher_spec(out_dir, settings), report, train_seconds,
+                         resumed_from_step=resumed_from)
+
+
+def _silent(message: str) -> None:
+    """The log of non-main processes."""
+
+
+def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None, log) -> None:
+    from tqdm.auto import tqdm
+
+    acc, s, p = trainer.accelerator, trainer.settings, trainer.progress
+    log(f"training a DINOv2 teacher (embed {s.embed_dim}, depth {s.depth}, {s.num_heads} heads) on "
+        f"{len(trainer.rows)} images: {s.epochs} epochs × {trainer.steps_per_epoch} steps of {s.global_batch}")
+    metrics = MetricsLogger(trainer.out_dir, tensorboard=s.tensorboard, config=trainer.config, resume_step=resumed_from,
+                            enabled=acc.is_main_process)
+    bar = tqdm(total=trainer.total_steps, initial=p.global_step, unit="step", desc="teacher",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    with metrics, bar:
+        while p.epoch < s.epochs:
+            trainer.train_epoch(bar, metrics)
+    if p.global_step % s.checkpoint_every:
+        trainer.checkpoint()
+
+
+def _finish(trainer: _TeacherTrainer, images: PreparedDataset, train_rows: list[int], held_out: list[int],
+            resolution: int, log) -> tuple[ProbeReport | None, float]:
+    """Weights, loss curves, the probe report, then teacher.json (written last: the run is finished).
+
+    Returns the report (None without a probe) and the training time in seconds."""
+    out_dir, settings, device = trainer.out_dir, trainer.settings, trainer.accelerator.device
+    save_teacher_weights(out_dir / WEIGHTS_FILE, trainer.teacher.backbone)
+    records = read_metrics(out_dir)
+    train_seconds = records[-1]["wall_time_s"] if records else 0.0
+    plot_run(out_dir, smoothing=max(1, trainer.total_steps // 50))
+    report = None
+    if settings.probe:
+        trained = _teacher_spec(out_dir, settings).build(resolution).to(device)
+        report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device))
+        write_report(out_dir, report, title="DINOv2 teacher trained by reglue train-vfm",
+                     details=_report_details(trainer.config, train_seconds, trainer.total_steps))
+        (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
+    _write_json(out_dir / INFO_FILE, {
+        "vfm": VFM_NAME, "arch": settings.arch, "resolution": resolution, "weights": WEIGHTS_FILE,
+        "input_size": crop_sizes(resolution, settings)[0], "steps": trainer.total_steps,
+        "train_seconds": train_seconds, "config": trainer.config,
+    })
+    log(f"teacher written to {out_dir / WEIGHTS_FILE} ({train_seconds:.0f} s of training)")
+    return report, train_seconds
