@@ -78,8 +78,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` file's header ({} for other files or none)."""
+def read_safetensors_metadata(path: str | Path, what: str = "safetensors") -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header ({} for other files or none); a
+    header that does not parse is a ValueError naming the file as a ``what`` file."""
     import safetensors
 
     path = Path(path)
@@ -89,4 +90,4 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
         with safetensors.safe_open(str(path), "pt") as handle:
             return dict(handle.metadata() or {})
     except safetensors.SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); rewrite it.") from err
+        raise ValueError(f"{path} is not a readable {what} file ({err}); rewrite it.") from err

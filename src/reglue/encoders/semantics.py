@@ -160,7 +160,7 @@ def build_semantic_encoder(
         raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
     module = None
     if compressor is not None:
-        check_made_at(read_safetensors_metadata(compressor), resolution, compressor,
+        check_made_at(read_safetensors_metadata(compressor, "semantic compressor"), resolution, compressor,
                       "train a compressor on this dataset: `reglue train-compressor DATA`.")
         module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
         info["compressor_sha256"] = file_sha256(compressor)

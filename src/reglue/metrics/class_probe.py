@@ -179,7 +179,7 @@ class ClassProbe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"class probe file {path} not found; {SAVE_FIX}.")
-        header = read_safetensors_metadata(path)
+        header = read_safetensors_metadata(path, "class probe")
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a class probe file (no {FORMAT!r} header); {SAVE_FIX}.")
         saved = json.loads(header["class_probe"])
