@@ -70,7 +70,8 @@ def test_outputs_are_well_formed_and_labelled_random(finished):
     assert len(list((out / "images").rglob("*.png"))) == 16
     assert json.loads((out / "data" / "manifest.json").read_text())["vae"] == "pixel"
     sit, reglue = (Image.open(out / f"grid_{p}.png").size for p in COMPARED)
-    assert reglue[0] == 8 * 256 and reglue[1] > 256  # 8 class columns, one row, header and caption
+    side = DemoSettings().resolution  # 128²: images drawn and trained at the demo resolution
+    assert reglue[0] == 8 * side and reglue[1] > side  # 8 class columns, one row, header and caption
     assert Image.open(out / "grid.png").size[0] > sit[0] + reglue[0]  # side by side, with a gap
     assert Image.open(out / "loss_curves.png").size[0] > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -80,7 +81,7 @@ def test_outputs_are_well_formed_and_labelled_random(finished):
     assert set(reglue) >= {"class_accuracy", "class_accuracy_real_images", "thumbnail_fid", "final_losses"}
     assert all(math.isfinite(x) for x in all_numbers(metrics))
     with np.load(out / reglue["samples"]) as samples:
-        assert samples["arr_0"].shape == (16, 256, 256, 3) and samples["arr_0"].dtype == np.uint8
+        assert samples["arr_0"].shape == (16, side, side, 3) and samples["arr_0"].dtype == np.uint8
     config = yaml.safe_load((out / "runs" / "reglue" / "config.yaml").read_text())
     assert config["model"]["preset"] == "reglue" and config["train"]["max_steps"] == 3
     exported = json.loads((out / "runs" / "reglue" / "ema" / "config.json").read_text())
@@ -137,8 +138,11 @@ def test_a_preset_without_vfm_targets_skips_the_vfm_stages(tmp_path):
 def test_cli_defaults_are_the_demo_defaults_and_settings_are_validated():
     args = build_parser().parse_args(["demo"])
     defaults = DemoSettings()
-    assert (args.steps, args.images_per_class, args.sample_steps, args.seed, args.preset) == (
-        defaults.steps, defaults.images_per_class, defaults.sample_steps, defaults.seed, defaults.presets[0])
+    assert (args.steps, args.images_per_class, args.sample_steps, args.seed, args.preset, args.resolution) == (
+        defaults.steps, defaults.images_per_class, defaults.sample_steps, defaults.seed, defaults.presets[0],
+        defaults.resolution)
+    with pytest.raises(ValueError, match="resolution must be a multiple of 64"):
+        DemoSettings(resolution=100)
     with pytest.raises(ValueError, match="presets"):
         DemoSettings(presets=("dit",))
     with pytest.raises(ValueError, match="steps must be >= 1"):

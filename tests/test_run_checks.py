@@ -59,7 +59,8 @@ def test_demo_config_trains_every_preset_on_demo_data(demo_data, tmp_path, capsy
 def test_token_grid_other_than_the_repa_grid_is_refused_before_any_file(demo_data, tmp_path, semantics):
     data = demo_data("reglue")
     online = [f"data.compressor={data / 'compressor' / 'compressor_best.safetensors'}", "data.vfm_autocast=no"]
-    assert_refused(data, tmp_path / "run", r"model.name: SiT-S/8 .* 4×4 token grid .* 16×16 grid; use patch 2 "
+    # the demo's 128² data: 16×16 latents, an 8×8 VFM grid; patch 8 gives 2×2 tokens
+    assert_refused(data, tmp_path / "run", r"model.name: SiT-S/8 .* 2×2 token grid .* 8×8 grid; use patch 2 "
                    r"\(model.name=SiT-S/2\)", "model.name=SiT-S/8", f"data.semantics={semantics}",
                    *(online if semantics == "online" else []))
 
