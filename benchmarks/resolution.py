@@ -23,7 +23,7 @@ import torch
 
 from reglue.demo import MODEL as DEMO_MODEL
 from reglue.encoders.vfm import build_vfm
-from reglue.resolution import RESOLUTIONS, check_resolution, latent_size, token_grid
+from reglue.resolution import check_resolution, latent_size, token_grid
 from train_step import parse_args as step_args
 from train_step import run as run_step
 

@@ -78,6 +78,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def write_json(path: str | Path, payload: dict) -> None:
+    """``payload`` as indented JSON at ``path``, atomically."""
+    import json
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def read_safetensors_metadata(path: str | Path, what: str = "safetensors") -> dict[str, str]:
     """The string metadata of a ``.safetensors`` file's header ({} for other files or none); a
     header that does not parse is a ValueError naming the file as a ``what`` file."""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from reglue.encoders.pixel import LUMINANCE
 from reglue.io import atomic_write
 
 Painter = Callable[[ImageDraw.ImageDraw, np.random.Generator, int], None]
@@ -194,7 +195,7 @@ MIN_LUMA_CONTRAST = 50  # figure and background differ by at least this much lum
 
 
 def _luma(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+    return float(rgb @ np.array(LUMINANCE))
 
 
 def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

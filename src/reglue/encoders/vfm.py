@@ -414,7 +414,7 @@ def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     return layers
 
 
-def _input_size(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
+def input_side(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
     """The ViT's input side for R² images: 224·R/256 (DINOv2), R (DINOv3); R/16 patches per side."""
     return INPUT_SIDE_PER_256[family] * check_resolution(resolution) // 256
 
@@ -434,7 +434,7 @@ def build_dinov2(
     """A DINOv2 extractor of any size. ``img_size`` is the pretraining size (its grid is
     ``pos_embed``'s); ``swiglu`` selects ViT-g's MLP; ``interpolate_*`` the position-embedding
     resize (:class:`DINOv2ViT`); ``weights`` see the module docstring."""
-    input_size = _input_size(resolution, "dinov2")
+    input_size = input_side(resolution, "dinov2")
     state_dict, what = read_weights(weights)
     vit = DINOv2ViT(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -450,7 +450,7 @@ def build_dinov3(
 ) -> VFMExtractor:
     """A DINOv3 extractor from timm's registry (``vit_base_patch16_dinov3`` ...), weights in
     timm's layout; ``timm_kwargs`` go to ``timm.create_model`` (embed_dim, depth, ...)."""
-    input_size = _input_size(resolution, "dinov3")
+    input_size = input_side(resolution, "dinov3")
     state_dict, what = read_weights(weights)
     vit = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
     return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)

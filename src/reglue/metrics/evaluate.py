@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import zipfile
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from reglue.encoders.semantics import VFMSpec
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, fd_key, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
 from reglue.metrics.inception import (
@@ -248,8 +247,7 @@ def evaluate(
 
 def write_results(results: dict, path: str | Path) -> None:
     """Write ``results`` as indented JSON to ``path``, atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(path, results)
 
 
 def format_table(results: dict) -> str:

@@ -69,7 +69,7 @@ from reglue.data.dataset import PreparedDataset
 from reglue.distributed import on_cpu_only
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.seeding import SPLIT_STREAM, seeded_generator
 from reglue.settings import check_same_settings
@@ -197,11 +197,6 @@ def _save_weights(path: Path, model: SemanticCompressor, metadata: dict) -> None
 def _save_train_state(path: Path, state: dict) -> None:
     """``state`` (:meth:`_CompressorTrainer.state_dict`) as a training checkpoint at ``path``."""
     save_state_file(path, state["progress"]["global_step"], state)
-
-
-def _write_history(path: Path, payload: dict) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _plot_loss_curve(path: Path, history: list[dict]) -> None:
@@ -416,7 +411,7 @@ class _CompressorTrainer:
         p = self.progress
         if not (self.accelerator.is_main_process and p.history):
             return
-        _write_history(self.out_dir / HISTORY, {
+        write_json(self.out_dir / HISTORY, {
             "config": self.config, "epochs_done": p.epoch, "finished": finished,
             "num_processes": self.accelerator.num_processes, "best_epoch": p.best_epoch,
             "best_mse": p.best_mse, "history": p.history,

@@ -83,15 +83,15 @@ from reglue.data.dataset import PreparedDataset
 from reglue.distributed import on_cpu_only
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import (
-    INPUT_SIDE_PER_256,
     VFM_MODELS,
     DINOv2ViT,
     VFMExtractor,
     build_vfm,
+    input_side,
     timm_to_dinov2,
 )
 from reglue.errors import ReglueError
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
 from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
@@ -300,7 +300,7 @@ class SelfDistillation(nn.Module):
 
 def crop_sizes(resolution: int, settings: TeacherSettings) -> tuple[int, int]:
     """(global, local) crop sides for R² images: the VFM input 224·R/256, and 14·round(3R/8 / 14)."""
-    global_side = INPUT_SIDE_PER_256["dinov2"] * resolution // 256
+    global_side = input_side(resolution, "dinov2")
     local_side = settings.local_crop_size or PATCH * max(1, round(3 * resolution / 8 / PATCH))
     return global_side, local_side
 
@@ -529,11 +529,6 @@ def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> N
         torch.save(official, tmp)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-
-
 @torch.no_grad()
 def _cls_features(extractor: VFMExtractor, images: Dataset, rows: list[int]) -> torch.Tensor:
     """(len(rows), D) final-normed CLS features of uint8 images, in batches of PROBE_BATCH."""
@@ -566,7 +561,7 @@ def _untrained_extractor(settings: TeacherSettings, resolution: int) -> VFMExtra
 def _report_details(config: dict, train_seconds: float, steps: int) -> dict[str, object]:
     s, data = config["settings"], config["data"]
     images_per_s = steps * s["global_batch"] / train_seconds if train_seconds > 0 else float("nan")
-    global_side = INPUT_SIDE_PER_256["dinov2"] * data["resolution"] // 256
+    global_side = input_side(data["resolution"], "dinov2")
     return {
         "architecture": f"DINOv2 ViT, patch 14, 4 registers, embed_dim {s['embed_dim']}, depth {s['depth']}, "
                         f"{s['num_heads']} heads",
@@ -725,7 +720,7 @@ def _finish(trainer: _TeacherTrainer, images: PreparedDataset, train_rows: list[
         write_report(out_dir, report, title="DINOv2 teacher trained by reglue train-vfm",
                      details=_report_details(trainer.config, train_seconds, trainer.total_steps))
         (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
-    _write_json(out_dir / INFO_FILE, {
+    write_json(out_dir / INFO_FILE, {
         "vfm": VFM_NAME, "arch": settings.arch, "resolution": resolution, "weights": WEIGHTS_FILE,
         "input_size": crop_sizes(resolution, settings)[0], "steps": trainer.total_steps,
         "train_seconds": train_seconds, "config": trainer.config,
