@@ -103,3 +103,24 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+def run_processes(args: list[str], *, processes: int = 1, timeout: float = 300) -> None:
+    """Run ``reglue ARGS`` in fresh processes on one thread each; a failure shows the command's own output.
+
+    Two or more processes go through ``torchrun --standalone``, which picks a free rendezvous port: a fixed
+    ``--master-port`` fails whenever another job on the machine holds it.
+    """
+    import subprocess
+    import sys
+
+    if processes > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    else:
+        launcher = []
+    command = [sys.executable, *launcher, "-m", "reglue.cli", *args]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-6000:]
+        pytest.fail(f"exit {result.returncode} from {' '.join(command)}\n{output}", pytrace=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_sit
+from conftest import run_processes, tiny_sit
 from reglue.cli import main
 from reglue.encoders.vae import VAE
 from reglue.generate import SampleSettings, generate
@@ -251,19 +251,11 @@ def test_grid_cli_writes_a_labelled_grid(setup, tmp_path):
 
 
 def test_two_processes_under_torchrun_give_the_same_images(setup, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     root, _, _, vae_dir = setup
     common = ["sample", "--ckpt", str(root / "ema"), "--num-samples", "5", "--steps", "3", "--cfg-scale", "2",
               "--per-device-batch", "2", "--vae", str(vae_dir), "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29551",
-                    "-m", "reglue.cli", *common, "--out", str(tmp_path / "ddp")], env=env, check=True,
-                   capture_output=True, timeout=240)
-    subprocess.run([sys.executable, "-m", "reglue", *common, "--out", str(tmp_path / "one")], env=env, check=True,
-                   capture_output=True, timeout=240)
+    run_processes([*common, "--out", str(tmp_path / "ddp")], processes=2, timeout=240)
+    run_processes([*common, "--out", str(tmp_path / "one")], timeout=240)
     for name in ("samples.npz", *[f"{i:06d}.png" for i in range(5)]):
         assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_processes
 from reglue.cli import main
 from reglue.data.dataset import PreparedDataset
 from reglue.encoders.norm_stats import NormStats
@@ -214,24 +215,18 @@ def test_reader_with_distributed_sampler_and_workers(dataset_dir):
 
 
 def test_cache_semantics_and_compressor_training_under_torchrun(dataset_dir, tmp_path):
-    import subprocess
-    import sys
-
     compressor_file = tmp_path / "compressor.safetensors"
     save_compressor(compressor_file)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     for copy in (single, ddp):
         shutil.copytree(dataset_dir, copy, ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
-                "-m", "reglue.cli"]
     cache = ["cache-semantics", "--compressor", str(compressor_file), "--quiet"]
-    subprocess.run([*launcher, cache[0], str(ddp), *cache[1:]], env=env, check=True, capture_output=True, timeout=240)
+    run_processes([cache[0], str(ddp), *cache[1:]], processes=2, timeout=240)
     assert main([cache[0], str(single), *cache[1:]]) == 0
     for shard in ("shard-00000", "shard-00001", "shard-00002"):
         a = np.load(single / "shards" / shard / "semantics.npy")
         assert np.array_equal(a, np.load(ddp / "shards" / shard / "semantics.npy"))
     train = ["train-compressor", str(ddp), "--epochs", "1", "--global-batch", "4", "--quiet"]
-    subprocess.run([*launcher, *train], env=env, check=True, capture_output=True, timeout=240)
+    run_processes(train, processes=2, timeout=240)
     history = json.loads((ddp / "compressor" / "history.json").read_text())
     assert history["num_processes"] == 2 and history["finished"]

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from conftest import shared_file
+from conftest import run_processes, shared_file
 from reglue.cli import main
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
@@ -248,14 +248,9 @@ def test_ranks_write_their_own_shards_and_match_one_process(tmp_path, vae_dir):
 
 def test_two_processes_under_torchrun(tmp_path, vae_dir):
     src = make_image_folder(tmp_path / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     common = ["prepare", str(src), "--vae", str(vae_dir), "--shard-size", "2", "--quiet"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                "-m", "reglue.cli"]
-    subprocess.run([*launcher, *common[:2], str(tmp_path / "ddp"), *common[2:]], env=env, check=True,
-                   capture_output=True, timeout=240)
-    subprocess.run([sys.executable, "-m", "reglue", *common[:2], str(tmp_path / "single"), *common[2:]], env=env,
-                   check=True, capture_output=True, timeout=240)
+    run_processes([*common[:2], str(tmp_path / "ddp"), *common[2:]], processes=2, timeout=240)
+    run_processes([*common[:2], str(tmp_path / "single"), *common[2:]], timeout=240)
     assert tree_bytes(tmp_path / "ddp") == tree_bytes(tmp_path / "single")
 
 

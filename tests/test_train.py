@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import run_processes
 from reglue import checkpoint as ckpt
 from reglue.cli import main
 from reglue.config import ConfigError, load_config
@@ -149,16 +150,9 @@ def test_gradient_accumulation_matches_one_big_batch(cached_data):
 
 def test_two_processes_match_one_at_the_same_global_batch(cached_data):
     """DDP over gloo: 2 ranks × 1 image equal 1 process × 2 images within 1e-5, ranks in sync."""
-    import os
-    import subprocess
-    import sys
-
     args = ["--config", "configs/demo.yaml", f"data.dir={cached_data / 'data'}", *TINY_MODEL,
             "train.global_batch=2", "train.max_steps=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
-                    "-m", "reglue.cli", "train", *args, f"run_dir={cached_data / 'ddp'}"],
-                   env=env, check=True, capture_output=True, timeout=300)
+    run_processes(["train", *args, f"run_dir={cached_data / 'ddp'}"], processes=2)
     train(load_config("configs/demo.yaml", args[2:] + [f"run_dir={cached_data / 'single'}"]))
     a, b = weights(cached_data / "ddp"), weights(cached_data / "single")
     assert len(a["rng"]) == 2

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_processes
 from reglue.config import ConfigError, load_config
 from reglue.data.dataset import PreparedDataset
 from reglue.encoders.autoencoder import load_vae
@@ -70,10 +68,7 @@ def test_killed_and_resumed_the_series_equals_an_uninterrupted_one(cached_data):
 def test_two_processes_give_the_series_of_one(cached_data):
     args = ["--config", "configs/demo.yaml", f"data.dir={cached_data / 'data'}", *TINY_MODEL,
             "train.global_batch=2", "train.max_steps=2", *EVAL]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29549",
-                    "-m", "reglue.cli", "train", *args, f"run_dir={cached_data / 'eval-ddp'}"],
-                   env=env, check=True, capture_output=True, timeout=300)
+    run_processes(["train", *args, f"run_dir={cached_data / 'eval-ddp'}"], processes=2)
     one = eval_series(train(load_config("configs/demo.yaml", [*args[2:], f"run_dir={cached_data / 'eval-one'}"])).run_dir)
     two = eval_series(cached_data / "eval-ddp")
     assert sorted(one) == sorted(two) == [2]
