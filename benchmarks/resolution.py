@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from reglue.demo import MODEL as DEMO_MODEL
+from reglue.demo.settings import MODEL as DEMO_MODEL
 from reglue.encoders.vfm import build_vfm
 from reglue.resolution import check_resolution, latent_size, token_grid
 from train_step import parse_args as step_args

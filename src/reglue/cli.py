@@ -317,16 +317,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from reglue.demo import COMPARED, DemoSettings, run_demo
+    from reglue.demo import ALL_PRESETS, DemoSettings, quick, run_demo
 
     start = time.perf_counter()
-    settings = DemoSettings(presets=COMPARED if args.compare else (args.preset,), steps=args.steps,
+    presets = tuple(args.presets.split(",")) if args.presets else (ALL_PRESETS if args.compare else ("reglue",))
+    seeds = args.seeds if args.seeds is not None else (3 if args.compare else 1)
+    settings = DemoSettings(presets=presets, seeds=seeds, steps=args.steps, data=args.data,
                             images_per_class=args.images_per_class, sample_steps=args.sample_steps, seed=args.seed,
-                            resolution=args.resolution)
-    result = run_demo(args.out, settings, progress=not args.quiet)
-    print(f"demo finished in {time.perf_counter() - start:.0f} s (VFM random, untrained; numbers are plumbing "
-          f"checks). Outputs in {result.out}: report {result.report}, grid {result.grid}, "
-          f"loss curves {result.loss_curves}, metrics {result.metrics}")
+                            resolution=args.resolution, teacher="random" if args.random_vfm else "trained")
+    result = run_demo(args.out, quick(settings) if args.quick else settings, progress=not args.quiet)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {result.out}: report {result.report}, "
+          f"results {result.results}, grids {result.grid}, curves {result.curves}")
     return 0
 
 
@@ -519,18 +520,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_cache_semantics)
 
     p = commands.add_parser("demo", help="the whole chain offline on synthetic data with tiny models (minutes on a CPU)",
-                            description="Synthetic 8-class data → prepare (pixel autoencoder) → norm stats, "
-                            "compressor and semantics of a tiny RANDOM, UNTRAINED DINOv2 → train → sample → "
-                            "evaluate → report.md. Rerun the same command to resume. See docs/demo.md.")
+                            description="Synthetic data → prepare (pixel autoencoder) → a DINOv2 teacher trained here "
+                            "(train-vfm) → norm stats, compressor, semantics → train (each preset × seed, evaluated "
+                            "during training) → class grids → report.md. Rerun the same command to resume. "
+                            "See docs/demo.md.")
     p.add_argument("--out", default="reglue-demo", help="output folder (new, empty, or an earlier demo to resume)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", default="reglue", choices=("reglue", "reg", "repa", "redi", "sit"))
-    which.add_argument("--compare", action="store_true", help="train sit and reglue with the same budget")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per preset")
-    p.add_argument("--images-per-class", type=int, default=32, help="synthetic images per class (8 classes)")
-    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grid and the samples")
+    which.add_argument("--preset", dest="presets", default=None, choices=("reglue", "reg", "repa", "redi", "sit"),
+                       help="train one preset (default reglue)")
+    which.add_argument("--presets", default=None, help="comma-separated presets to compare, e.g. sit,repa")
+    p.add_argument("--compare", action="store_true",
+                   help="compare presets at equal budget (default all five, 3 seeds each; ≈ 25 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the same protocol at about a quarter of the cost")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per preset (default 1, 3 with --compare)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per run")
+    p.add_argument("--data", default="shapes", choices=("shapes", "colours"),
+                   help="the synthetic set: classes by shape and layout (default) or by colour and shape")
+    p.add_argument("--images-per-class", type=int, default=40, help="synthetic images per class")
+    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grids and the evaluations")
     p.add_argument("--seed", type=int, default=0)
     _add_resolution(p, DEMO_RESOLUTION, "image")
+    p.add_argument("--random-vfm", action="store_true",
+                   help="a random, untrained VFM instead of the teacher trained here (plumbing checks only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars for the data stages (training keeps its bar)")
     p.set_defaults(func=_cmd_demo)
     return parser

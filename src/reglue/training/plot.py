@@ -16,15 +16,16 @@ sample count of their ``eval`` config. ``paper=True`` marks the paper's SiT-B/2 
 run of that preset.
 
 :func:`plot_runs` draws several runs, :func:`plot_run` one run (to ``RUN_DIR/loss_curves.png`` by
-default) and :func:`plot_series` named series against any x the same way (the semantic
-compressor's per-epoch MSE). Each returns a :class:`Plot`: the PNG's path and what every panel holds.
+default), :func:`plot_series` named series against any x the same way (the semantic
+compressor's per-epoch MSE) and :func:`plot_seed_bands` the mean and spread of runs that differ
+only by seed (the demo's comparison). Each returns a :class:`Plot`: the PNG's path and what every panel holds.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ class Panel:
     lines: dict[str | None, tuple[np.ndarray, np.ndarray]]
     points: bool = False  # evaluation points: each value marked, never smoothed
     paper: tuple[PaperMark, ...] = ()
+    bands: Mapping[str | None, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (low, high) per line
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,8 @@ def _draw_panel(axes, panel: Panel, *, colours: Mapping[str | None, str], smooth
     at ``smoothing=1``); evaluation points marked and unsmoothed; paper FIDs as stars."""
     for label, (xs, ys) in panel.lines.items():
         colour = colours[label]
+        if label in panel.bands:
+            axes.fill_between(xs, *panel.bands[label], color=colour, alpha=0.2, linewidth=0)
         if panel.points:
             axes.plot(xs, ys, linewidth=1.5, color=colour, label=label, marker="o", markersize=4)
             continue
@@ -277,7 +281,8 @@ def _draw_panel(axes, panel: Panel, *, colours: Mapping[str | None, str], smooth
         axes.plot([mark.x], [mark.fid], color=mark.colour, **star)
         axes.annotate(f"{mark.preset} {mark.fid:g}", (mark.x, mark.fid), textcoords="offset points",
                       xytext=(5, 4), fontsize=7)
-    values = [ys for _, ys in panel.lines.values()] + [np.array([mark.fid for mark in panel.paper])]
+    values = ([ys for _, ys in panel.lines.values()] + [np.array([mark.fid for mark in panel.paper])]
+              + [np.concatenate(band) for band in panel.bands.values()])
     positive = all(np.all(v > 0) for v in values)
     axes.set(title=panel.key, xlabel=xlabel, yscale="log" if log_y and positive else "linear")
     if log_x:
@@ -419,3 +424,40 @@ def plot_series(
     _draw_figure(panels, Path(out), title=title, colours=colours, smoothing=1, xlabel=xlabel, log_x=False,
                  log_y=log_y)
     return Plot(Path(out), title, xlabel, {panel: panels[0]}, colours)
+
+
+def seed_statistics(run_dirs: Sequence[str | Path], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, standard deviation) of ``key`` over runs that differ only by seed.
+
+    Only the steps every run logged a finite value at are kept; the deviation is the sample one
+    (n − 1), 0 for a single run."""
+    series = []
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        series.append({r["step"]: r[key] for r in records if math.isfinite(r.get(key, math.nan))})
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    values = np.array([[s[step] for step in steps] for s in series], dtype=np.float64).reshape(len(series), -1)
+    deviation = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(steps))
+    return np.asarray(steps, dtype=np.float64), values.mean(axis=0), deviation
+
+
+def plot_seed_bands(
+    runs: Mapping[str, Sequence[str | Path]], out: str | Path, *, keys: Sequence[str], title: str,
+) -> Plot:
+    """One panel per metric in ``keys``: per label its mean over the seeds' runs (marked points) and a
+    band of ± one standard deviation; ``runs`` maps a label (e.g. a preset) to its seeds' run dirs.
+    Raises ValueError when a key has no step that every run of a label logged."""
+    panels = []
+    for key in keys:
+        lines, bands = {}, {}
+        for label, run_dirs in runs.items():
+            steps, mean, deviation = seed_statistics(run_dirs, key)
+            if not len(steps):
+                raise ValueError(f"{key}: the runs of {label} ({', '.join(map(str, run_dirs))}) share no logged "
+                                 "step; plot them once every run has logged it.")
+            lines[label], bands[label] = (steps, mean), (mean - deviation, mean + deviation)
+        panels.append(Panel(key, lines, points=True, bands=bands))
+    colours = {label: f"C{i}" for i, label in enumerate(runs)}
+    _draw_figure(panels, Path(out), title=title, colours=colours, smoothing=1, xlabel=X_AXES["step"], log_x=False,
+                 log_y=False)
+    return Plot(Path(out), title, X_AXES["step"], {p.key: p for p in panels}, colours)

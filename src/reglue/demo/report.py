@@ -1,0 +1,249 @@
+"""The demo's results: per-run evaluations gathered over seeds (``results.json``), curves with
+mean ± spread, the grids side by side, and ``report.md`` with the protocol, the teacher's quality,
+the final table and whether the paper's ordering holds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from reglue.demo.settings import (
+    AUTOENCODER_LABEL,
+    EVALUATIONS,
+    MODEL,
+    RANDOM_VFM_LABEL,
+    SAMPLER,
+    TRAIN_BATCH,
+    DemoPaths,
+    DemoSettings,
+)
+from reglue.errors import ReglueError
+from reglue.io import atomic_write
+from reglue.metrics.class_probe import ClassProbe
+from reglue.metrics.evaluate import write_results
+from reglue.presets import get_preset
+from reglue.training.metrics import read_metrics
+from reglue.training.plot import plot_runs, plot_seed_bands
+
+ACCURACY_KEY = "eval/class_accuracy"
+RESULTS_FILE = "results.json"
+CURVES_FILE = "quality_curves.png"
+LOSS_CURVES_FILE = "loss_curves.png"
+
+
+def fd_key(vfm_name: str) -> str:
+    """The in-training FD's metrics key for a VFM of registry name ``vfm_name``."""
+    return f"eval/fd_{vfm_name}"
+
+
+def teacher_summary(paths: DemoPaths, settings: DemoSettings) -> dict:
+    """The teacher's probe report (report.json of ``reglue train-vfm``), or the random VFM's label."""
+    if settings.teacher == "random":
+        return {"label": RANDOM_VFM_LABEL}
+    report = json.loads((paths.teacher / "report.json").read_text())
+    return {"label": "tiny DINOv2-with-registers trained here by `reglue train-vfm`", **report}
+
+
+def gather_results(paths: DemoPaths, settings: DemoSettings, vfm_name: str) -> dict:
+    """Every run's evaluation series and final values, and per preset their mean and spread over seeds."""
+    keys = (fd_key(vfm_name), ACCURACY_KEY)
+    probe = ClassProbe.load(paths.classifier)
+    presets = {}
+    for preset in settings.presets:
+        runs = {seed: _run_result(paths.run(preset, seed), keys) for seed in settings.run_seeds}
+        final = {key: _spread([run["final"][key] for run in runs.values()]) for key in (*keys, "loss/latent")}
+        presets[preset] = {"runs": {str(s): r for s, r in runs.items()}, "final": final}
+    return {
+        "protocol": protocol(settings),
+        "teacher": teacher_summary(paths, settings),
+        "classifier": {"held_out_accuracy": probe.held_out_accuracy, "chance": 1 / len(settings.classes),
+                       "side": probe.side},
+        "fd_key": keys[0],
+        "presets": presets,
+        "ordering": ordering(presets, keys[0]),
+    }
+
+
+def _run_result(run_dir: Path, keys: tuple[str, ...]) -> dict:
+    history = read_metrics(run_dir)
+    series = {key: {str(r["step"]): r[key] for r in history if key in r} for key in keys}
+    losses = [r for r in history if "loss/latent" in r]
+    if not losses or not all(series.values()):
+        raise ReglueError(f"{run_dir} has no evaluation or loss logged; rerun the demo to finish its training.")
+    final = {key: values[max(values, key=int)] for key, values in series.items()}
+    final["loss/latent"] = losses[-1]["loss/latent"]
+    for key, value in final.items():
+        if not math.isfinite(value):
+            raise ReglueError(f"{run_dir}: {key} is {value}; the training diverged: rerun with a new --out folder.")
+    return {"series": series, "final": final}
+
+
+def _spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "min": float(array.min()), "max": float(array.max()),
+            "values": [float(v) for v in array]}
+
+
+def ordering(presets: dict, fd: str) -> dict:
+    """The presets ranked by final mean FD (lower is better) and by class accuracy (higher is better),
+    against the paper's FID ranking of the same presets, and REPA against SiT when both ran."""
+    paper = sorted(presets, key=lambda p: get_preset(p).paper_fid)
+    by_fd = sorted(presets, key=lambda p: presets[p]["final"][fd]["mean"])
+    by_accuracy = sorted(presets, key=lambda p: -presets[p]["final"][ACCURACY_KEY]["mean"])
+    result = {"paper_best_first": paper, "fd_best_first": by_fd, "accuracy_best_first": by_accuracy,
+              "fd_matches_paper": by_fd == paper, "accuracy_matches_paper": by_accuracy == paper}
+    if {"sit", "repa"} <= set(presets):
+        result["repa_vs_sit"] = {key: _difference(presets["repa"]["final"][key], presets["sit"]["final"][key])
+                                 for key in (fd, ACCURACY_KEY)}
+    return result
+
+
+def _difference(a: dict, b: dict) -> dict:
+    """a − b of two spreads, and whether their mean ± std intervals are apart (a clear difference)."""
+    apart = a["mean"] + a["std"] < b["mean"] - b["std"] or b["mean"] + b["std"] < a["mean"] - a["std"]
+    return {"difference": a["mean"] - b["mean"], "apart_beyond_one_std": bool(apart)}
+
+
+def protocol(settings: DemoSettings) -> dict:
+    """What is fixed and what varies across the compared runs."""
+    return {
+        "fixed": {"data": f"{settings.data!r} synthetic set, {len(settings.classes)} classes × "
+                          f"{settings.images_per_class} images at {settings.resolution}²",
+                  "teacher": settings.teacher, "model": MODEL, "steps": settings.steps,
+                  "batch": min(TRAIN_BATCH, settings.num_images), "evaluation_samples": settings.eval_samples,
+                  "evaluation_seed": settings.seed, "sampler": f"{SAMPLER.upper()} {settings.sample_steps} steps, "
+                                                             "no guidance"},
+        "varies": {"preset": list(settings.presets), "training_seed": list(settings.run_seeds)},
+    }
+
+
+# ----------------------------------------------------------------------------- figures and report.md
+def write_report(paths: DemoPaths, settings: DemoSettings, vfm_name: str, stage_seconds: dict[str, float]) -> None:
+    from PIL import Image
+
+    results = gather_results(paths, settings, vfm_name)
+    write_results(results, paths.out / RESULTS_FILE)
+    runs = {p: [paths.run(p, s) for s in settings.run_seeds] for p in settings.presets}
+    plot_seed_bands(runs, paths.out / CURVES_FILE, keys=[results["fd_key"], ACCURACY_KEY],
+                    title=f"mean ± 1 std over {settings.seeds} seed(s), {settings.eval_samples} samples per evaluation")
+    first = {p: paths.run(p, settings.seed) for p in settings.presets}
+    plot_runs(first, paths.out / LOSS_CURVES_FILE, log_y=True)
+    grids = [np.asarray(Image.open(paths.grid(p)).convert("RGB")) for p in settings.presets]
+    with atomic_write(paths.out / "grid.png") as tmp:
+        Image.fromarray(side_by_side(grids)).save(tmp, format="PNG")
+    with atomic_write(paths.out / "report.md") as tmp:
+        tmp.write_text(report_text(paths, settings, results, stage_seconds))
+
+
+def side_by_side(images: list[np.ndarray], gap: int = 24) -> np.ndarray:
+    """uint8 (H_i, W_i, 3) images left to right on white, top-aligned, ``gap`` pixels apart."""
+    height = max(i.shape[0] for i in images)
+    width = sum(i.shape[1] for i in images) + gap * (len(images) - 1)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for image in images:
+        canvas[: image.shape[0], x : x + image.shape[1]] = image
+        x += image.shape[1] + gap
+    return canvas
+
+
+def report_text(paths: DemoPaths, settings: DemoSettings, results: dict, stage_seconds: dict[str, float]) -> str:
+    columns = ", ".join(f"{k} = {name}" for k, name in enumerate(settings.classes))
+    lines = [
+        "# reglue demo", "",
+        ("Tiny models, a synthetic data set and CPU minutes: the numbers compare methods under one protocol "
+         "at toy scale; none is comparable with the paper's ImageNet FIDs."), "",
+        *_teacher_section(results["teacher"]), *_protocol_section(settings, results), *_table_section(settings, results),
+        *_ordering_section(results), "## Curves", "",
+        f"![quality curves]({CURVES_FILE})", "", f"![loss curves]({LOSS_CURVES_FILE}) (first seed of each preset)", "",
+        "## Samples", "",
+        (f"One column per class ({columns}), {settings.grid_rows} samples each from the first seed's EMA; "
+         f"{SAMPLER.upper()} {settings.sample_steps} steps, guidance scale {settings.cfg_scale}."), "",
+        "![class grids](grid.png)", "", *_files_section(paths, settings), *_time_section(stage_seconds),
+    ]
+    return "\n".join(lines)
+
+
+def _teacher_section(teacher: dict) -> list[str]:
+    lines = ["## The VFM", "", f"- {teacher['label']}; autoencoder: {AUTOENCODER_LABEL}."]
+    if "verdict" in teacher:
+        lines.append(f"- Teacher quality on held-out images ([report](teacher/report.md)): {teacher['verdict']}")
+    return [*lines, ""]
+
+
+def _protocol_section(settings: DemoSettings, results: dict) -> list[str]:
+    fixed = results["protocol"]["fixed"]
+    classifier = results["classifier"]
+    return [
+        "## Protocol", "",
+        (f"Every preset trains the same SiT ({MODEL['depth']} blocks of width {MODEL['hidden_size']}) on "
+         f"{fixed['data']} for {settings.steps} steps of batch {fixed['batch']}, with training seeds "
+         f"{', '.join(map(str, settings.run_seeds))}; data, teacher, classifier and evaluation samples are the "
+         f"same for all. Each run is evaluated {EVALUATIONS} times on the same {settings.eval_samples} EMA samples "
+         f"({fixed['sampler']}): FD of the samples' CLS features in the VFM's space against every prepared image "
+         f"(`{results['fd_key']}`, lower is better) and the share of samples a shape classifier trained on the real "
+         f"images assigns their conditioning class (`{ACCURACY_KEY}`, higher is better; the classifier's held-out "
+         f"accuracy on real images is {classifier['held_out_accuracy']:.3f}, chance {classifier['chance']:.3f})."),
+        "",
+    ]
+
+
+def _table_section(settings: DemoSettings, results: dict) -> list[str]:
+    fd = results["fd_key"]
+    lines = [f"## Final step ({settings.steps}), mean ± std over {settings.seeds} seed(s)", "",
+             "| preset | FD in the VFM space ↓ | class accuracy ↑ | latent loss | paper FID (B/2, 400K) |",
+             "|---|---|---|---|---|"]
+    for preset, entry in results["presets"].items():
+        f = entry["final"]
+        lines.append(f"| {preset} | {_pm(f[fd])} | {_pm(f[ACCURACY_KEY])} | {_pm(f['loss/latent'])} | "
+                     f"{get_preset(preset).paper_fid} |")
+    return [*lines, ""]
+
+
+def _pm(spread: dict) -> str:
+    return f"{spread['mean']:.4g} ± {spread['std']:.2g}"
+
+
+def _ordering_section(results: dict) -> list[str]:
+    o = results["ordering"]
+    if len(o["paper_best_first"]) < 2:
+        return []
+    lines = ["## Does the paper's ordering hold here?", "",
+             f"- Paper (FID, best first): {' < '.join(o['paper_best_first'])}.",
+             f"- Here by FD in the VFM space: {' < '.join(o['fd_best_first'])} — "
+             f"{'the same order' if o['fd_matches_paper'] else 'not the paper order'}.",
+             f"- Here by class accuracy: {' > '.join(o['accuracy_best_first'])} — "
+             f"{'the same order' if o['accuracy_matches_paper'] else 'not the paper order'}."]
+    if "repa_vs_sit" in o:
+        fd, accuracy = (o["repa_vs_sit"][k] for k in (results["fd_key"], ACCURACY_KEY))
+        lines.append(f"- REPA − SiT: FD {fd['difference']:+.4g} ({_clear(fd)}), class accuracy "
+                     f"{accuracy['difference']:+.3f} ({_clear(accuracy)}).")
+    return [*lines, ""]
+
+
+def _clear(difference: dict) -> str:
+    return "beyond one std of both" if difference["apart_beyond_one_std"] else "within the seeds' spread"
+
+
+def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:
+    lines = ["## Files", "", f"- [results.json]({RESULTS_FILE}): every series and final value per run",
+             "- [classifier.safetensors](classifier.safetensors): the shape classifier"]
+    if (paths.teacher / "report.md").is_file():
+        lines.append("- [teacher/](teacher/report.md): the trained VFM (`teacher.pth`, official DINOv2 layout)")
+    for preset in settings.presets:
+        run = paths.run(preset, settings.seed).relative_to(paths.out)
+        lines.append(f"- {preset}: [config]({run}/config.yaml), [EMA weights]({run}/ema/config.json), "
+                     f"[training log]({run}/metrics.jsonl), [grid]({paths.grid(preset).name})")
+    return [*lines, ""]
+
+
+def _time_section(stage_seconds: dict[str, float]) -> list[str]:
+    lines = ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in stage_seconds.items()]
+    return [*lines, f"| total | {sum(stage_seconds.values()):.1f} |", ""]
+
