@@ -16,7 +16,7 @@ from reglue.demo import report as demo_report
 from reglue.demo.settings import MODEL
 from reglue.demo.stages import STATE_FILE
 
-TINY = {"steps": 3, "images_per_class": 8, "teacher_epochs": 1, "classifier_steps": 2, "compressor_epochs": 1,
+TINY = {"data": "shapes", "steps": 3, "images_per_class": 8, "teacher_epochs": 1, "classifier_steps": 2, "compressor_epochs": 1,
         "sample_steps": 2, "eval_samples": 4, "grid_rows": 1, "resolution": 64}
 RANDOM = "random and untrained"
 
@@ -140,13 +140,21 @@ def test_random_vfm_is_labelled_and_sit_alone_skips_the_semantic_stages(tmp_path
     assert Image.open(result.grid).size == Image.open(tmp_path / "grid_sit.png").size
 
 
-def test_cli_defaults_are_the_demo_defaults_and_compare_and_quick_fit_their_budgets():
-    args = build_parser().parse_args(["demo"])
+def test_the_cli_passes_the_demo_defaults_and_only_what_it_is_given(tmp_path, monkeypatch):
+    import reglue.demo
+
+    given = []
+    monkeypatch.setattr(reglue.demo, "run_demo", lambda out, settings, progress: given.append(settings) or (
+        (_ for _ in ()).throw(KeyboardInterrupt)))
+    for argv in (["demo"], ["demo", "--compare", "--quick"], ["demo", "--data", "shapes", "--steps", "7",
+                                                             "--presets", "sit,repa", "--seeds", "2", "--random-vfm"]):
+        with pytest.raises(KeyboardInterrupt):
+            main([*argv, "--out", str(tmp_path)])
     defaults = DemoSettings()
-    assert (args.steps, args.images_per_class, args.sample_steps, args.seed, args.resolution, args.data) == (
-        defaults.steps, defaults.images_per_class, defaults.sample_steps, defaults.seed, defaults.resolution,
-        defaults.data)
+    assert given == [defaults, quick(DemoSettings(presets=ALL_PRESETS, seeds=3)),
+                     DemoSettings(data="shapes", steps=7, presets=("sit", "repa"), seeds=2, teacher="random")]
     assert defaults.presets == ("reglue",) and defaults.teacher == "trained" and defaults.seeds == 1
+    assert defaults.data == "colours" and defaults.resolution == 128
     small = quick(DemoSettings(presets=ALL_PRESETS, seeds=3))
     assert small.steps < defaults.steps and small.seeds == 2 and small.presets == ALL_PRESETS
     with pytest.raises(ValueError, match="presets"):

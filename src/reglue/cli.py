@@ -322,9 +322,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     presets = tuple(args.presets.split(",")) if args.presets else (ALL_PRESETS if args.compare else ("reglue",))
     seeds = args.seeds if args.seeds is not None else (3 if args.compare else 1)
-    settings = DemoSettings(presets=presets, seeds=seeds, steps=args.steps, data=args.data,
-                            images_per_class=args.images_per_class, sample_steps=args.sample_steps, seed=args.seed,
-                            resolution=args.resolution, teacher="random" if args.random_vfm else "trained")
+    given = {"steps": args.steps, "data": args.data, "images_per_class": args.images_per_class,
+             "sample_steps": args.sample_steps, "seed": args.seed}  # None: DemoSettings' default
+    settings = DemoSettings(presets=presets, seeds=seeds, resolution=args.resolution,
+                            teacher="random" if args.random_vfm else "trained",
+                            **{name: value for name, value in given.items() if value is not None})
     result = run_demo(args.out, quick(settings) if args.quick else settings, progress=not args.quiet)
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {result.out}: report {result.report}, "
           f"results {result.results}, grids {result.grid}, curves {result.curves}")
@@ -533,12 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare presets at equal budget (default all five, 3 seeds each; ≈ 25 min on 2 cores)")
     p.add_argument("--quick", action="store_true", help="the same protocol at about a quarter of the cost")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per preset (default 1, 3 with --compare)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per run")
-    p.add_argument("--data", default="shapes", choices=("shapes", "colours"),
-                   help="the synthetic set: classes by shape and layout (default) or by colour and shape")
-    p.add_argument("--images-per-class", type=int, default=40, help="synthetic images per class")
-    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grids and the evaluations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="training steps per run (default 1500; 400 with --quick)")
+    p.add_argument("--data", choices=("colours", "shapes"),
+                   help="the synthetic set: classes by colour, shape and texture (default) or by shape and layout only")
+    p.add_argument("--images-per-class", type=int, help="synthetic images per class (default 40)")
+    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids and the evaluations (default 25)")
+    p.add_argument("--seed", type=int, help="seed of the data, teacher and evaluations, and the first training "
+                   "seed (default 0)")
     _add_resolution(p, DEMO_RESOLUTION, "image")
     p.add_argument("--random-vfm", action="store_true",
                    help="a random, untrained VFM instead of the teacher trained here (plumbing checks only)")
