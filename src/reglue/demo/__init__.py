@@ -13,7 +13,7 @@ Stages, each calling what the matching ``reglue`` command calls, all under ``DIR
   1. images       the synthetic ImageFolder (:mod:`reglue.data.synthetic`)            images/
   2. prepare      pixel-autoencoder moments (``reglue prepare``); ReDi: a copy       data/ (data-pca/)
   3. teacher      the VFM (``reglue train-vfm``), with its k-NN / linear-probe report  teacher/
-  4. classifier   a shape classifier of the real images (the class-accuracy metric)  classifier.safetensors
+  4. classifier   a classifier of the real images (the class-accuracy metric)  classifier.safetensors
   5. semantics    norm stats, compressor (ReDi: PCA), cached semantics/CLS/REPA      data/...
   6. train        each preset × seed (``reglue train``), evaluating itself 4 times   runs/<preset>/seed-<s>/
   7. grid         a class grid of each preset's first seed                           grid_<preset>.png

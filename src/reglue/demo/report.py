@@ -186,7 +186,7 @@ def _protocol_section(settings: DemoSettings, results: dict) -> list[str]:
          f"{', '.join(map(str, settings.run_seeds))}; data, teacher, classifier and evaluation samples are the "
          f"same for all. Each run is evaluated {EVALUATIONS} times on the same {settings.eval_samples} EMA samples "
          f"({fixed['sampler']}): FD of the samples' CLS features in the VFM's space against every prepared image "
-         f"(`{results['fd_key']}`, lower is better) and the share of samples a shape classifier trained on the real "
+         f"(`{results['fd_key']}`, lower is better) and the share of samples a classifier trained on the real "
          f"images assigns their conditioning class (`{ACCURACY_KEY}`, higher is better; the classifier's held-out "
          f"accuracy on real images is {classifier['held_out_accuracy']:.3f}, chance {classifier['chance']:.3f})."),
         "",
@@ -232,7 +232,7 @@ def _clear(difference: dict) -> str:
 
 def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:
     lines = ["## Files", "", f"- [results.json]({RESULTS_FILE}): every series and final value per run",
-             "- [classifier.safetensors](classifier.safetensors): the shape classifier"]
+             "- [classifier.safetensors](classifier.safetensors): the classifier of the real images"]
     if (paths.teacher / "report.md").is_file():
         lines.append("- [teacher/](teacher/report.md): the trained VFM (`teacher.pth`, official DINOv2 layout)")
     for preset in settings.presets:

@@ -25,7 +25,7 @@ COMPRESSOR = {"channels": (64, 16), "global_batch": 32, "lr": 1e-3, "val_fractio
 PCA_RANK = 8
 SAMPLER = "sde"
 EVALUATIONS = 4  # per run, at a quarter, half, three quarters and the end of its steps
-CLASSIFIER_SIDE = 64  # the shape classifier's input side (reglue.metrics.class_probe)
+CLASSIFIER_SIDE = 64  # the input side of the classifier of the real images (reglue.metrics.class_probe)
 
 
 @dataclass(frozen=True, kw_only=True)

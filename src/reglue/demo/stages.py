@@ -94,7 +94,7 @@ def check_out_dir(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- data, teacher, classifier
 def data_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, progress: bool) -> None:
-    """Images, the prepared data, the teacher and the shape classifier."""
+    """Images, the prepared data, the teacher and the classifier of the real images."""
     ledger.run("images", f"{settings.num_images} synthetic images of the {settings.data!r} set, "
                f"{len(settings.classes)} classes, drawn at {settings.resolution}²",
                lambda: write_synthetic_dataset(paths.images, settings.images_per_class, settings.resolution,
@@ -109,7 +109,7 @@ def data_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, progre
         teacher = TeacherSettings(epochs=settings.teacher_epochs, seed=settings.seed)
         ledger.run("teacher", f"self-supervised DINOv2 teacher (`reglue train-vfm`), {settings.teacher_epochs} epochs",
                    lambda: _train_teacher(paths, teacher, progress))
-    ledger.run("classifier", f"shape classifier of the real images at {CLASSIFIER_SIDE}² (the class-accuracy metric)",
+    ledger.run("classifier", f"classifier of the real images at {CLASSIFIER_SIDE}² (the class-accuracy metric)",
                lambda: _train_classifier(paths, settings))
 
 
@@ -198,7 +198,8 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str, seed: int
 
 def eval_config(paths: DemoPaths, settings: DemoSettings) -> dict:
     """Quality during training, EVALUATIONS times per run on the same samples: FD in the VFM's CLS
-    space against every prepared image, and the shape classifier's accuracy on the samples."""
+    space against every prepared image, and the accuracy on the samples of a classifier trained on the
+    real images."""
     spec = vfm_spec(paths, settings)
     return {"every": max(1, settings.steps // EVALUATIONS), "num_samples": settings.eval_samples,
             "metrics": ["fd", "class_accuracy"], "classifier": str(paths.classifier),
