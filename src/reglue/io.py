@@ -1,12 +1,21 @@
-"""Crash-safe file writing: nothing appears under its final name until it is complete."""
+"""Crash-safe file writing (nothing appears under its final name until it is complete), the record
+of a file's size and checksum (taken while it is written), and checks of files users move."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+from reglue.errors import DamagedFileError
+
+CHECKSUM = "blake2b"  # the checksum's key in a file record: BLAKE2b with a 16-byte digest
+READ_BLOCK = 8 << 20  # bytes per read while checksumming (hashlib releases the GIL on such blocks)
+DEFAULT_FIX = "write it again, or copy it again from where it was made"
 
 
 @contextlib.contextmanager
@@ -33,11 +42,82 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object:
+def new_checksum():
+    """An empty BLAKE2b-128 checksum (``update`` it, then ``hexdigest``): the ``blake2b`` of the records."""
+    return hashlib.blake2b(digest_size=16)
+
+
+class RecordingWriter:
+    """A binary file open for writing whose ``write`` also feeds a checksum and a byte count, so the
+    :meth:`record` of what was written costs no second pass over the file (``np.save(writer, array)``)."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.digest = new_checksum()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+    def record(self) -> dict:
+        """``{"bytes": size, "blake2b": hex digest}`` of everything written."""
+        return {"bytes": self.size, CHECKSUM: self.digest.hexdigest()}
+
+
+def file_record(path: str | Path, progress: Callable[[int], None] | None = None) -> dict:
+    """The :meth:`RecordingWriter.record` of a file, read in READ_BLOCK blocks; ``progress(bytes)`` after each."""
+    digest, size = new_checksum(), 0
+    block = bytearray(READ_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(block):
+            digest.update(view[:count])
+            size += count
+            if progress is not None:
+                progress(count)
+    return {"bytes": size, CHECKSUM: digest.hexdigest()}
+
+
+def size_problem(found: int, expected: int) -> str:
+    """How a file of ``found`` bytes differs from the ``expected`` size, in words."""
+    how = "truncated" if found < expected else "longer than written"
+    return f"{found:,} bytes, expected {expected:,} ({how})"
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file's frame, or None: a header that does not parse, or a
+    size other than 8 + header + the end of the last tensor the header describes (a cut-off copy)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"{size:,} bytes, too short for the header it starts with (truncated)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            return f"its header does not parse ({type(err).__name__}: {str(err)[:100]})"
+    return size_problem(size, 8 + length + end) if size != 8 + length + end else None
+
+
+def check_safetensors(path: str | Path, what: str, fix: str = DEFAULT_FIX) -> None:
+    """Refuse a ``.safetensors`` file whose frame is damaged (:func:`safetensors_problem`), naming it,
+    what it is (``what``) and ``fix``; files of other kinds pass."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file() and (problem := safetensors_problem(path)):
+        raise DamagedFileError(f"{path} is not a readable {what} file: {problem}; {fix}.")
+
+
+def read_tensor_file(path: str | Path, what: str, allowed: tuple = (), fix: str = DEFAULT_FIX) -> object:
     """Load a ``.safetensors`` file or a ``torch.save`` file (``weights_only``: no code runs).
 
     ``allowed`` lists extra classes/functions the pickle may name (``torch.serialization.safe_globals``).
-    A file that is neither, or that names anything else, is a ValueError naming it and ``what``.
+    A file that is neither, or that names anything else, is a ValueError naming it and ``what``; a
+    damaged ``.safetensors`` file (:func:`check_safetensors`) a :class:`DamagedFileError` ending in ``fix``.
     """
     import pickle
     import zipfile
@@ -49,6 +129,7 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = ()) -> object
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} not found; check the path.")
+    check_safetensors(path, what, fix)
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
@@ -80,22 +161,21 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json(path: str | Path, payload: dict) -> None:
     """``payload`` as indented JSON at ``path``, atomically."""
-    import json
-
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def read_safetensors_metadata(path: str | Path, what: str = "safetensors") -> dict[str, str]:
+def read_safetensors_metadata(path: str | Path, what: str = "safetensors", fix: str = DEFAULT_FIX) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` file's header ({} for other files or none); a
-    header that does not parse is a ValueError naming the file as a ``what`` file."""
+    damaged file is a :class:`DamagedFileError` naming it as a ``what`` file, ending in ``fix``."""
     import safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
+    check_safetensors(path, what, fix)
     try:
         with safetensors.safe_open(str(path), "pt") as handle:
             return dict(handle.metadata() or {})
     except safetensors.SafetensorError as err:
-        raise ValueError(f"{path} is not a readable {what} file ({err}); rewrite it.") from err
+        raise ValueError(f"{path} is not a readable {what} file ({err}); {fix}.") from err
