@@ -103,8 +103,10 @@ def test_online_semantics_without_a_usable_compressor_or_pca_are_refused_before_
                    "model.preset=redi", f"data.pca={tmp_path / 'missing.safetensors'}", *online)
     narrow = tmp_path / "narrow.safetensors"  # the demo VFM gives 4 blocks × 32 = 128 channels
     save_file(SemanticCompressor((64, 32, 16)).state_dict(), str(narrow))
-    assert_refused(reglue, tmp_path / "run", r"data.compressor: .* maps 64 VFM channels to 16, but the run's VFM "
-                   r"gives 128 \(4 blocks × 32\)", f"data.compressor={narrow}", *online)
+    with pytest.raises(ValueError, match=r"narrow.safetensors maps 64 VFM channels to 16, but the VFM gives 128 "
+                       r"\(4 blocks × 32\): it was made for another VFM"):
+        train(demo_config(reglue, tmp_path / "run", *FAST, f"data.compressor={narrow}", *online))
+    assert not (tmp_path / "run").exists()
     low_rank = tmp_path / "rank4.safetensors"
     PCAProjection(128, 4).save(low_rank)
     assert_refused(redi, tmp_path / "run", r"data.pca: .* maps 128 VFM channels to 4, .* redi preset models 8",

@@ -50,14 +50,17 @@ def describe_state_dict_mismatch(
     return "\n  ".join(lines)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Strip prefixes, check every key and shape, then ``load_state_dict(strict=True)``."""
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, fix: str = "") -> None:
+    """Strip prefixes, check every key and shape, then ``load_state_dict(strict=True)``.
+
+    A mismatch is a ValueError naming ``what`` and every difference, then ``fix`` (by default, for a
+    SiT, the size the weights look like)."""
     state_dict = strip_module_prefix(state_dict)
     problem = describe_state_dict_mismatch(model, state_dict)
     if problem is not None:
-        hint = ""
+        hint = f"\n{fix[0].upper()}{fix[1:]}." if fix else ""
         embed = state_dict.get("x_embedder.proj.weight")
-        if embed is not None and embed.ndim == 4:
+        if not fix and embed is not None and embed.ndim == 4:
             hint = (
                 f"\nThe checkpoint looks like hidden size {embed.shape[0]}, {embed.shape[1]} input "
                 f"channels, patch {embed.shape[-1]}; build the matching model (e.g. build_sit("

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from reglue.io import atomic_write, read_tensor_file
+from reglue.io import atomic_write, read_safetensors_metadata, read_tensor_file
 
 NORM_STATS_FILE = "norm_stats.safetensors"  # DATA/norm_stats.safetensors, written by `reglue norm-stats`
+NORM_STATS_FIX = ("compute it again with `reglue norm-stats {data} --vfm-weights …` (the VFM options it was made "
+                  "with), or copy it again from where it was made")
 
 NUMPY_ARRAY_GLOBALS = [
     np.ndarray,
@@ -71,25 +73,24 @@ class NormStats:
 
     @classmethod
     def load(cls, path: str | Path) -> NormStats:
-        """Our safetensors file, or the authors' pickled {"mean", "std"} numpy dict."""
+        """Our safetensors file, or the authors' pickled {"mean", "std"} numpy dict (their numpy
+        array types allow-listed). A damaged file or a wrong shape is an error naming it and the fix."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"norm stats file {path} not found; run `reglue norm-stats DATA` first.")
+        fix = NORM_STATS_FIX.format(data="DATA")
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as handle:
-                return cls(handle.get_tensor("mean"), handle.get_tensor("std"), dict(handle.metadata() or {}))
-        return cls._load_authors(path)
-
-    @classmethod
-    def _load_authors(cls, path: Path) -> NormStats:
-        raw = read_tensor_file(path, "norm-stats", allowed=tuple(NUMPY_ARRAY_GLOBALS))
+            raw, metadata = read_tensor_file(path, "norm-stats", fix=fix), read_safetensors_metadata(path, "norm-stats", fix)
+        else:
+            raw = read_tensor_file(path, "norm-stats", allowed=tuple(NUMPY_ARRAY_GLOBALS), fix=fix)
+            metadata = {"source": f"authors' file {path.name}"}
         if not isinstance(raw, dict) or not {"mean", "std"} <= set(raw):
             found = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"{path} is not a norm-stats file: expected keys 'mean' and 'std', found {found}.")
-        return cls(torch.from_numpy(np.asarray(raw["mean"])), torch.from_numpy(np.asarray(raw["std"])),
-                   {"source": f"authors' file {path.name}"})
+        try:
+            return cls(torch.as_tensor(np.asarray(raw["mean"])), torch.as_tensor(np.asarray(raw["std"])), metadata)
+        except ValueError as err:
+            raise ValueError(f"{path}: {str(err).rstrip('.')}; {fix}.") from None
 
 
 class NormStatsAccumulator:

@@ -26,7 +26,7 @@ from torch import nn
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor, build_vfm
 from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
-from reglue.models.compressor import PCAProjection, SemanticCompressor
+from reglue.models.compressor import COMPRESSOR_FIX, PCAProjection, SemanticCompressor
 
 _logger = logging.getLogger(__name__)
 
@@ -160,13 +160,31 @@ def build_semantic_encoder(
         raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
     module = None
     if compressor is not None:
-        check_made_at(read_safetensors_metadata(compressor, "semantic compressor"), resolution, compressor,
+        fix = COMPRESSOR_FIX.format(data="DATA")
+        check_made_at(read_safetensors_metadata(compressor, "semantic compressor", fix), resolution, compressor,
                       "train a compressor on this dataset: `reglue train-compressor DATA`.")
-        module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor"))
+        module = SemanticCompressor.from_state_dict(read_tensor_file(compressor, "semantic compressor", fix=fix),
+                                                    what=f"semantic compressor {compressor}", fix=fix)
         info["compressor_sha256"] = file_sha256(compressor)
     elif pca is not None:
         module = PCAProjection.load(pca)
         info["pca_sha256"] = file_sha256(pca)
     extractor = spec.build(resolution, autocast_dtype)
+    if module is not None:
+        _check_input_width(module, compressor or pca, extractor)
     info.update(vfm=spec.to_json(), resolution=resolution, vfm_autocast=str(autocast_dtype))
     return SemanticEncoder(extractor, stats, module), info
+
+
+def _check_input_width(module: SemanticCompressor | PCAProjection, path: str | Path, extractor: VFMExtractor) -> None:
+    """The compressor / PCA in ``path`` must take the VFM's L·D channels (the width of its first layer)."""
+    pca = isinstance(module, PCAProjection)
+    width, out = (module.mean.shape[0], module.rank) if pca else (module.channels[0], module.latent_channels)
+    vfm = len(extractor.layers) * extractor.embed_dim
+    if width != vfm:
+        make = "fit one with `reglue fit-pca DATA`" if pca else "train one with `reglue train-compressor DATA`"
+        raise ValueError(
+            f"{path} maps {width} VFM channels to {out}, but the VFM gives {vfm} ({len(extractor.layers)} blocks × "
+            f"{extractor.embed_dim}): it was made for another VFM or other layers; pass the one made for this VFM, "
+            f"or {make} (the VFM recorded in its norm stats)."
+        )

@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reglue.io import atomic_write
+from reglue.io import atomic_write, read_tensor_file
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
+
+COMPRESSOR_FIX = ("train it again with `reglue train-compressor {data} --restart`, or copy it again from where it "
+                  "was made")
+PCA_FIX = "fit it again with `reglue fit-pca {data}`, or copy it again from where it was made"
 
 
 class ResidualBlock(nn.Module):
@@ -87,10 +91,12 @@ class SemanticCompressor(nn.Module):
         return self.decode(self.encode(features))
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> SemanticCompressor:
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], what: str = "the semantic-compressor weights",
+                        fix: str = "") -> SemanticCompressor:
         """Build with the channel list read off the weights, then load strictly.
 
-        Accepts the authors' state dicts with or without a ``module.`` prefix.
+        Accepts the authors' state dicts with or without a ``module.`` prefix. Errors name the
+        weights as ``what`` (e.g. their file) and end in ``fix``.
         """
         state_dict = strip_module_prefix(state_dict)
         convs = sorted(
@@ -100,12 +106,12 @@ class SemanticCompressor(nn.Module):
         )
         if not convs:
             raise ValueError(
-                "not a semantic-compressor state dict: no 'encoder.model.<i>.weight' conv keys "
+                f"{what}: not a semantic-compressor state dict: no 'encoder.model.<i>.weight' conv keys "
                 f"(found e.g. {list(state_dict)[:3]})."
             )
         channels = [convs[0][1][1]] + [shape[0] for _, shape in convs]
         model = cls(channels)
-        load_state_dict_strict(model, state_dict, "the semantic-compressor weights")
+        load_state_dict_strict(model, state_dict, what, fix=fix)
         return model
 
 
@@ -170,12 +176,12 @@ class PCAProjection(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> PCAProjection:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        if "components" not in state:
-            raise ValueError(f"{path} is not a PCA file (no 'components'); write one with `reglue fit-pca`.")
+        """A PCA file of :meth:`save`; a damaged file or a wrong shape is an error naming it and the fix."""
+        fix = PCA_FIX.format(data="DATA")
+        state = read_tensor_file(path, "PCA", fix=fix)
+        if "components" not in state or state["components"].ndim != 2:
+            raise ValueError(f"{path} is not a PCA file (no 'components' matrix); write one with `reglue fit-pca`.")
         rank, channels = state["components"].shape
         pca = cls(channels, rank)
-        load_state_dict_strict(pca, state, str(path))
+        load_state_dict_strict(pca, state, str(path), fix=fix)
         return pca

@@ -24,9 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reglue.io import atomic_write
+from reglue.errors import DamagedFileError
+from reglue.io import atomic_write, read_tensor_file
 from reglue.state_dict import load_state_dict_strict
 from reglue.transport import PATHS
+
+EXPORT_FIX = ("copy config.json and model.safetensors again, together, from the run that exported them "
+              "(RUN_DIR/ema of `reglue train`)")
 
 
 @dataclass(frozen=True)
@@ -427,8 +431,8 @@ class SiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> SiT:
-        from safetensors.torch import load_file
-
+        """The SiT :meth:`save_pretrained` wrote to ``directory``; a damaged or mismatched pair of files is
+        an error naming the file and the fix."""
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
@@ -436,10 +440,15 @@ class SiT(nn.Module):
                     f"{directory / name} not found: a pretrained SiT directory holds config.json "
                     "and model.safetensors (written by SiT.save_pretrained)."
                 )
-        raw = json.loads((directory / "config.json").read_text())
+        try:
+            raw = json.loads((directory / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DamagedFileError(f"{directory / 'config.json'} does not parse as JSON ({err}); {EXPORT_FIX}.") from None
         known = {f.name for f in fields(SiTConfig)}
         model = cls(SiTConfig(**{k: v for k, v in raw.items() if k in known}), **overrides)
-        load_state_dict_strict(model, load_file(str(directory / "model.safetensors")), str(directory))
+        weights = directory / "model.safetensors"
+        load_state_dict_strict(model, read_tensor_file(weights, "SiT weights", fix=EXPORT_FIX), str(weights),
+                               fix=f"its config.json describes another model: {EXPORT_FIX}")
         return model
 
 
