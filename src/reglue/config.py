@@ -66,6 +66,7 @@ class DataConfig:
     unconditional: bool = False  # ignore labels: every sample gets the null label
     num_workers: int = 4
     pin_memory: bool = True  # page-locked host batches (GPU runs only): faster, asynchronous copies
+    verify: bool = False  # check every file's checksum before training (`reglue verify`; sizes are always checked)
 
 
 @dataclass

@@ -134,7 +134,9 @@ def run_cache_semantics(
                                            resolution=manifest["resolution"], autocast_dtype=autocast_dtype)
     encoder.to(state.device)
     mine = sum(s["count"] for s in manifest["shards"][state.process_index :: state.num_processes])
+    given = {"norm_stats": norm_stats, "compressor": compressor, "pca": pca}
+    paths = {key: str(Path(value).resolve()) for key, value in given.items() if value is not None}
     with _progress_bar(mine, "cache-semantics", show_progress and state.is_main_process) as bar:
         return cache_semantics(data, encoder, info, repa_targets=repa_targets, batch_size=batch_size,
                                device=state.device, rank=state.process_index, world_size=state.num_processes,
-                               barrier=state.wait_for_everyone, progress=bar.update)
+                               barrier=state.wait_for_everyone, progress=bar.update, paths=paths)

@@ -6,32 +6,33 @@ Per shard, in float16 (docs/data-format.md):
 - ``cls.npy`` (n, D): the VFM [CLS] token;
 - ``repa.npy`` (n, 1 + h·w, D): REPA targets (only with ``repa_targets=True``; large).
 
-Training then skips the VFM forward. Every file is written atomically, so a rerun resumes
-shard by shard. ``semantics.json`` at the dataset root records what produced the cache (VFM,
-compressor and norm-stats checksums); a rerun with different inputs is refused.
+Training then skips the VFM forward. Every file is written atomically and recorded in its
+shard's ``index.json`` (size and checksum, :mod:`reglue.data.integrity`), so a rerun resumes
+shard by shard and redoes a shard whose cached files are missing or damaged (it first checks the
+checksums of the cached files it would keep, and of the images it would cache from).
+``semantics.json`` at the dataset root records what produced the cache (VFM, compressor and
+norm-stats checksums, and their paths); a rerun with different inputs is refused.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from reglue.data import store
+from reglue.data import integrity, store
 from reglue.encoders.semantics import SemanticEncoder
+from reglue.errors import DamagedFileError
 from reglue.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def cached_fields(has_compressor: bool, repa_targets: bool) -> tuple[str, ...]:
     return ("semantics",) * has_compressor + ("cls",) + ("repa",) * repa_targets
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def cache_semantics(
@@ -46,11 +47,14 @@ def cache_semantics(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     progress: Callable[[int], None] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> int:
     """Cache ``encoder``'s targets for every shard of the dataset at ``root``; returns shards written.
 
     ``info`` (JSON-able) identifies the inputs (VFM spec, checksums); it is stored in
-    ``semantics.json`` and must match on a rerun.
+    ``semantics.json`` and must match on a rerun. ``paths`` (option name → file, e.g.
+    ``{"compressor": ...}``) are recorded beside it, so that a damaged file's message can name
+    the command that rebuilds it.
     """
     root = Path(root)
     manifest = store.read_manifest(root)
@@ -60,36 +64,62 @@ def cache_semantics(
            "compressor, norm stats, VFM and precision.")
     store.check_or_write_json(info_path, dict(info, fields=list(fields)), rank == 0, fix)
     barrier()
-    written = 0
-    for index in range(rank, len(manifest["shards"]), world_size):
-        shard = store.shard_dir(root, index)
+    mine = range(rank, len(manifest["shards"]), world_size)
+    todo = _shards_to_cache(root, list(mine), fields)
+    for index in mine:
         count = manifest["shards"][index]["count"]
-        if all((shard / f"{name}.npy").is_file() for name in fields):
-            if progress is not None:
-                progress(count)
-            continue
-        images = store.open_array(root, index, "images")  # (n, R, R, 3) memory-mapped
-        outputs: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-        for start in range(0, count, batch_size):
-            batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
-            targets = encoder(batch.to(device))
-            for name in fields:
-                outputs[name].append(getattr(targets, name).half().cpu().numpy())
-            if progress is not None:
-                progress(len(batch))
-        for name in fields:
-            _save(shard / f"{name}.npy", _stack(outputs[name], count, encoder, name, manifest))
-        written += 1
+        if index in todo:
+            _cache_shard(root, index, count, encoder, fields, batch_size=batch_size, device=device,
+                         progress=progress, resolution=manifest["resolution"])
+        elif progress is not None:
+            progress(count)
     barrier()
     if rank == 0:  # the reader accepts the cache only once every shard has it
-        store.write_json_atomic(info_path, dict(json.loads(info_path.read_text()), complete=True))
-    return written
+        recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
+        store.write_json_atomic(info_path, dict(recorded, complete=True, paths=paths or {}))
+    return len(todo)
 
 
-def _stack(parts: list[np.ndarray], count: int, encoder: SemanticEncoder, name: str, manifest: dict) -> np.ndarray:
+def _shards_to_cache(root: Path, indices: list[int], fields: tuple[str, ...]) -> set[int]:
+    """The shards among ``indices`` whose cached files are absent or damaged (checksums checked); their
+    images are checked too, since the cache is computed from them: damaged images are refused."""
+    todo = integrity.damaged_shards(root, indices, [f"{name}.npy" for name in fields])
+    for index, problems in todo.items():
+        for problem in (p for p in problems if p.kind != "absent"):
+            log.warning("%s: %s; caching %s again", store.shard_dir(root, index) / problem.name, problem.text,
+                        store.shard_name(index))
+    damaged_images = integrity.damaged_shards(root, sorted(todo), ("images.npy",))
+    if damaged_images:
+        index, problems = min(damaged_images.items())
+        raise DamagedFileError(f"{store.shard_dir(root, index) / problems[0].name}: {problems[0].text}; the semantics "
+                               f"are computed from it, so first {store.prepare_remedy(root)}")
+    return set(todo)
+
+
+def _cache_shard(root: Path, index: int, count: int, encoder: SemanticEncoder, fields: tuple[str, ...], *,
+                 batch_size: int, device: torch.device | str, progress: Callable[[int], None] | None,
+                 resolution: int) -> None:
+    """Compute and write one shard's cached arrays, each atomically, then record them in its index."""
+    images = store.open_array(root, index, "images")  # (n, R, R, 3) memory-mapped
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+    for start in range(0, count, batch_size):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        targets = encoder(batch.to(device))
+        for name in fields:
+            outputs[name].append(getattr(targets, name).half().cpu().numpy())
+        if progress is not None:
+            progress(len(batch))
+    shard, records = store.shard_dir(root, index), {}
+    for name in fields:
+        with atomic_write(shard / f"{name}.npy") as tmp:
+            records[f"{name}.npy"] = store.save_array(tmp, _stack(outputs[name], count, encoder, name, resolution))
+    store.add_records(shard, records)
+
+
+def _stack(parts: list[np.ndarray], count: int, encoder: SemanticEncoder, name: str, resolution: int) -> np.ndarray:
     """Concatenate batches; an empty shard gets a correctly shaped empty array."""
     if parts:
         return np.concatenate(parts)
-    probe = torch.zeros(1, 3, manifest["resolution"], manifest["resolution"], dtype=torch.uint8)
+    probe = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
     shape = getattr(encoder(probe.to(next(encoder.extractor.parameters()).device)), name).shape[1:]
     return np.zeros((count, *shape), np.float16)

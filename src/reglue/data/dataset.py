@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from reglue.data import store
+from reglue.data import integrity, store
 
 
 def random_subset(dataset: Dataset, num_images: int, seed: int = 0) -> Subset:
@@ -24,7 +24,6 @@ def random_subset(dataset: Dataset, num_images: int, seed: int = 0) -> Subset:
     return Subset(dataset, chosen)
 
 
-CACHED_ARRAYS = ("semantics", "cls", "repa")  # written by `reglue cache-semantics`
 OPEN_ARRAYS = 64  # memory maps kept open per process
 
 
@@ -35,8 +34,9 @@ class PreparedDataset(Dataset):
     ``"images"`` (3, R, R) uint8, and arrays added later such as cached semantics); ``label``
     (int64, −1 when unconditional) is always returned. ``resolution`` / ``vae``, when given,
     must match the manifest; ``vfm`` (a :class:`~reglue.encoders.semantics.VFMSpec` as JSON),
-    when given, must match the VFM that produced cached semantics. Shards are memory-mapped
-    lazily in each process, so the dataset works with DataLoader workers and a
+    when given, must match the VFM that produced cached semantics. Opening checks every shard
+    file's size against its record (:func:`reglue.data.integrity.check_sizes`). Shards are
+    memory-mapped lazily in each process, so the dataset works with DataLoader workers and a
     DistributedSampler.
     """
 
@@ -57,6 +57,7 @@ class PreparedDataset(Dataset):
         self.offsets = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]]).tolist()
         self._check_fields_exist()
         self._check_vfm(vfm)
+        integrity.check_sizes(self.root, self.manifest)
         self._arrays: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def _check(self, key: str, wanted) -> None:
@@ -70,10 +71,10 @@ class PreparedDataset(Dataset):
     def semantics_info(self) -> dict | None:
         """What produced the cached semantics (``semantics.json``), or None without a cache."""
         path = self.root / store.SEMANTICS_INFO
-        return json.loads(path.read_text()) if path.is_file() else None
+        return store.read_json(path, integrity.SEMANTICS_REMEDY) if path.is_file() else None
 
     def _check_vfm(self, vfm: str | None) -> None:
-        cached = set(self.fields) & set(CACHED_ARRAYS)
+        cached = set(self.fields) & set(store.CACHED_ARRAYS)
         if vfm is None or not cached:
             return
         recorded = (self.semantics_info or {}).get("vfm")
@@ -84,10 +85,10 @@ class PreparedDataset(Dataset):
             )
 
     def _check_fields_exist(self) -> None:
-        unknown = set(self.fields) - set(store.SHARD_ARRAYS) - set(CACHED_ARRAYS)
+        unknown = set(self.fields) - set(store.SHARD_ARRAYS) - set(store.CACHED_ARRAYS)
         if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)}; choose from {store.SHARD_ARRAYS + CACHED_ARRAYS}.")
-        cached = [name for name in self.fields if name in CACHED_ARRAYS]
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; choose from {store.SHARD_ARRAYS + store.CACHED_ARRAYS}.")
+        cached = [name for name in self.fields if name in store.CACHED_ARRAYS]
         info = self.semantics_info or {}
         missing = [name for name in cached if name not in info.get("fields", ())]
         if cached and (missing or not info.get("complete")):

@@ -6,8 +6,9 @@ shards (:mod:`reglue.data.store`). Shard k holds the sources with sorted positio
 [k·S, (k+1)·S), minus the files that had to be skipped, so the output depends only on the
 source and the settings — not on the number of processes or on interruptions:
 
-- rerunning after an interruption (even ``kill -9``) skips completed shards and redoes the
-  rest, giving byte-identical files;
+- rerunning after an interruption (even ``kill -9``) keeps completed shards whose files match
+  their records (sizes and checksums, :mod:`reglue.data.integrity`) and redoes the rest, giving
+  byte-identical files; a shard damaged since (truncated, overwritten, a file lost) is redone too;
 - with several processes (``accelerate launch``), rank r writes shards k ≡ r (mod world);
   rank 0 writes the manifest once every shard is complete.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 import reglue
-from reglue.data import store
+from reglue.data import integrity, store
 from reglue.data.images import BadImageError, adm_center_crop, load_image
 from reglue.data.sources import ImageSource, SourceItem, open_source
 from reglue.distributed import process_state
@@ -123,9 +124,9 @@ def prepare_dataset(
 ) -> PrepareSummary:
     """Prepare (or resume preparing) ``dst`` from ``settings.source`` with ``vae``.
 
-    ``vae.encode_moments(uint8 (B, 3, R, R)) -> (B, 8, R/8, R/8)``; ``progress(n)`` is
-    called after each newly written shard with the number of source files it covered.
-    ``source``: the already opened ``settings.source``, if the caller has it.
+    ``vae.encode_moments(uint8 (B, 3, R, R)) -> (B, 8, R/8, R/8)``; ``progress(n)`` is called
+    after each of this rank's shards, written or kept intact, with the number of source files it
+    covers. ``source``: the already opened ``settings.source``, if the caller has it.
     """
     dst = Path(dst)
     source = source if source is not None else open_source(settings.source)
@@ -138,16 +139,18 @@ def prepare_dataset(
         if rank == 0 and (removed := store.remove_leftovers(dst)):
             log.info("removed %d temporary file(s) of an interrupted run", removed)
         barrier()
+        mine = range(rank, len(shards), world_size)
+        _discard_damaged(dst, [index for index in mine if store.shard_dir(dst, index).is_dir()])
         resumed = 0
-        for index in range(rank, len(shards), world_size):
+        for index in mine:
+            shard_items = items[slice(*shards[index])]
             if store.shard_is_complete(dst, index):
                 resumed += 1
-                continue
-            shard_items = items[slice(*shards[index])]
-            images, labels, kept, skipped = _crop_shard(source, shard_items, settings)
-            moments = _encode(vae, images, batch_size)
-            arrays = {"images": images, "moments": moments, "labels": labels}
-            store.write_shard(dst, index, arrays, {"sources": kept, "skipped": skipped})
+            else:
+                images, labels, kept, skipped = _crop_shard(source, shard_items, settings)
+                moments = _encode(vae, images, batch_size)
+                arrays = {"images": images, "moments": moments, "labels": labels}
+                store.write_shard(dst, index, arrays, {"sources": kept, "skipped": skipped})
             if progress is not None:
                 progress(len(shard_items))
         barrier()
@@ -155,6 +158,17 @@ def prepare_dataset(
         summary = _finalize(dst, settings, source, mine, write=rank == 0)
     summary.resumed_shards = resumed
     return summary
+
+
+def _discard_damaged(dst: Path, present: list[int]) -> None:
+    """Check the files of the ``present`` shards (index, sizes and checksums, in parallel) and delete
+    the damaged shards, which are then written again: a rerun repairs exactly what was damaged."""
+    for index, problems in integrity.damaged_shards(dst, present, integrity.PREPARED_FILES).items():
+        cached = f"; its cached semantics go with it: then {store.cache_remedy(dst)}" if (
+            dst / store.SEMANTICS_INFO).is_file() else ""
+        log.warning("%s: %s; writing %s again%s", store.shard_dir(dst, index) / problems[0].name, problems[0].text,
+                    store.shard_name(index), cached)
+        store.discard_shard(dst, index)
 
 
 def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices: range, write: bool):
@@ -212,12 +226,8 @@ def run_prepare(
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
     vae = load_vae(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
-    todo = sum(
-        stop - start
-        for index, (start, stop) in enumerate(shards)
-        if index % state.num_processes == state.process_index and not store.shard_is_complete(Path(dst), index)
-    )
-    bar = tqdm(total=todo, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
+    mine = sum(stop - start for start, stop in shards[state.process_index :: state.num_processes])
+    bar = tqdm(total=mine, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
                dynamic_ncols=True)
     with bar:
         return prepare_dataset(settings, dst, vae, batch_size=batch_size, rank=state.process_index,

@@ -10,12 +10,14 @@ DATA/
       images.npy         # uint8   (n, R, R, 3)   ADM-cropped RGB
       moments.npy        # float32 (n, 8, R/8, R/8) VAE posterior mean ‖ std
       labels.npy         # int64   (n,)  class index, -1 when unconditional
-      index.json         # source path of each row, skipped files of this shard
+      index.json         # source path of each row, skipped files of this shard, and the
+                         # record (size, BLAKE2b) of every file of the shard
 ```
 
 A shard is written into a hidden temporary directory and renamed into place only when all
 of its files are complete and fsynced, so a shard directory under its final name is always
-whole, and completed shards are never rewritten.
+whole. Each file's record is taken while it is written (:class:`reglue.io.RecordingWriter`);
+:mod:`reglue.data.integrity` checks the files against them.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from reglue.io import atomic_write
+from reglue.errors import DamagedFileError
+from reglue.io import RecordingWriter, atomic_write, new_checksum
 from reglue.settings import check_same_settings
 
 FORMAT_NAME = "reglue-dataset"
@@ -40,7 +44,12 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SKIPPED = "skipped.tsv"
 SEMANTICS_INFO = "semantics.json"  # written by `reglue cache-semantics`
-SHARD_ARRAYS = ("images", "moments", "labels")
+SHARD_ARRAYS = ("images", "moments", "labels")  # written by `reglue prepare`
+CACHED_ARRAYS = ("semantics", "cls", "repa")  # written by `reglue cache-semantics`
+INDEX = "index.json"
+FILES = "files"  # the index's records: {file name: {"bytes", "blake2b"}}
+INDEX_CHECKSUM = "index_blake2b"  # the index's checksum of its own other entries
+RECORD_REMEDY = "copy it again from where it was made: it tells a rerun whether its settings match the files written"
 
 
 def shard_name(index: int) -> str:
@@ -52,7 +61,7 @@ def shard_dir(root: Path, index: int) -> Path:
 
 
 def shard_is_complete(root: Path, index: int) -> bool:
-    return (shard_dir(root, index) / "index.json").is_file()
+    return (shard_dir(root, index) / INDEX).is_file()
 
 
 def remove_leftovers(root: Path) -> int:
@@ -94,7 +103,7 @@ def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> No
     the demo's stage ledger in ``demo.json``) is the caller's and not compared.
     """
     if path.is_file():
-        found = json.loads(path.read_text())
+        found = read_json(path, RECORD_REMEDY)
         recorded = {key: value for key, value in found.items() if key in wanted}
         check_same_settings(recorded, wanted, what=str(path.parent), fix=fix)
     elif is_main:
@@ -102,28 +111,71 @@ def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> No
         write_json_atomic(path, wanted)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
+def save_array(path: Path, array: np.ndarray) -> dict:
+    """``np.save`` ``array`` to ``path`` and fsync it; returns the file's record (bytes, checksum)."""
+    with open(path, "wb") as handle:
+        writer = RecordingWriter(handle)
+        np.save(writer, np.ascontiguousarray(array), allow_pickle=False)
+        handle.flush()
         os.fsync(handle.fileno())
+    return writer.record()
+
+
+def index_checksum(info: dict) -> str:
+    """BLAKE2b-128 of a shard index's entries other than its own checksum (sorted, compact JSON)."""
+    digest = new_checksum()
+    digest.update(json.dumps({key: value for key, value in info.items() if key != INDEX_CHECKSUM}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def write_shard_info(directory: Path, info: dict) -> None:
+    """A shard's ``index.json``, atomically; an index with file records also gets its own checksum."""
+    if FILES in info:
+        info = dict(info, **{INDEX_CHECKSUM: index_checksum(info)})
+    with atomic_write(directory / INDEX) as tmp:
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+
+
+def add_records(directory: Path, records: dict[str, dict]) -> None:
+    """Add the records of files written into a finished shard to its index (atomically). A shard
+    indexed without records (an older reglue) stays so: `reglue verify --reindex` records it whole."""
+    info = read_json(directory / INDEX, prepare_remedy(directory.parent.parent))
+    if FILES in info:
+        write_shard_info(directory, dict(info, **{FILES: {**info[FILES], **records}}))
 
 
 def write_shard(root: Path, index: int, arrays: dict[str, np.ndarray], info: dict) -> None:
-    """Write one shard's arrays and ``index.json`` atomically (temp dir, fsync, rename)."""
+    """Write one shard's arrays and ``index.json`` (``info`` plus the record of every array's file)
+    atomically: temp dir, fsync, rename."""
     final = shard_dir(root, index)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-        _fsync_file(tmp / f"{name}.npy")
-    (tmp / "index.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    _fsync_file(tmp / "index.json")
+    records = {f"{name}.npy": save_array(tmp / f"{name}.npy", array) for name, array in arrays.items()}
+    write_shard_info(tmp, dict(info, **{FILES: records}))
     os.replace(tmp, final)
 
 
+def discard_shard(root: Path, index: int) -> None:
+    """Delete a shard directory (to write it again); an interruption leaves a leftover that
+    :func:`remove_leftovers` deletes, never a shard directory that looks complete."""
+    final = shard_dir(root, index)
+    doomed = final.with_name(f".{final.name}.tmp-discarded-{os.getpid()}")
+    os.replace(final, doomed)
+    shutil.rmtree(doomed)
+
+
+def read_json(path: Path, remedy: str) -> dict:
+    """A JSON file; one that does not parse is a :class:`DamagedFileError` naming it and ``remedy``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"{path} does not parse as JSON ({err}); {remedy}") from None
+
+
 def read_shard_info(root: Path, index: int) -> dict:
-    return json.loads((shard_dir(root, index) / "index.json").read_text())
+    return read_json(shard_dir(root, index) / INDEX, prepare_remedy(root))
 
 
 def open_array(root: Path, index: int, name: str) -> np.ndarray:
@@ -144,10 +196,45 @@ def read_manifest(root: Path) -> dict:
             f"{path} not found: {root} is not a finished reglue dataset; run `reglue prepare SRC {root}` "
             "(rerunning it resumes an interrupted run)."
         )
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, prepare_remedy(root))
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format {manifest.get('format')} v{manifest.get('format_version')}; this reglue "
             f"reads {FORMAT_NAME} v{FORMAT_VERSION}. Re-prepare the dataset with this version."
         )
     return manifest
+
+
+# ----------------------------------------------------------------------------- remedies
+PREPARE_OPTIONS = ("resolution", "vae", "vae_dtype", "shard_size", "min_size", "max_images")
+AUTOCAST_OPTIONS = {"None": "none", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def prepare_remedy(root: Path) -> str:
+    """The command that rebuilds ``root``'s shards, from the settings it recorded: a rerun keeps the
+    intact shards, redoes missing or damaged ones and writes the manifest again."""
+    try:
+        settings = json.loads((Path(root) / SETTINGS).read_text())
+        options = [f"--{key.replace('_', '-')} {shlex.quote(str(settings[key]))}"
+                   for key in PREPARE_OPTIONS if settings.get(key) is not None]
+        command = " ".join(["reglue prepare", shlex.quote(settings["source"]), shlex.quote(str(root)), *options])
+    except (OSError, ValueError, KeyError, TypeError):  # no readable settings.json: the command's shape only
+        command = f"reglue prepare SRC {shlex.quote(str(root))} OPTIONS"
+    return f"rerun `{command}` (the settings it was prepared with): it keeps intact shards and redoes damaged ones"
+
+
+def cache_remedy(root: Path) -> str:
+    """The command that rebuilds ``root``'s cached semantics, from ``semantics.json`` (its fields, the
+    files it was made from, the VFM's precision): a rerun keeps intact shards and redoes damaged ones."""
+    try:
+        info = dict(json.loads((Path(root) / SEMANTICS_INFO).read_text()))
+    except (OSError, ValueError, TypeError):  # no readable semantics.json: the command's shape only
+        info = {}
+    made_from = {key: "FILE" for key in ("compressor", "pca") if f"{key}_sha256" in info}  # before paths were kept
+    paths = info.get("paths") or made_from
+    options = [f"--{key.replace('_', '-')} {shlex.quote(value)}" for key, value in sorted(paths.items()) if value]
+    options += ["--repa-targets"] * ("repa" in info.get("fields", ()))
+    if info.get("vfm_autocast") in AUTOCAST_OPTIONS:
+        options.append(f"--autocast {AUTOCAST_OPTIONS[info['vfm_autocast']]}")
+    command = " ".join(["reglue cache-semantics", shlex.quote(str(root)), *options])
+    return f"rerun `{command}` (the files it was made from): it keeps intact shards and redoes damaged ones"

@@ -13,17 +13,20 @@ the data and this machine before the run creates anything (see its docstring).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from reglue.config import ConfigError, RunConfig
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
-from reglue.distributed import on_cpu_only
+from reglue.data.integrity import verify_dataset
+from reglue.distributed import on_cpu_only, process_state
 from reglue.encoders.norm_stats import NORM_STATS_FILE
 from reglue.encoders.semantics import (
     SemanticEncoder,
@@ -33,9 +36,12 @@ from reglue.encoders.semantics import (
     upsample_semantics,
 )
 from reglue.encoders.vae import latents_from_moments
+from reglue.errors import DamagedFileError
 from reglue.models.compressor import PCAProjection
 from reglue.models.sit import PATCH_SIZES, sit_config
 from reglue.presets import Preset, get_preset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +78,8 @@ def open_run_inputs(config: RunConfig) -> RunInputs:
     """Open the data of ``config`` and check the config against it and this machine; writes nothing.
 
     Whatever cannot work is a :class:`ConfigError` naming the key and the fix, before the run
-    creates a file: fp16 without a GPU, missing data, cached arrays or online files, a VFM other
+    creates a file: fp16 without a GPU, missing or damaged data (every checksum with ``data.verify``),
+    cached arrays or online files, a VFM other
     than ``data.vfm``, a compressor / PCA of other widths than the VFM and the preset, a SiT token
     grid other than the REPA targets' grid, a global batch larger than the training rows.
     """
@@ -80,6 +87,8 @@ def open_run_inputs(config: RunConfig) -> RunInputs:
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPUs.")
     preset = get_preset(config.model.preset)
     dataset = open_training_dataset(config, preset)
+    if config.data.verify:
+        verify_training_data(dataset.root)
     rows = training_rows(dataset, config)
     if len(rows) < config.train.global_batch:
         raise ConfigError(
@@ -92,6 +101,22 @@ def open_run_inputs(config: RunConfig) -> RunInputs:
         _check_semantic_widths(config, preset, encoder)
     _check_token_grid(config, preset, dataset, encoder)
     return RunInputs(config, dataset, rows, encoder)
+
+
+def verify_training_data(root: Path) -> None:
+    """``data.verify``: every file's checksum (as ``reglue verify``), each process checking its share of
+    the shards; damage anywhere stops every process with the list of damaged files and their remedies."""
+    state = process_state()
+    shards = range(state.process_index, len(store.read_manifest(root)["shards"]), state.num_processes)
+    report = verify_dataset(root, shards=shards)
+    damaged = gather_object([str(damage) for damage in report.damaged])
+    counts = gather_object([(report.files, report.bytes, report.seconds)])
+    if damaged:
+        raise DamagedFileError(f"data.verify found {len(damaged)} damaged file(s) in {root}: " + " | ".join(damaged))
+    if state.is_main_process:
+        files, size, seconds = (sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts))
+        log.info("data.verify: %d files (%.2f GB) of %s intact, checked in %.1f s (%.2f GB/s, %d processes)",
+                 files, size / 1e9, root, seconds, size / 1e9 / max(seconds, 1e-9), state.num_processes)
 
 
 def vfm_spec(value: dict) -> VFMSpec:
@@ -140,8 +165,9 @@ def norm_stats_path(config: RunConfig) -> Path:
 
 
 def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticEncoder) -> None:
-    """The online compressor / PCA must take the VFM's channels and give the preset's S channels."""
-    module, extractor = encoder.compressor, encoder.extractor
+    """The online compressor / PCA must give the preset's S channels (that it takes the VFM's channels
+    is checked as it is loaded, :func:`~reglue.encoders.semantics.build_semantic_encoder`)."""
+    module = encoder.compressor
     if isinstance(module, PCAProjection):
         key, path, widths = "data.pca", config.data.pca, (module.mean.shape[0], module.rank)
         fix = f"fit one on this VFM's features: `reglue fit-pca {config.data.dir} --rank {preset.semantic_channels}`"
@@ -149,11 +175,9 @@ def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticE
         key, path, widths = "data.compressor", config.data.compressor, (module.channels[0], module.latent_channels)
         fix = (f"train one on this VFM's features with {preset.semantic_channels} output channels "
                f"(`reglue train-compressor {config.data.dir}`)")
-    vfm_channels = len(extractor.layers) * extractor.embed_dim
-    if widths != (vfm_channels, preset.semantic_channels):
+    if widths[1] != preset.semantic_channels:
         raise ConfigError(
-            f"{key}: {path} maps {widths[0]} VFM channels to {widths[1]}, but the run's VFM gives {vfm_channels} "
-            f"({len(extractor.layers)} blocks × {extractor.embed_dim}) and the {preset.name} preset models "
+            f"{key}: {path} maps {widths[0]} VFM channels to {widths[1]}, but the {preset.name} preset models "
             f"{preset.semantic_channels} semantic channels; {fix}."
         )
 
@@ -201,6 +225,8 @@ def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
                 f"data.semantics=cached but {err} Either cache them (`reglue cache-semantics "
                 f"{config.data.dir}{' --repa-targets' if preset.repa else ''}`) or set data.semantics=online."
             ) from None
+        raise
+    except DamagedFileError:
         raise
     except ValueError as err:  # the cache's VFM is not data.vfm
         raise ConfigError(f"data.vfm: {err} Or set data.vfm to the cache's VFM (null takes it).") from None

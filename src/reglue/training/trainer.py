@@ -151,7 +151,7 @@ def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -
 RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
                "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
                "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
-               "data.pin_memory", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
+               "data.pin_memory", "data.verify", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
 
 
 def _vfm_dim(dataset, encoder) -> int:
