@@ -191,6 +191,22 @@ def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from reglue.data.integrity import verify_dataset
+
+    with tqdm(unit="B", unit_scale=True, desc="verify", disable=args.quiet, dynamic_ncols=True) as bar:
+        report = verify_dataset(args.data, reindex=args.reindex, workers=args.workers, progress=bar.update,
+                                planned=bar.reset)
+    for damage in report.damaged:
+        print(damage)
+    if notice := report.legacy_notice():
+        print(notice)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from reglue.config import load_config
     from reglue.training.trainer import train
@@ -520,6 +536,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
     p.set_defaults(func=_cmd_cache_semantics)
+
+    p = commands.add_parser("verify", help="check every file of a prepared dataset against its recorded size and "
+                            "checksum; exit 0 only when all is well",
+                            description="Lists each damaged file (truncated, overwritten, missing, unknown) with the "
+                            "command that repairs it, then files, bytes and GB/s checked. See docs/data-format.md.")
+    p.add_argument("data", help="a prepared dataset directory")
+    p.add_argument("--reindex", action="store_true",
+                   help="record the checksums of shards indexed without them (by an older reglue), then verify")
+    p.add_argument("--workers", type=int, default=None, help="threads reading in parallel (default: one per CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_verify)
 
     p = commands.add_parser("demo", help="the whole chain offline on synthetic data with tiny models (minutes on a CPU)",
                             description="Synthetic data → prepare (pixel autoencoder) → a DINOv2 teacher trained here "
