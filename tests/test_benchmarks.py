@@ -40,6 +40,16 @@ def test_prepare_benchmark_tiny(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| tiny | 256 | 4 |")
 
 
+def test_verify_benchmark_tiny(tmp_path, capsys):
+    result = load_benchmark("verify").main(["--gb", "0.003", "--shard-size", "20", "--workers", "2", "--images", "4",
+                                            "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert [(r["workers"], r["cache"]) for r in result["verify"]] == [(1, "warm"), (2, "warm"), (1, "cold"), (2, "cold")]
+    assert all(r["gb_per_s"] > 0 for r in result["verify"]) and result["prepare"]["rerun_kept_shards"] == 4
+    assert 0 < result["prepare"]["hashing_s"] < result["prepare"]["prepare_s"]
+    assert capsys.readouterr().out.startswith("| verify | 0.003 GB | warm | 1 |")
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the datasets are gone
+
+
 @pytest.mark.parametrize("mode,dtype", [("sde", "fp32"), ("ode", "bf16")])
 def test_sample_benchmark_tiny(capsys, mode, dtype):
     result = load_benchmark("sample").main([
