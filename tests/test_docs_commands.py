@@ -56,7 +56,7 @@ BLOCKS, INLINE = block_commands(), inline_commands()
 def test_the_docs_show_the_commands_of_every_stage():
     names = {shlex.split(args)[0] for _, args in BLOCKS + INLINE}
     assert {"demo", "prepare", "norm-stats", "train-compressor", "cache-semantics", "fit-pca", "train", "sample",
-            "grid", "evaluate", "plot"} <= names
+            "grid", "evaluate", "plot", "verify"} <= names
 
 
 @pytest.mark.parametrize(("doc", "args"), BLOCKS, ids=[f"{d}:{a[:40]}" for d, a in BLOCKS])
