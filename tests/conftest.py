@@ -74,22 +74,26 @@ def tiny_sit(preset: str = "reglue", perturb: bool = True, seed: int = 0, **over
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """``prepared(preset)``: the data folder a tiny ``reglue demo --preset PRESET`` prepares
-    (pixel autoencoder, random tiny DINOv2, 8 classes × 2 images at 256²), made by the demo's
-    own data stages once per session: the redi demo's (PCA semantics) for redi, the reglue demo's
-    (compressor semantics, CLS, REPA targets) for every other preset."""
-    from reglue import demo
+    """``prepared(preset)``: the data folder a tiny ``reglue demo --preset PRESET --random-vfm``
+    prepares (pixel autoencoder, random tiny DINOv2, 8 classes × 8 images at 128²), made by the
+    demo's own data and semantic stages once per session: the redi demo's ``data-pca`` (PCA
+    semantics) for redi, the reglue demo's ``data`` (compressor semantics, CLS, REPA targets) for
+    every other preset."""
+    from reglue.demo.settings import DemoPaths, DemoSettings
+    from reglue.demo.stages import Ledger, data_stages, semantic_stages
 
     made: dict[str, Path] = {}
 
     def prepared(preset: str) -> Path:
         kind = "redi" if preset == "redi" else "reglue"
         if kind not in made:
-            settings = demo.DemoSettings(presets=(kind,), steps=1, images_per_class=2, compressor_epochs=1)
+            settings = DemoSettings(presets=(kind,), steps=1, images_per_class=8, compressor_epochs=1,
+                                    classifier_steps=1, teacher="random")
             out = tmp_path_factory.mktemp(f"demo-data-{kind}")
-            paths = demo.DemoPaths(out)
-            demo._data_stages(demo._Ledger(out, settings), paths, settings, progress=False)
-            made[kind] = paths.data
+            paths, ledger = DemoPaths(out), Ledger(out, settings)
+            data_stages(ledger, paths, settings, progress=False)
+            semantic_stages(ledger, paths, settings, progress=False)
+            made[kind] = paths.data("pca" if kind == "redi" else None)
         return made[kind]
 
     return prepared

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from reglue import checkpoint as ckpt
-from reglue import demo
 from reglue.cli import main
 from reglue.config import ConfigError, load_config
+from reglue.demo.settings import MODEL, RANDOM_VFM
 from reglue.training.inputs import vfm_record
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
@@ -39,7 +39,7 @@ def assert_refused(data: Path, run_dir: Path, match: str, *overrides: str) -> No
 
 def test_demo_config_uses_the_demo_model():
     model = yaml.safe_load(Path("configs/demo.yaml").read_text())["model"]
-    assert {key: model[key] for key in demo.MODEL} == demo.MODEL
+    assert {key: model[key] for key in MODEL} == MODEL
 
 
 @pytest.mark.parametrize("preset", ["sit", "repa", "redi", "reg", "reglue"])
@@ -52,7 +52,7 @@ def test_demo_config_trains_every_preset_on_demo_data(demo_data, tmp_path, capsy
     assert [row["step"] for row in rows] == [1, 2]
     assert ("lambda/sem" in rows[-1]) == (preset in SEMANTIC_PRESETS)  # only presets with a semantic term
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["vfm"]
-    assert recorded == (None if preset == "sit" else vfm_record(demo.VFM))  # null resolved to the cache's VFM
+    assert recorded == (None if preset == "sit" else vfm_record(RANDOM_VFM))  # null resolved to the cache's VFM
 
 
 @pytest.mark.parametrize("semantics", ["cached", "online"])
