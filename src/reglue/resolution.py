@@ -19,6 +19,7 @@ RESOLUTION_STEP = 64
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 512
 RESOLUTIONS = tuple(range(MIN_RESOLUTION, MAX_RESOLUTION + 1, RESOLUTION_STEP))
+DEFAULT_RESOLUTION = 256  # the paper's; the crop side when reading images without --resolution
 LATENT_DOWNSAMPLE = 8  # image pixels per latent pixel (SD-VAE, pixel autoencoder)
 TOKEN_PIXELS = 16  # image pixels per SiT token side: patch 2 on the R/8 latents
 

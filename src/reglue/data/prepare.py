@@ -27,12 +27,12 @@ import torch
 
 import reglue
 from reglue.data import integrity, store
-from reglue.data.images import BadImageError, adm_center_crop, load_image
+from reglue.data.images import BadImageError
+from reglue.data.source_dataset import read_crop
 from reglue.data.sources import ImageSource, SourceItem, open_source
 from reglue.distributed import process_state
 from reglue.encoders.autoencoder import load_vae
-from reglue.io import atomic_write
-from reglue.resolution import check_resolution
+from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
 log = logging.getLogger(__name__)
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,7 +43,7 @@ class PrepareSettings:
     """Everything that determines the output; a rerun into the same directory must match."""
 
     source: str
-    resolution: int = 256
+    resolution: int = DEFAULT_RESOLUTION
     vae: str = "stabilityai/sd-vae-ft-ema"
     max_images: int | None = None
     shard_size: int = 1000
@@ -86,13 +86,9 @@ def _crop_shard(source: ImageSource, items, settings: PrepareSettings):
     images, labels, kept, skipped = [], [], [], []
     for item in items:
         try:
-            image = load_image(source.read(item), min_size=settings.min_size)
-            images.append(adm_center_crop(image, settings.resolution))
-        except BadImageError as err:
-            skipped.append({"path": item.path, "reason": str(err)})
-            continue
-        except Exception as err:  # any unreadable member (bad zip CRC, plugin errors): skip, never crash
-            skipped.append({"path": item.path, "reason": f"unreadable ({type(err).__name__}: {err})"})
+            images.append(read_crop(source, item, settings.resolution, settings.min_size))
+        except BadImageError as err:  # unreadable, too small, ...: skip, never crash
+            skipped.append({"path": item.path, "reason": err.reason})
             continue
         labels.append(item.label)
         kept.append(item.path)
@@ -181,8 +177,7 @@ def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices
         skipped.extend(info["skipped"])
     images = sum(s["count"] for s in shards)
     if write:
-        with atomic_write(dst / store.SKIPPED) as tmp:
-            tmp.write_text("path\treason\n" + "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped))
+        store.write_skipped(dst / store.SKIPPED, skipped)
         store.write_json_atomic(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped))
     return PrepareSummary(images, len(skipped), source.ignored, len(indices), 0)
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 IMAGE_EXTENSIONS = frozenset(
@@ -41,6 +41,19 @@ class ImageSource:
         if self._zip is not None:
             return self._zip.read(item.path)
         return (self.location / item.path).read_bytes()
+
+    def reopened(self) -> ImageSource:
+        """The same listing with a zip handle of its own: each process needs one (a forked DataLoader
+        worker must not share its parent's file offset)."""
+        return replace(self, _zip=zipfile.ZipFile(self.location)) if self._zip is not None else self
+
+    def __getstate__(self) -> dict:  # a zip handle does not pickle: it is reopened where unpickled
+        state = self.__dict__.copy()
+        state["_zip"] = self._zip is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _zip=zipfile.ZipFile(state["location"]) if state["_zip"] else None)
 
 
 def _is_hidden(path: PurePosixPath) -> bool:

@@ -188,6 +188,12 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def write_skipped(path: Path, skipped: list[dict]) -> None:
+    """``skipped.tsv``: a header, then one line ``path<TAB>reason`` per skipped source file."""
+    with atomic_write(path) as tmp:
+        tmp.write_text("path\treason\n" + "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped))
+
+
 def read_manifest(root: Path) -> dict:
     """The manifest of a prepared dataset, checked for format and version."""
     path = Path(root) / MANIFEST
