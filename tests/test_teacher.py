@@ -1,35 +1,43 @@
 """`reglue train-vfm`: a DINOv2-with-registers teacher trained here (tiny models, CPU, one thread).
 
-One prepared copy of the built-in colour set at 64² (8 classes × 48 images; the VFM input is 56²,
-4×4 tokens) serves every test. Torch runs on one thread throughout, as the killed subprocess does:
+One copy of the built-in colour set at 64² (8 classes × 48 images; the VFM input is 56², 4×4
+tokens), as an image folder and prepared, serves every test. Torch runs on one thread throughout, as the killed subprocess does:
 bit-identical resumes need the same float reductions, and the thread count changes them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from reglue.cli import main
+from reglue.cli import build_parser, main
 from reglue.data.dataset import PreparedDataset
+from reglue.data.source_dataset import ImageSourceDataset
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm, dinov2_to_timm, timm_to_dinov2
 from reglue.training.teacher import (
     INSTALL_HINT,
+    SKIPPED_FILE,
     TRAIN_STATE,
     VFM_NAME,
     WEIGHTS_FILE,
     SelfDistillation,
     TeacherSettings,
+    open_training_images,
     teacher_spec,
     train_teacher,
 )
@@ -51,12 +59,18 @@ def one_thread():  # autouse: set before the module's other fixtures train anyth
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    write_synthetic_dataset(root / "src", images_per_class=48, size=RESOLUTION, seed=0)
-    assert main(["prepare", str(root / "src"), str(root / "data"), "--resolution", str(RESOLUTION), "--vae", "pixel",
-                 "--quiet"]) == 0
-    return root / "data"
+def source(tmp_path_factory):
+    """The image folder: 8 class sub-folders of 48 PNGs."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("teacher") / "src", images_per_class=48, size=RESOLUTION,
+                                   seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(source):
+    """The folder prepared at 64²."""
+    data = source.parent / "data"
+    assert main(["prepare", str(source), str(data), "--resolution", str(RESOLUTION), "--vae", "pixel", "--quiet"]) == 0
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +218,94 @@ def test_bad_input_fails_with_one_clear_line(data, tmp_path, capsys, monkeypatch
     assert main(["train-vfm", str(data), "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and INSTALL_HINT in err and not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Straight from an image folder or zip
+# --------------------------------------------------------------------------------------
+
+
+def test_a_folder_and_a_zip_give_the_pixels_of_the_dataset_prepared_from_them(source, data, tmp_path):
+    prepared = PreparedDataset(data, fields=("images",))
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(source.rglob("*.png")):
+            handle.write(path, "src/" + path.relative_to(source).as_posix())  # a wrapping folder, as zips have
+    for images in (ImageSourceDataset(source, RESOLUTION), ImageSourceDataset(archive, RESOLUTION)):
+        assert len(images) == len(prepared) == 384 and images.num_classes == prepared.num_classes == 8
+        assert images.class_names == prepared.class_names and images.skipped == []
+        for i in range(len(prepared)):
+            mine, theirs = images[i], prepared[i]
+            assert mine.keys() == theirs.keys()
+            assert mine["images"].dtype == torch.uint8 and torch.equal(mine["images"], theirs["images"]), i
+            assert mine["label"].dtype == torch.int64 and torch.equal(mine["label"], theirs["label"]), i
+    # DataLoader workers (forked) read the zip through handles of their own
+    loader = DataLoader(images, batch_size=64, num_workers=2)
+    stacked = torch.cat([batch["images"] for batch in loader])  # (384, 3, 64, 64)
+    assert torch.equal(stacked, torch.stack([prepared[i]["images"] for i in range(len(prepared))]))
+
+
+def test_a_teacher_trained_on_the_folder_equals_the_one_trained_on_its_prepared_data(source, data, tmp_path):
+    settings = TeacherSettings(embed_dim=32, depth=1, num_heads=2, epochs=1, global_batch=32, seed=0)  # 9 steps + probe
+    from_data = train_teacher(data, tmp_path / "data", settings, progress=False)
+    from_folder = train_teacher(source, tmp_path / "folder", settings, resolution=RESOLUTION, progress=False)
+    (a_state, a_weights), (b_state, b_weights) = _weights(tmp_path / "data"), _weights(tmp_path / "folder")
+    assert a_state["step"] == b_state["step"] == 9 and a_state["config"] == b_state["config"]
+    for part in ("student", "teacher", "dino_loss", "ibot_loss"):
+        assert all(torch.equal(a_state[part][k], b_state[part][k]) for k in a_state[part]), part
+    assert a_weights.keys() == b_weights.keys() and all(torch.equal(a_weights[k], b_weights[k]) for k in a_weights)
+    assert from_data.report.trained == from_folder.report.trained  # the probe reads the same held-out pixels
+    assert (tmp_path / "folder" / SKIPPED_FILE).read_text() == "path\treason\n"
+    assert not (tmp_path / "data" / SKIPPED_FILE).exists()
+
+
+def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_path, caplog, capsys):
+    folder = tmp_path / "images"
+    first, second = sorted(path.name for path in source.iterdir())[:2]
+    for name in (first, second):  # 2 classes × 12 images
+        (folder / name).mkdir(parents=True)
+        for path in sorted((source / name).glob("*.png"))[:12]:
+            shutil.copy(path, folder / name / path.name)
+    (folder / first / "broken.png").write_bytes(b"not an image at all")
+    (folder / first / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(folder / second / "tiny.png")
+    (folder / second / "notes.txt").write_text("not listed: no image extension")
+
+    images = ImageSourceDataset(folder, RESOLUTION)
+    assert len(images) == 24 and images.ignored == 1
+    reasons = {s["path"]: s["reason"] for s in images.skipped}
+    assert set(reasons) == {f"{first}/broken.png", f"{first}/empty.jpg", f"{second}/tiny.png"}
+    assert "not an image" in reasons[f"{first}/broken.png"] and "too small" in reasons[f"{second}/tiny.png"]
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="reglue.training.teacher"):  # the command line, end to end
+        assert main(["train-vfm", str(folder), "--out", str(out), "--resolution", str(RESOLUTION), *TINY]) == 0
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "24 images cropped to 64² on access, 2 classes; skipped 3 unreadable or too-small file(s)" in logged
+    assert f"{first}/broken.png (not an image" in logged and "ignored 1 file(s)" in logged and str(out / SKIPPED_FILE) in logged
+    listed = (out / SKIPPED_FILE).read_text().splitlines()
+    assert listed[0] == "path\treason" and {line.split("\t")[0] for line in listed[1:]} == set(reasons)
+    info = json.loads((out / "teacher.json").read_text())
+    assert info["resolution"] == RESOLUTION and info["config"]["data"]["images"] == 24
+    assert "--vfm-weights" in capsys.readouterr().out
+
+    for path in folder.rglob("*.png"):
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 27 image files"):
+        ImageSourceDataset(folder, RESOLUTION)
+
+
+def test_the_resolution_of_prepared_data_is_fixed_and_a_folder_defaults_to_prepares(source, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train-vfm", str(data), "--out", str(out), "--resolution", "128", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prepared at resolution 64" in err and "fixed" in err
+    assert f"reglue train-vfm {source.resolve()} --resolution 128" in err and not out.exists()
+    assert open_training_images(data, RESOLUTION)[1] == open_training_images(data)[1] == RESOLUTION
+
+    images, resolution = open_training_images(source)  # no --resolution: prepare's default
+    assert resolution == images.resolution == build_parser().parse_args(["prepare", "a", "b"]).resolution == 256
+    assert images[0]["images"].shape == (3, 256, 256)
+    with pytest.raises(SystemExit):  # argparse: a usage error naming the supported sides
+        main(["train-vfm", str(source), "--out", str(out), "--resolution", "100"])
+    assert "multiple of 64" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import os
 import sys
 
 from reglue import __version__
-from reglue.resolution import check_resolution
+from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
 DEMO_RESOLUTION = 128  # reglue.demo.DemoSettings.resolution (a test keeps the two equal)
@@ -164,7 +164,8 @@ def _cmd_train_vfm(args: argparse.Namespace) -> int:
                "num_workers": args.num_workers}
     settings = TeacherSettings(**{k: v for k, v in options.items() if v is not None}, probe=args.probe,
                                tensorboard=args.tensorboard)
-    result = train_teacher(args.data, args.out, settings, progress=not args.quiet, resume=args.resume)
+    result = train_teacher(args.data, args.out, settings, resolution=args.resolution, progress=not args.quiet,
+                           resume=args.resume)
     if not process_state().is_main_process:
         return 0
     arch = ",".join(f"{k}={v}" for k, v in result.spec.arch.items())
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="image folder or zip → cropped images + VAE moments (resumable)")
     p.add_argument("src", help="ImageFolder tree (class sub-folders), flat folder (unconditional), or a .zip")
     p.add_argument("dst", help="output dataset directory (rerun the same command to resume)")
-    _add_resolution(p, 256, "crop")
+    _add_resolution(p, DEFAULT_RESOLUTION, "crop")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.add_argument("--vae-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
@@ -407,11 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-vfm", help="train a small DINOv2-with-registers teacher, self-supervised (resumable)",
                             description="DINOv2's recipe (DINO + iBOT + KoLeo, EMA teacher, multi-crop; lightly's "
-                            "parts) on a prepared dataset; writes OUT/teacher.pth in the official DINOv2 layout and a "
-                            "k-NN / linear-probe report. Needs the teacher extra: pip install \"reglue[teacher]\". "
+                            "parts) on a prepared dataset or straight on an image folder or zip; writes "
+                            "OUT/teacher.pth in the official DINOv2 layout and a k-NN / linear-probe report. Needs the teacher extra: pip install \"reglue[teacher]\". "
                             "See docs/teacher.md.")
-    p.add_argument("data", help="a prepared dataset directory (`reglue prepare`)")
+    p.add_argument("data", help="a prepared dataset directory (`reglue prepare`), or an image folder or .zip read "
+                   "directly: class sub-folders give labels, a flat folder none; unreadable files are left out and "
+                   "listed in OUT/skipped.tsv")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--resolution", type=_resolution, default=None, metavar="R",
+                   help="side R the images of a folder or zip are ADM-centre-cropped to, as `reglue prepare` crops "
+                   f"them: a multiple of 64 from 64 to 512 (default {DEFAULT_RESOLUTION}, prepare's); a prepared "
+                   "dataset trains at its own R and refuses another")
     p.add_argument("--embed-dim", type=int, default=None, help="ViT width (default 96)")
     p.add_argument("--depth", type=int, default=None, help="ViT blocks (default 4)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default 3)")

@@ -1,5 +1,9 @@
 """Training a DINOv2-with-registers teacher from scratch, self-supervised (``reglue train-vfm``).
 
+The images come from a ``reglue prepare`` directory or straight from an image folder or ``.zip``
+(:func:`open_training_images`; :class:`reglue.data.source_dataset.ImageSourceDataset` crops them on
+access exactly as prepare does, so both give the same pixels and the same teacher).
+
 The backbone is :class:`reglue.encoders.vfm.DINOv2ViT` (patch 14, 4 registers, the official
 37×37 pretraining position grid, resized per input), any width/depth/heads from a CPU-sized toy to
 ViT-B. The recipe is DINOv2's (Oquab et al. 2023), assembled from lightly's parts:
@@ -41,6 +45,7 @@ Files in ``out_dir`` (written by the main process):
 - ``teacher.json``: {"vfm", "arch", "resolution", "weights", "settings", "data", "train_seconds", ...};
 - ``train_state.pt``: the resume state (student, teacher, head centres, AdamW, position, RNG), a
   training checkpoint of :mod:`reglue.checkpoint`, every ``checkpoint_every`` steps and at the end;
+- ``skipped.tsv`` (image folders only): the files left out as unreadable, with prepare's reasons;
 - ``metrics.jsonl`` (+ ``tensorboard/`` when asked): the loss terms, lr, momentum and teacher
   temperature of every step; ``loss_curves.png`` drawn from it;
 - ``report.json`` / ``report.md``: k-NN and linear-probe accuracy of the teacher's CLS features on
@@ -79,7 +84,9 @@ from reglue.checkpoint import (
     restore_rng_state,
     save_state_file,
 )
+from reglue.data import store
 from reglue.data.dataset import PreparedDataset
+from reglue.data.source_dataset import ImageSourceDataset
 from reglue.distributed import on_cpu_only
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import (
@@ -93,6 +100,7 @@ from reglue.encoders.vfm import (
 from reglue.errors import ReglueError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
+from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
@@ -113,12 +121,16 @@ VFM_NAME = "dinov2_vitb14_reg"  # the registry entry whose layout the teacher ha
 WEIGHTS_FILE = "teacher.pth"
 INFO_FILE = "teacher.json"
 TRAIN_STATE = "train_state.pt"
+SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--no-resume` on the command line)."
 FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard")
 PATCH = 14
 PROBE_BATCH = 64
-_RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD)
+_RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD, SKIPPED_FILE)
+SHOWN_SKIPS = 3  # skipped files named in the log line (all of them are in skipped.tsv)
+
+TeacherImages = PreparedDataset | ImageSourceDataset  # item i → {"images": uint8 (3, R, R), "label": int64}
 
 _logger = logging.getLogger(__name__)
 
@@ -540,7 +552,7 @@ def _cls_features(extractor: VFMExtractor, images: Dataset, rows: list[int]) -> 
     return torch.cat(chunks)
 
 
-def _probe(images: PreparedDataset, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
+def _probe(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
            untrained: VFMExtractor) -> ProbeReport:
     """k-NN / linear-probe accuracy of the trained and untrained CLS features on the held-out rows."""
     labels = torch.tensor([int(images[i]["label"]) for i in range(len(images))])
@@ -582,12 +594,12 @@ def _report_details(config: dict, train_seconds: float, steps: int) -> dict[str,
 # --------------------------------------------------------------------------------------
 
 
-def _check_data(images: PreparedDataset, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
+def _check_data(images: TeacherImages, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
                 num_processes: int) -> None:
     if settings.probe and images.num_classes < 2:
         raise ValueError(
             f"{images.root} has {images.num_classes} class(es) of labels; the quality probe needs at least two. "
-            "Prepare labelled data (class sub-folders), or train without the probe (probe=False, `--no-probe`)."
+            "Use labelled data (class sub-folders), or train without the probe (probe=False, `--no-probe`)."
         )
     if settings.probe and not held_out:
         raise ValueError(
@@ -598,7 +610,7 @@ def _check_data(images: PreparedDataset, train_rows: list[int], held_out: list[i
         raise ValueError(
             f"{len(train_rows)} training images ({len(images)} in {images.root}, {len(held_out)} held out for the "
             f"probe) make no full batch of {settings.global_batch}; lower global_batch (`--batch-size`) to at most "
-            f"{len(train_rows) // num_processes * num_processes}, or prepare more images."
+            f"{len(train_rows) // num_processes * num_processes}, or use more images."
         )
 
 
@@ -631,16 +643,50 @@ def _load_train_state(path: Path, config: dict) -> dict | None:
     return state
 
 
+def open_training_images(data: str | Path, resolution: int | None = None) -> tuple[TeacherImages, int]:
+    """The teacher's images and their side R.
+
+    ``data``: a ``reglue prepare`` directory, whose resolution is fixed (``resolution``, when given,
+    must equal it), or an image folder or ``.zip`` (class sub-folders give labels, a flat one is
+    unlabelled), cropped to ``resolution`` on access (default DEFAULT_RESOLUTION, prepare's own);
+    its unreadable files are left out when it is opened (:class:`ImageSourceDataset`).
+    """
+    data = Path(data)
+    if not (data / store.MANIFEST).is_file() and not (data / store.SETTINGS).is_file():
+        resolution = DEFAULT_RESOLUTION if resolution is None else resolution
+        return ImageSourceDataset(data, resolution), resolution
+    images = PreparedDataset(data, fields=("images",))  # an unfinished one: its error says how to finish it
+    prepared = images.manifest["resolution"]
+    if resolution is not None and resolution != prepared:
+        raise ValueError(
+            f"{data} was prepared at resolution {prepared}, and a prepared dataset's resolution is fixed; leave out "
+            f"--resolution to train at {prepared}, or train on its source images at {resolution}: `reglue train-vfm "
+            f"{images.manifest['source']} --resolution {resolution} --out ...`."
+        )
+    return images, prepared
+
+
+def _describe_source(images: ImageSourceDataset) -> str:
+    """The log line of an image folder: what was read, skipped (with the first few names) and ignored."""
+    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in images.skipped[:SHOWN_SKIPS])
+    more = "; …" if len(images.skipped) > SHOWN_SKIPS else ""
+    return (f"{images.root}: {len(images)} images cropped to {images.resolution}² on access, {images.num_classes} "
+            f"classes; skipped {len(images.skipped)} unreadable or too-small file(s)"
+            f"{f': {shown}{more}' if shown else ''}; ignored {images.ignored} file(s) without an image extension")
+
+
 def train_teacher(
     data_dir: str | Path,
     out_dir: str | Path,
     settings: TeacherSettings,
     *,
+    resolution: int | None = None,
     progress: bool = True,
     resume: bool = True,
     log: Callable[[str], object] = _logger.info,
 ) -> TeacherResult:
-    """Train a DINOv2-with-registers teacher on a ``reglue prepare`` directory (see the module doc).
+    """Train a DINOv2-with-registers teacher on a ``reglue prepare`` directory or an image folder or zip
+    (see the module doc; ``resolution`` as in :func:`open_training_images`).
 
     ``resume`` continues from ``out_dir/train_state.pt`` or returns a finished run unchanged (other
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
@@ -648,16 +694,17 @@ def train_teacher(
     """
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
-    images = PreparedDataset(data_dir, fields=("images",))
-    resolution = images.manifest["resolution"]
+    if not accelerator.is_main_process:
+        log = _silent
+    images, resolution = open_training_images(data_dir, resolution)  # every process checks a folder's files
+    if isinstance(images, ImageSourceDataset):
+        log(_describe_source(images))
     train_rows, held_out = split_rows(len(images), settings)
     _check_data(images, train_rows, held_out, settings, accelerator.num_processes)
     config = {"settings": asdict(settings), "data": {
         "resolution": resolution, "images": len(images), "train_images": len(train_rows),
         "held_out_images": len(held_out), "num_classes": images.num_classes}}
     out_dir = Path(out_dir)
-    if not accelerator.is_main_process:
-        log = _silent
     if resume and (done := _finished_run(out_dir, config)) is not None:
         log(f"{out_dir} already holds this teacher; not retraining.")
         return done
@@ -671,6 +718,11 @@ def train_teacher(
     elif accelerator.is_main_process:  # starting over: no file of an earlier run may pass for this one's
         for name in _RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
+    if accelerator.is_main_process and isinstance(images, ImageSourceDataset):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store.write_skipped(out_dir / SKIPPED_FILE, images.skipped)
+        if images.skipped:
+            log(f"the {len(images.skipped)} skipped file(s) and why: {out_dir / SKIPPED_FILE}")
     accelerator.wait_for_everyone()
     trainer.prepare()
     _train(trainer, progress=progress, resumed_from=resumed_from, log=log)
@@ -703,7 +755,7 @@ def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None
         trainer.checkpoint()
 
 
-def _finish(trainer: _TeacherTrainer, images: PreparedDataset, train_rows: list[int], held_out: list[int],
+def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[int], held_out: list[int],
             resolution: int, log) -> tuple[ProbeReport | None, float]:
     """Weights, loss curves, the probe report, then teacher.json (written last: the run is finished).
 
