@@ -70,8 +70,9 @@ class DemoResult:
     stage_seconds: dict[str, float]
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True) -> DemoResult:
-    """Run (or resume) every stage into ``out``; see the module docstring."""
+def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True) -> DemoResult:
+    """Run (or resume) every stage into ``out`` (``settings`` None: the defaults); see the module docstring."""
+    settings = DemoSettings() if settings is None else settings
     paths = DemoPaths(Path(out).resolve())
     check_out_dir(paths.out)
     with store.lock_directory(paths.out):
@@ -97,6 +98,6 @@ def _vfm_label(settings: DemoSettings) -> str:
 
 def _caption(preset: str, settings: DemoSettings) -> list[str]:
     vfm = _vfm_label(settings) if uses_vfm(preset) else "not used"
-    return [f"{preset}: {settings.steps} training steps, seed {settings.seed} · {SAMPLER.upper()} "
-            f"{settings.sample_steps} steps, CFG {settings.cfg_scale}",
+    return [(f"{preset}: {settings.steps} training steps, seed {settings.seed} · {SAMPLER.upper()} "
+             f"{settings.sample_steps} steps, CFG {settings.cfg_scale}"),
             f"VFM: {vfm} · {AUTOENCODER_LABEL}"]

@@ -215,10 +215,10 @@ def _ordering_section(results: dict) -> list[str]:
         return []
     lines = ["## Does the paper's ordering hold here?", "",
              f"- Paper (FID, best first): {' < '.join(o['paper_best_first'])}.",
-             f"- Here by FD in the VFM space: {' < '.join(o['fd_best_first'])} — "
-             f"{'the same order' if o['fd_matches_paper'] else 'not the paper order'}.",
-             f"- Here by class accuracy: {' > '.join(o['accuracy_best_first'])} — "
-             f"{'the same order' if o['accuracy_matches_paper'] else 'not the paper order'}."]
+             (f"- Here by FD in the VFM space: {' < '.join(o['fd_best_first'])} — "
+              f"{'the same order' if o['fd_matches_paper'] else 'not the paper order'}."),
+             (f"- Here by class accuracy: {' > '.join(o['accuracy_best_first'])} — "
+              f"{'the same order' if o['accuracy_matches_paper'] else 'not the paper order'}.")]
     if "repa_vs_sit" in o:
         fd, accuracy = (o["repa_vs_sit"][k] for k in (results["fd_key"], ACCURACY_KEY))
         lines.append(f"- REPA − SiT: FD {fd['difference']:+.4g} ({_clear(fd)}), class accuracy "

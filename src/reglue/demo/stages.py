@@ -19,6 +19,7 @@ from reglue.data.prepare import PrepareSettings, run_prepare
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.demo.settings import (
     AUTOENCODER_LABEL,
+    CLASSIFIER_SIDE,
     COMPRESSOR,
     EMA_DECAY,
     EVALUATIONS,
@@ -28,7 +29,6 @@ from reglue.demo.settings import (
     RANDOM_VFM,
     SAMPLER,
     TRAIN_BATCH,
-    CLASSIFIER_SIDE,
     DemoPaths,
     DemoSettings,
     uses_vfm,
