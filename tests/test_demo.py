@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -147,12 +148,16 @@ def test_the_cli_passes_the_demo_defaults_and_only_what_it_is_given(tmp_path, mo
     monkeypatch.setattr(reglue.demo, "run_demo", lambda out, settings, progress: given.append(settings) or (
         (_ for _ in ()).throw(KeyboardInterrupt)))
     for argv in (["demo"], ["demo", "--compare", "--quick"], ["demo", "--data", "shapes", "--steps", "7",
-                                                             "--presets", "sit,repa", "--seeds", "2", "--random-vfm"]):
+                                                             "--presets", "sit,repa", "--seeds", "2", "--random-vfm"],
+                 ["demo", "--compare", "--quick", "--steps", "1000", "--seeds", "3"]):
         with pytest.raises(KeyboardInterrupt):
             main([*argv, "--out", str(tmp_path)])
     defaults = DemoSettings()
-    assert given == [defaults, quick(DemoSettings(presets=ALL_PRESETS, seeds=3)),
-                     DemoSettings(data="shapes", steps=7, presets=("sit", "repa"), seeds=2, teacher="random")]
+    small = quick(DemoSettings(presets=ALL_PRESETS, seeds=3))
+    assert (small.steps, small.seeds, small.eval_samples) == (400, 2, 32)
+    assert given == [defaults, small,
+                     DemoSettings(data="shapes", steps=7, presets=("sit", "repa"), seeds=2, teacher="random"),
+                     replace(small, steps=1000, seeds=3)]  # with --quick, what is given still wins
     assert defaults.presets == ("reglue",) and defaults.teacher == "trained" and defaults.seeds == 1
     assert defaults.data == "colours" and defaults.resolution == 128
     small = quick(DemoSettings(presets=ALL_PRESETS, seeds=3))
@@ -165,3 +170,30 @@ def test_the_cli_passes_the_demo_defaults_and_only_what_it_is_given(tmp_path, mo
         DemoSettings(resolution=100)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--preset", "sit", "--presets", "sit,repa"])
+
+
+def test_semantic_kinds_cover_every_preset_that_uses_the_vfm():
+    kinds = {presets: DemoSettings(presets=presets).semantic_kinds for presets in [
+        ("sit",), ("repa",), ("reglue",), ("redi",), ("redi", "repa"), ("sit", "redi", "reg", "reglue"), ALL_PRESETS]}
+    assert kinds == {("sit",): (), ("repa",): (None,), ("reglue",): ("compressor",), ("redi",): ("pca",),
+                     ("redi", "repa"): (None, "pca"), ("sit", "redi", "reg", "reglue"): ("compressor", "pca"),
+                     ALL_PRESETS: ("compressor", "pca")}
+
+
+def test_redi_with_repa_alone_caches_both_data_copies(tmp_path):
+    """ReDi's PCA copy and REPA's CLS/REPA targets in data/, with no compressor preset to make them."""
+    run_demo(tmp_path, DemoSettings(presets=("redi", "repa"), teacher="random", **TINY), progress=False)
+    assert "semantics (data)" in stage_names(tmp_path) and "semantics (data-pca)" in stage_names(tmp_path)
+    assert (tmp_path / "data" / "shards" / "shard-00000" / "repa.npy").is_file()
+    assert not (tmp_path / "data" / "compressor").exists()
+
+
+def test_difference_of_spreads_compares_only_what_seeds_allow():
+    spread = demo_report._spread
+    one = demo_report.difference(spread([10.0]), spread([10.01]))
+    assert one["intervals_apart"] is None and one["welch_t"] is None and one["difference"] == pytest.approx(-0.01)
+    apart = demo_report.difference(spread([15.0, 16.0, 17.0]), spread([18.6, 18.7, 18.8]))
+    assert apart["intervals_apart"] is True and apart["difference"] == pytest.approx(-2.7)
+    assert apart["welch_t"] == pytest.approx(-2.7 / (1 / 3 + 0.01 / 3) ** 0.5)
+    overlap = demo_report.difference(spread([15.0, 17.0]), spread([16.0, 17.0]))
+    assert overlap["intervals_apart"] is False

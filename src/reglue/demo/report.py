@@ -12,19 +12,20 @@ import numpy as np
 
 from reglue.demo.settings import (
     AUTOENCODER_LABEL,
-    EVALUATIONS,
     MODEL,
     RANDOM_VFM_LABEL,
     SAMPLER,
     TRAIN_BATCH,
     DemoPaths,
     DemoSettings,
+    evaluation_every,
 )
 from reglue.errors import ReglueError
 from reglue.io import atomic_write
 from reglue.metrics.class_probe import ClassProbe
 from reglue.metrics.evaluate import write_results
 from reglue.presets import get_preset
+from reglue.training.evaluation import eval_due
 from reglue.training.metrics import read_metrics
 from reglue.training.plot import plot_runs, plot_seed_bands
 
@@ -72,7 +73,8 @@ def _run_result(run_dir: Path, keys: tuple[str, ...]) -> dict:
     series = {key: {str(r["step"]): r[key] for r in history if key in r} for key in keys}
     losses = [r for r in history if "loss/latent" in r]
     if not losses or not all(series.values()):
-        raise ReglueError(f"{run_dir} has no evaluation or loss logged; rerun the demo to finish its training.")
+        raise ReglueError(f"{run_dir} has no evaluation or loss logged: delete that folder and start over with a new "
+                          "--out folder, or remove its 'train' entry from demo.json and rerun the demo to train it again.")
     final = {key: values[max(values, key=int)] for key, values in series.items()}
     final["loss/latent"] = losses[-1]["loss/latent"]
     for key, value in final.items():
@@ -98,15 +100,24 @@ def ordering(presets: dict, fd: str) -> dict:
     result = {"paper_best_first": paper, "fd_best_first": by_fd, "accuracy_best_first": by_accuracy,
               "fd_matches_paper": by_fd == paper, "accuracy_matches_paper": by_accuracy == paper}
     if {"sit", "repa"} <= set(presets):
-        result["repa_vs_sit"] = {key: _difference(presets["repa"]["final"][key], presets["sit"]["final"][key])
+        result["repa_vs_sit"] = {key: difference(presets["repa"]["final"][key], presets["sit"]["final"][key])
                                  for key in (fd, ACCURACY_KEY)}
     return result
 
 
-def _difference(a: dict, b: dict) -> dict:
-    """a − b of two spreads, and whether their mean ± std intervals are apart (a clear difference)."""
-    apart = a["mean"] + a["std"] < b["mean"] - b["std"] or b["mean"] + b["std"] < a["mean"] - a["std"]
-    return {"difference": a["mean"] - b["mean"], "apart_beyond_one_std": bool(apart)}
+def difference(a: dict, b: dict) -> dict:
+    """a − b of two spreads (:func:`_spread`), whether their mean ± std intervals are apart, and
+    Welch's t = (mean_a − mean_b) / sqrt(std_a²/n_a + std_b²/n_b).
+
+    With one seed on either side there is no spread to compare: ``intervals_apart`` and ``welch_t``
+    are None. Two or three seeds make a weak test; the report prints both numbers, not a verdict."""
+    diff = a["mean"] - b["mean"]
+    if min(len(a["values"]), len(b["values"])) < 2:
+        return {"difference": diff, "intervals_apart": None, "welch_t": None}
+    apart = abs(diff) > a["std"] + b["std"]
+    error = math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
+    welch_t = diff / error if error > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+    return {"difference": diff, "intervals_apart": bool(apart), "welch_t": welch_t}
 
 
 def protocol(settings: DemoSettings) -> dict:
@@ -184,13 +195,19 @@ def _protocol_section(settings: DemoSettings, results: dict) -> list[str]:
         (f"Every preset trains the same SiT ({MODEL['depth']} blocks of width {MODEL['hidden_size']}) on "
          f"{fixed['data']} for {settings.steps} steps of batch {fixed['batch']}, with training seeds "
          f"{', '.join(map(str, settings.run_seeds))}; data, teacher, classifier and evaluation samples are the "
-         f"same for all. Each run is evaluated {EVALUATIONS} times on the same {settings.eval_samples} EMA samples "
+         f"same for all. Each run is evaluated at steps {_evaluation_steps(settings.steps)} on the same "
+         f"{settings.eval_samples} EMA samples "
          f"({fixed['sampler']}): FD of the samples' CLS features in the VFM's space against every prepared image "
          f"(`{results['fd_key']}`, lower is better) and the share of samples a classifier trained on the real "
          f"images assigns their conditioning class (`{ACCURACY_KEY}`, higher is better; the classifier's held-out "
          f"accuracy on real images is {classifier['held_out_accuracy']:.3f}, chance {classifier['chance']:.3f})."),
         "",
     ]
+
+
+def _evaluation_steps(steps: int) -> str:
+    every = evaluation_every(steps)
+    return ", ".join(str(step) for step in range(1, steps + 1) if eval_due(step, every, steps))
 
 
 def _table_section(settings: DemoSettings, results: dict) -> list[str]:
@@ -226,8 +243,11 @@ def _ordering_section(results: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _clear(difference: dict) -> str:
-    return "beyond one std of both" if difference["apart_beyond_one_std"] else "within the seeds' spread"
+def _clear(compared: dict) -> str:
+    if compared["intervals_apart"] is None:
+        return "one seed: no spread to compare"
+    where = "mean ± std intervals apart" if compared["intervals_apart"] else "within the seeds' spread"
+    return f"{where}, Welch t = {compared['welch_t']:+.1f}"
 
 
 def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:

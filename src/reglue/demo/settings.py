@@ -88,10 +88,14 @@ class DemoSettings:
         return tuple(self.seed + k for k in range(self.seeds))
 
     @property
-    def semantic_kinds(self) -> tuple[str, ...]:
-        """The local-semantics caches the presets need: "compressor" and/or "pca", in that order."""
-        kinds = {get_preset(p).semantics for p in self.presets}
-        return tuple(k for k in ("compressor", "pca") if k in kinds)
+    def semantic_kinds(self) -> tuple[str | None, ...]:
+        """The semantic caches the presets that use the VFM need, in this order: "compressor" (in
+        ``data/``: compressed semantics, CLS, REPA targets), None (``data/`` with CLS and REPA targets
+        only, for repa / reg when no preset needs the compressor) and "pca" (``data-pca/``)."""
+        kinds = {get_preset(p).semantics for p in self.presets if uses_vfm(p)}
+        if "compressor" in kinds:
+            kinds.discard(None)  # the compressor's cache in data/ holds the CLS and REPA targets too
+        return tuple(k for k in ("compressor", None, "pca") if k in kinds)
 
     @property
     def uses_vfm(self) -> bool:
@@ -101,10 +105,17 @@ class DemoSettings:
         return {**asdict(self), "presets": list(self.presets)}
 
 
+def evaluation_every(steps: int) -> int:
+    """The ``eval.every`` of a run of ``steps`` steps: EVALUATIONS evaluations when 4 divides ``steps``
+    (the trainer also evaluates at the last step)."""
+    return max(1, steps // EVALUATIONS)
+
+
 def quick(settings: DemoSettings) -> DemoSettings:
-    """``--quick``: the same protocol at about a quarter of the cost (fewer steps, seeds and images)."""
+    """``--quick``: the same protocol at about a third of the cost (at most 400 steps, 2 seeds and 32
+    evaluation samples); data, teacher and classifier stay as they are."""
     return replace(settings, steps=min(settings.steps, 400), seeds=min(settings.seeds, 2),
-                   teacher_epochs=min(settings.teacher_epochs, 15), eval_samples=min(settings.eval_samples, 32))
+                   eval_samples=min(settings.eval_samples, 32))
 
 
 def uses_vfm(preset: str) -> bool:

@@ -22,7 +22,6 @@ from reglue.demo.settings import (
     CLASSIFIER_SIDE,
     COMPRESSOR,
     EMA_DECAY,
-    EVALUATIONS,
     LEARNING_RATE,
     MODEL,
     PCA_RANK,
@@ -31,6 +30,7 @@ from reglue.demo.settings import (
     TRAIN_BATCH,
     DemoPaths,
     DemoSettings,
+    evaluation_every,
     uses_vfm,
 )
 from reglue.encoders.norm_stats import NormStats
@@ -145,8 +145,7 @@ def semantic_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, pr
     if not settings.uses_vfm:
         return
     spec = vfm_spec(paths, settings)
-    kinds = settings.semantic_kinds or (None,)  # repa / reg alone: CLS and REPA targets only
-    for kind in kinds:
+    for kind in settings.semantic_kinds:
         data = paths.data(kind)
         norm_stats = data / NORM_STATS_FILE
         suffix = f" ({data.name})"
@@ -197,11 +196,11 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str, seed: int
 
 
 def eval_config(paths: DemoPaths, settings: DemoSettings) -> dict:
-    """Quality during training, EVALUATIONS times per run on the same samples: FD in the VFM's CLS
+    """Quality during training, every ``evaluation_every`` steps on the same samples: FD in the VFM's CLS
     space against every prepared image, and the accuracy on the samples of a classifier trained on the
     real images."""
     spec = vfm_spec(paths, settings)
-    return {"every": max(1, settings.steps // EVALUATIONS), "num_samples": settings.eval_samples,
+    return {"every": evaluation_every(settings.steps), "num_samples": settings.eval_samples,
             "metrics": ["fd", "class_accuracy"], "classifier": str(paths.classifier),
             "vfm": {"name": spec.name, "weights": spec.weights, "arch": dict(spec.arch)},
             "reference_images": settings.num_images, "sampler": {"mode": SAMPLER, "steps": settings.sample_steps},
