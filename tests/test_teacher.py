@@ -257,6 +257,14 @@ def test_a_teacher_trained_on_the_folder_equals_the_one_trained_on_its_prepared_
     assert from_data.report.trained == from_folder.report.trained  # the probe reads the same held-out pixels
     assert (tmp_path / "folder" / SKIPPED_FILE).read_text() == "path\treason\n"
     assert not (tmp_path / "data" / SKIPPED_FILE).exists()
+    # the same number of files, one of them moved to another class: not the run's data any more
+    changed = tmp_path / "changed"
+    shutil.copytree(source, changed)
+    first_class, second_class = sorted(p for p in changed.iterdir() if p.is_dir())[:2]
+    moved = sorted(first_class.glob("*.png"))[0]
+    moved.rename(second_class / f"moved-{moved.name}")
+    with pytest.raises(ValueError, match="source_sha256"):
+        train_teacher(changed, tmp_path / "folder", settings, resolution=RESOLUTION, progress=False)
 
 
 def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_path, caplog, capsys):

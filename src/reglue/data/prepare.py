@@ -16,7 +16,6 @@ source and the settings — not on the number of processes or on interruptions:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import reglue
 from reglue.data import integrity, store
 from reglue.data.images import BadImageError
 from reglue.data.source_dataset import read_crop
-from reglue.data.sources import ImageSource, SourceItem, open_source
+from reglue.data.sources import ImageSource, open_source, source_fingerprint
 from reglue.distributed import process_state
 from reglue.encoders.autoencoder import load_vae
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
@@ -73,12 +72,6 @@ class PrepareSummary:
 def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
     """[start, stop) of each shard over the sorted source items."""
     return [(start, min(start + shard_size, num_items)) for start in range(0, num_items, shard_size)]
-
-
-def _source_fingerprint(items: list[SourceItem]) -> dict:
-    """Identifies the listed source files, so a rerun cannot resume over a changed source."""
-    digest = hashlib.sha256("".join(f"{i.path}\t{i.label}\n" for i in items).encode())
-    return {"source_files": len(items), "source_sha256": digest.hexdigest()}
 
 
 def _crop_shard(source: ImageSource, items, settings: PrepareSettings):
@@ -128,7 +121,7 @@ def prepare_dataset(
     source = source if source is not None else open_source(settings.source)
     items = source.items[: settings.max_images]
     shards = shard_ranges(len(items), settings.shard_size)
-    wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION, **_source_fingerprint(items))
+    wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION, **source_fingerprint(items))
     fix = "rerun with the original settings and source to resume, or choose a new output directory."
     with store.lock_directory(dst) if rank == 0 else contextlib.nullcontext():
         store.check_or_write_json(dst / store.SETTINGS, wanted, rank == 0, fix)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from reglue.data.images import MIN_SIZE, BadImageError, adm_center_crop, load_image
-from reglue.data.sources import ImageSource, SourceItem, open_source
+from reglue.data.sources import ImageSource, SourceItem, open_source, source_fingerprint
 from reglue.resolution import check_resolution
 
 
@@ -77,6 +77,11 @@ class ImageSourceDataset(Dataset):
     @property
     def ignored(self) -> int:
         return self._source.ignored
+
+    @property
+    def fingerprint(self) -> dict:
+        """The listed files' count and checksum (:func:`source_fingerprint`), as ``reglue prepare`` records them."""
+        return source_fingerprint(self._source.items)
 
     @property
     def class_names(self) -> list[str]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -117,3 +118,9 @@ def open_source(location: str | Path) -> ImageSource:
         )
     items, class_names = _label(paths, location)
     return ImageSource(location, items, class_names, ignored, archive)
+
+
+def source_fingerprint(items: list[SourceItem]) -> dict:
+    """Identifies the listed source files (paths and labels), so a rerun cannot resume over a changed source."""
+    digest = hashlib.sha256("".join(f"{i.path}\t{i.label}\n" for i in items).encode())
+    return {"source_files": len(items), "source_sha256": digest.hexdigest()}

@@ -666,6 +666,15 @@ def open_training_images(data: str | Path, resolution: int | None = None) -> tup
     return images, prepared
 
 
+def _source_record(images: TeacherImages) -> dict:
+    """Which source files the images come from (``source_files``, ``source_sha256``), the same for an image
+    folder and the dataset prepared from it, so a resume over other files of the same count is refused."""
+    if isinstance(images, ImageSourceDataset):
+        return images.fingerprint
+    recorded = json.loads((images.root / store.SETTINGS).read_text())
+    return {key: recorded.get(key) for key in ("source_files", "source_sha256")}
+
+
 def _describe_source(images: ImageSourceDataset) -> str:
     """The log line of an image folder: what was read, skipped (with the first few names) and ignored."""
     shown = "; ".join(f"{s['path']} ({s['reason']})" for s in images.skipped[:SHOWN_SKIPS])
@@ -703,7 +712,7 @@ def train_teacher(
     _check_data(images, train_rows, held_out, settings, accelerator.num_processes)
     config = {"settings": asdict(settings), "data": {
         "resolution": resolution, "images": len(images), "train_images": len(train_rows),
-        "held_out_images": len(held_out), "num_classes": images.num_classes}}
+        "held_out_images": len(held_out), "num_classes": images.num_classes, **_source_record(images)}}
     out_dir = Path(out_dir)
     if resume and (done := _finished_run(out_dir, config)) is not None:
         log(f"{out_dir} already holds this teacher; not retraining.")
