@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import run_processes
 from reglue.cli import main
+from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import VFMSpec, upsample_semantics
@@ -68,6 +69,19 @@ def test_fit_pca_then_cache_semantics_for_redi(dataset_dir, tmp_path):
     assert main(["cache-semantics", str(copy), "--pca", str(tmp_path / "pca.safetensors"), "--quiet"]) == 0
     data = PreparedDataset(copy, fields=("semantics", "cls"))
     assert data[0]["semantics"].shape == (8, 16, 16) and data[0]["cls"].shape == (32,)
+
+
+def test_cache_semantics_waits_for_no_one_holding_the_datasets_lock(dataset_dir, tmp_path, capsys):
+    """A prepare rerun (or verify --reindex) holds the lock; cache-semantics is refused, writing nothing."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy, ignore=shutil.ignore_patterns("semantics*", "cls.npy", "repa.npy"))
+    before = sorted(p.name for p in copy.rglob("*"))
+    with store.lock_directory(copy):
+        assert main(["cache-semantics", str(copy), "--quiet"]) == 2
+    assert "in use by another reglue job" in capsys.readouterr().err
+    assert sorted(p.name for p in copy.rglob("*")) == before
+    assert main(["cache-semantics", str(copy), "--quiet"]) == 0  # the lock was the only obstacle
+    assert (copy / "shards" / "shard-00000" / "cls.npy").is_file()
 
 
 def save_compressor(path, channels=(64, 16, 4)) -> SemanticCompressor:

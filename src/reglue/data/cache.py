@@ -16,6 +16,7 @@ norm-stats checksums, and their paths); a rerun with different inputs is refused
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -57,27 +58,29 @@ def cache_semantics(
     the command that rebuilds it.
     """
     root = Path(root)
-    manifest = store.read_manifest(root)
-    fields = cached_fields(encoder.compressor is not None, repa_targets)
-    info_path = root / store.SEMANTICS_INFO
-    fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the original "
-           "compressor, norm stats, VFM and precision.")
-    store.check_or_write_json(info_path, dict(info, fields=list(fields)), rank == 0, fix)
-    barrier()
-    mine = range(rank, len(manifest["shards"]), world_size)
-    todo = _shards_to_cache(root, list(mine), fields)
-    for index in mine:
-        count = manifest["shards"][index]["count"]
-        if index in todo:
-            _cache_shard(root, index, count, encoder, fields, batch_size=batch_size, device=device,
-                         progress=progress, resolution=manifest["resolution"])
-        elif progress is not None:
-            progress(count)
-    barrier()
-    if rank == 0:  # the reader accepts the cache only once every shard has it
-        recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
-        store.write_json_atomic(info_path, dict(recorded, complete=True, paths=paths or {}))
-    return len(todo)
+    # rank 0 holds the dataset's lock, as prepare does: a prepare rerun or verify --reindex cannot interleave
+    with store.lock_directory(root) if rank == 0 else contextlib.nullcontext():
+        manifest = store.read_manifest(root)
+        fields = cached_fields(encoder.compressor is not None, repa_targets)
+        info_path = root / store.SEMANTICS_INFO
+        fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the original "
+               "compressor, norm stats, VFM and precision.")
+        store.check_or_write_json(info_path, dict(info, fields=list(fields)), rank == 0, fix)
+        barrier()
+        mine = range(rank, len(manifest["shards"]), world_size)
+        todo = _shards_to_cache(root, list(mine), fields)
+        for index in mine:
+            count = manifest["shards"][index]["count"]
+            if index in todo:
+                _cache_shard(root, index, count, encoder, fields, batch_size=batch_size, device=device,
+                             progress=progress, resolution=manifest["resolution"])
+            elif progress is not None:
+                progress(count)
+        barrier()
+        if rank == 0:  # the reader accepts the cache only once every shard has it
+            recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
+            store.write_json_atomic(info_path, dict(recorded, complete=True, paths=paths or {}))
+        return len(todo)
 
 
 def _shards_to_cache(root: Path, indices: list[int], fields: tuple[str, ...]) -> set[int]:

@@ -238,9 +238,11 @@ def remedy(root: Path, name: str, kind: str) -> str:
 
 
 def check_sizes(root: Path, manifest: dict) -> None:
-    """Refuse a dataset whose shard indexes are damaged or whose needed files are missing or of another
-    size than recorded (a ``stat`` per file; legacy files: a header read), naming each file, the sizes
-    and the command that repairs it. Legacy shards are announced in one log line."""
+    """Refuse a dataset whose shard indexes are damaged or whose files are missing or of another size
+    than recorded (a ``stat`` per file; legacy files: a header read), naming each file, the sizes and
+    the command that repairs it. Every file the dataset holds is checked (prepare's arrays, and the
+    cached ones once the cache is complete), not only the fields one reader asks for: a damaged cache
+    is reported by the first command that opens the data. Legacy shards are announced in one log line."""
     root = Path(root)
     names = required_files(root)
     damaged, legacy = [], 0
@@ -302,8 +304,9 @@ def verify_dataset(root: str | Path, *, reindex: bool = False, shards: Sequence[
     if shards is None:
         damaged += _strays(root, manifest)
     checks = [check for check, _ in results]
-    return VerifyReport(root, damaged, len(dirs), sum(c.legacy for c in checks), sum(c.files for c in checks),
-                        sum(c.bytes for c in checks), time.perf_counter() - start, sum(done for _, done in results))
+    return VerifyReport(root=root, damaged=damaged, shards=len(dirs), legacy_shards=sum(c.legacy for c in checks),
+                        files=sum(c.files for c in checks), bytes=sum(c.bytes for c in checks),
+                        seconds=time.perf_counter() - start, reindexed_shards=sum(done for _, done in results))
 
 
 def _verify_shard(shard: Path, names: tuple[str, ...], *, reindex: bool, progress: Callable[[int], None] | None
