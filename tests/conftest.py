@@ -108,7 +108,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-
 def run_processes(args: list[str], *, processes: int = 1, timeout: float = 300) -> None:
     """Run ``reglue ARGS`` in fresh processes on one thread each; a failure shows the command's own output.
 
@@ -124,7 +123,7 @@ def run_processes(args: list[str], *, processes: int = 1, timeout: float = 300) 
         launcher = []
     command = [sys.executable, *launcher, "-m", "reglue.cli", *args]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, check=False)
     if result.returncode != 0:
         output = (result.stdout + result.stderr)[-6000:]
         pytest.fail(f"exit {result.returncode} from {' '.join(command)}\n{output}", pytrace=False)
