@@ -49,9 +49,9 @@ def write_dataset(root: Path, gb: float, shard_size: int) -> tuple[int, float]:
         store.write_shard(root, index, arrays, {"sources": [f"{start + i}.jpg" for i in range(count)], "skipped": []})
         seconds += time.perf_counter() - begin
         shards.append({"name": store.shard_name(index), "count": count})
-    store.write_json_atomic(root / store.MANIFEST, {
+    reglue.io.write_json(root / store.MANIFEST, {
         "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "resolution": 256, "vae": "random",
-        "num_images": rows, "num_classes": 1000, "class_names": [], "shards": shards})
+        "num_images": rows, "num_classes": 1000, "class_names": [], "shards": shards}, sort_keys=True)
     return rows, seconds
 
 

@@ -13,11 +13,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from reglue import checkpoint
 from reglue.checkpoint import CheckpointError, load_checkpoint, save_state_file
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.encoders.norm_stats import NormStatsAccumulator
 from reglue.encoders.vfm import build_dinov2
+from reglue.io import write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.training import compressor as training
 from reglue.training.compressor import train_compressor
@@ -41,11 +43,11 @@ def write_prepared_dataset(root, shard_sizes=(7, 5), seed=0) -> None:
         store.write_shard(root, index, arrays, {"sources": [f"img{index}_{i}.png" for i in range(count)],
                                                 "skipped": []})
         shards.append({"name": store.shard_name(index), "count": count})
-    store.write_json_atomic(root / store.MANIFEST, {
+    write_json(root / store.MANIFEST, {
         "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "source": "random",
         "resolution": RESOLUTION, "vae": "none", "num_images": sum(shard_sizes), "num_classes": 3,
         "class_names": ["a", "b", "c"], "shards": shards,
-    })
+    }, sort_keys=True)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,7 @@ def test_resume_restores_the_checkpoints_rng_state(train, tmp_path, monkeypatch)
     monkeypatch.undo()
     (saved,) = load_checkpoint(tmp_path / training.TRAIN_STATE)["rng"]
     restored = []
-    monkeypatch.setattr(training, "restore_rng_state", restored.append)
+    monkeypatch.setattr(checkpoint, "restore_rng_state", restored.append)  # what restore_process_rng_state calls
     assert train(tmp_path, epochs=1, checkpoint_every=1).resumed_from == (0, 1)
     (state,) = restored
     assert torch.equal(state["torch"], saved["torch"]) and state["python"] == saved["python"]

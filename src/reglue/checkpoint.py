@@ -123,6 +123,14 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
+def restore_process_rng_state(states: list[dict], process_index: int, num_processes: int) -> None:
+    """Restore this process's entry of ``states`` (one :func:`capture_rng_state` per process, gathered at
+    a checkpoint) when the run resumes on as many processes; on another count the states do not map
+    onto the processes and the generators are left as seeded."""
+    if len(states) == num_processes:
+        restore_rng_state(states[process_index])
+
+
 # ----------------------------------------------------------------------------- saving
 
 

@@ -159,10 +159,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """``payload`` as indented JSON at ``path``, atomically."""
+def write_json(path: str | Path, payload: dict, *, sort_keys: bool = False) -> None:
+    """``payload`` as indented JSON at ``path``, atomically (keys sorted with ``sort_keys``)."""
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_safetensors_metadata(path: str | Path, what: str = "safetensors", fix: str = DEFAULT_FIX) -> dict[str, str]:

@@ -27,7 +27,7 @@ import torch
 from reglue.data import integrity, store
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.errors import DamagedFileError
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def cache_semantics(
         barrier()
         if rank == 0:  # the reader accepts the cache only once every shard has it
             recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
-            store.write_json_atomic(info_path, dict(recorded, complete=True, paths=paths or {}))
+            write_json(info_path, dict(recorded, complete=True, paths=paths or {}), sort_keys=True)
         return len(todo)
 
 

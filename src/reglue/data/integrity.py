@@ -313,11 +313,11 @@ def _verify_shard(shard: Path, names: tuple[str, ...], *, reindex: bool, progres
                   ) -> tuple[ShardCheck, bool]:
     """:func:`check_shard` in full with checksums; with ``reindex`` a legacy shard without problems gets
     the records of its files. Returns the check and whether the shard was re-indexed."""
-    legacy = reindex and store.FILES not in _read_index(shard)[0]
+    info, _ = _read_index(shard)
+    legacy = reindex and store.FILES not in info
     check = check_shard(shard, names, checksums=True, full=True, progress=None if legacy else progress)
     if not (legacy and not check.problems):
         return check, False
-    info = json.loads((shard / store.INDEX).read_text())
     files = sorted({entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX})
     store.write_shard_info(shard, dict(info, **{store.FILES: {name: file_record(shard / name, progress)
                                                                 for name in files}}))

@@ -31,6 +31,7 @@ from reglue.data.source_dataset import read_crop
 from reglue.data.sources import ImageSource, open_source, source_fingerprint
 from reglue.distributed import process_state
 from reglue.encoders.autoencoder import load_vae
+from reglue.io import write_json
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _finalize(dst: Path, settings: PrepareSettings, source: ImageSource, indices
     images = sum(s["count"] for s in shards)
     if write:
         store.write_skipped(dst / store.SKIPPED, skipped)
-        store.write_json_atomic(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped))
+        write_json(dst / store.MANIFEST, _manifest(settings, source, shards, images, skipped), sort_keys=True)
     return PrepareSummary(images, len(skipped), source.ignored, len(indices), 0)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from reglue.errors import DamagedFileError
-from reglue.io import RecordingWriter, atomic_write, new_checksum
+from reglue.io import RecordingWriter, atomic_write, new_checksum, write_json
 from reglue.settings import check_same_settings
 
 FORMAT_NAME = "reglue-dataset"
@@ -108,7 +108,7 @@ def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> No
         check_same_settings(recorded, wanted, what=str(path.parent), fix=fix)
     elif is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, wanted)
+        write_json(path, wanted, sort_keys=True)
 
 
 def save_array(path: Path, array: np.ndarray) -> dict:
@@ -181,11 +181,6 @@ def read_shard_info(root: Path, index: int) -> dict:
 def open_array(root: Path, index: int, name: str) -> np.ndarray:
     """A shard array, memory-mapped read-only."""
     return np.load(shard_dir(root, index) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_skipped(path: Path, skipped: list[dict]) -> None:

@@ -38,7 +38,7 @@ from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
 from reglue.encoders.semantics import VFMSpec
 from reglue.errors import ReglueError
 from reglue.generate import SampleSettings, class_grid
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 from reglue.metrics.class_probe import train_class_probe
 from reglue.models.loading import load_sampling_model
 from reglue.pipeline import (
@@ -78,7 +78,7 @@ class Ledger:
         work()
         self.stages[stage] = round(time.perf_counter() - start, 1)
         state = json.loads(self.path.read_text())
-        store.write_json_atomic(self.path, {**state, "stages": list(self.stages.items())})
+        write_json(self.path, {**state, "stages": list(self.stages.items())}, sort_keys=True)
         log.info("%s: done in %.1f s", stage, self.stages[stage])
 
 

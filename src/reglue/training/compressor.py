@@ -62,7 +62,7 @@ from reglue.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
+    restore_process_rng_state,
     save_state_file,
 )
 from reglue.data.dataset import PreparedDataset
@@ -302,9 +302,7 @@ class _CompressorTrainer:
         self.optimizer.load_state_dict(state["optimizer"])  # after the scheduler set its lr
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
-        rng = state["rng"]  # one capture_rng_state() per process
-        if len(rng) == self.accelerator.num_processes:
-            restore_rng_state(rng[self.accelerator.process_index])
+        restore_process_rng_state(state["rng"], self.accelerator.process_index, self.accelerator.num_processes)
 
     def prepare(self) -> None:
         """Hand model and optimizer to accelerate (DDP on several GPUs). The loaders are ours:

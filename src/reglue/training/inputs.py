@@ -109,12 +109,12 @@ def verify_training_data(root: Path) -> None:
     state = process_state()
     shards = range(state.process_index, len(store.read_manifest(root)["shards"]), state.num_processes)
     report = verify_dataset(root, shards=shards)
-    damaged = gather_object([str(damage) for damage in report.damaged])
-    counts = gather_object([(report.files, report.bytes, report.seconds)])
+    reports = gather_object([([str(damage) for damage in report.damaged], report.files, report.bytes, report.seconds)])
+    damaged = [damage for found, *_ in reports for damage in found]
     if damaged:
         raise DamagedFileError(f"data.verify found {len(damaged)} damaged file(s) in {root}: " + " | ".join(damaged))
     if state.is_main_process:
-        files, size, seconds = (sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts))
+        files, size, seconds = (sum(r[1] for r in reports), sum(r[2] for r in reports), max(r[3] for r in reports))
         log.info("data.verify: %d files (%.2f GB) of %s intact, checked in %.1f s (%.2f GB/s, %d processes)",
                  files, size / 1e9, root, seconds, size / 1e9 / max(seconds, 1e-9), state.num_processes)
 

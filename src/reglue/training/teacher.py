@@ -81,7 +81,7 @@ from reglue.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
+    restore_process_rng_state,
     save_state_file,
 )
 from reglue.data import store
@@ -446,9 +446,7 @@ class _TeacherTrainer:
         self.ibot_loss.load_state_dict(state["ibot_loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = _Progress(**state["progress"])
-        rng = state["rng"]  # one capture_rng_state() per process
-        if len(rng) == self.accelerator.num_processes:
-            restore_rng_state(rng[self.accelerator.process_index])
+        restore_process_rng_state(state["rng"], self.accelerator.process_index, self.accelerator.num_processes)
 
     def prepare(self) -> None:
         """DDP for the student on several processes; the loader shards its batches itself."""

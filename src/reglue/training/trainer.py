@@ -245,9 +245,7 @@ class Trainer:
         self.resumed = True
         self.skipped = int(payload["skipped_updates"])
         self.nonfinite_in_row = int(payload["nonfinite_in_row"])
-        rng = payload["rng"]
-        if len(rng) == self.acc.num_processes:
-            ckpt.restore_rng_state(rng[self.acc.process_index])
+        ckpt.restore_process_rng_state(payload["rng"], self.acc.process_index, self.acc.num_processes)
 
     def _check_ranks_in_sync(self) -> None:
         """DDP keeps replicas identical; a mismatch (silent divergence) must stop the run."""
