@@ -16,7 +16,7 @@ from conftest import REPO
 from reglue.cli import build_parser
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SHELL_VALUES = {"${p}": "reglue", "$RANK": "0", "$HOST": "localhost"}
+SHELL_VALUES = {"${p}": "reglue", "$RANK": "0", "$HOST": "localhost", "$R": "128"}
 INVOCATION = re.compile(r"(?:^|&&\s*|\s)(?:\S*/)?(?:reglue|-m reglue\.cli)\s+([a-z].*)$")
 
 

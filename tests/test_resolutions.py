@@ -53,9 +53,9 @@ def make_data(root: Path, resolution: int, *, norm_stats: bool = True) -> Path:
     return data
 
 
-def train_compressor(data: Path) -> Path:
+def train_compressor(data: Path, extra: list[str] = ()) -> Path:
     assert main(["train-compressor", str(data), "--epochs", "1", "--global-batch", "2", "--val-fraction", "0.25",
-                 "--quiet"]) == 0
+                 "--quiet", *extra]) == 0
     return data / COMPRESSOR_FILE
 
 
@@ -75,19 +75,22 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
         assert row["images"].dtype == torch.uint8 and row["images"].shape == (3, R, R)
         assert row["moments"].dtype == torch.float32 and row["moments"].shape == (8, latent, latent)
 
-    # norm-stats: 2 layers × 32 channels, made at R
-    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM]) == 0
+    # norm-stats: 2 layers × 32 channels, made at R. Every later command also takes --resolution R
+    # as a check (a script looping over resolutions passes it everywhere); here each is given it.
+    check = ["--resolution", str(R)]
+    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM, *check]) == 0
     stats = NormStats.load(data / "norm_stats.safetensors")
     assert stats.channels == VFM_CHANNELS
     assert stats.metadata["resolution"] == str(R) and stats.metadata["num_images"] == "4"
 
     # train-compressor: one epoch; its weights record R
-    compressor = train_compressor(data)
+    compressor = train_compressor(data, check)
     assert compressor.is_file()
     assert int(read_safetensors_metadata(compressor)["resolution"]) == R
 
     # cache-semantics: semantics at the VFM grid R/16, CLS (D,), REPA (1 + (R/16)², D)
-    assert main(["cache-semantics", str(data), "--compressor", str(compressor), "--repa-targets", "--quiet"]) == 0
+    assert main(["cache-semantics", str(data), "--compressor", str(compressor), "--repa-targets", "--quiet",
+                 *check]) == 0
     cached = PreparedDataset(data, fields=("semantics", "cls", "repa"), resolution=R)
     channels = json.loads(read_safetensors_metadata(compressor)["channels"])
     for i in range(len(cached)):
@@ -100,7 +103,7 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
     # train: a tiny SiT on the R/8 latents, R/16 tokens
     run = tmp_path / "run"
     code = main(["train", "--config", "configs/demo.yaml", f"data.dir={data}", f"run_dir={run}", "model.preset=reglue",
-                 *TINY_MODEL, *FAST_TRAIN, *PREVIEW_AND_EVAL])
+                 *TINY_MODEL, *FAST_TRAIN, *PREVIEW_AND_EVAL, *check])
     assert code == 0, capsys.readouterr().err
     # the EMA preview (2 samples side by side) and the in-training evaluation ran at R
     with Image.open(run / "samples" / "step-000000002.png") as preview:
@@ -115,11 +118,19 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
     # sample and grid decode R² images with the pixel autoencoder
     samples = tmp_path / "samples"
     assert main(["sample", "--ckpt", str(run / "ema"), "--out", str(samples), "--num-samples", "2", "--steps", "2",
-                 "--mode", "ode", "--vae", "pixel", "--quiet"]) == 0
+                 "--mode", "ode", "--vae", "pixel", "--quiet", *check]) == 0
     with np.load(samples / "samples.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (2, R, R, 3)
+
+    # evaluate: FD in a tiny random DINOv2's space, which resizes R² to its 224² input
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, arr_0=np.stack([rows[i]["images"].permute(1, 2, 0).numpy() for i in range(len(rows))]))
+    assert main(["evaluate", "--ref", str(reference), "--samples", str(samples / "samples.npz"), "--metrics",
+                 "fd_dinov2", "--vfm-weights", "random", "--vfm-arch", "embed_dim=32,depth=2,num_heads=2",
+                 "--batch-size", "4", "--quiet", *check]) == 0
+    assert math.isfinite(json.loads((samples / "samples.metrics.json").read_text())["fd_dinov2"])
     assert main(["grid", "--ckpt", str(run / "ema"), "--classes", "0,1", "--per-class", "1", "--steps", "2",
-                 "--vae", "pixel", "--out", str(tmp_path / "grid.png")]) == 0
+                 "--vae", "pixel", "--out", str(tmp_path / "grid.png"), *check]) == 0
     with Image.open(tmp_path / "grid.png") as image:
         image.load()
         width, height = image.size
@@ -283,4 +294,138 @@ def test_online_training_with_a_compressor_of_another_resolution_is_refused_befo
         f"data.compressor={small / COMPRESSOR_FILE}", "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
     with pytest.raises(ValueError, match=r"64².*128².*train-compressor"):
         train(config)
+    assert not run_dir.exists()
+
+
+# ----------------------------------------------------------------------------- --resolution as a check
+@pytest.fixture(scope="module")
+def small_model(two_sides, tmp_path_factory):
+    """A tiny SiT trained 2 steps on the 64² data, its samples, and a 64² reference batch."""
+    small, _ = two_sides
+    root = tmp_path_factory.mktemp("model")
+    assert main(["train", "--config", "configs/demo.yaml", f"data.dir={small}", f"run_dir={root / 'run'}",
+                 "model.preset=sit", *TINY_MODEL, *FAST_TRAIN]) == 0
+    images = np.stack([row["images"].permute(1, 2, 0).numpy() for row in PreparedDataset(small, fields=("images",))])
+    np.savez(root / "samples.npz", arr_0=images)
+    np.savez(root / "reference.npz", arr_0=images)
+    return root
+
+
+def data_command(name: str, small: Path, out: Path) -> list[str]:
+    return {
+        "norm-stats": ["norm-stats", str(small), "--out", str(out), "--num-images", "4", *TINY_VFM],
+        "fit-pca": ["fit-pca", str(small), "--rank", "4", "--out", str(out)],
+        "train-compressor": ["train-compressor", str(small), "--out", str(out), "--epochs", "1", "--global-batch", "2"],
+        "cache-semantics": ["cache-semantics", str(small), "--compressor", str(small / COMPRESSOR_FILE)],
+    }[name]
+
+
+@pytest.mark.parametrize("command", ["norm-stats", "fit-pca", "train-compressor", "cache-semantics"])
+def test_data_commands_refuse_a_resolution_that_is_not_the_prepared_datas(two_sides, tmp_path, capsys, command):
+    small, _ = two_sides
+    before = sorted(p.relative_to(small) for p in small.rglob("*"))
+    out = tmp_path / "out"
+    code = main([*data_command(command, small, out), "--resolution", "128", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert "resolution 128 was asked for" in err and "at 64²" in err and "manifest.json" in err
+    assert "--resolution 128" in err and "reglue prepare" in err  # the fix: prepare at 128² into a new folder
+    assert not out.exists() and sorted(p.relative_to(small) for p in small.rglob("*")) == before
+
+
+def test_train_refuses_a_resolution_that_is_not_the_prepared_datas_before_the_run_dir(two_sides, tmp_path, capsys):
+    small, _ = two_sides
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "configs/demo.yaml", f"data.dir={small}", f"run_dir={run_dir}", "model.preset=sit",
+            *TINY_MODEL, *FAST_TRAIN]
+    assert main([*args, "--resolution", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "data.resolution: resolution 128 was asked for" in err and "at 64²" in err
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match=r"data.resolution: .*128 was asked for.*64²"):
+        train(load_config("configs/demo.yaml", [*args[3:], "data.resolution=128"]))
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="data.resolution.*multiple of 64"):
+        load_config("configs/demo.yaml", [*args[3:], "data.resolution=96"])
+
+
+@pytest.mark.parametrize("command", ["sample", "grid", "evaluate"])
+def test_model_and_sample_commands_refuse_another_resolution(small_model, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    ckpt = str(small_model / "run" / "ema")
+    args = {
+        "sample": ["sample", "--ckpt", ckpt, "--out", str(out), "--num-samples", "2", "--steps", "2", "--vae", "pixel"],
+        "grid": ["grid", "--ckpt", ckpt, "--classes", "0,1", "--steps", "2", "--vae", "pixel", "--out", str(out)],
+        "evaluate": ["evaluate", "--ref", str(small_model / "reference.npz"), "--samples",
+                     str(small_model / "samples.npz"), "--metrics", "fd_dinov2", "--vfm-weights", "random",
+                     "--vfm-arch", "embed_dim=32,depth=2,num_heads=2", "--out", str(out)],
+    }[command]
+    assert main([*args, "--resolution", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "resolution 128 was asked for" in err and "at 64²" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main([*args, "--resolution", "64"]) == 0  # its own resolution is accepted
+    assert out.exists()
+
+
+# ----------------------------------------------------------------------------- PCA, resume and init at another R
+def test_a_pca_of_another_resolution_is_refused_by_cache_semantics_and_online_training(two_sides, tmp_path, capsys):
+    small, large = two_sides
+    pca = tmp_path / "pca64.safetensors"
+    assert main(["fit-pca", str(small), "--rank", "4", "--out", str(pca), "--quiet"]) == 0
+    assert read_safetensors_metadata(pca)["resolution"] == "64"
+    code = main(["cache-semantics", str(large), "--pca", str(pca), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "64²" in err and "128²" in err and "reglue fit-pca" in err and str(pca) in err
+    assert not (large / "semantics.json").exists() and cache_outputs(large) == []
+    run_dir = tmp_path / "run"
+    config = load_config("configs/demo.yaml", [
+        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=redi", "data.semantics=online", f"data.pca={pca}",
+        "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
+    with pytest.raises(ValueError, match=r"64².*128².*reglue fit-pca"):
+        train(config)
+    assert not run_dir.exists()
+
+
+def test_resuming_on_data_now_at_another_resolution_is_refused(two_sides, tmp_path):
+    small, large = two_sides
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(small, data)
+    args = [f"data.dir={data}", f"run_dir={run_dir}", "model.preset=sit", *TINY_MODEL, *FAST_TRAIN]
+    assert train(load_config("configs/demo.yaml", args)).step == 2
+    shutil.rmtree(data)
+    shutil.copytree(large, data)  # the same path now holds 128² data
+    more = load_config("configs/demo.yaml", [*args, "train.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"the checkpoint's model was trained on 64² images, but data.dir holds 128²"):
+        train(more, resume="auto")
+    shutil.rmtree(data)
+    shutil.copytree(small, data)
+    assert train(more, resume="auto").step == 3  # back on its own data it resumes
+
+
+def test_weights_of_another_resolution_are_refused_as_a_starting_point(small_model, two_sides, tmp_path, capsys):
+    import argparse
+
+    from reglue import checkpoint as ckpt
+    from reglue.training.trainer import trained_image_size
+
+    _, large = two_sides
+    _, payload = ckpt.latest_valid_checkpoint(small_model / "run", print)
+    assert trained_image_size(payload["model"]) == 64
+    authors = tmp_path / "authors64.pt"
+    torch.save({"model": {"module." + k: v for k, v in payload["model"].items()}, "ema": payload["ema"], "opt": {},
+                "steps": 2, "args": argparse.Namespace(resolution=64)}, authors)
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/demo.yaml", f"data.dir={large}", f"run_dir={run_dir}", "model.preset=sit",
+            *TINY_MODEL, *FAST_TRAIN]
+    # model.init_from: the weights' position table says 64²
+    assert main(["train", *args, f"model.init_from={authors}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.init_from {authors} was trained on 64² images, but data.dir holds 128²" in err
+    # --from-authors also adopts their args' resolution as data.resolution, refused against the data
+    assert main(["train", "--from-authors", str(authors), *args]) == 2
+    captured = capsys.readouterr()
+    assert "data.resolution=64" in captured.out and "resolution 64 was asked for" in captured.err
     assert not run_dir.exists()

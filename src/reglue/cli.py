@@ -16,7 +16,7 @@ import os
 import sys
 
 from reglue import __version__
-from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
+from reglue.resolution import DEFAULT_RESOLUTION, check_resolution, confirm_resolution
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
 DEMO_RESOLUTION = 128  # reglue.demo.DemoSettings.resolution (a test keeps the two equal)
@@ -39,6 +39,27 @@ def _add_resolution(parser: argparse.ArgumentParser, default: int, what: str) ->
     parser.add_argument("--resolution", type=_resolution, default=default, metavar="R",
                         help=f"{what} side R: a multiple of 64 from 64 to 512 (default {default}); latents R/8, "
                         "SiT tokens and VFM patches (R/16)²; later steps read it from the data's manifest")
+
+
+def _add_resolution_check(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--resolution", type=_resolution, default=None, metavar="R",
+                        help=f"optional check: the side {what} is at, else refused (default: read from it; "
+                        "R is chosen once, by `reglue prepare --resolution R`)")
+
+
+def _confirm_data_resolution(args: argparse.Namespace) -> None:
+    """Refuse a --resolution that is not the one DATA was prepared at (before any work)."""
+    if args.resolution is not None:
+        from reglue.data.store import prepared_resolution
+
+        prepared_resolution(args.data, args.resolution)
+
+
+def _confirm_model_resolution(args: argparse.Namespace, model) -> None:
+    """Refuse a --resolution that is not the one the model was trained at (before any work)."""
+    confirm_resolution(args.resolution, model.config.image_size, where=f"the model {args.ckpt}", remedy=(
+        "A model samples at the resolution it was trained at: leave out --resolution, or pass a model trained "
+        f"at {args.resolution}²."))
 
 
 def _add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> None:
@@ -121,6 +142,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_norm_stats(args: argparse.Namespace) -> int:
     from reglue.pipeline import run_norm_stats
 
+    _confirm_data_resolution(args)
+
     out = run_norm_stats(args.data, _vfm_spec(args, required=True), out=args.out, num_images=args.num_images,
                          batch_size=args.batch_size, autocast_dtype=_autocast(args.autocast),
                          show_progress=not args.quiet)
@@ -130,6 +153,8 @@ def _cmd_norm_stats(args: argparse.Namespace) -> int:
 
 def _cmd_fit_pca(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_fit_pca
+
+    _confirm_data_resolution(args)
 
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     out = run_fit_pca(args.data, norm_stats, rank=args.rank, out=args.out, num_images=args.num_images,
@@ -141,6 +166,8 @@ def _cmd_fit_pca(args: argparse.Namespace) -> int:
 
 def _cmd_train_compressor(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_train_compressor
+
+    _confirm_data_resolution(args)
 
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     run = run_train_compressor(
@@ -183,6 +210,8 @@ def _cmd_train_vfm(args: argparse.Namespace) -> int:
 def _cmd_cache_semantics(args: argparse.Namespace) -> int:
     from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
 
+    _confirm_data_resolution(args)
+
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     written = run_cache_semantics(args.data, norm_stats, compressor=args.compressor, pca=args.pca,
                                   repa_targets=args.repa_targets, batch_size=args.batch_size,
@@ -220,6 +249,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         adopted = [f"{k}={v}" for k, v in config_values_from_authors_args(checkpoint_args).items()]
         print(f"adopting from the authors' checkpoint: {' '.join(adopted) or 'no recognised args'}")
         overrides = [*adopted, f"model.init_from={args.from_authors}", *overrides]  # yours win
+    if args.resolution is not None:
+        overrides = [f"data.resolution={args.resolution}", *overrides]
     config = load_config(args.config, overrides)
     result = train(config, resume=args.resume)
     state = "stopped early (resume with --resume auto)" if result.stopped_early else "finished"
@@ -264,6 +295,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     state = process_state()
     model = load_sampling_model(args.ckpt, args.weights).to(state.device)
+    _confirm_model_resolution(args, model)
     model.check_inputs = state.device.type == "cpu"
     vae = load_vae(args.vae).to(state.device)
     mine = len(range(state.process_index, settings.num_samples, state.num_processes))
@@ -287,6 +319,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sampling_model(args.ckpt).to(device)
+    _confirm_model_resolution(args, model)
     classes = [int(c) for c in args.classes.split(",")]
     settings = SampleSettings(num_samples=len(classes) * args.per_class, mode=args.mode, num_steps=args.steps,
                               guidance=_guidance(args, GRID_GUIDANCE), seed=args.seed)
@@ -307,7 +340,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     results = evaluate(args.ref, args.samples, metrics=metrics, inception_weights=args.inception,
                        vfm=_vfm_spec(args, required=True), batch_size=args.batch_size, device=device,
-                       cache_dir=args.cache_dir, progress=not args.quiet)
+                       cache_dir=args.cache_dir, resolution=args.resolution, progress=not args.quiet)
     out = args.out or str(args.samples).removesuffix(".npz") + ".metrics.json"
     write_results(results, out)
     print(format_table(results))
@@ -387,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
+    _add_resolution_check(p, "DATA was prepared")
     p.set_defaults(func=_cmd_norm_stats)
 
     p = commands.add_parser("train-compressor", help="train the semantic compressor (resumable)")
@@ -406,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto", help="precision of the frozen VFM")
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    _add_resolution_check(p, "DATA was prepared")
     p.set_defaults(func=_cmd_train_compressor)
 
     p = commands.add_parser("train-vfm", help="train a small DINOv2-with-registers teacher, self-supervised (resumable)",
@@ -447,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-authors", default=None, metavar="PT",
                    help="start from the authors' checkpoint: its weights, and its args as config defaults")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.dir=data/in256 train.global_batch=64")
+    _add_resolution_check(p, "data.dir was prepared")  # = data.resolution=R
     p.set_defaults(func=_cmd_train)
 
     p = commands.add_parser("sample", help="generate samples to PNGs and an ADM .npz (resumable, any GPU count)")
@@ -470,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     p.add_argument("--quiet", action="store_true")
+    _add_resolution_check(p, "the model was trained")
     p.set_defaults(func=_cmd_sample)
 
     p = commands.add_parser("grid", help="a labelled sample grid, one column per class")
@@ -483,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
+    _add_resolution_check(p, "the model was trained")
     p.set_defaults(func=_cmd_grid)
 
     p = commands.add_parser("evaluate", help="ADM suite (FID, sFID, IS, precision, recall) and FD_DINOv2; "
@@ -508,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where computed reference statistics are cached")
     p.add_argument("--out", default=None, help="JSON results (default SAMPLES.metrics.json)")
     p.add_argument("--quiet", action="store_true")
+    _add_resolution_check(p, "the samples are")
     p.set_defaults(func=_cmd_evaluate)
 
     p = commands.add_parser("plot", help="draw runs' loss and evaluation curves into one PNG")
@@ -532,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    _add_resolution_check(p, "DATA was prepared")
     p.set_defaults(func=_cmd_fit_pca)
 
     p = commands.add_parser("cache-semantics", help="store compressed semantics, CLS (and REPA targets)")
@@ -544,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto")
     p.add_argument("--quiet", action="store_true")
     _add_vfm_options(p, "optional: defaults to the VFM recorded in the norm stats")
+    _add_resolution_check(p, "DATA was prepared")
     p.set_defaults(func=_cmd_cache_semantics)
 
     p = commands.add_parser("verify", help="check every file of a prepared dataset against its recorded size and "

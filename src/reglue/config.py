@@ -21,6 +21,7 @@ from reglue.encoders.semantics import VFMSpec
 from reglue.io import atomic_write
 from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
 from reglue.presets import PRESETS
+from reglue.resolution import RESOLUTIONS
 from reglue.sampling import Guidance
 from reglue.transport import lambda_sem_milestones
 
@@ -55,6 +56,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = ""  # a `reglue prepare` directory
+    resolution: int | None = None  # a check: the side DIR was prepared at (null: whatever its manifest says)
     semantics: str = "cached"  # cached (from `reglue cache-semantics`) | online (VFM every step)
     norm_stats: str | None = None  # online: default DIR/norm_stats.safetensors (records the VFM)
     compressor: str | None = None  # online REGLUE: compressor weights
@@ -181,6 +183,8 @@ class RunConfig:
             (self.model.name in SIT_MODELS, "model.name", f"one of {', '.join(SIT_MODELS)}"),
             (self.model.preset in PRESETS, "model.preset", f"one of {', '.join(PRESETS)}"),
             (bool(self.data.dir), "data.dir", "the `reglue prepare` directory (data.dir=PATH)"),
+            (self.data.resolution is None or self.data.resolution in RESOLUTIONS, "data.resolution",
+             "null (the prepared data's, read from its manifest) or a multiple of 64 from 64 to 512"),
             (self.data.semantics in SEMANTICS_SOURCES, "data.semantics", f"one of {SEMANTICS_SOURCES}"),
             (self.data.vfm_autocast in PRECISIONS, "data.vfm_autocast", f"one of {PRECISIONS}"),
             (self.train.mixed_precision in PRECISIONS, "train.mixed_precision", f"one of {PRECISIONS}"),

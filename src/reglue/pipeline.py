@@ -99,7 +99,8 @@ def run_fit_pca(
                 bar.update(len(maps))
                 yield maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (B·h·w, C)
 
-    PCAProjection.fit(token_batches(), rank).save(out)
+    PCAProjection.fit(token_batches(), rank).save(out, {"resolution": dataset.manifest["resolution"],
+                                                        "vfm": spec.to_json()})
     state.wait_for_everyone()
     return out
 

@@ -45,3 +45,18 @@ def latent_size(resolution: int) -> int:
 def token_grid(resolution: int) -> int:
     """SiT token grid side (= the VFM patch grid side) R/16."""
     return check_resolution(resolution) // TOKEN_PIXELS
+
+
+def confirm_resolution(asked: int | None, found: int, *, where: str, remedy: str) -> int:
+    """``found``, the resolution ``where`` is at, when ``asked`` is None or equal to it.
+
+    Every step after ``reglue prepare`` reads R from what it is given (the data's manifest, the
+    model, the sample arrays); ``asked`` is a ``--resolution`` / ``data.resolution`` given only as
+    a check, which a script looping over resolutions can pass to every command. Another R is a
+    ValueError naming both sides and ``remedy`` (the fix)."""
+    if asked is not None and check_resolution(asked) != found:
+        raise ValueError(
+            f"resolution {asked} was asked for, but {where} is at {found}²: R is chosen once, by `reglue prepare "
+            f"--resolution R`, and every later step reads it from there. {remedy}"
+        )
+    return found

@@ -35,6 +35,7 @@ import numpy as np
 
 from reglue.errors import DamagedFileError
 from reglue.io import RecordingWriter, atomic_write, new_checksum, write_json
+from reglue.resolution import confirm_resolution
 from reglue.settings import check_same_settings
 
 FORMAT_NAME = "reglue-dataset"
@@ -204,6 +205,17 @@ def read_manifest(root: Path) -> dict:
             f"reads {FORMAT_NAME} v{FORMAT_VERSION}. Re-prepare the dataset with this version."
         )
     return manifest
+
+
+def prepared_resolution(root: str | Path, asked: int | None = None) -> int:
+    """The side R ``root`` was prepared at (its manifest); ``asked``, a ``--resolution`` given as a
+    check, must equal it (:func:`reglue.resolution.confirm_resolution`)."""
+    manifest = read_manifest(Path(root))
+    found = manifest["resolution"]
+    source = shlex.quote(str(manifest.get("source") or "SRC"))
+    return confirm_resolution(asked, found, where=f"{root} (its manifest.json)", remedy=(
+        f"Leave the resolution out to work at {found}², or prepare the images at {asked}² into a new folder: "
+        f"`reglue prepare {source} NEW_DIR --resolution {asked}`."))
 
 
 # ----------------------------------------------------------------------------- remedies

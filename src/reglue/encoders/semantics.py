@@ -26,7 +26,7 @@ from torch import nn
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor, build_vfm
 from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
-from reglue.models.compressor import COMPRESSOR_FIX, PCAProjection, SemanticCompressor
+from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX, PCAProjection, SemanticCompressor
 
 _logger = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ def build_semantic_encoder(
                                                     what=f"semantic compressor {compressor}", fix=fix)
         info["compressor_sha256"] = file_sha256(compressor)
     elif pca is not None:
+        check_made_at(read_safetensors_metadata(pca, "PCA", PCA_FIX.format(data="DATA")), resolution, pca,
+                      "fit a PCA on this dataset: `reglue fit-pca DATA`.")
         module = PCAProjection.load(pca)
         info["pca_sha256"] = file_sha256(pca)
     extractor = spec.build(resolution, autocast_dtype)

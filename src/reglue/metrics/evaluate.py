@@ -53,6 +53,7 @@ from reglue.metrics.inception import (
 )
 from reglue.metrics.iscore import SPLIT_SIZE, inception_score
 from reglue.metrics.manifold import NEIGHBOURHOOD_K, precision_recall
+from reglue.resolution import confirm_resolution
 from reglue.state_dict import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -198,12 +199,14 @@ def evaluate(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
     split_size: int = SPLIT_SIZE,
+    resolution: int | None = None,
     progress: bool = False,
 ) -> dict:
     """The asked ``metrics`` (module docstring) of ``samples_npz`` against ``ref_npz``.
 
     ``vfm`` is the feature space of ``fd_<s>``/``pr_<s>``: a :class:`VFMSpec` (loaded on ``device``)
     or a loaded :class:`FeatureSpace`; None = :data:`FD_DINOV2` (whose weights must then be given).
+    ``resolution``, when given, is a check: the samples must be R² images.
     Returns ``{metric: float, ..., "networks": {"inception" | <s>: {network, weights, weights_fingerprint, ...}}}``.
     Bad input fails before any feature is computed (module docstring).
     """
@@ -215,7 +218,8 @@ def evaluate(
     inception_asked = [name for name in asked if name in INCEPTION_METRICS]
     if inception_asked:
         inception_weights = _inception_weights(inception_weights, inception_asked)
-    _check_inputs(ref_npz, samples_npz, asked, stored_inception=_has_stored_statistics(ref_npz))
+    _check_inputs(ref_npz, samples_npz, asked, stored_inception=_has_stored_statistics(ref_npz),
+                  resolution=resolution)
 
     extractor = load_inception(inception_weights) if inception_asked else None
     space = None
@@ -299,9 +303,13 @@ def _inception_weights(weights: str | Path | None, asked: Sequence[str]) -> Path
     return resolve_weights_path(weights)
 
 
-def _check_inputs(ref_npz, samples_npz, asked: Sequence[str], *, stored_inception: bool) -> None:
+def _check_inputs(ref_npz, samples_npz, asked: Sequence[str], *, stored_inception: bool,
+                  resolution: int | None) -> None:
     """Refuse, before any feature is computed, inputs the asked metrics cannot use (with the fix)."""
     samples = image_batch_shape(samples_npz)
+    confirm_resolution(resolution, samples[1], where=f"the samples {samples_npz}", remedy=(
+        f"Leave out the resolution to evaluate them at their own, or evaluate samples of a model trained at "
+        f"{resolution}² against a reference batch of that resolution."))
     precision_recall_asked = [name for name in asked if name == "pr" or name.startswith("pr_")]
     needed = NEIGHBOURHOOD_K + 1 if precision_recall_asked else 2 if asked != ("is",) else 1
     if samples[0] < needed:

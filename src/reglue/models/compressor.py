@@ -168,11 +168,14 @@ class PCAProjection(nn.Module):
         centred = features - self.mean.to(features.dtype)[None, :, None, None]
         return torch.einsum("bchw,rc->brhw", centred, self.components.to(features.dtype))
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Write the projection atomically; ``metadata`` (e.g. the resolution and VFM it was fitted
+        at) goes into the file's header as strings."""
         from safetensors.torch import save_file
 
         with atomic_write(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
 
     @classmethod
     def load(cls, path: str | Path) -> PCAProjection:

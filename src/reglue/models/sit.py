@@ -26,6 +26,7 @@ from torch import nn
 
 from reglue.errors import DamagedFileError
 from reglue.io import atomic_write, read_tensor_file
+from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.state_dict import load_state_dict_strict
 from reglue.transport import PATHS
 
@@ -86,6 +87,11 @@ class SiTConfig:
     @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images it generates: the latent side × 8 (SD-VAE, the pixel autoencoder)."""
+        return self.input_size * LATENT_DOWNSAMPLE
 
 
 # --------------------------------------------------------------------------------------

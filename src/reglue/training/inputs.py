@@ -216,6 +216,10 @@ def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
         store.read_manifest(config.data.dir)
     except FileNotFoundError as err:
         raise ConfigError(f"data.dir: {err}") from None
+    try:
+        store.prepared_resolution(config.data.dir, config.data.resolution)
+    except ValueError as err:
+        raise ConfigError(f"data.resolution: {err}") from None
     vfm = vfm_spec(config.data.vfm).to_json() if config.data.vfm is not None else None
     try:
         dataset = PreparedDataset(config.data.dir, fields=fields, vfm=vfm)

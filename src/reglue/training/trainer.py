@@ -36,12 +36,13 @@ from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
 from reglue.io import atomic_write
 from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
-from reglue.models.sit import SiT, build_sit
+from reglue.models.sit import SiT, SiTConfig, build_sit
 from reglue.presets import get_preset
+from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.sampling import sample_ode, sample_sde
 from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
-from reglue.state_dict import load_state_dict_strict
+from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 from reglue.training.evaluation import Evaluator, eval_due
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.metrics import MetricsLogger, read_metrics
@@ -148,7 +149,7 @@ def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -
 
 
 # Settings a resumed run may change; every other one must equal the checkpoint's.
-RESUME_FREE = ("run_dir", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
+RESUME_FREE = ("run_dir", "data.resolution", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
                "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
                "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
                "data.pin_memory", "data.verify", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
@@ -234,6 +235,7 @@ class Trainer:
         check_same_settings(payload["config"], self.config.to_dict(), free=RESUME_FREE + adopted, error=ConfigError,
                             what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
                             "or start a new run directory.")
+        self._check_same_model(payload["sit_config"])
         self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -246,6 +248,19 @@ class Trainer:
         self.skipped = int(payload["skipped_updates"])
         self.nonfinite_in_row = int(payload["nonfinite_in_row"])
         ckpt.restore_process_rng_state(payload["rng"], self.acc.process_index, self.acc.num_processes)
+
+    def _check_same_model(self, saved: dict) -> None:
+        """The checkpoint's SiT must be the one this run builds from its config and data.dir: the
+        config is checked above, so a difference means the data changed (resolution, classes, cache)."""
+        built = self.acc.unwrap_model(self.model).config
+        fix = "resume on the data it was trained on, or start a new run directory."
+        check_trained_resolution(saved["input_size"] * LATENT_DOWNSAMPLE, built, what="the checkpoint's model",
+                                 fix=fix)
+        changed = [f"{key}: was {saved[key]!r}, now {value!r}" for key, value in asdict(built).items()
+                   if key in saved and saved[key] != value]
+        if changed:
+            raise ConfigError(f"the checkpoint's model is not the one this run builds from data.dir "
+                              f"{self.config.data.dir} ({'; '.join(changed)}): the data changed; {fix}")
 
     def _check_ranks_in_sync(self) -> None:
         """DDP keeps replicas identical; a mismatch (silent divergence) must stop the run."""
@@ -266,6 +281,11 @@ class Trainer:
         """
         checkpoint = load_authors_checkpoint(path)
         core = self.acc.unwrap_model(self.model)
+        made_at = trained_image_size(checkpoint.get("model", checkpoint.get("ema")))
+        if made_at is not None:
+            check_trained_resolution(made_at, core.config, what=f"model.init_from {path}", fix=(
+                f"start from a checkpoint trained at {core.config.image_size}², or train on data prepared at "
+                f"{made_at}²."))
         load_state_dict_strict(core, checkpoint.get("model", checkpoint.get("ema")), f"{path} model weights")
         load_state_dict_strict(self.ema, checkpoint.get("ema", checkpoint.get("model")), f"{path} EMA weights")
         config = self.config.to_dict()
@@ -517,6 +537,23 @@ def _memory() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"memory_gib": torch.cuda.max_memory_allocated() / 2**30}
     return {}
+
+
+def trained_image_size(weights: dict) -> int | None:
+    """The image side a SiT's weights were trained at, from its (1, N, D) position table and its
+    (D, C, p, p) patch embedding: √N tokens × p latent pixels × 8; None if they lack either."""
+    weights = strip_module_prefix(weights)
+    table, embed = weights.get("pos_embed"), weights.get("x_embedder.proj.weight")
+    if table is None or embed is None or table.ndim != 3 or embed.ndim != 4:
+        return None
+    return math.isqrt(table.shape[1]) * embed.shape[-1] * LATENT_DOWNSAMPLE
+
+
+def check_trained_resolution(made_at: int, built: SiTConfig, *, what: str, fix: str) -> None:
+    """Refuse weights trained at ``made_at``² images for a SiT built for another resolution."""
+    if made_at != built.image_size:
+        raise ConfigError(f"{what} was trained on {made_at}² images, but data.dir holds {built.image_size}² images "
+                          f"({built.input_size}² latents); {fix}")
 
 
 def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
