@@ -317,10 +317,11 @@ def data_command(name: str, small: Path, out: Path) -> list[str]:
         "fit-pca": ["fit-pca", str(small), "--rank", "4", "--out", str(out)],
         "train-compressor": ["train-compressor", str(small), "--out", str(out), "--epochs", "1", "--global-batch", "2"],
         "cache-semantics": ["cache-semantics", str(small), "--compressor", str(small / COMPRESSOR_FILE)],
+        "verify": ["verify", str(small)],
     }[name]
 
 
-@pytest.mark.parametrize("command", ["norm-stats", "fit-pca", "train-compressor", "cache-semantics"])
+@pytest.mark.parametrize("command", ["norm-stats", "fit-pca", "train-compressor", "cache-semantics", "verify"])
 def test_data_commands_refuse_a_resolution_that_is_not_the_prepared_datas(two_sides, tmp_path, capsys, command):
     small, _ = two_sides
     before = sorted(p.relative_to(small) for p in small.rglob("*"))

@@ -226,6 +226,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     from reglue.data.integrity import verify_dataset
 
+    _confirm_data_resolution(args)
     with tqdm(unit="B", unit_scale=True, desc="verify", disable=args.quiet, dynamic_ncols=True) as bar:
         report = verify_dataset(args.data, reindex=args.reindex, workers=args.workers, progress=bar.update,
                                 planned=bar.reset)
@@ -596,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the checksums of shards indexed without them (by an older reglue), then verify")
     p.add_argument("--workers", type=int, default=None, help="threads reading in parallel (default: one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_resolution_check(p, "DATA was prepared")
     p.set_defaults(func=_cmd_verify)
 
     p = commands.add_parser("demo", help="the whole chain offline on synthetic data with tiny models (minutes on a CPU)",
