@@ -9,6 +9,7 @@ import hashlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from reglue.data.sources import open_source
 from reglue.data.synthetic import (
@@ -20,6 +21,7 @@ from reglue.data.synthetic import (
     figure_coverage,
     write_synthetic_dataset,
 )
+from reglue.resolution import RESOLUTIONS
 
 # sha256 of the "colours" pixels at sides 32, 64, 128 (labels 0-7, indices 0-1, seed 0), as drawn
 # before the "shapes" set existed: the demo's pictures stay byte-identical.
@@ -39,6 +41,16 @@ def labelled_images(variant: str, per_class: int, seed: int) -> tuple[np.ndarray
     images = [draw_image(int(k), np.random.default_rng([seed, k, i]), 64, variant=variant)
               for i, k in enumerate(labels)]
     return np.stack(images), labels
+
+
+def halvings(image: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 (2n, 2n, 3) -> {how: float (n, n, 3)}: the picture downscaled 2× by every usual means."""
+    half = image.shape[0] // 2
+    halved = {f"PIL {f.name}": np.asarray(Image.fromarray(image).resize((half, half), f), dtype=np.float64)
+              for f in Image.Resampling}  # NEAREST, BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS
+    halved["2×2 mean"] = image.reshape(half, 2, half, 2, 3).mean(axis=(1, 3))
+    halved["even pixels"], halved["odd pixels"] = image[::2, ::2].astype(np.float64), image[1::2, 1::2].astype(np.float64)
+    return halved
 
 
 def discs(figure) -> set[tuple[float, float, float]]:
@@ -93,6 +105,33 @@ def test_shapes_are_deterministic_at_every_side_and_labelled_like_an_image_folde
     assert source.class_names == list(class_names("shapes"))  # alphabetical: a label is its folder's index
     image = draw_image(0, np.random.default_rng([5, 0, 0]), size, variant="shapes")
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", RESOLUTIONS)
+@pytest.mark.parametrize("variant", ["colours", "shapes"])
+def test_both_variants_draw_every_class_at_every_resolution(variant, size):
+    for label in range(len(class_names(variant))):
+        image = draw_image(label, np.random.default_rng([0, label, 0]), size, variant=variant)
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8
+        assert image.reshape(-1, 3).std(0).max() > 10  # a picture, not a flat fill
+        assert np.array_equal(image, draw_image(label, np.random.default_rng([0, label, 0]), size, variant=variant))
+
+
+@pytest.mark.parametrize("variant", ["colours", "shapes"])
+def test_pictures_are_drawn_natively_at_each_side_not_downscaled(variant):
+    """One seed's 128² picture is no 2× downscale of its 256² picture, by any usual filter.
+
+    A picture drawn at 256² (or 512²) and downscaled would match one of these halvings to within
+    rounding (max ≤ 2, mean ≈ 0.5 at worst: box from 512² checked). Drawn natively, "colours" places its figure elsewhere (the
+    per-pixel noise consumes the generator first; max ≥ 49 found) and "shapes", whose figure sits at
+    the same place, has fresh per-pixel noise at each side (max ≥ 18, mean ≥ 2.6 found, every filter).
+    """
+    for label in range(len(class_names(variant))):
+        small = draw_image(label, np.random.default_rng([0, label, 0]), 128, variant=variant).astype(np.float64)
+        big = draw_image(label, np.random.default_rng([0, label, 0]), 256, variant=variant)
+        for how, halved in halvings(big).items():
+            difference = np.abs(small - halved)
+            assert difference.max() > 10 and difference.mean() > 1.5, (label, how, difference.max(), difference.mean())
 
 
 def test_shapes_have_twelve_classes_two_of_them_one_layout_apart():

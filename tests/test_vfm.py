@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import shared_file
 from reglue.encoders import vfm
 from reglue.encoders.vfm import VFM_MODELS, build_dinov2, build_vfm, dinov2_to_timm
+from reglue.resolution import RESOLUTIONS
 
 HAS_DINOV3 = "vit_small_patch16_dinov3" in timm.list_models("*dinov3*")
 
@@ -261,13 +262,35 @@ def test_register_weights_in_a_model_without_registers_name_the_fix():
     assert "32, patch 14, 2 blocks, 4 register tokens" in message and "embed_dim=32, depth=2" in message
 
 
-def test_512_input_gives_32x32_maps_and_1025_repa_tokens(vectors):
-    extractor = build_from_vectors(vectors, resolution=512)
-    assert extractor.preprocess(random_images(1, 512)).shape == (1, 3, 448, 448)
-    out = extractor(random_images(1, 512))
-    assert out.local.shape == (1, 4 * 64, 32, 32)
-    assert out.repa.shape == (1, 1 + 1024, 64)
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_every_resolution_gives_an_r16_grid_from_a_7r8_input(vectors, resolution):
+    """R² images → 224·R/256 = 7R/8 input, 14-px patches: an (R/16)² grid (32×32, 1025 tokens at 512²)."""
+    side, grid = 7 * resolution // 8, resolution // 16
+    extractor = build_from_vectors(vectors, resolution=resolution)
+    assert (extractor.input_size, extractor.grid_size) == (side, grid)
+    images = random_images(1, resolution)
+    assert extractor.preprocess(images).shape == (1, 3, side, side)
+    out = extractor(images)
+    assert out.local.shape == (1, 4 * 64, grid, grid)
+    assert out.repa.shape == (1, 1 + grid * grid, 64)
     assert out.cls.shape == (1, 64)
+    assert torch.equal(out.repa[:, 0], out.cls)
+    assert torch.equal(out.local[:, -64:].flatten(2).transpose(1, 2), out.repa[:, 1:])  # block 11 is the last
+    assert extractor.vit.grid_pos_embed((grid, grid)).shape == (1, grid * grid, 64)
+
+
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_dinov2_without_registers_resizes_positions_by_scale_to_every_grid(resolution):
+    """The no-register models resize positions by scale (grid + 0.1) / 37: it must land on R/16 at every R."""
+    torch.manual_seed(0)
+    grid = resolution // 16
+    extractor = build_vfm("dinov2_vits14", weights=None, embed_dim=32, depth=2, num_heads=2, resolution=resolution)
+    assert extractor.vit.interpolate_offset == 0.1 and extractor.vit.num_prefix_tokens == 1
+    assert (extractor.input_size, extractor.grid_size) == (7 * resolution // 8, grid)
+    out = extractor(random_images(1, resolution))
+    assert out.local.shape == (1, 2 * 32, grid, grid)
+    assert out.cls.shape == (1, 32) and out.repa.shape == (1, 1 + grid * grid, 32)
+    assert torch.equal(out.local[:, -32:].flatten(2).transpose(1, 2), out.repa[:, 1:])
 
 
 def test_resized_position_embedding_is_computed_once_per_grid(vectors, monkeypatch):
@@ -314,17 +337,20 @@ def test_bf16_autocast_returns_float32_close_to_fp32(vectors, extractor):
 
 
 @pytest.mark.skipif(not HAS_DINOV3, reason="this timm has no DINOv3 models (timm >= 1.0.20 needed)")
-@pytest.mark.parametrize("resolution, grid", [(256, 16), (512, 32)])
-def test_tiny_dinov3_through_the_same_api(resolution, grid):
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_tiny_dinov3_through_the_same_api(resolution):
+    """R² images → input side R, 16-px patches: an (R/16)² grid at every R."""
     torch.manual_seed(0)
+    grid, batch = resolution // 16, 2 if resolution <= 256 else 1
     tiny = {"embed_dim": 32, "depth": 3, "num_heads": 2, "resolution": resolution}
     extractor = build_vfm("dinov3_vits16", weights=None, **tiny)
     assert extractor.layers == (0, 1, 2)
-    images = random_images(2, resolution)
-    assert extractor.preprocess(images).shape == (2, 3, resolution, resolution)  # 256·(res//256)
+    assert (extractor.input_size, extractor.grid_size) == (resolution, grid)
+    images = random_images(batch, resolution)
+    assert extractor.preprocess(images).shape == (batch, 3, resolution, resolution)
     out = extractor(images)
-    assert out.local.shape == (2, 3 * 32, grid, grid)
-    assert out.cls.shape == (2, 32) and out.repa.shape == (2, 1 + grid * grid, 32)
+    assert out.local.shape == (batch, 3 * 32, grid, grid)
+    assert out.cls.shape == (batch, 32) and out.repa.shape == (batch, 1 + grid * grid, 32)
     assert torch.equal(out.repa[:, 0], out.cls)
     assert torch.equal(out.local[:, -32:].flatten(2).transpose(1, 2), out.repa[:, 1:])
     reloaded = build_vfm("dinov3_vits16", weights=extractor.vit.state_dict(), **tiny)
