@@ -425,8 +425,13 @@ def test_weights_of_another_resolution_are_refused_as_a_starting_point(small_mod
     assert main(["train", *args, f"model.init_from={authors}"]) == 2
     err = capsys.readouterr().err
     assert f"model.init_from {authors} was trained on 64² images, but data.dir holds 128²" in err
-    # --from-authors also adopts their args' resolution as data.resolution, refused against the data
+    # --from-authors: the same refusal, with the same fix (not "leave the resolution out": none was given)
     assert main(["train", "--from-authors", str(authors), *args]) == 2
-    captured = capsys.readouterr()
-    assert "data.resolution=64" in captured.out and "resolution 64 was asked for" in captured.err
+    assert f"model.init_from {authors} was trained on 64² images, but data.dir holds 128²" in capsys.readouterr().err
+    # with --resolution 128 the user's check passes (the data are 128²) and the weights are still refused
+    assert main(["train", "--resolution", "128", "--from-authors", str(authors), *args]) == 2
+    assert "was trained on 64² images, but data.dir holds 128²" in capsys.readouterr().err
+    # a data.resolution among the overrides wins over --resolution, like every override
+    assert main(["train", "--resolution", "128", "--from-authors", str(authors), *args, "data.resolution=256"]) == 2
+    assert "resolution 256 was asked for" in capsys.readouterr().err
     assert not run_dir.exists()

@@ -242,17 +242,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from reglue.config import load_config
     from reglue.training.trainer import train
 
-    overrides = list(args.overrides)
+    adopted = []
     if args.from_authors:
         from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
 
         checkpoint_args = load_authors_checkpoint(args.from_authors).get("args") or {}
-        adopted = [f"{k}={v}" for k, v in config_values_from_authors_args(checkpoint_args).items()]
-        print(f"adopting from the authors' checkpoint: {' '.join(adopted) or 'no recognised args'}")
-        overrides = [*adopted, f"model.init_from={args.from_authors}", *overrides]  # yours win
-    if args.resolution is not None:
-        overrides = [f"data.resolution={args.resolution}", *overrides]
-    config = load_config(args.config, overrides)
+        values = [f"{k}={v}" for k, v in config_values_from_authors_args(checkpoint_args).items()]
+        print(f"adopting from the authors' checkpoint: {' '.join(values) or 'no recognised args'}")
+        adopted = [*values, f"model.init_from={args.from_authors}"]
+    check = [f"data.resolution={args.resolution}"] if args.resolution is not None else []
+    config = load_config(args.config, [*adopted, *check, *args.overrides])  # your KEY=VALUE overrides win
     result = train(config, resume=args.resume)
     state = "stopped early (resume with --resume auto)" if result.stopped_early else "finished"
     print(f"training {state} at step {result.step} in {result.run_dir}; "

@@ -30,7 +30,6 @@ AUTHORS_ARGS = {
     "mixed_precision": "train.mixed_precision",
     "max_train_steps": "train.max_steps",
     "seed": "train.seed",
-    "resolution": "data.resolution",  # a check: the data must be prepared at their resolution
 }
 
 
