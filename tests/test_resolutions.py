@@ -274,27 +274,29 @@ def test_prepare_into_existing_data_at_another_resolution_is_refused(two_sides, 
     assert json.loads((small / "manifest.json").read_text())["resolution"] == 64
 
 
-def test_online_training_with_norm_stats_of_another_resolution_is_refused_before_the_run_dir(two_sides, tmp_path):
-    small, large = two_sides
-    run_dir = tmp_path / "run"
+def refuse_online_training(data: Path, run_dir: Path, preset: str, *files: str, match: str,
+                           error: type[Exception] = ValueError) -> None:
+    """Online training of ``preset`` on ``data`` with the semantic ``files`` (KEY=PATH overrides) is
+    refused with ``match``, before the run directory exists."""
     config = load_config("configs/demo.yaml", [
-        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=reglue", "data.semantics=online",
-        f"data.norm_stats={small / 'norm_stats.safetensors'}", f"data.compressor={small / COMPRESSOR_FILE}",
-        "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
-    with pytest.raises(ConfigError, match=r"data.norm_stats: .*64².*128².*reglue norm-stats"):
+        f"data.dir={data}", f"run_dir={run_dir}", f"model.preset={preset}", "data.semantics=online",
+        "data.vfm_autocast=no", *files, *TINY_MODEL, *FAST_TRAIN])
+    with pytest.raises(error, match=match):
         train(config)
     assert not run_dir.exists()
+
+
+def test_online_training_with_norm_stats_of_another_resolution_is_refused_before_the_run_dir(two_sides, tmp_path):
+    small, large = two_sides
+    refuse_online_training(large, tmp_path / "run", "reglue", f"data.norm_stats={small / 'norm_stats.safetensors'}",
+                           f"data.compressor={small / COMPRESSOR_FILE}", error=ConfigError,
+                           match=r"data.norm_stats: .*64².*128².*reglue norm-stats")
 
 
 def test_online_training_with_a_compressor_of_another_resolution_is_refused_before_the_run_dir(two_sides, tmp_path):
     small, large = two_sides
-    run_dir = tmp_path / "run"
-    config = load_config("configs/demo.yaml", [
-        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=reglue", "data.semantics=online",
-        f"data.compressor={small / COMPRESSOR_FILE}", "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
-    with pytest.raises(ValueError, match=r"64².*128².*train-compressor"):
-        train(config)
-    assert not run_dir.exists()
+    refuse_online_training(large, tmp_path / "run", "reglue", f"data.compressor={small / COMPRESSOR_FILE}",
+                           match=r"64².*128².*train-compressor")
 
 
 # ----------------------------------------------------------------------------- --resolution as a check
@@ -381,13 +383,7 @@ def test_a_pca_of_another_resolution_is_refused_by_cache_semantics_and_online_tr
     assert code == 2, err
     assert "64²" in err and "128²" in err and "reglue fit-pca" in err and str(pca) in err
     assert not (large / "semantics.json").exists() and cache_outputs(large) == []
-    run_dir = tmp_path / "run"
-    config = load_config("configs/demo.yaml", [
-        f"data.dir={large}", f"run_dir={run_dir}", "model.preset=redi", "data.semantics=online", f"data.pca={pca}",
-        "data.vfm_autocast=no", *TINY_MODEL, *FAST_TRAIN])
-    with pytest.raises(ValueError, match=r"64².*128².*reglue fit-pca"):
-        train(config)
-    assert not run_dir.exists()
+    refuse_online_training(large, tmp_path / "run", "redi", f"data.pca={pca}", match=r"64².*128².*reglue fit-pca")
 
 
 def test_resuming_on_data_now_at_another_resolution_is_refused(two_sides, tmp_path):
