@@ -56,3 +56,16 @@ def test_errors_the_user_can_act_on_print_one_line_and_bugs_keep_their_traceback
     else:
         with pytest.raises(RuntimeError, match="a bug"):
             main(["models"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "configs/demo.yaml", "data.dir=x", "--resume", "auto", "--bogus"],
+    ["train", "--config", "configs/demo.yaml", "--resolution", "64", "data.dir=x", "-x"],
+    ["sample", "--ckpt", "x", "--out", "y", "key=value"],
+])
+def test_unknown_arguments_are_a_usage_error(argv, capsys):
+    """train's KEY=VALUE overrides may follow its options; anything else unknown is refused."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

@@ -351,6 +351,9 @@ def test_train_refuses_a_resolution_that_is_not_the_prepared_datas_before_the_ru
     assert not run_dir.exists()
     with pytest.raises(ConfigError, match="data.resolution.*multiple of 64"):
         load_config("configs/demo.yaml", [*args[3:], "data.resolution=96"])
+    # its own resolution trains, with the option between KEY=VALUE overrides
+    assert main([*args[:4], "--resolution", "64", *args[4:]]) == 0
+    assert (run_dir / "ema").is_dir()
 
 
 @pytest.mark.parametrize("command", ["sample", "grid", "evaluate"])

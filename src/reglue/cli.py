@@ -639,7 +639,13 @@ def _for_the_user(err: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `reglue train` KEY=VALUE overrides may come after its options too (argparse takes only the
+    # run before the first option); anything else unknown is the usual usage error.
+    if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
