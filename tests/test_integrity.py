@@ -65,6 +65,22 @@ def prepare_again(made: dict, data: Path) -> int:
     return main(["prepare", str(made["src"]), str(data), *PREPARE])
 
 
+def truncate_and_open(data: Path, path: Path, fields: tuple[str, ...]) -> tuple[int, str]:
+    """Halve ``path``; its former size and the DamagedFileError message of opening ``data``."""
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    with pytest.raises(DamagedFileError) as refused:
+        PreparedDataset(data, fields=fields)
+    return size, str(refused.value)
+
+
+def flip_byte(path: Path, at: int, mask: int) -> None:
+    """XOR the byte at ``at`` of ``path`` with ``mask``: same size, other contents."""
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= mask
+    path.write_bytes(raw)
+
+
 def files_state(data: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of every shard file: unchanged means not rewritten."""
     return {str(p.relative_to(data)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in data.glob("shards/*/*")}
@@ -80,15 +96,11 @@ def test_a_fresh_dataset_verifies_and_its_records_match_the_files(made, capsys):
     assert info["files"]["images.npy"]["bytes"] == shard_file(made["cached"], 0, "images.npy").stat().st_size
 
 
-def test_a_truncated_file_is_refused_at_open_and_a_rerun_repairs_exactly_its_shard(made, tmp_path, capsys):
+def test_a_truncated_file_is_refused_at_open_and_a_rerun_repairs_exactly_its_shard(made, tmp_path):
     data = copy(made, "data", tmp_path)
     before, kept = tree_bytes(data), files_state(data)
     images = shard_file(data, 1, "images.npy")
-    size = images.stat().st_size
-    os.truncate(images, size // 2)
-    with pytest.raises(DamagedFileError) as refused:
-        PreparedDataset(data, fields=("images",))
-    message = str(refused.value)
+    size, message = truncate_and_open(data, images, ("images",))
     assert f"{images}: {size // 2:,} bytes, expected {size:,} (truncated)" in message
     assert f"rerun `reglue prepare {made['src']} {data} --resolution 64 --vae pixel" in message
     assert "--shard-size 2" in message and "keeps intact shards and redoes damaged ones" in message
@@ -103,9 +115,7 @@ def test_a_flipped_byte_passes_the_size_check_but_not_verify_and_a_rerun_repairs
     data = copy(made, "data", tmp_path)
     before, kept = tree_bytes(data), files_state(data)
     moments = shard_file(data, 2, "moments.npy")
-    raw = bytearray(moments.read_bytes())
-    raw[-100] ^= 0x01
-    moments.write_bytes(raw)
+    flip_byte(moments, -100, 0x01)
     assert len(PreparedDataset(data)) == 6  # sizes only at open: the damage is not seen there
     code, lines = verify_cli(capsys, data)
     assert code == 1 and len(lines) == 2
@@ -173,16 +183,13 @@ def test_a_damaged_manifest_or_settings_file_is_named(made, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- the semantic cache
-def test_a_truncated_cache_file_names_cache_semantics_and_a_rerun_repairs_only_its_shard(made, tmp_path, capsys):
+def test_a_truncated_cache_file_names_cache_semantics_and_a_rerun_repairs_only_its_shard(made, tmp_path):
     data = copy(made, "cached", tmp_path)
     before, kept = tree_bytes(data), files_state(data)
     semantics = shard_file(data, 1, "semantics.npy")
-    size = semantics.stat().st_size
-    os.truncate(semantics, size // 2)
-    with pytest.raises(DamagedFileError) as refused:
-        PreparedDataset(data, fields=("moments", "semantics", "cls"))
+    size, message = truncate_and_open(data, semantics, ("moments", "semantics", "cls"))
     assert f"{semantics}: {size // 2:,} bytes, expected {size:,} (truncated); rerun `reglue cache-semantics {data} --compressor " \
-           f"{made['compressor']} --norm-stats " in str(refused.value)
+           f"{made['compressor']} --norm-stats " in message
     command = ["cache-semantics", str(data), "--compressor", str(made["compressor"]), "--quiet"]
     assert main(command) == 0
     changed = {name for name, state in files_state(data).items() if state != kept[name]}
@@ -195,9 +202,7 @@ def test_cache_semantics_refuses_to_cache_from_damaged_images(made, tmp_path, ca
     data = copy(made, "cached", tmp_path)
     shard_file(data, 0, "cls.npy").unlink()
     images = shard_file(data, 0, "images.npy")
-    raw = bytearray(images.read_bytes())
-    raw[500] ^= 0xFF
-    images.write_bytes(raw)
+    flip_byte(images, 500, 0xFF)
     code = main(["cache-semantics", str(data), "--compressor", str(made["compressor"]), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and f"{images}: its checksum differs from the record" in err
@@ -314,9 +319,7 @@ def test_data_verify_checks_every_checksum_before_training(made, tmp_path):
     data = copy(made, "data", tmp_path)
     verify_training_data(data)
     images = shard_file(data, 0, "images.npy")
-    raw = bytearray(images.read_bytes())
-    raw[200] ^= 0x10
-    images.write_bytes(raw)
+    flip_byte(images, 200, 0x10)
     with pytest.raises(DamagedFileError, match=f"data.verify found 1 damaged file\\(s\\) in {data}: {images}: its "
                                                "checksum differs"):
         verify_training_data(data)
@@ -333,9 +336,7 @@ def test_prepare_under_torchrun_repairs_the_damaged_shards_of_each_rank(made, tm
     kept = files_state(data)
     for index in (0, 1):  # rank 0 writes shards 0 and 2, rank 1 shard 1
         images = shard_file(data, index, "images.npy")
-        raw = bytearray(images.read_bytes())
-        raw[-1] ^= 0xFF
-        images.write_bytes(raw)
+        flip_byte(images, -1, 0xFF)
     run_processes(["prepare", str(made["src"]), str(data), *PREPARE], processes=2, timeout=240)
     assert tree_bytes(data) == tree_bytes(made["data"])
     after = files_state(data)

@@ -68,8 +68,15 @@ class RecordingWriter:
 
 
 def file_record(path: str | Path, progress: Callable[[int], None] | None = None) -> dict:
-    """The :meth:`RecordingWriter.record` of a file, read in READ_BLOCK blocks; ``progress(bytes)`` after each."""
-    digest, size = new_checksum(), 0
+    """The :meth:`RecordingWriter.record` of a file; ``progress(bytes)`` after each block read."""
+    digest = new_checksum()
+    size = _digest_file(path, digest, progress)
+    return {"bytes": size, CHECKSUM: digest.hexdigest()}
+
+
+def _digest_file(path: str | Path, digest, progress: Callable[[int], None] | None = None) -> int:
+    """Feed a file's bytes to ``digest`` (a hashlib object) in READ_BLOCK blocks; returns their count."""
+    size = 0
     block = bytearray(READ_BLOCK)
     view = memoryview(block)
     with open(path, "rb", buffering=0) as handle:
@@ -78,7 +85,7 @@ def file_record(path: str | Path, progress: Callable[[int], None] | None = None)
             size += count
             if progress is not None:
                 progress(count)
-    return {"bytes": size, CHECKSUM: digest.hexdigest()}
+    return size
 
 
 def size_problem(found: int, expected: int) -> str:
@@ -151,11 +158,9 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = (), fix: str 
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    _digest_file(path, digest)
     return digest.hexdigest()
 
 

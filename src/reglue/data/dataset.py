@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -67,9 +68,9 @@ class PreparedDataset(Dataset):
                 f"{wanted!r}; prepare the data again with --{key} {wanted} or change the run's config."
             )
 
-    @property
+    @functools.cached_property
     def semantics_info(self) -> dict | None:
-        """What produced the cached semantics (``semantics.json``), or None without a cache."""
+        """What produced the cached semantics (``semantics.json``, read once), or None without a cache."""
         path = self.root / store.SEMANTICS_INFO
         return store.read_json(path, integrity.SEMANTICS_REMEDY) if path.is_file() else None
 

@@ -120,14 +120,16 @@ class VerifyReport:
 
 # ----------------------------------------------------------------------------- one shard
 def check_shard(shard: Path, names: Iterable[str], *, checksums: bool = False, full: bool = False,
-                progress: Callable[[int], None] | None = None) -> ShardCheck:
+                progress: Callable[[int], None] | None = None,
+                index: tuple[dict, Problem | None] | None = None) -> ShardCheck:
     """Check the files ``names`` (e.g. ``"images.npy"``) of one shard directory and its ``index.json``.
 
     Sizes always (against the record, or the ``.npy`` header in a legacy shard), checksums with
     ``checksums``; ``full`` adds every file the index records (legacy: every file of a known name) and
-    reports files it does not. ``progress(bytes)`` follows the checksum reads.
+    reports files it does not. ``progress(bytes)`` follows the checksum reads. ``index``: what
+    :func:`_read_index` gave for this shard, when the caller has read it already.
     """
-    info, problem = _read_index(shard)
+    info, problem = index if index is not None else _read_index(shard)
     if problem is not None:
         return ShardCheck([problem])
     records, rows = info.get(store.FILES), len(info["sources"])
@@ -313,9 +315,10 @@ def _verify_shard(shard: Path, names: tuple[str, ...], *, reindex: bool, progres
                   ) -> tuple[ShardCheck, bool]:
     """:func:`check_shard` in full with checksums; with ``reindex`` a legacy shard without problems gets
     the records of its files. Returns the check and whether the shard was re-indexed."""
-    info, _ = _read_index(shard)
+    index = _read_index(shard)
+    info = index[0]
     legacy = reindex and store.FILES not in info
-    check = check_shard(shard, names, checksums=True, full=True, progress=None if legacy else progress)
+    check = check_shard(shard, names, checksums=True, full=True, progress=None if legacy else progress, index=index)
     if not (legacy and not check.problems):
         return check, False
     files = sorted({entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX})
@@ -329,7 +332,7 @@ def _side_files(root: Path) -> tuple[list[Damage], tuple[str, ...]]:
     is damaged), and the files every shard must hold."""
     damaged = []
     for name, fix in ((store.SETTINGS, store.RECORD_REMEDY), (store.SEMANTICS_INFO, SEMANTICS_REMEDY)):
-        if (root / name).is_file() and (problem := _json_problem(root / name)):
+        if (root / name).is_file() and (problem := store.parse_json(root / name)[1]):
             damaged.append(Damage(root / name, problem, fix))
     names = PREPARED_FILES if any(d.path.name == store.SEMANTICS_INFO for d in damaged) else required_files(root)
     for path in sorted([*root.glob("*.safetensors"), *root.glob("*/*.safetensors")]):
@@ -337,14 +340,6 @@ def _side_files(root: Path) -> tuple[list[Damage], tuple[str, ...]]:
             key = path.stem if path.parent == root else path.parent.name
             damaged.append(Damage(path, problem, SIDE_FIXES.get(key, DEFAULT_FIX).format(data=root)))
     return damaged, names
-
-
-def _json_problem(path: Path) -> str | None:
-    try:
-        json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        return f"does not parse as JSON ({err})"
-    return None
 
 
 def _strays(root: Path, manifest: dict) -> list[Damage]:

@@ -153,9 +153,10 @@ def prepare_dataset(
 def _discard_damaged(dst: Path, present: list[int]) -> None:
     """Check the files of the ``present`` shards (index, sizes and checksums, in parallel) and delete
     the damaged shards, which are then written again: a rerun repairs exactly what was damaged."""
-    for index, problems in integrity.damaged_shards(dst, present, integrity.PREPARED_FILES).items():
-        cached = f"; its cached semantics go with it: then {store.cache_remedy(dst)}" if (
-            dst / store.SEMANTICS_INFO).is_file() else ""
+    damaged = integrity.damaged_shards(dst, present, integrity.PREPARED_FILES)
+    cached = f"; its cached semantics go with it: then {store.cache_remedy(dst)}" if damaged and (
+        dst / store.SEMANTICS_INFO).is_file() else ""
+    for index, problems in damaged.items():
         log.warning("%s: %s; writing %s again%s", store.shard_dir(dst, index) / problems[0].name, problems[0].text,
                     store.shard_name(index), cached)
         store.discard_shard(dst, index)

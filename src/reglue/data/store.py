@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shlex
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,7 @@ def write_shard_info(directory: Path, info: dict) -> None:
 def add_records(directory: Path, records: dict[str, dict]) -> None:
     """Add the records of files written into a finished shard to its index (atomically). A shard
     indexed without records (an older reglue) stays so: `reglue verify --reindex` records it whole."""
-    info = read_json(directory / INDEX, prepare_remedy(directory.parent.parent))
+    info = read_json(directory / INDEX, functools.partial(prepare_remedy, directory.parent.parent))
     if FILES in info:
         write_shard_info(directory, dict(info, **{FILES: {**info[FILES], **records}}))
 
@@ -167,16 +168,25 @@ def discard_shard(root: Path, index: int) -> None:
     shutil.rmtree(doomed)
 
 
-def read_json(path: Path, remedy: str) -> dict:
-    """A JSON file; one that does not parse is a :class:`DamagedFileError` naming it and ``remedy``."""
+def parse_json(path: Path) -> tuple[object, str | None]:
+    """A JSON file's value and None, or None and why it does not parse."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text()), None
     except (ValueError, UnicodeDecodeError) as err:
-        raise DamagedFileError(f"{path} does not parse as JSON ({err}); {remedy}") from None
+        return None, f"does not parse as JSON ({err})"
+
+
+def read_json(path: Path, remedy: str | Callable[[], str]) -> dict:
+    """A JSON file; one that does not parse is a :class:`DamagedFileError` naming it and ``remedy``
+    (a callable is called only then: a remedy may itself read files)."""
+    value, problem = parse_json(path)
+    if problem is not None:
+        raise DamagedFileError(f"{path} {problem}; {remedy() if callable(remedy) else remedy}")
+    return value
 
 
 def read_shard_info(root: Path, index: int) -> dict:
-    return read_json(shard_dir(root, index) / INDEX, prepare_remedy(root))
+    return read_json(shard_dir(root, index) / INDEX, functools.partial(prepare_remedy, root))
 
 
 def open_array(root: Path, index: int, name: str) -> np.ndarray:
@@ -198,7 +208,7 @@ def read_manifest(root: Path) -> dict:
             f"{path} not found: {root} is not a finished reglue dataset; run `reglue prepare SRC {root}` "
             "(rerunning it resumes an interrupted run)."
         )
-    manifest = read_json(path, prepare_remedy(root))
+    manifest = read_json(path, functools.partial(prepare_remedy, root))
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format {manifest.get('format')} v{manifest.get('format_version')}; this reglue "

@@ -281,13 +281,14 @@ class Trainer:
         """
         checkpoint = load_authors_checkpoint(path)
         core = self.acc.unwrap_model(self.model)
-        made_at = trained_image_size(checkpoint.get("model", checkpoint.get("ema")))
+        model, ema = checkpoint.get("model", checkpoint.get("ema")), checkpoint.get("ema", checkpoint.get("model"))
+        made_at = trained_image_size(model)
         if made_at is not None:
             check_trained_resolution(made_at, core.config, what=f"model.init_from {path}", fix=(
                 f"start from a checkpoint trained at {core.config.image_size}², or train on data prepared at "
                 f"{made_at}²."))
-        load_state_dict_strict(core, checkpoint.get("model", checkpoint.get("ema")), f"{path} model weights")
-        load_state_dict_strict(self.ema, checkpoint.get("ema", checkpoint.get("model")), f"{path} EMA weights")
+        load_state_dict_strict(core, model, f"{path} model weights")
+        load_state_dict_strict(self.ema, ema, f"{path} EMA weights")
         config = self.config.to_dict()
         for key, theirs in config_values_from_authors_args(checkpoint.get("args") or {}).items():
             section, name = key.split(".")
