@@ -181,8 +181,7 @@ def build_semantic_encoder(
 def _check_input_width(module: SemanticCompressor | PCAProjection, path: str | Path, extractor: VFMExtractor) -> None:
     """The compressor / PCA in ``path`` must take the VFM's L·D channels (the width of its first layer)."""
     pca = isinstance(module, PCAProjection)
-    width, out = (module.mean.shape[0], module.rank) if pca else (module.channels[0], module.latent_channels)
-    vfm = len(extractor.layers) * extractor.embed_dim
+    (width, out), vfm = module.widths, extractor.feature_width
     if width != vfm:
         make = "fit one with `reglue fit-pca DATA`" if pca else "train one with `reglue train-compressor DATA`"
         raise ValueError(

@@ -361,6 +361,7 @@ class VFMExtractor(nn.Module):
         self.input_size = input_size
         self.grid_size = input_size // patch
         self.embed_dim = vit.embed_dim
+        self.feature_width = len(self.layers) * self.embed_dim  # L·D channels of the local maps
         self.autocast_dtype = autocast_dtype
         self.requires_grad_(False)
         self.eval()

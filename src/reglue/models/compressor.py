@@ -74,6 +74,11 @@ class SemanticCompressor(nn.Module):
     def latent_channels(self) -> int:
         return self.channels[-1]
 
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(VFM channels it takes, semantic channels it gives)."""
+        return self.channels[0], self.latent_channels
+
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """(B, c0, h, w) normalised features -> (B, cn, h, w) semantic latent."""
         if features.ndim != 4 or features.shape[1] != self.channels[0]:
@@ -133,6 +138,11 @@ class PCAProjection(nn.Module):
     @property
     def rank(self) -> int:
         return self.components.shape[0]
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(VFM channels it takes, semantic channels it gives), as :attr:`SemanticCompressor.widths`."""
+        return self.mean.shape[0], self.rank
 
     @classmethod
     def fit(cls, batches: torch.Tensor | Iterable[torch.Tensor], rank: int) -> PCAProjection:

@@ -169,12 +169,13 @@ def _check_semantic_widths(config: RunConfig, preset: Preset, encoder: SemanticE
     is checked as it is loaded, :func:`~reglue.encoders.semantics.build_semantic_encoder`)."""
     module = encoder.compressor
     if isinstance(module, PCAProjection):
-        key, path, widths = "data.pca", config.data.pca, (module.mean.shape[0], module.rank)
+        key, path = "data.pca", config.data.pca
         fix = f"fit one on this VFM's features: `reglue fit-pca {config.data.dir} --rank {preset.semantic_channels}`"
     else:
-        key, path, widths = "data.compressor", config.data.compressor, (module.channels[0], module.latent_channels)
+        key, path = "data.compressor", config.data.compressor
         fix = (f"train one on this VFM's features with {preset.semantic_channels} output channels "
                f"(`reglue train-compressor {config.data.dir}`)")
+    widths = module.widths
     if widths[1] != preset.semantic_channels:
         raise ConfigError(
             f"{key}: {path} maps {widths[0]} VFM channels to {widths[1]}, but the {preset.name} preset models "
