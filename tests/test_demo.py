@@ -160,7 +160,6 @@ def test_the_cli_passes_the_demo_defaults_and_only_what_it_is_given(tmp_path, mo
                      replace(small, steps=1000, seeds=3)]  # with --quick, what is given still wins
     assert defaults.presets == ("reglue",) and defaults.teacher == "trained" and defaults.seeds == 1
     assert defaults.data == "colours" and defaults.resolution == 128
-    small = quick(DemoSettings(presets=ALL_PRESETS, seeds=3))
     assert small.steps < defaults.steps and small.seeds == 2 and small.presets == ALL_PRESETS
     with pytest.raises(ValueError, match="presets"):
         DemoSettings(presets=("dit",))

@@ -211,6 +211,26 @@ def save_state_file(path: str | Path, step: int, payload: dict) -> Path:
     return path
 
 
+def load_state_file(path: str | Path, *, kind: str, resuming: str, owner: str, fix: str) -> dict | None:
+    """The training-state file at ``path`` (:func:`save_state_file`) if there is one, else None.
+
+    Its ``"kind"`` entry must be ``kind``. Raises :class:`CheckpointError`
+    ``"cannot resume {resuming} from it: {reason} To train afresh, {fix}"`` when it does not load, and
+    ``"holds the training state of {its kind!r}, not of {owner} ({kind!r}); {fix}"`` for another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(path, f"cannot resume {resuming} from it: {err.reason} To train afresh, {fix}") from err
+    if state.get("kind") != kind:
+        raise CheckpointError(path, f"holds the training state of {state.get('kind', 'another trainer')!r}, not of "
+                              f"{owner} ({kind!r}); {fix}")
+    return state
+
+
 def _prune(run_dir: str | Path, keep_last: int, milestones: set[int], just_written: Path) -> None:
     """Delete checkpoints outside the newest ``keep_last``, the milestones and ``just_written``."""
     checkpoints = list_checkpoints(run_dir)

@@ -24,6 +24,8 @@ from reglue.errors import ReglueError
 from reglue.io import atomic_write
 from reglue.metrics.class_probe import ClassProbe
 from reglue.metrics.evaluate import write_results
+from reglue.metrics.feature_space import fd_key as _metric_fd_key
+from reglue.metrics.probe import REPORT_JSON, REPORT_MD
 from reglue.presets import get_preset
 from reglue.training.evaluation import eval_due
 from reglue.training.metrics import read_metrics
@@ -37,14 +39,14 @@ LOSS_CURVES_FILE = "loss_curves.png"
 
 def fd_key(vfm_name: str) -> str:
     """The in-training FD's metrics key for a VFM of registry name ``vfm_name``."""
-    return f"eval/fd_{vfm_name}"
+    return f"eval/{_metric_fd_key(vfm_name)}"
 
 
 def teacher_summary(paths: DemoPaths, settings: DemoSettings) -> dict:
     """The teacher's probe report (report.json of ``reglue train-vfm``), or the random VFM's label."""
     if settings.teacher == "random":
         return {"label": RANDOM_VFM_LABEL}
-    report = json.loads((paths.teacher / "report.json").read_text())
+    report = json.loads((paths.teacher / REPORT_JSON).read_text())
     return {"label": "tiny DINOv2-with-registers trained here by `reglue train-vfm`", **report}
 
 
@@ -253,7 +255,7 @@ def _clear(compared: dict) -> str:
 def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:
     lines = ["## Files", "", f"- [results.json]({RESULTS_FILE}): every series and final value per run",
              "- [classifier.safetensors](classifier.safetensors): the classifier of the real images"]
-    if (paths.teacher / "report.md").is_file():
+    if (paths.teacher / REPORT_MD).is_file():
         lines.append("- [teacher/](teacher/report.md): the trained VFM (`teacher.pth`, official DINOv2 layout)")
     for preset in settings.presets:
         run = paths.run(preset, settings.seed).relative_to(paths.out)

@@ -20,7 +20,6 @@ one by at least ``margin`` (:data:`PASS_MARGIN`, 0.05 absolute), else FAILED.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from reglue.io import atomic_write
+from reglue.io import atomic_write, write_json
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -149,8 +148,7 @@ class ProbeReport:
 def write_report(out_dir: str | Path, report: ProbeReport, *, title: str, details: Mapping[str, object]) -> Path:
     """``out_dir/report.json`` (the report and ``details``) and ``out_dir/report.md``; returns the .md path."""
     out_dir = Path(out_dir)
-    with atomic_write(out_dir / REPORT_JSON) as tmp:
-        tmp.write_text(json.dumps({**report.to_json(), "details": dict(details)}, indent=2) + "\n")
+    write_json(out_dir / REPORT_JSON, {**report.to_json(), "details": dict(details)})
     chance = 1 / report.num_classes
     lines = [
         f"# {title}", "", f"**{report.verdict}**", "",

@@ -59,9 +59,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from reglue.checkpoint import (
-    CheckpointError,
     capture_rng_state,
-    load_checkpoint,
+    load_state_file,
     restore_process_rng_state,
     save_state_file,
 )
@@ -226,17 +225,10 @@ def _finished_run(out_dir: Path, config: dict, epochs: int) -> CompressorRun | N
 
 def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
     """The checkpoint at ``path`` if there is one; refuses an invalid one (see the module doc)."""
-    if not path.is_file():
+    state = load_state_file(path, kind=STATE_KIND, resuming="the compressor", owner="the semantic compressor",
+                            fix=RESTART_FIX)
+    if state is None:
         return None
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as err:
-        raise CheckpointError(path, f"cannot resume the compressor from it: {err.reason} To train afresh, "
-                              f"{RESTART_FIX}") from err
-    if state.get("kind") != STATE_KIND:
-        kind = state.get("kind", "another trainer")
-        raise CheckpointError(path, f"holds the training state of {kind!r}, not of the semantic compressor "
-                              f"({STATE_KIND!r}); {RESTART_FIX}")
     _check_same_run(state["config"], config, path)
     done = state["progress"]["epoch"]
     if done > epochs:

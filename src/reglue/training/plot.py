@@ -431,10 +431,12 @@ def seed_statistics(run_dirs: Sequence[str | Path], key: str) -> tuple[np.ndarra
 
     Only the steps every run logged a finite value at are kept; the deviation is the sample one
     (n − 1), 0 for a single run."""
-    series = []
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
-        series.append({r["step"]: r[key] for r in records if math.isfinite(r.get(key, math.nan))})
+    return _seed_statistics([read_metrics(run_dir) for run_dir in run_dirs], key)
+
+
+def _seed_statistics(histories: Sequence[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`seed_statistics` of the runs' metrics records (one list per run)."""
+    series = [{r["step"]: r[key] for r in records if math.isfinite(r.get(key, math.nan))} for records in histories]
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     values = np.array([[s[step] for step in steps] for s in series], dtype=np.float64).reshape(len(series), -1)
     deviation = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(steps))
@@ -448,10 +450,13 @@ def plot_seed_bands(
     band of ± one standard deviation; ``runs`` maps a label (e.g. a preset) to its seeds' run dirs.
     Raises ValueError when a key has no step that every run of a label logged."""
     panels = []
+    histories: dict[str, list[list[dict]]] = {}  # per label its runs' records, each metrics.jsonl read once
     for key in keys:
         lines, bands = {}, {}
         for label, run_dirs in runs.items():
-            steps, mean, deviation = seed_statistics(run_dirs, key)
+            if label not in histories:
+                histories[label] = [read_metrics(run_dir) for run_dir in run_dirs]
+            steps, mean, deviation = _seed_statistics(histories[label], key)
             if not len(steps):
                 raise ValueError(f"{key}: the runs of {label} ({', '.join(map(str, run_dirs))}) share no logged "
                                  "step; plot them once every run has logged it.")

@@ -78,9 +78,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 
 from reglue.checkpoint import (
-    CheckpointError,
     capture_rng_state,
-    load_checkpoint,
+    load_state_file,
     restore_process_rng_state,
     save_state_file,
 )
@@ -103,6 +102,7 @@ from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scor
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
+from reglue.training.compressor import _silent
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.training.plot import PLOT_FILE, plot_run
@@ -234,8 +234,12 @@ def teacher_spec(out_dir: str | Path) -> VFMSpec:
     path = Path(out_dir) / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; train a teacher there first: `reglue train-vfm DATA --out {out_dir}`.")
-    info = json.loads(path.read_text())
-    return VFMSpec(info["vfm"], str(Path(out_dir) / info["weights"]), None, dict(info["arch"]))
+    return _recorded_spec(Path(out_dir), json.loads(path.read_text()))
+
+
+def _recorded_spec(out_dir: Path, info: dict) -> VFMSpec:
+    """The :class:`VFMSpec` that ``out_dir``'s parsed ``teacher.json`` ``info`` records."""
+    return VFMSpec(info["vfm"], str(out_dir / info["weights"]), None, dict(info["arch"]))
 
 
 def _teacher_spec(out_dir: Path, settings: TeacherSettings) -> VFMSpec:
@@ -540,25 +544,29 @@ def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> N
 
 
 @torch.no_grad()
-def _cls_features(extractor: VFMExtractor, images: Dataset, rows: list[int]) -> torch.Tensor:
-    """(len(rows), D) final-normed CLS features of uint8 images, in batches of PROBE_BATCH."""
-    chunks = []
-    device = next(extractor.parameters()).device
+def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[int]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each extractor's (len(rows), D) final-normed CLS features of the uint8 images at ``rows`` and
+    their (len(rows),) int64 labels, each image read once, in batches of PROBE_BATCH."""
+    chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
+    labels = []
     for start in range(0, len(rows), PROBE_BATCH):
-        batch = torch.stack([images[i]["images"] for i in rows[start : start + PROBE_BATCH]])  # (b, 3, R, R)
-        chunks.append(extractor(batch.to(device)).cls.cpu())
-    return torch.cat(chunks)
+        items = [images[i] for i in rows[start : start + PROBE_BATCH]]
+        batch = torch.stack([item["images"] for item in items])  # (b, 3, R, R)
+        labels += [int(item["label"]) for item in items]
+        for extractor, found in zip(extractors, chunks, strict=True):
+            found.append(extractor(batch.to(next(extractor.parameters()).device)).cls.cpu())
+    return [torch.cat(found) for found in chunks], torch.tensor(labels)
 
 
 def _probe(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
            untrained: VFMExtractor) -> ProbeReport:
     """k-NN / linear-probe accuracy of the trained and untrained CLS features on the held-out rows."""
-    labels = torch.tensor([int(images[i]["label"]) for i in range(len(images))])
-    scores = {}
-    for name, extractor in (("trained", trained), ("untrained", untrained)):
-        scores[name] = probe_scores(_cls_features(extractor, images, train_rows), labels[train_rows],
-                                    _cls_features(extractor, images, held_out), labels[held_out],
-                                    num_classes=images.num_classes)
+    extractors = {"trained": trained, "untrained": untrained}
+    train_features, train_labels = _cls_features(list(extractors.values()), images, train_rows)
+    held_features, held_labels = _cls_features(list(extractors.values()), images, held_out)
+    scores = {name: probe_scores(train, train_labels, held, held_labels, num_classes=images.num_classes)
+              for name, train, held in zip(extractors, train_features, held_features, strict=True)}
     return ProbeReport(scores["trained"], scores["untrained"], images.num_classes, len(train_rows), len(held_out))
 
 
@@ -568,10 +576,9 @@ def _untrained_extractor(settings: TeacherSettings, resolution: int) -> VFMExtra
     return build_vfm(VFM_NAME, weights=weights, resolution=resolution, **settings.arch)
 
 
-def _report_details(config: dict, train_seconds: float, steps: int) -> dict[str, object]:
+def _report_details(config: dict, train_seconds: float, steps: int, global_side: int) -> dict[str, object]:
     s, data = config["settings"], config["data"]
     images_per_s = steps * s["global_batch"] / train_seconds if train_seconds > 0 else float("nan")
-    global_side = input_side(data["resolution"], "dinov2")
     return {
         "architecture": f"DINOv2 ViT, patch 14, 4 registers, embed_dim {s['embed_dim']}, depth {s['depth']}, "
                         f"{s['num_heads']} heads",
@@ -621,21 +628,15 @@ def _finished_run(out_dir: Path, config: dict) -> TeacherResult | None:
     check_same_settings(saved["config"], config, what=f"the teacher in {out_dir}", fix=RESTART_FIX, free=FREE_SETTINGS)
     report_path = out_dir / REPORT_JSON
     report = ProbeReport.from_json(json.loads(report_path.read_text())) if report_path.is_file() else None
-    return TeacherResult(out_dir, out_dir / saved["weights"], teacher_spec(out_dir), report, saved["train_seconds"],
-                         trained=False)
+    return TeacherResult(out_dir, out_dir / saved["weights"], _recorded_spec(out_dir, saved), report,
+                         saved["train_seconds"], trained=False)
 
 
 def _load_train_state(path: Path, config: dict) -> dict | None:
     """The state at ``path`` if there is one, checked to be a teacher run with these settings."""
-    if not path.is_file():
+    state = load_state_file(path, kind=STATE_KIND, resuming="the teacher", owner="a teacher", fix=RESTART_FIX)
+    if state is None:
         return None
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as err:
-        raise CheckpointError(path, f"cannot resume the teacher from it: {err.reason} To train afresh, {RESTART_FIX}") from err
-    if state.get("kind") != STATE_KIND:
-        raise CheckpointError(path, f"holds the training state of {state.get('kind', 'another trainer')!r}, not of a "
-                              f"teacher ({STATE_KIND!r}); {RESTART_FIX}")
     check_same_settings(state["config"], config, what=f"the teacher run in {path.parent}", fix=RESTART_FIX,
                         free=FREE_SETTINGS)
     return state
@@ -741,10 +742,6 @@ def train_teacher(
                          resumed_from_step=resumed_from)
 
 
-def _silent(message: str) -> None:
-    """The log of non-main processes."""
-
-
 def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None, log) -> None:
     from tqdm.auto import tqdm
 
@@ -768,6 +765,7 @@ def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[in
 
     Returns the report (None without a probe) and the training time in seconds."""
     out_dir, settings, device = trainer.out_dir, trainer.settings, trainer.accelerator.device
+    global_side, _ = crop_sizes(resolution, settings)
     save_teacher_weights(out_dir / WEIGHTS_FILE, trainer.teacher.backbone)
     records = read_metrics(out_dir)
     train_seconds = records[-1]["wall_time_s"] if records else 0.0
@@ -777,11 +775,11 @@ def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[in
         trained = _teacher_spec(out_dir, settings).build(resolution).to(device)
         report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device))
         write_report(out_dir, report, title="DINOv2 teacher trained by reglue train-vfm",
-                     details=_report_details(trainer.config, train_seconds, trainer.total_steps))
+                     details=_report_details(trainer.config, train_seconds, trainer.total_steps, global_side))
         (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
     write_json(out_dir / INFO_FILE, {
         "vfm": VFM_NAME, "arch": settings.arch, "resolution": resolution, "weights": WEIGHTS_FILE,
-        "input_size": crop_sizes(resolution, settings)[0], "steps": trainer.total_steps,
+        "input_size": global_side, "steps": trainer.total_steps,
         "train_seconds": train_seconds, "config": trainer.config,
     })
     log(f"teacher written to {out_dir / WEIGHTS_FILE} ({train_seconds:.0f} s of training)")
