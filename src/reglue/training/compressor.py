@@ -126,7 +126,7 @@ def check_channels(
 ) -> tuple[int, ...]:
     """The compressor's channel list, (L·D, 256, 16) by default; its first entry must be the
     extractor's feature width L·D and the norm stats' channel count."""
-    width = len(extractor.layers) * extractor.embed_dim
+    width = extractor.feature_width
     channels = (width, 256, 16) if channels is None else tuple(int(c) for c in channels)
     if channels[0] != width:
         raise ValueError(
