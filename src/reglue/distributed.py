@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,3 +17,8 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=on_cpu_only())
+
+
+def main_process_log(log: Callable[[str], None], is_main_process: bool) -> Callable[[str], None]:
+    """``log`` on the main process, a no-op on the others: a run's lines are written once."""
+    return log if is_main_process else lambda message: None

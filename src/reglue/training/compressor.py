@@ -65,7 +65,7 @@ from reglue.checkpoint import (
     save_state_file,
 )
 from reglue.data.dataset import PreparedDataset
-from reglue.distributed import on_cpu_only
+from reglue.distributed import main_process_log, on_cpu_only
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write, write_json
@@ -470,18 +470,13 @@ def train_compressor(
         **(inputs or {}),
     }
     out_dir = Path(out_dir)
-    if not accelerator.is_main_process:
-        log = _silent
+    log = main_process_log(log, accelerator.is_main_process)
     if resume and (done := _finished_run(out_dir, config, epochs)) is not None:
         log(f"{out_dir} already holds this compressor run ({epochs} epochs); not retraining.")
         return done
     return _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config, epochs=epochs,
                 num_workers=num_workers, checkpoint_every=checkpoint_every, resume=resume,
                 progress=progress, log=log)
-
-
-def _silent(message: str) -> None:
-    """The log of non-main processes."""
 
 
 def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, config: dict, *, epochs: int,

@@ -86,7 +86,7 @@ from reglue.checkpoint import (
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
-from reglue.distributed import on_cpu_only
+from reglue.distributed import main_process_log, on_cpu_only
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -102,7 +102,6 @@ from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scor
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
-from reglue.training.compressor import _silent
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.training.plot import PLOT_FILE, plot_run
@@ -702,8 +701,7 @@ def train_teacher(
     """
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
-    if not accelerator.is_main_process:
-        log = _silent
+    log = main_process_log(log, accelerator.is_main_process)
     images, resolution = open_training_images(data_dir, resolution)  # every process checks a folder's files
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
