@@ -1,10 +1,31 @@
-"""Process state for single- and multi-process runs (``accelerate launch``, ``torchrun``)."""
+"""Process state for single- and multi-process runs (``accelerate launch``, ``torchrun``, ``srun``).
+
+A section that only the main process runs (writing a shared file, scoring, packing) goes through
+:func:`on_main`: when it fails, every process stops with the same one-line cause
+(:class:`MainProcessFailed` on the others) instead of waiting in its next collective until the
+timeout, whatever started the processes. ``on_main`` catches every exception of the section on the
+main process, ``KeyboardInterrupt`` and ``SystemExit`` included, tells the others, then re-raises it
+unchanged. What it cannot cover: a main process killed outright (SIGKILL, the OOM killer) or any
+process failing outside such a section; the others then learn it from their next collective — gloo
+reports the closed connection, NCCL waits for its timeout (docs/training.md, "When one process fails").
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+
+from reglue.errors import ReglueError
+
+T = TypeVar("T")
+
+
+class MainProcessFailed(ReglueError):
+    """Raised on every other process when a section of the main process failed; names the cause."""
 
 
 def on_cpu_only() -> bool:
@@ -22,3 +43,58 @@ def process_state():
 def main_process_log(log: Callable[[str], None], is_main_process: bool) -> Callable[[str], None]:
     """``log`` on the main process, a no-op on the others: a run's lines are written once."""
     return log if is_main_process else lambda message: None
+
+
+def _several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _failure(error: BaseException) -> str:
+    """``Type: first line of the message`` (``Type`` alone when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _share(failure: str | None) -> str | None:
+    """The main process's outcome (None: done; else the failure) sent to every process, received by all.
+
+    Two small broadcasts (size, bytes). On NCCL, torch stages the bytes on ``torch.cuda.current_device()``,
+    which accelerate sets to each process's own GPU; gloo and mixed ``cpu:gloo,cuda:nccl`` groups use the CPU.
+    """
+    outcome = [failure]
+    dist.broadcast_object_list(outcome, src=0)
+    return outcome[0]
+
+
+def on_main(what: str, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on the main process (global rank 0) only; then every process learns whether it failed.
+
+    Returns ``work()``'s value on the main process and None on the others. Every process must call it
+    at the same point, like any collective. When ``work`` raises (``KeyboardInterrupt`` and ``SystemExit``
+    too), the main process re-raises the original exception after telling the others, which raise
+    :class:`MainProcessFailed`: "the main process failed while ``what``: Type: first line". Without a
+    process group of several processes it just runs ``work``.
+    """
+    if not _several_processes():
+        return work()
+    if dist.get_rank() != 0:
+        failure = _share(None)
+        if failure is not None:
+            raise MainProcessFailed(f"the main process failed while {what}: {failure}")
+        return None
+    try:
+        result = work()
+    except BaseException as error:
+        # the others may be gone already (a second signal, a dead peer): this error is the one to report
+        with contextlib.suppress(Exception):
+            _share(_failure(error))
+        raise
+    _share(None)
+    return result
+
+
+def on_rank_zero(rank: int, what: str, work: Callable[[], T]) -> T | None:
+    """:func:`on_main` for code told its ``rank`` (functions with ``rank=`` / ``world_size=`` parameters):
+    the same under a process group, whose global rank 0 runs ``work``; without one, ``work`` runs only when
+    ``rank`` is 0, so that one process can play rank ``rank`` of several (as the world-size tests do)."""
+    return on_main(what, work if rank == 0 else lambda: None)

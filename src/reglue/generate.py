@@ -10,6 +10,8 @@ about one grey level on a few pixels). Each PNG is written atomically under its 
 folder's ``settings.json`` records the settings and fingerprints of the SiT and VAE weights, so
 a rerun with another checkpoint is refused instead of mixing models. When all PNGs exist, the
 main process packs ``samples.npz`` (``arr_0`` uint8 N×H×W×3, ``labels`` int64 N), atomically.
+The main process's parts (``settings.json``, packing) run in :func:`reglue.distributed.on_main`: when
+one fails, every process stops with its cause.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from reglue.data import store
+from reglue.distributed import on_rank_zero
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.vae import DEFAULT_VAE
 from reglue.io import atomic_write
@@ -140,13 +143,16 @@ def generate(
         raise ValueError(f"per_device_batch must be >= 1, found {per_device_batch}.")
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fix = "rerun with the original settings, checkpoint and VAE to resume, or choose another output folder."
-    recorded = {**asdict(settings), "sit_weights": weights_fingerprint(model), "vae_weights": weights_fingerprint(vae)}
-    store.check_or_write_json(out_dir / "settings.json", recorded, rank == 0, fix)
-    if rank == 0:
-        for leftover in out_dir.glob(".*.tmp-*"):  # a PNG being written when the last run was killed
+
+    def claim() -> None:  # the settings recorded (or another run's refused), a killed run's half-written PNGs gone
+        recorded = {**asdict(settings), "sit_weights": weights_fingerprint(model),
+                    "vae_weights": weights_fingerprint(vae)}
+        fix = "rerun with the original settings, checkpoint and VAE to resume, or choose another output folder."
+        store.check_or_write_json(out_dir / "settings.json", recorded, True, fix)
+        for leftover in out_dir.glob(".*.tmp-*"):
             leftover.unlink()
-    barrier()
+
+    on_rank_zero(rank, f"checking {out_dir / 'settings.json'}", claim)  # before any process writes a PNG
     todo = [i for i in range(rank, settings.num_samples, world_size) if not (out_dir / f"{i:06d}.png").exists()]
     model.eval()
     for start in range(0, len(todo), per_device_batch):
@@ -158,9 +164,7 @@ def generate(
             progress(len(indices))
     barrier()
     npz = out_dir / "samples.npz"
-    if rank == 0:
-        pack_npz(out_dir, settings, model.num_classes, npz)
-    barrier()
+    on_rank_zero(rank, f"packing {npz}", lambda: pack_npz(out_dir, settings, model.num_classes, npz))
     return npz
 
 
