@@ -2,22 +2,48 @@
 
     python benchmarks/sample.py --model SiT-B/2 --mode sde --steps 250 --cfg-scale 2.8 --batch 2
     python benchmarks/sample.py --model SiT-B/2 --mode ode --steps 50 --batch 2 --dtype bf16
+    python benchmarks/sample.py --host --batch 64 --steps 20
 
 Random weights with perturbed (non-zero) heads, REGLUE preset; prints one Markdown row and, for
 bf16, the max-abs difference of its samples from the fp32 ones of the same noise.
+
+``--host``: the host time of one SDE step of ``reglue sample`` (per-sample noise generators,
+CFG at every step, ``--micro-batch`` rows per model call) with the SiT replaced by a stub that
+returns its inputs as the velocities, so no model compute counts. Per step, at ``--batch``:
+
+- ``draws_ms``: the per-sample noise draws alone (the sampler's own drawing code, called as the
+  loop calls it) at the real shapes (``--channels``×``--input-size``², ``--z-dim``) on this CPU;
+- ``other_ms``: every other host cost of the step loop — Python, op dispatch, the guidance cat,
+  time vectors, micro-batch chunking and padding, dtype casts, drift and update arithmetic —
+  measured by running the loop with the same batch but each sample shrunk to one element
+  (1×1×1 state, 1-wide CLS): the loops over samples and over micro-batch chunks and every op
+  stay, the arithmetic all but vanishes. That is what the host spends per step when the
+  arithmetic runs on an accelerator (plus its launch latency, a few µs per op: ``ops``
+  counts the ATen ops a step dispatches). The ``meta`` device is not used for this: many of
+  its kernels are Python functions (≈ 0.3 ms per elementwise op here), far slower than the
+  C++ dispatch they would stand for;
+- ``cpu_loop_ms``: the whole loop at the real shapes on this CPU, where the float64 state
+  arithmetic of the batch is host compute too (for reference).
+
+Each figure is the fastest of three repeats (the least disturbed by other work on a shared
+machine); ``load_1min`` is the load average when it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reglue.models import build_sit
 from reglue.presets import get_preset
-from reglue.sampling import Guidance, sample_ode, sample_sde
+from reglue.sampling import Guidance, _step_noise, sample_ode, sample_sde
+from reglue.seeding import NOISE_STREAM, seeded_generator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +58,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--overrides", type=json.loads, default={}, help="JSON SiTConfig overrides")
+    parser.add_argument("--host", action="store_true", help="host time per SDE step with a stub model (see above)")
+    parser.add_argument("--micro-batch", type=int, default=32, help="--host: rows per model call")
+    parser.add_argument("--channels", type=int, default=20, help="--host: joint state channels")
+    parser.add_argument("--z-dim", type=int, default=768, help="--host: CLS width")
     return parser.parse_args(argv)
+
+
+class StubVelocity(nn.Module):
+    """The SiT's call signature at no compute: the inputs come back as the velocities."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the sampler the model's dtype
+        self.num_classes = num_classes
+        self.use_cls_token = True
+
+    def forward(self, x, t, y, cls_token=None):
+        return x, None, cls_token
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _fastest_ms(fn, steps: int, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs of ``fn``, in milliseconds per step (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times) / steps
+
+
+def _host_costs(args, channels: int, size: int, z_dim: int) -> tuple[float, float, float]:
+    """(draws ms, whole-loop ms, ATen ops) per SDE step with states of these shapes."""
+    device = torch.device(args.device)
+    generators = [seeded_generator(0, NOISE_STREAM, i) for i in range(args.batch)]
+    latents = torch.zeros(args.batch, channels, size, size, device=device)
+    cls = torch.zeros(args.batch, z_dim, device=device)
+    y = torch.zeros(args.batch, dtype=torch.long, device=device)
+    x, c = latents.double(), cls.double()
+
+    def draws():
+        for _ in range(args.steps):
+            _step_noise(x, c, generators)
+
+    stub = StubVelocity().to(device)
+
+    def loop():
+        sample_sde(stub, latents, y, cls, num_steps=args.steps, guidance=Guidance(scale=2.0),
+                   noise_generators=generators, micro_batch=args.micro_batch)
+
+    with _OpCounter() as counter:
+        loop()
+    return _fastest_ms(draws, args.steps), _fastest_ms(loop, args.steps), counter.ops / args.steps
+
+
+def host_step(args: argparse.Namespace) -> dict:
+    """Milliseconds per SDE step: the noise draws and every other host cost (module docstring)."""
+    draws_ms, cpu_loop_ms, _ = _host_costs(args, args.channels, args.input_size, args.z_dim)
+    draw_dispatch_ms, loop_dispatch_ms, ops = _host_costs(args, 1, 1, 1)
+    return {"batch": args.batch, "micro_batch": args.micro_batch, "steps": args.steps,
+            "state": [args.channels, args.input_size, args.input_size], "z_dim": args.z_dim,
+            "draws_ms": round(draws_ms, 3), "other_ms": round(loop_dispatch_ms - draw_dispatch_ms, 3),
+            "draw_dispatch_ms": round(draw_dispatch_ms, 3), "ops_per_step": round(ops, 1),
+            "cpu_loop_ms": round(cpu_loop_ms, 2), "load_1min": round(os.getloadavg()[0], 2)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -72,7 +171,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    if args.host:
+        result = host_step(args)
+        print(f"| host | {result['batch']} | {result['micro_batch']} | {result['draws_ms']:.2f} | "
+              f"{result['other_ms']:.2f} | {result['draw_dispatch_ms']:.2f} | {result['ops_per_step']:.0f} | "
+              f"{result['cpu_loop_ms']:.1f} | {result['load_1min']} |")
+        return result
+    result = run(args)
     print(f"| {result['model']} | {result['mode']} | {result['steps']} | {result['cfg']} | {result['batch']} | "
           f"{result['dtype']} | {result['seconds']:.1f} | {result['images_per_s']:.4f} | "
           f"{result.get('max_abs_vs_fp32', '-')} |")
