@@ -237,7 +237,9 @@ def test_sit_preset_has_only_latent_term():
     assert terms.semantic is None and terms.cls is None and terms.repa is None
     assert torch.equal(terms.total, terms.latent)
     assert terms.latent.item() > 0
-    assert set(terms.as_dict()) == {"total", "latent"}
+    detached = terms.detached()
+    assert set(detached) == {"total", "latent"}
+    assert not detached["total"].requires_grad and detached["total"].device == batch["x0"].device
 
 
 def test_repa_preset_has_repa_but_no_cls():

@@ -19,7 +19,10 @@ NOISE_STREAM = 3  # (seed, NOISE_STREAM, i): sample i's initial and per-step noi
 LABEL_STREAM = 4  # (seed, LABEL_STREAM, i): sample i's random class
 
 
-def seeded_generator(seed: int, *stream: int) -> torch.Generator:
-    """A CPU generator for one named stream of the run seed (SeedSequence mixing, no collisions)."""
+def seeded_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for one named stream of the run seed (SeedSequence mixing, no collisions).
+
+    The seed is the same on every device, but the numbers drawn are the device's: a CUDA generator
+    draws other values than a CPU one from the same seed."""
     state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device=device).manual_seed(int(state))

@@ -93,10 +93,10 @@ class LossTerms:
     repa: torch.Tensor | None
     lambda_sem: float
 
-    def as_dict(self) -> dict[str, float]:
-        """Python floats for logging (one host sync per term)."""
+    def detached(self) -> dict[str, torch.Tensor]:
+        """The present terms by name, as detached 0-d tensors on their device (no host sync)."""
         names = ("total", "latent", "semantic", "cls", "repa")
-        return {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n).detach() for n in names if getattr(self, n) is not None}
 
 
 def negative_cosine(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -38,16 +38,17 @@ from reglue.io import atomic_write
 from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
 from reglue.models.sit import SiT, SiTConfig, build_sit
 from reglue.presets import get_preset
+from reglue.progress import progress_bar
 from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.sampling import sample_ode, sample_sde
-from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 from reglue.training.evaluation import Evaluator, eval_due
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
-from reglue.transport import JointLoss, sample_time
+from reglue.training.step_noise import StepNoise
+from reglue.transport import JointLoss
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +90,22 @@ class _StopFlag:
 
 
 @dataclass
-class StepNoise:
-    """Every random draw of one step, for all G samples of the global batch (drawn on the CPU)."""
+class _Update:
+    """An optimiser step queued on the device; :meth:`read` brings its outcome to the host."""
 
-    t: torch.Tensor  # (G,)
-    latent_eps: torch.Tensor  # (G, 4, h, w): z = (mean + std·ε)·scale
-    noise: torch.Tensor  # (G, C, h, w): the joint state's noise
-    cls_noise: torch.Tensor  # (G, D)
-    drop: torch.Tensor  # (G,) bool: label dropped to the null label
+    step: int  # the step count after this update
+    status: torch.Tensor  # (2,) float32, summed over processes: [non-finite losses or gradient norm, stop requests]
+    losses: dict[str, torch.Tensor]  # this process's mean loss terms, 0-d on the device
+    grad_norm: torch.Tensor  # 0-d, the same on every process
+    lambda_sem: float
+    _outcome: tuple[bool, bool] | None = None
 
-    @classmethod
-    def draw(cls, seed: int, step: int, global_batch: int, channels: int, size: int, vfm_dim: int,
-             loss: JointLoss, dropout: float) -> StepNoise:
-        g = seeded_generator(seed, STEP_STREAM, step)
-        t = sample_time(global_batch, loss.time_sampling, loss.path, generator=g)
-        latent_eps = torch.randn(global_batch, 4, size, size, generator=g)
-        noise = torch.randn(global_batch, channels, size, size, generator=g)
-        cls_noise = torch.randn(global_batch, vfm_dim, generator=g)
-        drop = torch.rand(global_batch, generator=g) < dropout
-        return cls(t, latent_eps, noise, cls_noise, drop)
-
-    def rows(self, start: int, stop: int, device: torch.device) -> StepNoise:
-        return StepNoise(*(getattr(self, f)[start:stop].to(device) for f in ("t", "latent_eps", "noise",
-                                                                              "cls_noise", "drop")))
+    def read(self) -> tuple[bool, bool]:
+        """(finite on every process, a process asked to stop); the host sync happens once."""
+        if self._outcome is None:
+            nonfinite, stop = self.status.tolist()
+            self._outcome = (nonfinite == 0, stop > 0)
+        return self._outcome
 
 
 def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim: int) -> SiT:
@@ -199,11 +193,16 @@ class Trainer:
                 block.compile()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_adamw(params, config.optim, config.train.fused_optimizer, accelerator.device)
+        self.in_channels = self.model.in_channels
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self._skips_on_device = bool(optimizer.defaults.get("fused")) and accelerator.scaler is None
         self.step = 0
         self.resumed = False
         self.skipped = 0
         self.nonfinite_in_row = 0
+        self.stop_signal = _StopFlag()
+        self.stop_requested = False
+        self._pending: _Update | None = None  # the last queued update, until _settle reads it
         self.evaluator = None  # built, and its settings checked, before the run writes a file
         if config.eval.every:
             self.evaluator = Evaluator(config, device=accelerator.device, rank=accelerator.process_index,
@@ -332,19 +331,27 @@ class Trainer:
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ step
-    def train_step(self, batches) -> dict | None:
-        """One optimiser step over ``grad_accum`` micro-batches; None when the update was skipped."""
+    def train_step(self, batches) -> None:
+        """Queue one optimiser step over ``grad_accum`` micro-batches; :meth:`_settle` reads its outcome.
+
+        The step's randomness is drawn on the device (:class:`StepNoise`). The one host sync of a step
+        is the previous step's :meth:`_settle`, made once this step's forward and backward are queued,
+        so a GPU never waits for the host in between. A non-finite update (any process's loss, or the
+        gradient norm) is skipped on the device when the optimiser can (fused AdamW without a grad
+        scaler), else after a sync of its own (fp16, ``train.fused_optimizer=false``).
+        """
         cfg = self.config.train
-        core = self.acc.unwrap_model(self.model)
-        step_noise = StepNoise.draw(cfg.seed, self.step, cfg.global_batch, core.in_channels, self.latent_size,
-                                    self.vfm_dim, self.loss_fn, self.config.model.class_dropout_prob)
+        device = self.acc.device
+        noise = StepNoise.draw(cfg.seed, self.step, global_batch=cfg.global_batch, channels=self.in_channels,
+                               size=self.latent_size, vfm_dim=self.vfm_dim, loss=self.loss_fn,
+                               dropout=self.config.model.class_dropout_prob, device=device)
         self.model.train()
-        totals: dict[str, float] = {}
+        losses: dict[str, torch.Tensor] = {}
         micro_size = self.per_device // cfg.grad_accum
         for micro in range(cfg.grad_accum):
             start = self.acc.process_index * self.per_device + micro * micro_size  # global row of this micro-batch
-            n = step_noise.rows(start, start + micro_size, self.acc.device)
-            inputs = self.inputs(next(batches), self.acc.device, n.latent_eps)
+            n = noise.rows(start, start + micro_size)
+            inputs = self.inputs(next(batches), device, n.latent_eps)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
                 with self.acc.autocast():
@@ -353,61 +360,108 @@ class Trainer:
                                          cls_noise=n.cls_noise if inputs.cls_target is not None else None,
                                          force_drop_ids=n.drop)
                 self.acc.backward(terms.total / cfg.grad_accum)
-            for name, value in terms.as_dict().items():
-                totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
+            for name, value in terms.detached().items():
+                losses[name] = losses.get(name, 0) + value / cfg.grad_accum
+        self._settle()  # the previous step, while this one is queued
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        loss = self.acc.reduce(torch.tensor(totals["total"], device=self.acc.device), "mean")
-        if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
-            if self.acc.scaler is not None:  # fp16: the scaler unscaled this step; let it back off
-                self.acc.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
+        update = _Update(self.step + 1, self._status(losses["total"], grad_norm), losses, grad_norm, terms.lambda_sem)
+        self._apply(update)
+        self._pending = update
+
+    def _status(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """(2,) float32 on the device, summed over processes: [processes whose loss or gradient norm
+        is non-finite, processes asked to stop]. A collective on the device; nothing is read here."""
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        stop = torch.full((), float(self.stop_signal.raised), device=self.acc.device)
+        status = torch.stack([nonfinite.float(), stop])
+        return self.acc.reduce(status, "sum") if self.acc.num_processes > 1 else status
+
+    def _apply(self, update: _Update) -> None:
+        """The optimiser step of ``update``, skipped when it is non-finite."""
+        if self._skips_on_device:  # fused AdamW reads found_inf as in torch's grad-scaler protocol
+            inner = self.optimizer.optimizer  # accelerate's wrapper holds torch's AdamW
+            inner.found_inf = (update.status[0] > 0).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del inner.found_inf
+        elif update.read()[0]:
+            self.optimizer.step()
+        elif self.acc.scaler is not None:  # fp16: the scaler unscaled this step; let it back off
+            self.acc.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        EMA_UPDATES[cfg.ema](self.ema, self.acc.unwrap_model(self.model), cfg.ema_decay)
-        values = {f"loss/{k}": v for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
-        if self.preset.semantic_channels:  # λ_s after the schedule's milestones
-            values["lambda/sem"] = terms.lambda_sem
-        return values
+
+    def _settle(self) -> _Update | None:
+        """Read the pending update's outcome (a host sync): move the EMA after a finite one, count a
+        skipped one (too many in a row stop the run), note a stop request. Returns it (None if none)."""
+        update, self._pending = self._pending, None
+        if update is None:
+            return None
+        finite, stop = update.read()
+        self.stop_requested |= stop
+        if finite:
+            self.nonfinite_in_row = 0
+            EMA_UPDATES[self.config.train.ema](self.ema, self.acc.unwrap_model(self.model), self.config.train.ema_decay)
+        else:
+            self._count_skipped(update.step)
+        return update
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
-        from tqdm.auto import tqdm
-
-        cfg, flag = self.config, _StopFlag()
+        cfg = self.config
+        main = self.acc.is_main_process
         metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                                 wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
-                                resume_step=self.step if self.resumed else None, enabled=self.acc.is_main_process)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
-                   disable=not self.acc.is_main_process)
+                                resume_step=self.step if self.resumed else None, enabled=main)
+        bar = progress_bar(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", enabled=main)
         done_here, stopped = 0, False
-        with flag.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # closing: workers exit
+        with self.stop_signal.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # workers exit
             if self._evaluation_pending():  # stopped at an evaluation step before evaluating: do it now
                 self.evaluate(metrics)
+            self._since_log = (self.step, time.perf_counter())
             while self.step < cfg.train.max_steps:
-                start = time.perf_counter()
-                values = self.train_step(batches)
+                self.train_step(batches)
                 self.step += 1
                 done_here += 1
-                self._count(values)
-                if values is not None and self.step % cfg.log.every == 0:
-                    values |= {"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": time.perf_counter() - start,
-                               "images_per_s": cfg.train.global_batch / (time.perf_counter() - start),
-                               "skipped_updates": self.skipped, **_memory()}
-                    metrics.log(self.step, values)
-                    bar.set_postfix(loss=f"{values['loss/total']:.4f}")
                 bar.update(1)
-                stop = self._any_rank(flag.raised) or (stop_after_steps is not None and done_here >= stop_after_steps)
-                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and not stop:
+                stop = self.stop_requested or (stop_after_steps is not None and done_here >= stop_after_steps)
+                log_due, eval_now = self.step % cfg.log.every == 0, eval_due(self.step, cfg.eval.every, cfg.train.max_steps)
+                preview_due = bool(cfg.log.sample_every) and self.step % cfg.log.sample_every == 0
+                save_due = self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps
+                if not (stop or log_due or eval_now or preview_due or save_due):
+                    continue
+                update = self._settle()  # this step's outcome: the EMA is current from here on
+                stop = stop or self.stop_requested
+                if log_due and update.read()[0]:
+                    self._log(metrics, bar, update)
+                if preview_due and not stop:
                     self.preview(metrics)
                 # Before the checkpoint of the same step: a run killed in between re-evaluates on resume.
-                if eval_due(self.step, cfg.eval.every, cfg.train.max_steps) and not stop:
+                if eval_now and not stop:
                     self.evaluate(metrics)
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
+                if save_due or stop:
                     self.save()
                 if stop:
                     stopped = True
                     break
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    def _log(self, metrics: MetricsLogger, bar, update: _Update) -> None:
+        """Log a settled update's loss terms (mean over processes) and the throughput since the last log."""
+        names = list(update.losses)
+        stacked = torch.stack([update.losses[name].float() for name in names] + [update.grad_norm.float()])
+        reduced = (self.acc.reduce(stacked, "mean") if self.acc.num_processes > 1 else stacked).tolist()
+        steps_before, since = self._since_log
+        now = time.perf_counter()
+        self._since_log = (update.step, now)
+        seconds_per_step = (now - since) / max(update.step - steps_before, 1)
+        values = {f"loss/{name}": value for name, value in zip(names, reduced)} | {"grad_norm": reduced[-1]}
+        if self.preset.semantic_channels:  # λ_s after the schedule's milestones
+            values["lambda/sem"] = update.lambda_sem
+        values |= {"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": seconds_per_step,
+                   "images_per_s": self.config.train.global_batch / seconds_per_step,
+                   "skipped_updates": self.skipped, **_memory()}
+        metrics.log(update.step, values)
+        bar.set_postfix(loss=f"{values['loss/total']:.4f}", img_per_s=f"{values['images_per_s']:.4g}")
 
     def evaluate(self, metrics) -> None:
         """Score the EMA (every process samples its share) and log ``eval/*`` at this step."""
@@ -471,14 +525,11 @@ class Trainer:
             return raised
         return bool(self.acc.reduce(torch.tensor(float(raised), device=self.acc.device), "sum") > 0)
 
-    def _count(self, values: dict | None) -> None:
-        if values is not None:
-            self.nonfinite_in_row = 0
-            return
+    def _count_skipped(self, step: int) -> None:
         self.skipped += 1
         self.nonfinite_in_row += 1
         log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
-                    self.step, self.nonfinite_in_row, self.skipped)
+                    step, self.nonfinite_in_row, self.skipped)
         if self.nonfinite_in_row >= self.config.train.max_nonfinite_in_row:
             raise TrainingError(
                 f"{self.nonfinite_in_row} non-finite updates in a row (train.max_nonfinite_in_row); stopping. "
