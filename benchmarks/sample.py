@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reglue.models import build_sit
 from reglue.presets import get_preset
-from reglue.sampling import Guidance, _step_noise, sample_ode, sample_sde
+from reglue.sampling import Guidance, SampleNoise, sample_ode, sample_sde
 from reglue.seeding import NOISE_STREAM, seeded_generator
 
 
@@ -106,11 +106,11 @@ def _host_costs(args, channels: int, size: int, z_dim: int) -> tuple[float, floa
     latents = torch.zeros(args.batch, channels, size, size, device=device)
     cls = torch.zeros(args.batch, z_dim, device=device)
     y = torch.zeros(args.batch, dtype=torch.long, device=device)
-    x, c = latents.double(), cls.double()
+    noise = SampleNoise(latents.double(), cls.double(), generators)
 
     def draws():
         for _ in range(args.steps):
-            _step_noise(x, c, generators)
+            noise.draw()
 
     stub = StubVelocity().to(device)
 

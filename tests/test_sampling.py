@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_sit
 from reglue.presets import PRESETS
-from reglue.sampling import Guidance, sample_ode, sample_sde
+from reglue.sampling import Guidance, SampleNoise, sample_ode, sample_sde
+from reglue.seeding import NOISE_STREAM, seeded_generator
 
 B, LATENT, SEMANTIC, Z = 2, 4, 16, 12
 
@@ -520,3 +523,78 @@ def test_training_mode_model_samples_as_in_eval_and_stays_training():
     assert model.training and model.y_embedder.training
     assert torch.equal(got_sde, want_sde)
     assert torch.equal(got_ode, want_ode)
+
+
+# ------------------------------------------------------------------ per-sample noise on the device
+
+
+class RandomOps(TorchDispatchMode):
+    """Records every ATen op that draws random numbers: (op name, output tensor, generator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws: list[tuple[str, torch.Tensor, torch.Generator | None]] = []
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        if name in ("normal", "normal_", "randn", "randn_like", "rand", "rand_like", "uniform_"):
+            self.draws.append((name, out, kwargs.get("generator")))
+        return out
+
+
+def test_step_noise_is_drawn_on_the_sampling_device_by_each_samples_generator(reglue_model):
+    """Every noisy step draws in place, on the state's device, one normal_ per sample and state
+    from that sample's own generator (ε_x then ε_cls), into buffers allocated once; nothing is
+    drawn elsewhere and stacked or copied over."""
+    x, cls, y = reglue_inputs(batch=3)
+    generators = [seeded_generator(5, NOISE_STREAM, i, device=x.device) for i in range(3)]
+    assert all(g.device == x.device for g in generators)
+    with RandomOps() as recorded:
+        sample_sde(reglue_model, x, y, cls, num_steps=4, guidance=Guidance(scale=2.0), noise_generators=generators)
+    noisy_steps = 3
+    assert [name for name, _, _ in recorded.draws] == ["normal_"] * (noisy_steps * 3 * 2)
+    seeds = [g.initial_seed() for g in generators]  # the dispatcher hands over new wrappers of the same generators
+    assert [g.initial_seed() for _, _, g in recorded.draws] == [s for s in seeds for _ in range(2)] * noisy_steps
+    assert all(g.device == x.device for _, _, g in recorded.draws)
+    assert all(out.device == x.device and out.dtype == torch.float64 for _, out, _ in recorded.draws)
+    assert [tuple(out.shape) for _, out, _ in recorded.draws[:2]] == [tuple(x.shape[1:]), tuple(cls.shape[1:])]
+    assert len({out.untyped_storage().data_ptr() for _, out, _ in recorded.draws}) == 2  # two buffers, every step
+    assert "stack" not in recorded.ops
+
+
+def test_sample_noise_keeps_the_cpu_numbers_of_per_sample_randn():
+    """On CPU each step's ε_x, ε_cls of sample b are torch.randn(...) from generator b, in that
+    order, in float64 — the numbers every earlier version drew (images stay the same)."""
+    x, cls = torch.zeros(3, 2, 4, 4, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64)
+    noise = SampleNoise(x, cls, [seeded_generator(1, NOISE_STREAM, i) for i in range(3)])
+    reference = [seeded_generator(1, NOISE_STREAM, i) for i in range(3)]
+    for _ in range(2):
+        eps_x, eps_cls = noise.draw()
+        for b, g in enumerate(reference):
+            assert torch.equal(eps_x[b], torch.randn(2, 4, 4, generator=g, dtype=torch.float64))
+            assert torch.equal(eps_cls[b], torch.randn(5, generator=g, dtype=torch.float64))
+
+
+def test_noise_generators_on_another_device_are_refused():
+    x, cls = torch.zeros(2, 2, 4, 4, dtype=torch.float64, device="meta"), torch.zeros(2, 5, device="meta")
+    with pytest.raises(ValueError, match="seed them on the sampling device"):
+        SampleNoise(x, cls, [seeded_generator(0, NOISE_STREAM, i) for i in range(2)])
+    with pytest.raises(ValueError, match="one per sample"):
+        SampleNoise(torch.zeros(2, 3), None, [seeded_generator(0, NOISE_STREAM, 0)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_noise_on_cuda_comes_from_cuda_generators(reglue_model):
+    x, cls, y = (t.cuda() for t in reglue_inputs(batch=2))
+    model = copy.deepcopy(reglue_model).cuda()
+    generators = [seeded_generator(5, NOISE_STREAM, i, device="cuda") for i in range(2)]
+    with RandomOps() as recorded:
+        sample = sample_sde(model, x, y, cls, num_steps=3, noise_generators=generators)
+    assert sample.is_cuda and len(recorded.draws) == 2 * 2 * 2
+    assert all(eps.is_cuda and g.device.type == "cuda" for _, eps, g in recorded.draws)
+    with pytest.raises(ValueError, match="seed them on the sampling device"):
+        sample_sde(model, x, y, cls, num_steps=3, noise_generators=[seeded_generator(5, NOISE_STREAM, i) for i in range(2)])

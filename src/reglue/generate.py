@@ -91,12 +91,15 @@ def label_of(index: int, settings: SampleSettings, num_classes: int) -> int:
     return classes[index % len(classes)]
 
 
-def initial_noise(index: int, seed: int, model: SiT) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
-    """Sample ``index``'s latent noise (C, H, W), CLS noise (z,) or None, and its step-noise generator."""
+def initial_noise(index: int, seed: int, model: SiT, device: torch.device | str = "cpu",
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
+    """Sample ``index``'s latent noise (C, H, W), CLS noise (z,) or None, and its step-noise generator,
+    all on ``device``: the generator is seeded by (seed, index) there and draws the latent, then the
+    CLS noise, then every SDE step's noise (CPU and CUDA generators give different numbers)."""
     c = model.config
-    g = seeded_generator(seed, NOISE_STREAM, index)
-    latents = torch.randn(c.in_channels, c.input_size, c.input_size, generator=g)
-    cls = torch.randn(c.z_dim, generator=g) if c.use_cls_token else None
+    g = seeded_generator(seed, NOISE_STREAM, index, device=device)
+    latents = torch.randn(c.in_channels, c.input_size, c.input_size, generator=g, device=device)
+    cls = torch.randn(c.z_dim, generator=g, device=device) if c.use_cls_token else None
     return latents, cls, g
 
 
@@ -104,9 +107,9 @@ def initial_noise(index: int, seed: int, model: SiT) -> tuple[torch.Tensor, torc
 def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettings,
                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices."""
-    noise = [initial_noise(i, settings.seed, model) for i in indices]
-    latents = torch.stack([n[0] for n in noise]).to(device)
-    cls = torch.stack([n[1] for n in noise]).to(device) if model.use_cls_token else None
+    noise = [initial_noise(i, settings.seed, model, device) for i in indices]
+    latents = torch.stack([n[0] for n in noise])
+    cls = torch.stack([n[1] for n in noise]) if model.use_cls_token else None
     labels = torch.tensor([label_of(i, settings, model.num_classes) for i in indices], device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     with autocast:

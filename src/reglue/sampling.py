@@ -14,6 +14,7 @@ batch — the basis of ``reglue sample``'s batch-size-independent images.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -123,9 +124,12 @@ def padded_rows(n: int, micro_batch: int, device: torch.device | str = "cpu") ->
 
 
 class _JointVelocity:
-    """Calls the model on the float64 state and returns float64 velocities.
+    """Calls the model on the float64 state and returns float64 velocities, stacked [cond, uncond].
 
-    Returns ((v, v_cls) conditional, (v, v_cls) unconditional or None).
+    ``velocity(x, cls, t, guided)`` -> v (G, B, C, H, W), v_cls (G, B, z) or None, with G = 2
+    ([conditional, unconditional]) when ``guided``, else 1. The rows of each model call are
+    fixed once per batch (:meth:`_call_rows`): the state's rows, doubled as [x, x] with labels
+    [y, null] when guided, then padded to whole micro-batches.
     """
 
     def __init__(self, model: nn.Module, y: torch.Tensor, null_label: int | None, micro_batch: int | None = None):
@@ -135,33 +139,53 @@ class _JointVelocity:
         self.model = model
         self.micro_batch = micro_batch
         self.dtype = next(model.parameters()).dtype
-        self.y = y
-        self.y_null = torch.full_like(y, core.num_classes if null_label is None else null_label)
+        y_null = torch.full_like(y, core.num_classes if null_label is None else null_label)
+        self._labels = {False: y, True: torch.cat([y, y_null])}
+        self._rows = {guided: self._call_rows(y.shape[0], guided) for guided in (False, True)}
 
-    def __call__(self, x, cls, t: torch.Tensor, guided: bool):
+    def _call_rows(self, batch: int, guided: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(state row of each model-call row, or None when they are the state's rows; call labels)."""
+        labels = self._labels[guided]
+        n = labels.shape[0]
+        micro = self.micro_batch or n
+        if n % micro == 0 and not guided:
+            return None, labels
+        rows = padded_rows(n, micro, labels.device)  # rows of [x, x] (or x), the last chunk padded
+        return rows % batch, labels[rows]
+
+    def __call__(self, x, cls, t: float, guided: bool):
         B = x.shape[0]
-        y = self.y
-        if guided:  # (2B, ...): [x, x] with labels [y, null]
-            x, y = torch.cat([x, x]), torch.cat([y, self.y_null])
-            cls = torch.cat([cls, cls]) if cls is not None else None
-        t_vec = torch.full((x.shape[0],), float(t), dtype=self.dtype, device=x.device)
+        rows, y = self._rows[guided]
+        x = x.to(self.dtype)
         cls = cls.to(self.dtype) if cls is not None else None
-        v, v_cls = self._forward(x.to(self.dtype), t_vec, y, cls)
-        v = v.double()
-        v_cls = v_cls.double() if v_cls is not None else None
-        if not guided:
-            return (v, v_cls), None
-        cls_c, cls_u = (v_cls[:B], v_cls[B:]) if v_cls is not None else (None, None)
-        return (v[:B], cls_c), (v[B:], cls_u)
+        if rows is not None:
+            x = x[rows]
+            cls = cls[rows] if cls is not None else None
+        t_vec = torch.full((y.shape[0],), t, dtype=self.dtype, device=x.device)
+        v, v_cls = self._forward(x, t_vec, y, cls)
+        G = 2 if guided else 1
+        v = v[: G * B].double().view(G, B, *v.shape[1:])  # padding rows dropped
+        return v, v_cls[: G * B].double().view(G, B, -1) if v_cls is not None else None
 
     def _forward(self, x, t, y, cls):
-        """(v (N, C, H, W), v_cls (N, z) or None), in fixed-size chunks when ``micro_batch`` is set."""
-        n = x.shape[0]
-        outputs = [self.model(x[rows], t[rows], y[rows], cls_token=cls[rows] if cls is not None else None)
-                   for rows in padded_rows(n, self.micro_batch or n, x.device).split(self.micro_batch or n)]
-        v = torch.cat([out[0] for out in outputs])[:n]  # padding rows dropped
-        v_cls = torch.cat([out[2] for out in outputs])[:n] if outputs[0][2] is not None else None
-        return v, v_cls
+        """(v (N, C, H, W), v_cls (N, z) or None): one model call per micro-batch of the N rows."""
+        micro = self.micro_batch or x.shape[0]
+        if x.shape[0] == micro:
+            v, _, v_cls = self.model(x, t, y, cls_token=cls)
+            return v, v_cls
+        chunks = zip(x.split(micro), t.split(micro), y.split(micro),
+                     cls.split(micro) if cls is not None else itertools.repeat(None))
+        outputs = [self.model(*chunk[:3], cls_token=chunk[3]) for chunk in chunks]
+        v_cls = torch.cat([out[2] for out in outputs]) if outputs[0][2] is not None else None
+        return torch.cat([out[0] for out in outputs]), v_cls
+
+
+def _cond_uncond(v: torch.Tensor, v_cls: torch.Tensor | None):
+    """Stacked (G, B, ...) velocities or drifts -> ((x, cls) conditional, (x, cls) unconditional or None)."""
+    cond = (v[0], v_cls[0] if v_cls is not None else None)
+    if v.shape[0] == 1:
+        return cond, None
+    return cond, (v[1], v_cls[1] if v_cls is not None else None)
 
 
 @contextlib.contextmanager
@@ -190,19 +214,51 @@ def _initial_state(model, latents, y, cls_latents):
     return latents.double(), cls
 
 
-def _step_noise(x, cls, generators):
-    """ε_x then ε_cls (float64): from the global generator, or per sample from ``generators``."""
-    if generators is None:
-        return torch.randn_like(x), torch.randn_like(cls) if cls is not None else None
-    if len(generators) != x.shape[0]:
-        raise ValueError(f"noise_generators: expected one per sample ({x.shape[0]}), found {len(generators)}.")
-    pairs = []
-    for g in generators:
-        e_x = torch.randn(x.shape[1:], generator=g, dtype=torch.float64)
-        pairs.append((e_x, torch.randn(cls.shape[1:], generator=g, dtype=torch.float64) if cls is not None else None))
-    eps_x = torch.stack([p[0] for p in pairs]).to(x.device)
-    eps_cls = torch.stack([p[1] for p in pairs]).to(x.device) if cls is not None else None
-    return eps_x, eps_cls
+def _on_device(generator: torch.Generator, device: torch.device) -> bool:
+    """Whether ``generator`` draws on ``device`` (``cuda`` and ``cuda:0`` are one device)."""
+    g = generator.device
+    return g.type == device.type and (g.index is None or device.index is None or g.index == device.index)
+
+
+class SampleNoise:
+    """Each noisy SDE step's (ε_x, ε_cls), float64, ε_x then ε_cls: the SPEC §8 draw order.
+
+    ``generators`` None: ``randn_like`` from the global generator (the authors' sampler, so their
+    seeds reproduce). Otherwise one generator per sample, on the state's device: sample b's noise
+    is drawn by generator b alone, straight into row b of two buffers allocated once, so a sample
+    does not depend on its batch, and a step costs one ``normal_`` per sample and state (one
+    kernel launch each on a GPU) with no host draw, stack or copy. The returned tensors are
+    overwritten by the next :meth:`draw`. On CPU the numbers equal ``torch.randn(shape,
+    generator=g, dtype=torch.float64)`` called ε_x then ε_cls per sample.
+    """
+
+    def __init__(self, x: torch.Tensor, cls: torch.Tensor | None, generators: list[torch.Generator] | None):
+        """x (B, C, H, W) and cls (B, z) or None: the float64 state, for shapes and device."""
+        self._like = (x, cls)
+        self._rows = None
+        if generators is None:
+            return
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"noise_generators: expected one per sample ({x.shape[0]}), found {len(generators)}.")
+        elsewhere = sorted({str(g.device) for g in generators if not _on_device(g, x.device)})
+        if elsewhere:
+            raise ValueError(f"noise_generators live on {', '.join(elsewhere)} but the state is on {x.device}: "
+                             f"seed them on the sampling device, seeded_generator(..., device={str(x.device)!r}).")
+        self.eps_x = torch.empty_like(x)
+        self.eps_cls = torch.empty_like(cls) if cls is not None else None
+        cls_rows = self.eps_cls.unbind(0) if cls is not None else [None] * len(generators)
+        self._rows = list(zip(generators, self.eps_x.unbind(0), cls_rows))  # row views, made once
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ε_x (B, C, H, W), ε_cls (B, z) or None), float64."""
+        if self._rows is None:
+            x, cls = self._like
+            return torch.randn_like(x), torch.randn_like(cls) if cls is not None else None
+        for generator, eps_x, eps_cls in self._rows:
+            eps_x.normal_(generator=generator)
+            if eps_cls is not None:
+                eps_cls.normal_(generator=generator)
+        return self.eps_x, self.eps_cls
 
 
 def _check_steps(num_steps: int) -> None:
@@ -238,21 +294,22 @@ def sample_sde(
     joint sample (B, C, H, W) (decode the first ``latent_channels``). Noise is drawn from
     the global generator, ε_x then ε_cls, once per step, so seeds match the authors'.
     ``path``: the interpolant the score is computed for; None = the model's (``SiTConfig.path``).
-    ``noise_generators``: one CPU generator per sample; each step's noise of sample b is then
-    drawn from generator b (ε_x then ε_cls), so a sample does not depend on its batch.
+    ``noise_generators``: one generator per sample, on the state's device; each step's noise of
+    sample b is then drawn by generator b (ε_x then ε_cls, see :class:`SampleNoise`), so a sample
+    does not depend on its batch.
     ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
     """
     _check_steps(num_steps)
     path = _model_path(model, path)
     velocity = _JointVelocity(model, y, null_label, micro_batch)
     x, cls = _initial_state(model, latents, y, cls_latents)
+    noise = SampleNoise(x, cls, noise_generators)
     grid = sde_time_grid(num_steps).tolist()
 
-    def drift(v, state, t, diffusion):  # d = v − ½·g·s
+    def drift(v, state, t_vec, diffusion):  # d = v − ½·g·s for v (G, B, ...) and state (B, ...)
         if v is None:
             return None
-        t_vec = torch.full((state.shape[0],), t, dtype=torch.float64, device=state.device)
-        return v - 0.5 * diffusion * score_from_velocity(v, state, t_vec, path)
+        return v - 0.5 * diffusion * score_from_velocity(v, state.unsqueeze(0), t_vec, path)
 
     with _eval_mode(model):
         for i in range(num_steps):
@@ -261,12 +318,11 @@ def sample_sde(
             last = i == num_steps - 1
             diffusion = 2 * t_cur
             if not last:
-                eps_x, eps_cls = _step_noise(x, cls, noise_generators)
-            cond, uncond = velocity(x, cls, t_cur, guidance.active(t_cur))
-            cond = (drift(cond[0], x, t_cur, diffusion), drift(cond[1], cls, t_cur, diffusion))
-            if uncond is not None:
-                uncond = (drift(uncond[0], x, t_cur, diffusion), drift(uncond[1], cls, t_cur, diffusion))
-            d_x, d_cls = guidance.combine(cond, uncond, latent_channels=latent_channels, vae_only_step=not last)
+                eps_x, eps_cls = noise.draw()
+            v, v_cls = velocity(x, cls, t_cur, guidance.active(t_cur))
+            t_vec = torch.full((1,), t_cur, dtype=torch.float64, device=x.device)  # one t for every row
+            drifts = _cond_uncond(drift(v, x, t_vec, diffusion), drift(v_cls, cls, t_vec, diffusion))
+            d_x, d_cls = guidance.combine(*drifts, latent_channels=latent_channels, vae_only_step=not last)
             x = x + d_x * dt
             if cls is not None:
                 cls = cls + d_cls * dt
@@ -314,10 +370,10 @@ def sample_ode(
             t_cur, t_next = grid[i], grid[i + 1]
             dt = t_next - t_cur
             guided = guidance.active(t_cur)
-            d_x, d_cls = guidance.combine(*velocity(x, cls, t_cur, guided))
+            d_x, d_cls = guidance.combine(*_cond_uncond(*velocity(x, cls, t_cur, guided)))
             x_next, cls_next = euler(x, d_x, dt), euler(cls, d_cls, dt)
             if heun and i < num_steps - 1:
-                p_x, p_cls = guidance.combine(*velocity(x_next, cls_next, t_next, guided))
+                p_x, p_cls = guidance.combine(*_cond_uncond(*velocity(x_next, cls_next, t_next, guided)))
                 x_next = euler(x, 0.5 * d_x + 0.5 * p_x, dt)
                 cls_next = euler(cls, 0.5 * d_cls + 0.5 * p_cls, dt) if cls is not None else None
             x, cls = x_next, cls_next
