@@ -368,26 +368,6 @@ def test_a_failing_preview_is_logged_and_training_goes_on(cached_data, monkeypat
     assert result.step == 2 and "EMA preview at step 1 failed" in caplog.text
 
 
-def test_a_failure_on_the_main_process_stops_every_process():
-    from types import SimpleNamespace
-
-    from reglue.training.trainer import Trainer, TrainingError
-
-    def rank(main: bool) -> Trainer:
-        trainer = Trainer.__new__(Trainer)  # only the collective matters here
-        others_failed = SimpleNamespace(num_processes=2, device="cpu", reduce=lambda t, op: t + (0 if main else 1))
-        trainer.acc = SimpleNamespace(is_main_process=main, **vars(others_failed))
-        return trainer
-
-    def disk_full():
-        raise OSError("No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):  # the main process re-raises its own error
-        rank(main=True)._on_main("saving a checkpoint", disk_full)
-    with pytest.raises(TrainingError, match="main process failed while saving a checkpoint"):
-        rank(main=False)._on_main("saving a checkpoint", lambda: None)  # the others stop instead of waiting
-
-
 def test_second_ctrl_c_aborts_at_once():
     import signal
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
-from reglue.distributed import on_cpu_only
+from reglue.distributed import on_cpu_only, on_main
 from reglue.ema import EMA_UPDATES
 from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
@@ -305,7 +305,7 @@ class Trainer:
             self.ema.save_pretrained(self.run_dir / "ema")
             log.info("saved %s", path)
 
-        self._on_main("saving a checkpoint", write)
+        on_main("saving a checkpoint", write)
 
     # ------------------------------------------------------------------ data
     def batches(self):
@@ -408,11 +408,9 @@ class Trainer:
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         cfg = self.config
-        main = self.acc.is_main_process
-        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                                wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
-                                resume_step=self.step if self.resumed else None, enabled=main)
-        bar = progress_bar(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train", enabled=main)
+        metrics = self._open_logs()
+        bar = progress_bar(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train",
+                           enabled=self.acc.is_main_process)
         done_here, stopped = 0, False
         with self.stop_signal.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # workers exit
             if self._evaluation_pending():  # stopped at an evaluation step before evaluating: do it now
@@ -444,6 +442,16 @@ class Trainer:
                     stopped = True
                     break
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    def _open_logs(self) -> MetricsLogger:
+        """The run's metrics logger, opened by the main process (its failure stops every process with
+        the cause); a logger that writes nothing on the others."""
+        log_config = self.config.log
+        opened = on_main("opening the run's logs", lambda: MetricsLogger(
+            self.run_dir, tensorboard=log_config.tensorboard, wandb=log_config.wandb,
+            wandb_project=log_config.wandb_project, config=self.config.to_dict(),
+            resume_step=self.step if self.resumed else None))
+        return opened or MetricsLogger(self.run_dir, enabled=False)
 
     def _log(self, metrics: MetricsLogger, bar, update: _Update) -> None:
         """Log a settled update's loss terms (mean over processes) and the throughput since the last log."""
@@ -479,10 +487,10 @@ class Trainer:
         """A resumed run at an evaluation step whose metrics hold no evaluation of it (it stopped first)."""
         if not (self.resumed and eval_due(self.step, self.config.eval.every, self.config.train.max_steps)):
             return False
-        missing = self.acc.is_main_process and not any(
+        missing = on_main("reading metrics.jsonl", lambda: not any(
             row["step"] == self.step and any(k.startswith("eval/") for k in row) for row in read_metrics(self.run_dir)
-        )
-        return self._any_rank(missing)
+        ))
+        return self._any_rank(bool(missing))
 
     def preview(self, metrics) -> None:
         """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only.
@@ -506,21 +514,8 @@ class Trainer:
                 Image.fromarray(grid).save(tmp, format="PNG")
             metrics.log_image(self.step, "samples/ema", grid)
 
-    def _on_main(self, what: str, work) -> None:
-        """Run ``work`` on the main process; if it fails every process stops, none waits forever."""
-        error = None
-        if self.acc.is_main_process:
-            try:
-                work()
-            except Exception as err:
-                error = err
-        if self._any_rank(error is not None):
-            if error is not None:
-                raise error
-            raise TrainingError(f"the main process failed while {what}; its log says why.")
-
     def _any_rank(self, raised: bool) -> bool:
-        """A stop signal seen by any process stops all of them at the same step."""
+        """Whether ``raised`` holds on any process (every process must call it at the same point)."""
         if self.acc.num_processes == 1:
             return raised
         return bool(self.acc.reduce(torch.tensor(float(raised), device=self.acc.device), "sum") > 0)
@@ -630,9 +625,10 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
         log.info("resumed from %s at step %d", path, trainer.step)
     elif config.model.init_from:
         trainer.init_from_authors(config.model.init_from)
-    if accelerator.is_main_process:
+    def write_config() -> None:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(trainer.run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+
+    on_main("writing config.yaml", write_config)
     return trainer.run(stop_after_steps)
 
