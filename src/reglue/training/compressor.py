@@ -65,7 +65,7 @@ from reglue.checkpoint import (
     save_state_file,
 )
 from reglue.data.dataset import PreparedDataset
-from reglue.distributed import main_process_log, on_cpu_only
+from reglue.distributed import main_process_log, on_cpu_only, on_main
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write, write_json
@@ -318,8 +318,8 @@ class _CompressorTrainer:
         from accelerate.utils import gather_object
 
         rng = gather_object([capture_rng_state()])
-        if self.accelerator.is_main_process:
-            _save_train_state(self.out_dir / TRAIN_STATE, self.state_dict(rng))
+        path = self.out_dir / TRAIN_STATE
+        on_main(f"saving {path}", lambda: _save_train_state(path, self.state_dict(rng)))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, R, R) -> normalised VFM maps (B, C, h, w), float32."""
@@ -382,8 +382,8 @@ class _CompressorTrainer:
         score = record["train_mse"] if record["val_mse"] is None else record["val_mse"]
         if score < p.best_mse:
             p.best_epoch, p.best_mse = p.epoch, score
-            if self.accelerator.is_main_process:
-                _save_weights(self.out_dir / BEST_WEIGHTS, self.compressor, self.metadata(record))
+            path = self.out_dir / BEST_WEIGHTS
+            on_main(f"saving {path}", lambda: _save_weights(path, self.compressor, self.metadata(record)))
         self.checkpoint()
         self.write_reports(finished=False)
         val = "" if record["val_mse"] is None else f", val MSE {record['val_mse']:.5f}"
@@ -399,19 +399,22 @@ class _CompressorTrainer:
 
     def write_reports(self, finished: bool) -> None:
         p = self.progress
-        if not (self.accelerator.is_main_process and p.history):
+        if not p.history:
             return
-        write_json(self.out_dir / HISTORY, {
-            "config": self.config, "epochs_done": p.epoch, "finished": finished,
-            "num_processes": self.accelerator.num_processes, "best_epoch": p.best_epoch,
-            "best_mse": p.best_mse, "history": p.history,
-        })
-        _plot_loss_curve(self.out_dir / LOSS_CURVE, p.history)
+
+        def write() -> None:
+            write_json(self.out_dir / HISTORY, {
+                "config": self.config, "epochs_done": p.epoch, "finished": finished,
+                "num_processes": self.accelerator.num_processes, "best_epoch": p.best_epoch,
+                "best_mse": p.best_mse, "history": p.history,
+            })
+            _plot_loss_curve(self.out_dir / LOSS_CURVE, p.history)
+
+        on_main(f"writing {HISTORY} and {LOSS_CURVE} in {self.out_dir}", write)
 
     def finish(self) -> None:
-        if self.accelerator.is_main_process:
-            last = self.metadata(self.progress.history[-1])
-            _save_weights(self.out_dir / FINAL_WEIGHTS, self.compressor, last)
+        path, last = self.out_dir / FINAL_WEIGHTS, self.metadata(self.progress.history[-1])
+        on_main(f"saving {path}", lambda: _save_weights(path, self.compressor, last))
         self.write_reports(finished=True)
 
 
@@ -493,11 +496,14 @@ def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, 
         log(f"resuming the compressor run in {out_dir} at epoch {resumed_from[0] + 1}, "
             f"step {resumed_from[1]}")
     trainer.prepare()
-    if accelerator.is_main_process:
+
+    def make_room() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if state is None:  # starting over: no file of an earlier run may pass for this one's
             for name in (FINAL_WEIGHTS, BEST_WEIGHTS, HISTORY, LOSS_CURVE, TRAIN_STATE):
                 (out_dir / name).unlink(missing_ok=True)
+
+    on_main(f"preparing {out_dir}", make_room)
     log(f"training compressor {config['channels']} on {config['train_images']} images "
         f"({config['val_images']} held out), {epochs} epochs × {trainer.steps_per_epoch} steps of "
         f"{config['global_batch']} ({trainer.batch} per process × {accelerator.num_processes})")
@@ -507,8 +513,7 @@ def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, 
         while trainer.progress.epoch < epochs:
             trainer.train_epoch(bar)
             trainer.end_epoch()
-    trainer.finish()
-    accelerator.wait_for_everyone()
+    trainer.finish()  # its last step on the main process, which every process waits for
     p = trainer.progress
     log(f"compressor done: best epoch {p.best_epoch} (MSE {p.best_mse:.5f}); weights in {out_dir}")
     return CompressorRun(out_dir, p.history, p.best_epoch, resumed_from=resumed_from)

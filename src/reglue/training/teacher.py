@@ -86,7 +86,7 @@ from reglue.checkpoint import (
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
-from reglue.distributed import main_process_log, on_cpu_only
+from reglue.distributed import main_process_log, on_cpu_only, on_main
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -460,14 +460,13 @@ class _TeacherTrainer:
         from accelerate.utils import gather_object
 
         rng = gather_object([capture_rng_state()])
-        if not self.accelerator.is_main_process:
-            return
-        save_state_file(self.out_dir / TRAIN_STATE, self.progress.global_step, {
+        path = self.out_dir / TRAIN_STATE
+        on_main(f"saving {path}", lambda: save_state_file(path, self.progress.global_step, {
             "kind": STATE_KIND, "config": self.config, "student": _cpu_state(self.student_module),
             "teacher": _cpu_state(self.teacher), "dino_loss": _cpu_state(self.dino_loss),
             "ibot_loss": _cpu_state(self.ibot_loss),
             "optimizer": self.optimizer.state_dict(), "progress": dict(vars(self.progress)), "rng": rng,
-        })
+        }))
 
     def schedules(self, step: int) -> dict[str, float]:
         """lr (warmup + cosine), teacher EMA momentum (cosine to 1), teacher temperature (linear warmup)."""
@@ -721,21 +720,23 @@ def train_teacher(
         trainer.restore(state)
         resumed_from = trainer.progress.global_step
         log(f"resuming the teacher run in {out_dir} at step {resumed_from}")
-    elif accelerator.is_main_process:  # starting over: no file of an earlier run may pass for this one's
-        for name in _RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-    if accelerator.is_main_process and isinstance(images, ImageSourceDataset):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        store.write_skipped(out_dir / SKIPPED_FILE, images.skipped)
-        if images.skipped:
-            log(f"the {len(images.skipped)} skipped file(s) and why: {out_dir / SKIPPED_FILE}")
-    accelerator.wait_for_everyone()
+
+    def make_room() -> None:
+        if state is None:  # starting over: no file of an earlier run may pass for this one's
+            for name in _RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+        if isinstance(images, ImageSourceDataset):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            store.write_skipped(out_dir / SKIPPED_FILE, images.skipped)
+            if images.skipped:
+                log(f"the {len(images.skipped)} skipped file(s) and why: {out_dir / SKIPPED_FILE}")
+
+    on_main(f"preparing {out_dir}", make_room)
     trainer.prepare()
     _train(trainer, progress=progress, resumed_from=resumed_from, log=log)
-    report, train_seconds = None, 0.0  # known to the main process, which writes the files
-    if accelerator.is_main_process:
-        report, train_seconds = _finish(trainer, images, train_rows, held_out, resolution, log)
-    accelerator.wait_for_everyone()
+    # the report and the training time are known to the main process, which writes the files
+    report, train_seconds = on_main(f"exporting and probing the teacher in {out_dir}", lambda: _finish(
+        trainer, images, train_rows, held_out, resolution, log)) or (None, 0.0)
     return TeacherResult(out_dir, out_dir / WEIGHTS_FILE, _teacher_spec(out_dir, settings), report, train_seconds,
                          resumed_from_step=resumed_from)
 
@@ -746,8 +747,12 @@ def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None
     acc, s, p = trainer.accelerator, trainer.settings, trainer.progress
     log(f"training a DINOv2 teacher (embed {s.embed_dim}, depth {s.depth}, {s.num_heads} heads) on "
         f"{len(trainer.rows)} images: {s.epochs} epochs × {trainer.steps_per_epoch} steps of {s.global_batch}")
-    metrics = MetricsLogger(trainer.out_dir, tensorboard=s.tensorboard, config=trainer.config, resume_step=resumed_from,
-                            enabled=acc.is_main_process)
+
+    def metrics_log(enabled: bool) -> MetricsLogger:
+        return MetricsLogger(trainer.out_dir, tensorboard=s.tensorboard, config=trainer.config,
+                             resume_step=resumed_from, enabled=enabled)
+
+    metrics = on_main(f"opening the metrics log in {trainer.out_dir}", lambda: metrics_log(True)) or metrics_log(False)
     bar = tqdm(total=trainer.total_steps, initial=p.global_step, unit="step", desc="teacher",
                disable=not (progress and acc.is_main_process), dynamic_ncols=True)
     with metrics, bar:
