@@ -19,7 +19,7 @@ import torch
 from reglue.data.cache import cache_semantics
 from reglue.data.dataset import PreparedDataset, random_subset
 from reglue.data.store import read_manifest
-from reglue.distributed import process_state
+from reglue.distributed import on_main, process_state
 from reglue.encoders.norm_stats import NORM_STATS_FILE, compute_norm_stats
 from reglue.encoders.semantics import (
     VFMSpec,
@@ -55,10 +55,11 @@ def run_norm_stats(
 ) -> Path:
     """Compute the VFM layer-map stats of ``data`` and save them (with the VFM spec) to ``out``.
 
-    Under several processes the main one computes while the others wait."""
+    Under several processes the main one computes while the others wait (:func:`reglue.distributed.on_main`)."""
     state = process_state()
     out = Path(out) if out is not None else Path(data) / NORM_STATS_FILE
-    if state.is_main_process:
+
+    def compute() -> None:
         dataset = PreparedDataset(data, fields=("images",))
         extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
         metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
@@ -68,7 +69,8 @@ def run_norm_stats(
             stats = compute_norm_stats(subset, extractor, batch_size=batch_size, device=state.device,
                                        progress=bar.update, metadata=metadata)
         stats.save(out)
-    state.wait_for_everyone()
+
+    on_main(f"computing the norm stats {out}", compute)
     return out
 
 
@@ -77,31 +79,32 @@ def run_fit_pca(
     num_images: int = 10_000, batch_size: int = 64, spec: VFMSpec | None = None,
     autocast_dtype: torch.dtype | None = None, show_progress: bool = True,
 ) -> Path:
-    """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data`` (main process only)."""
+    """Fit ReDi's PCA on the z-scored VFM maps of a seeded subset of ``data``.
+
+    Under several processes the main one fits while the others wait (:func:`reglue.distributed.on_main`)."""
     from torch.utils.data import DataLoader
 
     state = process_state()
     out = Path(out) if out is not None else Path(data) / PCA_FILE
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return out
-    dataset = PreparedDataset(data, fields=("images",))
-    stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=dataset.manifest["resolution"])
-    device = state.device
-    extractor = spec.build(dataset.manifest["resolution"], autocast_dtype).to(device)
-    subset = random_subset(dataset, num_images)
-    loader = DataLoader(subset, batch_size=batch_size)
 
-    def token_batches():
-        with _progress_bar(len(subset), "fit-pca", show_progress) as bar:
-            for batch in loader:
-                maps = stats.normalize(extractor(batch["images"].to(device)).local)  # (B, C, h, w)
-                bar.update(len(maps))
-                yield maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (B·h·w, C)
+    def fit() -> None:
+        dataset = PreparedDataset(data, fields=("images",))
+        stats, vfm = load_norm_stats_and_spec(norm_stats, spec, resolution=dataset.manifest["resolution"])
+        extractor = vfm.build(dataset.manifest["resolution"], autocast_dtype).to(state.device)
+        subset = random_subset(dataset, num_images)
+        loader = DataLoader(subset, batch_size=batch_size)
 
-    PCAProjection.fit(token_batches(), rank).save(out, {"resolution": dataset.manifest["resolution"],
-                                                        "vfm": spec.to_json()})
-    state.wait_for_everyone()
+        def token_batches():
+            with _progress_bar(len(subset), "fit-pca", show_progress) as bar:
+                for batch in loader:
+                    maps = stats.normalize(extractor(batch["images"].to(state.device)).local)  # (B, C, h, w)
+                    bar.update(len(maps))
+                    yield maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])  # (B·h·w, C)
+
+        PCAProjection.fit(token_batches(), rank).save(out, {"resolution": dataset.manifest["resolution"],
+                                                            "vfm": vfm.to_json()})
+
+    on_main(f"fitting the PCA {out}", fit)
     return out
 
 

@@ -11,7 +11,9 @@ shard's ``index.json`` (size and checksum, :mod:`reglue.data.integrity`), so a r
 shard by shard and redoes a shard whose cached files are missing or damaged (it first checks the
 checksums of the cached files it would keep, and of the images it would cache from).
 ``semantics.json`` at the dataset root records what produced the cache (VFM, compressor and
-norm-stats checksums, and their paths); a rerun with different inputs is refused.
+norm-stats checksums, and their paths); a rerun with different inputs is refused. Rank 0's parts
+(the dataset's lock, ``semantics.json``) run in :func:`reglue.distributed.on_main`: when one fails,
+every process stops with its cause.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from reglue.data import integrity, store
+from reglue.distributed import on_rank_zero
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.errors import DamagedFileError
 from reglue.io import atomic_write, write_json
@@ -58,15 +61,18 @@ def cache_semantics(
     the command that rebuilds it.
     """
     root = Path(root)
-    # rank 0 holds the dataset's lock, as prepare does: a prepare rerun or verify --reindex cannot interleave
-    with store.lock_directory(root) if rank == 0 else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
         manifest = store.read_manifest(root)
         fields = cached_fields(encoder.compressor is not None, repa_targets)
         info_path = root / store.SEMANTICS_INFO
-        fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the original "
-               "compressor, norm stats, VFM and precision.")
-        store.check_or_write_json(info_path, dict(info, fields=list(fields)), rank == 0, fix)
-        barrier()
+
+        def claim() -> None:  # rank 0 holds the dataset's lock, as prepare does: a prepare rerun or verify
+            held.enter_context(store.lock_directory(root))  # --reindex cannot interleave with the index updates
+            fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the "
+                   "original compressor, norm stats, VFM and precision.")
+            store.check_or_write_json(info_path, dict(info, fields=list(fields)), True, fix)
+
+        on_rank_zero(rank, f"locking {root} and checking its {store.SEMANTICS_INFO}", claim)
         mine = range(rank, len(manifest["shards"]), world_size)
         todo = _shards_to_cache(root, list(mine), fields)
         for index in mine:
@@ -77,9 +83,12 @@ def cache_semantics(
             elif progress is not None:
                 progress(count)
         barrier()
-        if rank == 0:  # the reader accepts the cache only once every shard has it
+
+        def complete() -> None:  # the reader accepts the cache only once every shard has it
             recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
             write_json(info_path, dict(recorded, complete=True, paths=paths or {}), sort_keys=True)
+
+        on_rank_zero(rank, f"marking {info_path} complete", complete)
         return len(todo)
 
 

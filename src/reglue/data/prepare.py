@@ -10,7 +10,9 @@ source and the settings — not on the number of processes or on interruptions:
   their records (sizes and checksums, :mod:`reglue.data.integrity`) and redoes the rest, giving
   byte-identical files; a shard damaged since (truncated, overwritten, a file lost) is redone too;
 - with several processes (``accelerate launch``), rank r writes shards k ≡ r (mod world);
-  rank 0 writes the manifest once every shard is complete.
+  rank 0 writes the manifest once every shard is complete. Rank 0's parts (the directory's lock,
+  ``settings.json``, the manifest) run in :func:`reglue.distributed.on_main`: when one fails, every
+  process stops with its cause.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from reglue.data import integrity, store
 from reglue.data.images import BadImageError
 from reglue.data.source_dataset import read_crop
 from reglue.data.sources import ImageSource, open_source, source_fingerprint
-from reglue.distributed import process_state
+from reglue.distributed import on_rank_zero, process_state
 from reglue.encoders.autoencoder import load_vae
 from reglue.io import write_json
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
@@ -124,11 +126,15 @@ def prepare_dataset(
     shards = shard_ranges(len(items), settings.shard_size)
     wanted = dict(asdict(settings), format_version=store.FORMAT_VERSION, **source_fingerprint(items))
     fix = "rerun with the original settings and source to resume, or choose a new output directory."
-    with store.lock_directory(dst) if rank == 0 else contextlib.nullcontext():
-        store.check_or_write_json(dst / store.SETTINGS, wanted, rank == 0, fix)
-        if rank == 0 and (removed := store.remove_leftovers(dst)):
-            log.info("removed %d temporary file(s) of an interrupted run", removed)
-        barrier()
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # rank 0 holds the directory's lock until the end, so no other job writes into it
+            held.enter_context(store.lock_directory(dst))
+            store.check_or_write_json(dst / store.SETTINGS, wanted, True, fix)
+            if removed := store.remove_leftovers(dst):
+                log.info("removed %d temporary file(s) of an interrupted run", removed)
+
+        on_rank_zero(rank, f"locking {dst} and checking its {store.SETTINGS}", claim)
         mine = range(rank, len(shards), world_size)
         _discard_damaged(dst, [index for index in mine if store.shard_dir(dst, index).is_dir()])
         resumed = 0
@@ -144,8 +150,9 @@ def prepare_dataset(
             if progress is not None:
                 progress(len(shard_items))
         barrier()
-        mine = range(rank, len(shards), world_size) if rank else range(len(shards))
-        summary = _finalize(dst, settings, source, mine, write=rank == 0)
+        summary = on_rank_zero(rank, f"writing {dst / store.MANIFEST}", lambda: _finalize(
+            dst, settings, source, range(len(shards)), write=True))
+        summary = summary or _finalize(dst, settings, source, range(rank, len(shards), world_size), write=False)
     summary.resumed_shards = resumed
     return summary
 
