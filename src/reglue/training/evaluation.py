@@ -6,7 +6,8 @@ The paper compares methods by how fast their FID falls with training. :class:`Ev
 so a curve moves only because the model does. Sample i is drawn by process i mod world, and every
 SiT, VAE and feature-network call sees exactly ``eval.micro_batch`` rows, so the numbers do not
 depend on the number of processes. The features are gathered on the main process in index order
-and scored against the reference statistics:
+and scored against the reference statistics (in :func:`reglue.distributed.on_main`: when scoring or
+the reference cache fails there, every process stops with its cause):
 
 - ``fd``: Fréchet distance in the feature space of ``eval.vfm`` (DINOv2 ViT-L/14 by default:
   ``eval/fd_dinov2``; another network ``n``: ``eval/fd_n``), see docs/evaluation.md;
@@ -35,6 +36,7 @@ from accelerate.utils import gather_object
 
 from reglue.config import ConfigError, RunConfig
 from reglue.data.dataset import PreparedDataset, random_subset
+from reglue.distributed import on_rank_zero
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.semantics import VFMSpec
 from reglue.generate import SampleSettings, sample_batch
@@ -165,25 +167,25 @@ class Evaluator:
         cached = all(path.is_file() for path in paths.values())
         self.barrier()  # every process has looked before the main one may write
         if cached:
-            if self.rank != 0:
-                return {}
-            return {key: np.load(path)["features"] for key, path in paths.items()}
+            return on_rank_zero(self.rank, f"reading the reference features cached in {self.data_dir / REFERENCE_DIR}",
+                                lambda: {key: np.load(path)["features"] for key, path in paths.items()}) or {}
         images = self._reference_images()
         mine = list(range(self.rank, len(images), self.world_size))
         local = {space.key: self._features(space, np.stack([images[i] for i in mine])) if mine else None
                  for space in self.spaces}
         gathered = self.gather([(mine, local)])
-        if self.rank != 0:
-            self.barrier()
-            return {}
-        features = {key: _in_index_order(gathered, key) for key in paths}
-        for key, path in paths.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as tmp, open(tmp, "wb") as handle:
-                np.savez(handle, features=features[key])
-            log.info("cached reference features (%d images) in %s", len(features[key]), path)
-        self.barrier()
-        return features
+
+        def cache() -> dict[str, np.ndarray]:
+            features = {key: _in_index_order(gathered, key) for key in paths}
+            for key, path in paths.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+                    np.savez(handle, features=features[key])
+                log.info("cached reference features (%d images) in %s", len(features[key]), path)
+            return features
+
+        return on_rank_zero(self.rank, f"caching the reference features in {self.data_dir / REFERENCE_DIR}",
+                            cache) or {}
 
     def _reference_images(self):
         """uint8 (H, W, 3) reference images, indexable: the ADM batch or the training subset."""
@@ -219,16 +221,18 @@ class Evaluator:
                 local["class_accuracy"].append((self.classifier.predict(images) == labels).astype(np.float64))
         merged = {key: np.concatenate(parts) if parts else None for key, parts in local.items()}
         gathered = self.gather([(mine, merged)])
-        if self.rank != 0:
-            return None
-        values = {}
-        for space in self.spaces:
-            samples = _in_index_order(gathered, space.key)
-            values.update(self._score(space, samples, self._reference[space.key]))
-        if self.classifier:
-            values["eval/class_accuracy"] = float(_in_index_order(gathered, "class_accuracy").mean())
-        values["eval/seconds"] = time.perf_counter() - start
-        return values
+
+        def score() -> dict[str, float]:
+            values = {}
+            for space in self.spaces:
+                samples = _in_index_order(gathered, space.key)
+                values.update(self._score(space, samples, self._reference[space.key]))
+            if self.classifier:
+                values["eval/class_accuracy"] = float(_in_index_order(gathered, "class_accuracy").mean())
+            values["eval/seconds"] = time.perf_counter() - start
+            return values
+
+        return on_rank_zero(self.rank, f"scoring the evaluation of step {step}", score)
 
     def _score(self, space, samples: np.ndarray, reference: tuple) -> dict[str, float]:
         """``reference``: (features (N, D), mean (D,), covariance (D, D))."""
