@@ -9,6 +9,7 @@ refused with an error naming the key and the fix; the run directory stores the r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ PRECISIONS = ("no", "fp16", "bf16")
 EVAL_METRICS = ("fd", "pr", "fid", "class_accuracy")
 SEMANTICS_SOURCES = ("cached", "online")
 SAMPLE_MODES = ("sde", "ode")
+# option -> (the package it needs, the install that brings it); checked when a config is validated
+OPTIONAL_PACKAGES = {"log.wandb": ("wandb", 'pip install "reglue[wandb]"'),
+                     "log.tensorboard": ("tensorboard", "pip install tensorboard")}
 
 
 class ConfigError(ValueError):
@@ -235,6 +239,7 @@ class RunConfig:
             except ValueError as err:
                 raise ConfigError(f"{prefix}: {err}") from None
         self._validate_eval()
+        self._check_optional_packages()
         return self
 
     def _validate_eval(self) -> None:
@@ -258,6 +263,13 @@ class RunConfig:
             (e.batch >= 1 and e.micro_batch >= 1, "eval.batch/micro_batch", "positive integers"),
         ]
         self._refuse_first_broken(rules)
+
+    def _check_optional_packages(self) -> None:
+        """Each switched-on option's package is installed; found by ``find_spec``, not imported (stays cheap)."""
+        for key, (package, install) in OPTIONAL_PACKAGES.items():
+            if _lookup(self, key) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"{key}=true needs the {package} package, which is not installed; "
+                                  f"`{install}`, or set {key}=false.")
 
     def _refuse_first_broken(self, rules: list[tuple[bool, str, str]]) -> None:
         """ConfigError for the first (ok, key, expected) rule that does not hold."""
