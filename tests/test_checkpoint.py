@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
@@ -195,6 +196,53 @@ def test_payload_may_not_override_the_format_keys(tmp_path):
         save_checkpoint(tmp_path, 1, {"step": 5})
 
 
+# ----------------------------------------------------------------------------- memory-mapped loading
+
+
+def _maps_file(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether ``tensor``'s data lies in a memory mapping of ``path`` (Linux: /proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_loaded_tensors_map_the_file_and_writes_into_them_stay_private(tmp_path):
+    payload = _payload()
+    save_checkpoint(tmp_path, 1, payload)
+    path, state = latest_valid_checkpoint(tmp_path)
+    weight = state["model"]["weight"]
+    assert _maps_file(weight, path) and _maps_file(state["optimizer"]["state"][0]["exp_avg"], path)
+    weight.add_(1.0)  # copy-on-write: this process's page only
+    assert torch.equal(weight, payload["model"]["weight"] + 1.0)
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], payload["model"]["weight"])
+
+
+def test_a_pruned_checkpoint_still_resumes_the_optimizer_exactly_through_its_loaded_tensors(tmp_path):
+    payload = _payload()
+    state = load_checkpoint(save_checkpoint(tmp_path, 1, payload))
+    for step in (2, 3):
+        save_checkpoint(tmp_path, step, {}, keep_last=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]  # step 1's file is unlinked, still mapped
+
+    original, original_opt = _model_and_optimizer()
+    original.load_state_dict(payload["model"])
+    original_opt.load_state_dict(payload["optimizer"])
+    resumed, resumed_opt = _model_and_optimizer(seed=99)
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["optimizer"])  # keeps the mapped moments and updates them in place
+    for seed in (2, 3):
+        _step(original, original_opt, seed=seed)
+        _step(resumed, resumed_opt, seed=seed)
+    _assert_same(resumed.state_dict(), original.state_dict())
+    _assert_same(resumed_opt.state_dict(), original_opt.state_dict())
+
+
 # ----------------------------------------------------------------------------- atomicity
 
 
@@ -311,6 +359,32 @@ def test_invalid_checkpoint_files_raise_checkpoint_error(tmp_path, content, reas
     with pytest.raises(CheckpointError, match=reason) as info:
         load_checkpoint(path)
     assert isinstance(info.value, ValueError) and info.value.path == path
+
+
+def _first_tensor_record(path: Path) -> tuple[int, int]:
+    """(offset of the local header, offset of the data) of the checkpoint's first tensor record."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith("/data/0"))
+        header = path.read_bytes()[record.header_offset:record.header_offset + 30]
+    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    return record.header_offset, record.header_offset + 30 + name_length + extra_length
+
+
+@pytest.mark.parametrize("damage", ["cut_in_tensor_data", "cut_last_byte", "zeroed_record_header"])
+def test_damage_a_mapped_load_would_not_read_is_still_refused(tmp_path, damage):
+    """A mapped load reads no tensor data; truncation still loses the zip's central directory, and a
+    damaged record header (which a mapped load alone would step over, shifting a tensor) is checked."""
+    path = save_checkpoint(tmp_path, 1, _payload())
+    data = path.read_bytes()
+    header, start = _first_tensor_record(path)
+    damaged = {
+        "cut_in_tensor_data": data[: start + 6],
+        "cut_last_byte": data[:-1],
+        "zeroed_record_header": data[:header] + bytes(start - header) + data[start:],
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
 
 
 def test_latest_valid_checkpoint_is_none_without_files_and_an_error_when_none_is_valid(tmp_path):

@@ -29,7 +29,23 @@ Rules this module keeps:
   pick them).
 - Resuming takes the newest checkpoint that loads and carries the format, version and completion
   marker; a truncated or otherwise unreadable one is reported and skipped. Silent bit flips in
-  tensor data are not detected (the files carry no checksum).
+  tensor data are not detected: ``torch.save`` stores a CRC-32 per record, but checking it means
+  reading every byte, which neither ``torch.load`` nor this module does.
+- Files load memory-mapped (``torch.load(mmap=True)``): the returned tensors are views of a
+  private (copy-on-write) mapping of the file, so loading reads only the pickled structure and
+  the zip records' headers, not the tensor data; pages are read when a tensor is first used
+  (e.g. copied by ``load_state_dict``) and live in the page cache, which every process on a
+  machine that maps the same file shares. Writing into a loaded tensor (an optimiser on the CPU
+  keeps the loaded moments and updates them in place) copies the page it writes into private
+  memory and never changes the file. Checking a candidate for ``--resume auto`` therefore costs
+  a few reads, whatever the checkpoint's size.
+- Consequences of the mapping: an unlinked file (pruned, or replaced by a rename) stays readable
+  through it until its tensors are freed, and its disk space is released only then; on NFS the
+  client that unlinks a file it still maps keeps it as a hidden ``.nfsXXXX`` file beside it
+  until then, while a process on *another* machine that still reads it fails. Release the
+  loaded state once it is copied into the model and optimiser. A medium error in tensor data
+  (EIO) or a file truncated in place while mapped surfaces as SIGBUS when the page is touched,
+  not as an exception; the writers here never truncate in place (they rename a finished file).
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -256,9 +273,24 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint onto the CPU (``weights_only``) and check it is ours and complete.
+def _load_mapped(path: Path) -> object:
+    """``torch.load`` of ``path`` onto the CPU, ``weights_only``, its tensors memory-mapped.
 
+    A plain load reads every record through the zip reader, which refuses a record whose local
+    header is damaged; a mapped load only reads the length fields of those headers to find the
+    data, so a block of garbage over a header would shift a tensor silently. Opening each record
+    with :mod:`zipfile` restores that check (signature and name of every header, no data read).
+    """
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            archive.open(record).close()
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint onto the CPU (``weights_only``, memory-mapped) and check it is ours and complete.
+
+    Tensors are views of the file's mapping (see the module doc); the data is read when used.
     Raises :class:`CheckpointError` if the file is missing, truncated or corrupt, holds pickled
     objects, is not a reglue training checkpoint (e.g. an older reglue's format), has another
     format version, or lacks the completion marker.
@@ -269,11 +301,11 @@ def load_checkpoint(path: str | Path) -> dict:
             path, "not found; pass an existing checkpoints/step-*.pt file, or --resume auto for the newest valid one."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # Damage surfaces as almost any exception: UnpicklingError (also for pickled objects),
-    # RuntimeError from the zip reader, EOFError, OSError/ValueError from seeks past a truncated
-    # end, IndexError/KeyError/UnicodeDecodeError from garbage fed to the unpickler. Whatever
-    # torch.load raises, this file cannot be resumed from.
+        state = _load_mapped(path)
+    # Damage surfaces as almost any exception: BadZipFile (truncated: no central directory;
+    # a damaged record header), UnpicklingError (also for pickled objects), RuntimeError from
+    # torch's zip reader, EOFError, OSError/ValueError, IndexError/KeyError/UnicodeDecodeError
+    # from garbage fed to the unpickler. Whatever is raised, this file cannot be resumed from.
     except Exception as err:
         message = str(err).strip()
         reason = f"{type(err).__name__}: {message.splitlines()[0][:200]}" if message else type(err).__name__
