@@ -291,14 +291,3 @@ def test_a_second_job_on_the_same_directory_is_refused(tmp_path, vae_dir, capsys
     with store.lock_directory(tmp_path / "out"):
         code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir))
     assert code == 2 and "in use by another reglue job" in err
-
-
-def test_reader_keeps_a_bounded_number_of_open_files(tmp_path, vae_dir, monkeypatch):
-    import reglue.data.dataset as dataset_module
-
-    src = make_image_folder(tmp_path / "src")
-    main(["prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir), "--shard-size", "1", "--quiet"])
-    monkeypatch.setattr(dataset_module, "OPEN_ARRAYS", 3)
-    data = PreparedDataset(tmp_path / "out")
-    rows = [data[i]["images"] for i in range(len(data))] + [data[0]["images"]]
-    assert len(data._arrays) == 3 and torch.equal(rows[0], rows[-1])

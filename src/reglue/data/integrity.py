@@ -192,14 +192,10 @@ def _check_file(path: Path, record: dict | None, rows: int, *, legacy: bool, che
 
 def _npy_size(path: Path, rows: int) -> int | Problem:
     """The size a ``.npy`` file's header promises (header + rows × row bytes), or the problem with it."""
-    with open(path, "rb") as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, _, dtype = read_header[version](handle)
-        except (ValueError, KeyError, SyntaxError, EOFError) as err:
-            return Problem(path.name, "size", f"its .npy header does not parse ({type(err).__name__}: {err})")
-        header = handle.tell()
+    try:
+        shape, dtype, header = store.npy_header(path)
+    except (ValueError, KeyError, SyntaxError, EOFError) as err:
+        return Problem(path.name, "size", f"its .npy header does not parse ({type(err).__name__}: {err})")
     if not shape or shape[0] != rows:
         return Problem(path.name, "size", f"holds {shape[0] if shape else 0} rows, index.json lists {rows}")
     return header + int(np.prod(shape)) * dtype.itemsize

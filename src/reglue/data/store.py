@@ -194,6 +194,18 @@ def open_array(root: Path, index: int, name: str) -> np.ndarray:
     return np.load(shard_dir(root, index) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
 
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A ``.npy`` file's shape, dtype and the byte offset where its (C-order) data starts, from its
+    header alone; ValueError, KeyError, SyntaxError or EOFError when the header does not parse."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran_order, dtype = read_header[version](handle)
+        if fortran_order:
+            raise ValueError("its data is in Fortran order; reglue writes C order")
+        return shape, dtype, handle.tell()
+
+
 def write_skipped(path: Path, skipped: list[dict]) -> None:
     """``skipped.tsv``: a header, then one line ``path<TAB>reason`` per skipped source file."""
     with atomic_write(path) as tmp:
