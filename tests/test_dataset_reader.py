@@ -1,10 +1,12 @@
-"""The training-time reader: batched reads equal the rows, in workers too, with no descriptor kept."""
+"""The training-time reader: batched reads equal the rows, in workers too, with no descriptor kept;
+and the float16 the semantic cache stores."""
 
 from __future__ import annotations
 
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 import reglue.io
 from reglue.data import store
+from reglue.data.cache import cache_semantics
 from reglue.data.dataset import PreparedDataset, training_loader
 from reglue.errors import DamagedFileError
 
@@ -30,17 +33,18 @@ def row_arrays(rng: np.random.Generator, count: int, side: int = 8) -> dict[str,
             "repa": rng.standard_normal((count, 5, 12)).astype(np.float16)}
 
 
-def write_dataset(root: Path, counts: tuple[int, ...]) -> Path:
-    """Shards of random rows with prepare's and cache-semantics' records (a complete cache)."""
+def write_dataset(root: Path, counts: tuple[int, ...], cached: bool = True) -> Path:
+    """Shards of random rows with prepare's records, and a complete semantic cache when ``cached``."""
     rng = np.random.default_rng(0)
     for index, count in enumerate(counts):
-        store.write_shard(root, index, row_arrays(rng, count), {"sources": [f"{i}.png" for i in range(count)],
-                                                               "skipped": []})
+        arrays = {k: v for k, v in row_arrays(rng, count).items() if cached or k in store.SHARD_ARRAYS}
+        store.write_shard(root, index, arrays, {"sources": [f"{i}.png" for i in range(count)], "skipped": []})
     reglue.io.write_json(root / store.MANIFEST, {
         "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "source": "random", "resolution": 64,
         "vae": "random", "num_images": sum(counts), "num_classes": 10, "class_names": [str(i) for i in range(10)],
         "shards": [{"name": store.shard_name(i), "count": c} for i, c in enumerate(counts)]})
-    reglue.io.write_json(root / store.SEMANTICS_INFO, {"fields": list(store.CACHED_ARRAYS), "complete": True})
+    if cached:
+        reglue.io.write_json(root / store.SEMANTICS_INFO, {"fields": list(store.CACHED_ARRAYS), "complete": True})
     return root
 
 
@@ -135,3 +139,25 @@ def test_a_shard_with_other_rows_is_named(tmp_path):
                                                r"shape \(12,\).*rerun `reglue prepare"):
         dataset.read_batch([2])
 
+
+class ConstantTargets:
+    """A stand-in semantic encoder whose CLS targets are all ``value``."""
+
+    compressor = None
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self, images: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(cls=torch.full((len(images), 4), self.value))
+
+
+@pytest.mark.parametrize("value,found", [(7e4, r"reach 7e\+04, beyond float16's ±65,504"),
+                                         (float("nan"), r"are not finite \(NaN or inf\)")])
+def test_cache_semantics_refuses_targets_float16_cannot_hold(tmp_path, value, found):
+    root = write_dataset(tmp_path / "data", (2, 3), cached=False)
+    with pytest.raises(ValueError, match=f"shard-00000: the cls targets {found}; the cache stores float16"):
+        cache_semantics(root, ConstantTargets(value), {"vfm": "stand-in"})
+    assert not (store.shard_dir(root, 0) / "cls.npy").exists()
+    assert cache_semantics(root, ConstantTargets(65504.0), {"vfm": "stand-in"}) == 2  # float16's largest: kept
+    assert PreparedDataset(root, fields=("cls",))[4]["cls"].tolist() == [65504.0] * 4

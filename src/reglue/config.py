@@ -67,6 +67,7 @@ class DataConfig:
     pca: str | None = None  # online ReDi: PCA file
     vfm_autocast: str = "bf16"  # precision of the frozen VFM in online mode (no | fp16 | bf16)
     vfm: dict | None = None  # the VFM the run expects ({name, weights, layers, arch}); null: the one that made the data
+    vae: str | None = None  # the VAE previews and evaluations decode with; null: the manifest's (the data's own VAE)
     images_per_class: int | None = None  # class-balanced subset: at most this many per class
     fraction: float | None = None  # class-balanced subset: this share of every class
     unconditional: bool = False  # ignore labels: every sample gets the null label
@@ -109,6 +110,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     max_nonfinite_in_row: int = 20  # stop after this many skipped updates in a row
+    dist_timeout: int = 1800  # seconds a collective waits for a missing process before the run fails (docs/cluster.md)
 
 
 @dataclass
@@ -215,6 +217,8 @@ class RunConfig:
             (self.optim.grad_clip > 0, "optim.grad_clip", "a positive value"),
             (0 <= self.model.class_dropout_prob < 1, "model.class_dropout_prob", "a value in [0, 1)"),
             (self.train.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "a positive integer"),
+            (self.train.dist_timeout >= 1, "train.dist_timeout",
+             "seconds >= 1 (longer than the slowest checkpoint write or evaluation, see docs/cluster.md)"),
             (self.log.sample_steps >= 1 and self.log.sample_count >= 1, "log.sample_steps/sample_count",
              "positive integers"),
             (local_semantics != "compressor" or bool(self.data.compressor), "data.compressor",

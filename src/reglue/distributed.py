@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -33,11 +34,17 @@ def on_cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def process_state():
-    """accelerate's ``PartialState``: rank, world size, device, barrier; gloo on CPU-only machines."""
+def process_state(timeout_s: float | None = None):
+    """accelerate's ``PartialState``: rank, world size, device, barrier; gloo on CPU-only machines.
+
+    The first call in a process sets up the process group: ``timeout_s`` is then how long a collective
+    waits for a missing process before the process fails (None: torch's default, 10 min for NCCL and
+    30 min for gloo). Later calls return the same state; their ``timeout_s`` does not apply."""
     from accelerate import PartialState
 
-    return PartialState(cpu=on_cpu_only())
+    if timeout_s is None:
+        return PartialState(cpu=on_cpu_only())
+    return PartialState(cpu=on_cpu_only(), timeout=timedelta(seconds=timeout_s))
 
 
 def main_process_log(log: Callable[[str], None], is_main_process: bool) -> Callable[[str], None]:

@@ -164,6 +164,27 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def existing_path(value: str) -> str:
+    """``value`` as an absolute path when it names an existing file or folder, so that it stays valid from
+    any working directory (symbolic links are kept, not resolved); anything else — a hub id, a keyword,
+    a path that is not there — unchanged."""
+    path = Path(value).expanduser()
+    return os.path.abspath(path) if path.exists() else value
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """Hex sha256 of what ``path`` holds, wherever it lies: a file's bytes, or for a directory (a
+    diffusers model folder) the names and sha256 of its files, hidden ones left out, in name order."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(path).parts)):
+        digest.update(f"{file.relative_to(path).as_posix()}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def write_json(path: str | Path, payload: dict, *, sort_keys: bool = False) -> None:
     """``payload`` as indented JSON at ``path``, atomically (keys sorted with ``sort_keys``)."""
     with atomic_write(path) as tmp:

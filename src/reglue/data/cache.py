@@ -118,7 +118,7 @@ def _cache_shard(root: Path, index: int, count: int, encoder: SemanticEncoder, f
         batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
         targets = encoder(batch.to(device))
         for name in fields:
-            outputs[name].append(getattr(targets, name).half().cpu().numpy())
+            outputs[name].append(_float16(getattr(targets, name), name, store.shard_dir(root, index)))
         if progress is not None:
             progress(len(batch))
     shard, records = store.shard_dir(root, index), {}
@@ -126,6 +126,21 @@ def _cache_shard(root: Path, index: int, count: int, encoder: SemanticEncoder, f
         with atomic_write(shard / f"{name}.npy") as tmp:
             records[f"{name}.npy"] = store.save_array(tmp, _stack(outputs[name], count, encoder, name, resolution))
     store.add_records(shard, records)
+
+
+def _float16(values: torch.Tensor, name: str, shard: Path) -> np.ndarray:
+    """``values`` in float16, the cache's dtype, or a ValueError naming the shard when a value is not
+    finite or beyond float16's ±65,504 (the cast would store inf, and training would read it).
+
+    DINOv2's CLS and REPA targets leave its final LayerNorm, so |x| ≤ max|γ|·√(D−1) + max|β|
+    (docs/data-format.md: far inside the range); the compressed semantics have no such bound."""
+    half = values.half()
+    if bool(torch.isfinite(half).all()):
+        return half.cpu().numpy()
+    found = "are not finite (NaN or inf)" if not bool(torch.isfinite(values).all()) else (
+        f"reach {values.abs().max().item():.4g}, beyond float16's ±65,504")
+    raise ValueError(f"{shard}: the {name} targets {found}; the cache stores float16. Check the VFM weights, the norm "
+                     "stats and the compressor, or train with data.semantics=online, which stores nothing.")
 
 
 def _stack(parts: list[np.ndarray], count: int, encoder: SemanticEncoder, name: str, resolution: int) -> np.ndarray:

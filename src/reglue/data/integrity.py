@@ -36,7 +36,7 @@ import numpy as np
 from reglue.data import store
 from reglue.encoders.norm_stats import NORM_STATS_FIX
 from reglue.errors import DamagedFileError
-from reglue.io import CHECKSUM, DEFAULT_FIX, file_record, safetensors_problem, size_problem
+from reglue.io import CHECKSUM, DEFAULT_FIX, file_record, new_checksum, safetensors_problem, size_problem
 from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX
 
 log = logging.getLogger(__name__)
@@ -365,3 +365,16 @@ def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | N
 
 def _workers(workers: int | None) -> int:
     return workers or min(32, os.cpu_count() or 1)
+
+
+def dataset_fingerprint(root: Path, manifest: dict) -> str:
+    """BLAKE2b-128 of what a dataset holds, wherever its folder lies: the resolution and classes, and every
+    shard's name, row count and file records (the bytes and checksum of each array; a shard indexed without
+    records, by an older reglue: its index). Reads the shard indexes only (≈ 0.4 s for ImageNet's 1,282)."""
+    digest = new_checksum()
+    digest.update(json.dumps([manifest["resolution"], manifest["num_classes"], manifest["class_names"]]).encode())
+    for index, entry in enumerate(manifest["shards"]):
+        info = store.read_shard_info(Path(root), index)
+        contents = info.get(store.FILES) or {key: value for key, value in info.items() if key != store.INDEX_CHECKSUM}
+        digest.update(json.dumps([entry["name"], entry["count"], contents], sort_keys=True).encode())
+    return digest.hexdigest()

@@ -32,7 +32,7 @@ from reglue.data.images import BadImageError
 from reglue.data.source_dataset import read_crop
 from reglue.data.sources import ImageSource, open_source, source_fingerprint
 from reglue.distributed import on_rank_zero, process_state
-from reglue.encoders.autoencoder import load_vae
+from reglue.encoders.autoencoder import load_vae, vae_fingerprint, vae_location
 from reglue.io import write_json
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
@@ -54,6 +54,7 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(Path(self.source).expanduser().resolve()))
+        object.__setattr__(self, "vae", vae_location(self.vae))  # a local VAE's path, valid from any directory
         if self.vae_dtype not in VAE_DTYPES:
             raise ValueError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
         check_resolution(self.resolution)
@@ -194,6 +195,7 @@ def _manifest(settings, source, shards, images, skipped) -> dict:
         "source": settings.source,
         "resolution": R,
         "vae": settings.vae,
+        "vae_fingerprint": vae_fingerprint(settings.vae),  # a moved VAE folder is recognised by its content
         "vae_dtype": settings.vae_dtype,
         "arrays": {
             "images": {"dtype": "uint8", "shape": [R, R, 3]},

@@ -105,12 +105,13 @@ class Evaluator:
         except (OSError, ValueError) as err:
             raise ConfigError(f"eval.vfm/eval.inception: {err}") from None
         self.classifier = self._classifier() if "class_accuracy" in e.metrics else None
+        vae = config.data.vae or self.manifest["vae"]
         try:
-            self.vae = load_vae(self.manifest["vae"]).to(device)
+            self.vae = load_vae(vae).to(device)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"eval: the dataset's VAE {self.manifest['vae']} is needed to decode the samples "
-                              f"and does not load ({err}); put its weights where the message says or set "
-                              "eval.every=0.") from None
+            raise ConfigError(f"eval: the dataset's VAE {vae} is needed to decode the samples and does not load "
+                              f"({err}); put its weights where the message says, point data.vae at a copy of it, "
+                              "or set eval.every=0.") from None
         self.settings = SampleSettings(
             num_samples=e.num_samples, mode=e.sampler.mode, num_steps=e.sampler.steps,
             guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch,

@@ -27,6 +27,7 @@ from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.integrity import verify_dataset
 from reglue.distributed import on_cpu_only, process_state
+from reglue.encoders.autoencoder import vae_fingerprint
 from reglue.encoders.norm_stats import NORM_STATS_FILE
 from reglue.encoders.semantics import (
     SemanticEncoder,
@@ -37,9 +38,11 @@ from reglue.encoders.semantics import (
 )
 from reglue.encoders.vae import latents_from_moments
 from reglue.errors import DamagedFileError
+from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
 from reglue.models.sit import PATCH_SIZES, sit_config
 from reglue.presets import Preset, get_preset
+from reglue.training.locations import input_fingerprints, read_inputs, with_absolute_paths
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +71,26 @@ def dataset_fields(config: RunConfig, preset: Preset) -> tuple[str, ...]:
 class RunInputs:
     """What a run reads, opened and checked by :func:`open_run_inputs`."""
 
-    config: RunConfig  # data.vfm resolved to the VFM that made the semantics (presets that read one)
+    config: RunConfig  # paths absolute; data.vfm the VFM that made the semantics; data.vae the decoding VAE
     dataset: PreparedDataset
     rows: np.ndarray  # (N,) the training rows of the dataset
     encoder: SemanticEncoder | None  # the frozen VFM (+ compressor / PCA) of data.semantics=online
+    located: dict[str, dict]  # the inputs read, by key: {"path", "fingerprint"} (training/locations.py)
 
 
-def open_run_inputs(config: RunConfig) -> RunInputs:
+def open_run_inputs(config: RunConfig, recorded: dict | None = None) -> RunInputs:
     """Open the data of ``config`` and check the config against it and this machine; writes nothing.
 
     Whatever cannot work is a :class:`ConfigError` naming the key and the fix, before the run
     creates a file: fp16 without a GPU, missing or damaged data (every checksum with ``data.verify``),
     cached arrays or online files, a VFM other
     than ``data.vfm``, a compressor / PCA of other widths than the VFM and the preset, a SiT token
-    grid other than the REPA targets' grid, a global batch larger than the training rows.
+    grid other than the REPA targets' grid, a global batch larger than the training rows, a
+    ``data.vae`` that is not the data's VAE. Paths are made absolute; ``recorded``: the inputs the
+    checkpoint a run resumes from recorded (:func:`~reglue.training.locations.input_fingerprints`),
+    which recognise the VFM weights at a new path once the old file is gone.
     """
+    config = with_absolute_paths(config)
     if config.train.mixed_precision == "fp16" and on_cpu_only():
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPUs.")
     preset = get_preset(config.model.preset)
@@ -95,12 +103,15 @@ def open_run_inputs(config: RunConfig) -> RunInputs:
             f"train.global_batch {config.train.global_batch} exceeds the {len(rows)} training images; "
             "lower it or use more data."
         )
-    config = _resolve_vfm(config, preset, dataset)
+    config = _resolve_vfm(config, preset, dataset, recorded)
+    config = replace(config, data=replace(config.data, vae=decoding_vae(config, dataset)))
     encoder = online_encoder(config, preset, dataset.manifest["resolution"])
     if encoder is not None and encoder.compressor is not None:
         _check_semantic_widths(config, preset, encoder)
     _check_token_grid(config, preset, dataset, encoder)
-    return RunInputs(config, dataset, rows, encoder)
+    norm_stats = norm_stats_path(config) if encoder is not None else None
+    located = input_fingerprints(read_inputs(config, preset, norm_stats), dataset)
+    return RunInputs(config, dataset, rows, encoder, located)
 
 
 def verify_training_data(root: Path) -> None:
@@ -129,12 +140,13 @@ def vfm_record(spec: VFMSpec) -> dict:
     return {**asdict(spec), "layers": None if spec.layers is None else list(spec.layers)}
 
 
-def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) -> RunConfig:
+def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset, recorded: dict | None) -> RunConfig:
     """``config`` with ``data.vfm`` = the VFM that made the run's semantics; another one is refused.
 
     Cached: the VFM recorded in ``semantics.json`` (a ``data.vfm`` given is compared by the reader,
-    see :func:`open_training_dataset`); online: the one recorded in the norm stats. Presets that
-    read nothing from a VFM keep ``data.vfm`` as given.
+    see :func:`open_training_dataset`); online: the one recorded in the norm stats, or the same VFM
+    with its weights at another path when they hold the same bytes (:func:`_same_weights`). Presets
+    that read nothing from a VFM keep ``data.vfm`` as given.
     """
     if not required_targets(preset):
         return config
@@ -146,13 +158,62 @@ def _resolve_vfm(config: RunConfig, preset: Preset, dataset: PreparedDataset) ->
             made_with = load_norm_stats_and_spec(path, resolution=dataset.manifest["resolution"])[1]
         except ValueError as err:
             raise ConfigError(f"data.norm_stats: {err}") from None
-        if config.data.vfm is not None and vfm_spec(config.data.vfm) != made_with:
-            raise ConfigError(
-                f"data.vfm: the norm stats {path} were computed with VFM {made_with.to_json()} but the run asks "
-                f"for {vfm_spec(config.data.vfm).to_json()}; compute them with the run's VFM (`reglue norm-stats "
-                f"{config.data.dir} --vfm ... --vfm-weights ...`) or set data.vfm to match (null takes theirs)."
-            )
+        asked = vfm_spec(config.data.vfm) if config.data.vfm is not None else made_with
+        if asked != made_with:
+            if replace(asked, weights=made_with.weights) != made_with:
+                raise ConfigError(
+                    f"data.vfm: the norm stats {path} were computed with VFM {made_with.to_json()} but the run asks "
+                    f"for {asked.to_json()}; compute them with the run's VFM (`reglue norm-stats "
+                    f"{config.data.dir} --vfm ... --vfm-weights ...`) or set data.vfm to match (null takes theirs)."
+                )
+            _same_weights(asked.weights, made_with.weights, path, recorded)
+        made_with = asked
     return replace(config, data=replace(config.data, vfm=vfm_record(made_with)))
+
+
+def _same_weights(new: str, old: str, norm_stats: Path, recorded: dict | None) -> None:
+    """Refuse VFM weights at ``new`` unless they hold the bytes of ``old`` (the norm stats' record), or —
+    ``old`` gone — of the weights the run's checkpoint recorded (``recorded``, moved inputs)."""
+    if not Path(new).is_file():
+        raise ConfigError(f"data.vfm.weights: {new} not found; point it at the VFM weights file.")
+    if Path(old).is_file():
+        if file_sha256(new) == file_sha256(old):
+            return
+        reason = f"holds other weights than {old}"
+    elif recorded and "data.vfm.weights" in recorded:
+        if file_sha256(new) == recorded["data.vfm.weights"]["fingerprint"]:
+            return
+        reason = f"holds other weights than the run read from {recorded['data.vfm.weights']['path']}"
+    else:
+        reason = f"cannot be compared with {old}, which is gone"
+    raise ConfigError(
+        f"data.vfm.weights: the norm stats {norm_stats} were computed with the VFM weights {old}; {new} {reason}. "
+        "Point data.vfm.weights at a copy of those weights, or compute the norm stats (and the compressor / PCA) "
+        f"again with these: `reglue norm-stats {Path(norm_stats).parent} --vfm-weights {new} ...`."
+    )
+
+
+def decoding_vae(config: RunConfig, dataset: PreparedDataset) -> str:
+    """The VAE previews and evaluations decode with (``data.vae``): the one the data were encoded with,
+    as the manifest records it, or — given — the same VAE at another path, recognised by the content
+    fingerprint the manifest records (a dataset prepared before fingerprints were recorded: not checked,
+    with a warning). Another VAE is a :class:`ConfigError`."""
+    recorded, given = dataset.manifest["vae"], config.data.vae
+    if given is None or given == recorded:
+        return recorded
+    expected = dataset.manifest.get("vae_fingerprint")
+    if expected is None:
+        log.warning("data.vae=%s: cannot check that it is %s, the VAE %s was encoded with (its manifest records no "
+                    "fingerprint of it)", given, recorded, dataset.root)
+        return given
+    found = vae_fingerprint(given)
+    if found != expected:
+        what = f"content {found[:16]}" if found else "not a local folder or file"
+        raise ConfigError(
+            f"data.vae: {given} ({what}) is not the VAE {dataset.root} was encoded with ({recorded}, content "
+            f"{expected[:16]}); point data.vae at a copy of that VAE, or leave it null."
+        )
+    return given
 
 
 def norm_stats_path(config: RunConfig) -> Path:
@@ -311,6 +372,7 @@ def online_encoder(config: RunConfig, preset: Preset, resolution: int) -> Semant
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: {path} not found; {fix} or correct the path.")
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.data.vfm_autocast]
-    encoder, _ = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, resolution=resolution,
+    spec = vfm_spec(config.data.vfm) if config.data.vfm is not None else None  # resolved: the stats' VFM
+    encoder, _ = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, spec=spec, resolution=resolution,
                                         autocast_dtype=dtype)
     return encoder

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
-from reglue.distributed import on_cpu_only, on_main
+from reglue.distributed import on_cpu_only, on_main, process_state
 from reglue.ema import EMA_UPDATES
 from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
@@ -45,6 +45,7 @@ from reglue.settings import check_same_settings
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 from reglue.training.evaluation import Evaluator, eval_due
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
+from reglue.training.locations import absolute_paths, moved_inputs
 from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.training.step_noise import StepNoise
@@ -143,10 +144,11 @@ def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -
 
 
 # Settings a resumed run may change; every other one must equal the checkpoint's.
-RESUME_FREE = ("run_dir", "data.resolution", "train.max_steps", "train.max_nonfinite_in_row", "train.compile", "data.num_workers",
+RESUME_FREE = ("run_dir", "data.resolution", "train.max_steps", "train.max_nonfinite_in_row", "train.dist_timeout",
+               "train.compile", "data.num_workers",
                "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
                "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
-               "data.pin_memory", "data.verify", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
+               "data.pin_memory", "data.verify", "data.vae", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
 
 
 def _vfm_dim(dataset, encoder) -> int:
@@ -176,6 +178,7 @@ class Trainer:
                 f"multiple of {accelerator.num_processes * config.train.grad_accum}."
             )
         self.dataset, self.rows, encoder = inputs.dataset, inputs.rows, inputs.encoder
+        self.located = inputs.located
         resolution = self.dataset.manifest["resolution"]
         if encoder is not None:
             encoder.to(accelerator.device)
@@ -225,13 +228,16 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "config": self.config.to_dict(),
             "sit_config": asdict(self.acc.unwrap_model(self.model).config),
+            "inputs": self.located,  # where the run read its data (and online files), and their content
         }
 
     def restore(self, payload: dict) -> None:
         # Checkpoints from before data.vfm existed: the run adopts the cache's VFM, which open_run_inputs
         # has already checked against the data, so the new key is not a change of settings.
         adopted = ("data.vfm",) if "vfm" not in payload["config"].get("data", {}) else ()
-        check_same_settings(payload["config"], self.config.to_dict(), free=RESUME_FREE + adopted, error=ConfigError,
+        moved = moved_inputs(payload.get("inputs"), self.located)  # the same content at a new path
+        check_same_settings(absolute_paths(payload["config"]), self.config.to_dict(),
+                            free=RESUME_FREE + adopted + moved, error=ConfigError,
                             what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
                             "or start a new run directory.")
         self._check_same_model(payload["sit_config"])
@@ -468,7 +474,7 @@ class Trainer:
         values |= {"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": seconds_per_step,
                    "images_per_s": self.config.train.global_batch / seconds_per_step,
                    "skipped_updates": self.skipped, **_memory()}
-        metrics.log(update.step, values)
+        on_main(f"logging step {update.step}", lambda: metrics.log(update.step, values))  # e.g. a full disk
         bar.set_postfix(loss=f"{values['loss/total']:.4f}", img_per_s=f"{values['images_per_s']:.4g}")
 
     def evaluate(self, metrics) -> None:
@@ -477,11 +483,13 @@ class Trainer:
             return
         with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
             values = self.evaluator(self.ema, self.step)
-        if values is not None:
+
+        def record() -> None:  # values: the main process's scores (None on the others)
             metrics.log(self.step, values)
             summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
             log.info("step %d evaluation: %s", self.step, summary)
-        self.acc.wait_for_everyone()
+
+        on_main(f"logging the evaluation of step {self.step}", record)
 
     def _evaluation_pending(self) -> bool:
         """A resumed run at an evaluation step whose metrics hold no evaluation of it (it stopped first)."""
@@ -496,12 +504,14 @@ class Trainer:
         """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only.
 
         A failing preview is logged with its traceback and training goes on: it is not worth a run."""
-        if self.acc.is_main_process:
+
+        def write() -> None:
             try:
                 self._write_preview(metrics)
             except Exception:
                 log.exception("the EMA preview at step %d failed; training goes on without it", self.step)
-        self.acc.wait_for_everyone()
+
+        on_main(f"writing the EMA preview of step {self.step}", write)  # Ctrl-C in it stops every process
 
     def _write_preview(self, metrics) -> None:
         grid = preview_grid(self.ema, self.config, self.dataset.manifest, self.latent_size, self.acc.device)
@@ -554,7 +564,7 @@ def preview_grid(ema: SiT, config: RunConfig, manifest: dict, latent_size: int, 
     Noise comes from a generator seeded with the run seed and labels cycle through the classes,
     so every preview of a run shows the same noise and labels.
     """
-    vae = _preview_vae(manifest["vae"], device)
+    vae = _preview_vae(config.data.vae or manifest["vae"], device)
     if vae is None:
         return None
     n, c = config.log.sample_count, ema.config
@@ -611,20 +621,24 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    inputs = open_run_inputs(config)  # every check against the data and this machine, before any file
+    process_state(timeout_s=config.train.dist_timeout)  # the process group, with the run's collective timeout
+    found = ckpt.resolve_resume(config.run_dir, resume, log.warning)
+    # every check against the data and this machine, before any file
+    inputs = open_run_inputs(config, recorded=found[1].get("inputs") if found is not None else None)
     config = inputs.config
     torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
     torch.backends.cudnn.allow_tf32 = config.train.tf32
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=on_cpu_only(), kwargs_handlers=[ddp])
     trainer = Trainer(inputs, accelerator)
-    found = ckpt.resolve_resume(trainer.run_dir, resume, log.warning)
     if found is not None:
         path, payload = found
         trainer.restore(payload)
+        found = payload = None  # its tensors map the checkpoint file: released, a pruned file's space is freed
         log.info("resumed from %s at step %d", path, trainer.step)
     elif config.model.init_from:
         trainer.init_from_authors(config.model.init_from)
+
     def write_config() -> None:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(trainer.run_dir / "config.yaml")
