@@ -136,3 +136,16 @@ def test_resolution_benchmark_tiny(tmp_path, capsys):
     assert 0 < rows[0]["sit_forward_backward_s"] <= rows[0]["sit_step_s"] and rows[0]["vfm_forward_vs_256"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["resolution"] == 64
     assert "| 64² | 8² | 4² |" in capsys.readouterr().out
+
+
+def test_data_loading_benchmark_tiny(tmp_path, capsys):
+    result = load_benchmark("data_loading").main([
+        "--shards", "6", "--rows-per-shard", "2", "--batch", "3", "--workers", "0,1", "--reader", "current",
+        "--reader", "legacy", "--cold", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert [(r["cache"], r["reader"], r["process"]) for r in result["runs"]] == [
+        (cache, reader, process) for cache in ("warm", "cold") for reader in ("current", "legacy")
+        for process in ("main", "workers=0", "workers=1")]
+    assert all(r["rows"] == 3 * 3 and r["rows_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["runs"])
+    assert result["row_kib"] == 427.0  # moments, semantics, CLS, REPA targets and the label of a 256² row
+    assert "| current | warm | workers=1 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the dataset is gone
