@@ -291,3 +291,17 @@ def test_a_second_job_on_the_same_directory_is_refused(tmp_path, vae_dir, capsys
     with store.lock_directory(tmp_path / "out"):
         code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir))
     assert code == 2 and "in use by another reglue job" in err
+
+
+def test_a_file_system_without_flock_is_refused_naming_the_fix(tmp_path, vae_dir, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # as on Lustre mounted without -o flock
+    src = make_image_folder(tmp_path / "src")
+    code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir))
+    assert code == 2 and "does not support flock" in err and "-o flock" in err
+    assert not (tmp_path / "out" / "shards").exists()  # nothing written

@@ -82,7 +82,11 @@ def remove_leftovers(root: Path) -> int:
 
 @contextlib.contextmanager
 def lock_directory(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``root`` so two jobs never write into the same dataset."""
+    """Hold an exclusive lock on ``root`` so two jobs never write into the same dataset.
+
+    ``flock`` on ``root/.lock``: it holds across nodes on local file systems, NFSv4 and GPFS, and on
+    Lustre mounted with ``-o flock`` (``localflock``: within one node only); a file system without it
+    is refused with the fix (docs/cluster.md, "Locks")."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as handle:
         try:
@@ -90,6 +94,12 @@ def lock_directory(root: Path) -> Iterator[None]:
         except BlockingIOError:
             raise ValueError(
                 f"{root} is in use by another reglue job; wait for it to finish or choose another directory."
+            ) from None
+        except OSError as err:  # ENOSYS, ENOLCK, EOPNOTSUPP: the file system has no flock
+            raise OSError(
+                err.errno, f"cannot lock {root / '.lock'} ({err.strerror}): this file system does not support "
+                "flock, which keeps two jobs from writing into one dataset. Write the dataset on a file system "
+                "that does (Lustre: mount with -o flock), or on local disk and copy it afterwards."
             ) from None
         try:
             yield
