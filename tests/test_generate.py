@@ -313,3 +313,45 @@ def test_sample_and_grid_decode_with_the_weight_free_pixel_autoencoder(setup, tm
     assert main(["grid", "--ckpt", str(root / "ema"), "--classes", "1,2", "--steps", "2", "--vae", "pixel",
                  "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").width == 2 * 64
+
+
+def test_image_sampler_computes_only_the_rows_asked_for(setup):
+    """Its default (micro_batch None) pads nothing: 2 guided images are calls of 4 rows (2 outside
+    the guidance interval), not a micro-batch of 32; the same call gives the same images."""
+    from reglue.generate import ImageSampler
+
+    _, model, vae, _ = setup
+    sampler = ImageSampler(model, vae)
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        images = sampler([4, 1], guidance=Guidance(scale=2.0, high=0.9), num_steps=3, output_type="np")
+    finally:
+        hook.remove()
+    assert rows == [2, 4, 4]  # t = 1.0 lies outside [0, 0.9]
+    again = sampler([4, 1], guidance=Guidance(scale=2.0, high=0.9), num_steps=3, output_type="np")
+    assert np.array_equal(images, again)
+
+
+def test_rows_per_call_keep_cpu_activations_under_the_mmap_threshold():
+    from types import SimpleNamespace
+
+    from reglue.generate import rows_per_call
+    from reglue.models.sit import sit_config
+
+    def rows(name, device, **overrides):
+        return rows_per_call(SimpleNamespace(config=sit_config(name, **overrides)), torch.device(device))
+
+    assert rows("SiT-B/2", "cpu") == 10  # 257 tokens × 3072 floats = 3.2 MB a row
+    assert rows("SiT-XL/2", "cpu") == 7
+    assert rows("SiT-XL/2", "cpu", input_size=64) == 1
+    assert rows("SiT-B/2", "cuda") == 32
+
+
+def test_reglue_sample_refuses_settings_without_a_fixed_micro_batch(setup, tmp_path):
+    from dataclasses import replace
+
+    _, model, vae, _ = setup
+    with pytest.raises(ValueError, match="fixed micro_batch"):
+        generate(model, vae, tmp_path / "out", replace(SETTINGS, micro_batch=None))
+    assert not (tmp_path / "out").exists()

@@ -26,11 +26,12 @@ class CallRecorder(nn.Module):
         self.module = model
         self.calls: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
 
-    def forward(self, x, t, y, cls_token=None):
+    def forward(self, x, t, y, cls_token=None, **options):  # options reach the wrapped SiT, as through DDP
         assert torch.all(t == t[0])
         cls = None if cls_token is None else cls_token.clone()
         self.calls.append((x.shape[0], float(t[0]), y.clone(), cls))
-        return self.module(x, t, y, cls_token=cls_token)
+        self.options = options
+        return self.module(x, t, y, cls_token=cls_token, **options)
 
     @property
     def batches(self) -> list[int]:
@@ -598,3 +599,34 @@ def test_step_noise_on_cuda_comes_from_cuda_generators(reglue_model):
     assert all(eps.is_cuda and g.device.type == "cuda" for _, eps, g in recorded.draws)
     with pytest.raises(ValueError, match="seed them on the sampling device"):
         sample_sde(model, x, y, cls, num_steps=3, noise_generators=[seeded_generator(5, NOISE_STREAM, i) for i in range(2)])
+
+
+# ------------------------------------------------------------------ rows per model call
+
+
+def test_sit_samples_without_its_repa_projector(reglue_model):
+    """The sampler asks the SiT to skip the REPA projector (its output is unused): the velocities are
+    the ones the full forward gives, bit for bit."""
+    x, cls, y = reglue_inputs()
+    t = torch.full((B,), 0.7)
+    with torch.no_grad():
+        full = reglue_model(x, t, y, cls_token=cls)
+        skipped = reglue_model(x, t, y, cls_token=cls, repa=False)
+    assert full[1] is not None and skipped[1] is None
+    assert torch.equal(full[0], skipped[0]) and torch.equal(full[2], skipped[2])
+    model = CallRecorder(reglue_model)
+    seeded(sample_sde, model, x, y, cls, num_steps=2)
+    assert model.options == {"repa": False}
+
+
+def test_max_call_rows_cuts_a_step_into_near_equal_unpadded_calls(reglue_model):
+    x, cls, y = reglue_inputs(batch=5)
+    model = CallRecorder(reglue_model)
+    starts = sde_starts(3)
+    out = seeded(sample_sde, model, x, y, cls, num_steps=3, guidance=Guidance(scale=2.0, high=starts[1]),
+                 max_call_rows=4)
+    assert model.batches == [3, 2] + [4, 3, 3] * 2  # 5 rows, then 10 guided rows
+    whole = seeded(sample_sde, reglue_model, x, y, cls, num_steps=3, guidance=Guidance(scale=2.0, high=starts[1]))
+    assert torch.allclose(out, whole, atol=1e-5)  # other shapes, other kernels: equal within float rounding
+    with pytest.raises(ValueError, match="not both"):
+        sample_sde(reglue_model, x, y, cls, num_steps=2, micro_batch=4, max_call_rows=4)

@@ -47,7 +47,9 @@ class SampleSettings:
     labels: str = "random"  # random | balanced | comma-separated class list
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
-    micro_batch: int = 32  # rows per SiT/VAE call (guidance doubles the rows of a step)
+    # Rows per SiT/VAE call (guidance doubles the rows of a step): every call exactly this many (padded),
+    # so images do not depend on the batch; None: the rows of each call as they come (rows_per_call).
+    micro_batch: int | None = 32
 
     def __post_init__(self) -> None:
         if self.mode not in ("sde", "ode"):
@@ -62,8 +64,8 @@ class SampleSettings:
             raise ValueError(f"num_samples must be >= 1, found {self.num_samples}.")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, found {self.num_steps}.")
-        if self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, found {self.micro_batch}.")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or None, found {self.micro_batch}.")
         fixed = self.labels in ("random", "balanced")
         if not fixed and not all(c.strip().isdigit() for c in self.labels.split(",")):
             raise ValueError(f"labels must be random, balanced or comma-separated class ids such as 1,7,42; "
@@ -103,23 +105,47 @@ def initial_noise(index: int, seed: int, model: SiT, device: torch.device | str 
     return latents, cls, g
 
 
+# glibc's largest mmap threshold: a larger block is mapped afresh, page fault by page fault, each time.
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+ACCELERATOR_CALL_ROWS = 32
+
+
+def rows_per_call(model: SiT, device: torch.device) -> int:
+    """Most rows per SiT call without a fixed micro-batch: 32 on accelerators; on CPU as many as keep
+    the largest activation (the MLP hidden layer, tokens × mlp_ratio·D floats) under
+    :data:`MMAP_THRESHOLD_BYTES`, so that memory is reused between calls instead of mapped and
+    page-faulted anew (SiT-B/2 at 256²: 10 rows; docs/benchmarks.md measures it)."""
+    if device.type != "cpu":
+        return ACCELERATOR_CALL_ROWS
+    c = model.config
+    tokens = c.num_patches + int(c.use_cls_token)
+    row_bytes = tokens * int(c.hidden_size * c.mlp_ratio) * 4
+    return max(1, min(ACCELERATOR_CALL_ROWS, MMAP_THRESHOLD_BYTES // row_bytes))
+
+
 @torch.no_grad()
 def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettings,
                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices."""
+    """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices.
+
+    ``settings.micro_batch`` None: each SiT call takes a step's rows in near-equal unpadded chunks of at
+    most :func:`rows_per_call`, and the VAE decodes in chunks of that many (nothing computed twice)."""
     noise = [initial_noise(i, settings.seed, model, device) for i in indices]
     latents = torch.stack([n[0] for n in noise])
     cls = torch.stack([n[1] for n in noise]) if model.use_cls_token else None
     labels = torch.tensor([label_of(i, settings, model.num_classes) for i in indices], device=device)
+    max_rows = rows_per_call(model, device) if settings.micro_batch is None else None
+    rows = {"micro_batch": settings.micro_batch, "max_call_rows": max_rows}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     with autocast:
         if settings.mode == "sde":
             x = sample_sde(model, latents, labels, cls, num_steps=settings.num_steps, guidance=settings.guidance,
-                           noise_generators=[n[2] for n in noise], micro_batch=settings.micro_batch)
+                           noise_generators=[n[2] for n in noise], **rows)
         else:
             x = sample_ode(model, latents, labels, cls, num_steps=settings.num_steps, heun=settings.heun,
-                           guidance=settings.guidance, micro_batch=settings.micro_batch)
-    images = decode_fixed(vae, x[:, :4].float(), settings.micro_batch)  # only the 4 VAE channels
+                           guidance=settings.guidance, **rows)
+    latents = x[:, :4].float()  # only the 4 VAE channels
+    images = vae.decode(latents, batch_size=max_rows) if max_rows else decode_fixed(vae, latents, settings.micro_batch)
     return images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy()
 
 
@@ -144,6 +170,9 @@ def generate(
     """Generate the missing samples of ``out_dir`` on this rank, then (main) pack the ``.npz``."""
     if per_device_batch < 1:
         raise ValueError(f"per_device_batch must be >= 1, found {per_device_batch}.")
+    if settings.micro_batch is None:
+        raise ValueError("reglue sample needs a fixed micro_batch (every SiT/VAE call that many rows), so that the "
+                         "images do not depend on the batch size or the number of processes; set micro_batch=32.")
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -195,8 +224,12 @@ class ImageSampler:
     >>> images = sampler([207, 360, 387], guidance=Guidance(scale=4.0, high=0.9), num_steps=250, seed=0)
 
     Sample i of a call gets the noise of index i and label ``labels[i]``, exactly as ``reglue
-    sample --labels 207,360,387 --num-samples 3 --seed 0`` with the same sampler options, so the
-    images equal that command's PNGs bit for bit (same micro-batch and precision).
+    sample --labels 207,360,387 --num-samples 3 --seed 0`` with the same sampler options. By default
+    (``micro_batch=None``) each model call takes the rows a step has — a call for 2 images computes
+    2 images, not a padded micro-batch — so an image is bit-identical to the same call's with the same
+    labels count, ``batch_size``, options and device, and may differ by a grey level on a few pixels
+    from one made in a batch of another size. With ``micro_batch=32`` (``reglue sample``'s default) the
+    images equal that command's PNGs bit for bit whatever the batch (same precision too).
     """
 
     def __init__(self, model: SiT, vae, *, device: torch.device | str = "cpu"):
@@ -215,9 +248,10 @@ class ImageSampler:
 
     def __call__(self, labels: Sequence[int], *, guidance: Guidance = NO_GUIDANCE, mode: str = "sde",
                  num_steps: int = 250, heun: bool = False, seed: int = 0, precision: str = "fp32",
-                 micro_batch: int = 32, batch_size: int = 32, output_type: str = "pil"):
+                 micro_batch: int | None = None, batch_size: int = 32, output_type: str = "pil"):
         """One image per class id in ``labels``: a list of PIL images (``output_type="pil"``) or
-        uint8 (N, H, W, 3) (``"np"``). ``batch_size`` samples advance together (memory only)."""
+        uint8 (N, H, W, 3) (``"np"``). ``batch_size`` samples advance together; ``micro_batch``: see
+        the class docstring (None: the rows as they come, at most :func:`rows_per_call` per call)."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be pil or np, found {output_type!r}.")
         if len(labels) == 0:
@@ -250,7 +284,8 @@ def class_grid(model: SiT, vae, classes: Sequence[int], settings: SampleSettings
     device = torch.device(device)
     columns = []
     for column, label in enumerate(classes):
-        class_settings = replace(settings, labels=str(label), micro_batch=min(settings.micro_batch, 2 * per_class))
+        micro = None if settings.micro_batch is None else min(settings.micro_batch, 2 * per_class)
+        class_settings = replace(settings, labels=str(label), micro_batch=micro)
         indices = [column * per_class + r for r in range(per_class)]
         images, _ = sample_batch(model.eval(), vae, indices, class_settings, device)
         columns.append(np.concatenate(list(images), axis=0))  # (per_class·H, W, 3)

@@ -5,10 +5,14 @@ per-sample time vector. Classifier-free guidance (one :class:`Guidance`
 value) doubles the batch as [x, x] with labels [y, null] inside its interval (decided at the
 step's start time) and combines the two drifts with one rule, :func:`apply_guidance`.
 
-``micro_batch``: when given, every model call sees exactly this many rows (the rows are cut
-into chunks and the last chunk is padded with copies of its last row). Float kernels are
-chosen by shape, so a sample's result then does not depend on how many samples share its
-batch — the basis of ``reglue sample``'s batch-size-independent images.
+Rows per model call: with ``micro_batch`` every model call sees exactly this many rows (the
+rows are cut into chunks and the last chunk is padded with copies of its last row). Float
+kernels are chosen by shape, so a sample's result then does not depend on how many samples
+share its batch — the basis of ``reglue sample``'s batch-size-independent images. Without it
+a step's rows go to the model in one call, or in near-equal unpadded chunks of at most
+``max_call_rows`` (nothing computed twice; results then depend on the batch size).
+A :class:`~reglue.models.sit.SiT` is called without its REPA projector, whose output no
+sampler uses.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reglue.models.sit import unwrap_model
+from reglue.models.sit import SiT, unwrap_model
 from reglue.transport import score_from_velocity
 
 SDE_LAST_TIME = 0.04  # the Euler-Maruyama grid stops here, then takes one noiseless step to 0
@@ -129,16 +133,23 @@ class _JointVelocity:
     ``velocity(x, cls, t, guided)`` -> v (G, B, C, H, W), v_cls (G, B, z) or None, with G = 2
     ([conditional, unconditional]) when ``guided``, else 1. The rows of each model call are
     fixed once per batch (:meth:`_call_rows`): the state's rows, doubled as [x, x] with labels
-    [y, null] when guided, then padded to whole micro-batches.
+    [y, null] when guided, then padded to whole micro-batches; :meth:`_chunk_rows` cuts them into calls.
     """
 
-    def __init__(self, model: nn.Module, y: torch.Tensor, null_label: int | None, micro_batch: int | None = None):
+    def __init__(self, model: nn.Module, y: torch.Tensor, null_label: int | None, micro_batch: int | None = None,
+                 max_call_rows: int | None = None):
         core = unwrap_model(model)
-        if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1 or None, found {micro_batch}.")
+        for name, value in (("micro_batch", micro_batch), ("max_call_rows", max_call_rows)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, found {value}.")
+        if micro_batch is not None and max_call_rows is not None:
+            raise ValueError("pass micro_batch (calls of exactly that many rows, padded) or max_call_rows "
+                             "(unpadded calls of at most that many), not both.")
         self.model = model
         self.micro_batch = micro_batch
+        self.max_call_rows = max_call_rows
         self.dtype = next(model.parameters()).dtype
+        self._options = {"repa": False} if isinstance(core, SiT) else {}
         y_null = torch.full_like(y, core.num_classes if null_label is None else null_label)
         self._labels = {False: y, True: torch.cat([y, y_null])}
         self._rows = {guided: self._call_rows(y.shape[0], guided) for guided in (False, True)}
@@ -167,15 +178,22 @@ class _JointVelocity:
         v = v[: G * B].double().view(G, B, *v.shape[1:])  # padding rows dropped
         return v, v_cls[: G * B].double().view(G, B, -1) if v_cls is not None else None
 
+    def _chunk_rows(self, n: int) -> list[int]:
+        """Rows of each model call for a step of N rows (N is a multiple of ``micro_batch`` when set)."""
+        if self.micro_batch is not None:
+            return [self.micro_batch] * (n // self.micro_batch)
+        calls = -(-n // (self.max_call_rows or n))
+        return [n // calls + (i < n % calls) for i in range(calls)]  # near-equal, unpadded
+
     def _forward(self, x, t, y, cls):
-        """(v (N, C, H, W), v_cls (N, z) or None): one model call per micro-batch of the N rows."""
-        micro = self.micro_batch or x.shape[0]
-        if x.shape[0] == micro:
-            v, _, v_cls = self.model(x, t, y, cls_token=cls)
+        """(v (N, C, H, W), v_cls (N, z) or None): one model call per chunk of the N rows."""
+        rows = self._chunk_rows(x.shape[0])
+        if len(rows) == 1:
+            v, _, v_cls = self.model(x, t, y, cls_token=cls, **self._options)
             return v, v_cls
-        chunks = zip(x.split(micro), t.split(micro), y.split(micro),
-                     cls.split(micro) if cls is not None else itertools.repeat(None))
-        outputs = [self.model(*chunk[:3], cls_token=chunk[3]) for chunk in chunks]
+        parts = zip(x.split(rows), t.split(rows), y.split(rows),
+                    cls.split(rows) if cls is not None else itertools.repeat(None))
+        outputs = [self.model(*part[:3], cls_token=part[3], **self._options) for part in parts]
         v_cls = torch.cat([out[2] for out in outputs]) if outputs[0][2] is not None else None
         return torch.cat([out[0] for out in outputs]), v_cls
 
@@ -287,6 +305,7 @@ def sample_sde(
     null_label: int | None = None,
     noise_generators: list[torch.Generator] | None = None,
     micro_batch: int | None = None,
+    max_call_rows: int | None = None,
 ) -> torch.Tensor:
     """Euler–Maruyama sampler (the authors' evaluation sampler), SPEC §8.
 
@@ -297,11 +316,12 @@ def sample_sde(
     ``noise_generators``: one generator per sample, on the state's device; each step's noise of
     sample b is then drawn by generator b (ε_x then ε_cls, see :class:`SampleNoise`), so a sample
     does not depend on its batch.
-    ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
+    ``micro_batch``, ``max_call_rows``: rows per model call (see the module docstring); both None
+    = a step's rows in one call.
     """
     _check_steps(num_steps)
     path = _model_path(model, path)
-    velocity = _JointVelocity(model, y, null_label, micro_batch)
+    velocity = _JointVelocity(model, y, null_label, micro_batch, max_call_rows)
     x, cls = _initial_state(model, latents, y, cls_latents)
     noise = SampleNoise(x, cls, noise_generators)
     grid = sde_time_grid(num_steps).tolist()
@@ -345,6 +365,7 @@ def sample_ode(
     guidance: Guidance = NO_GUIDANCE,
     null_label: int | None = None,
     micro_batch: int | None = None,
+    max_call_rows: int | None = None,
 ) -> torch.Tensor:
     """Euler (or Heun) probability-flow ODE sampler on ``linspace(1, 0, N + 1)``.
 
@@ -352,13 +373,14 @@ def sample_ode(
     correction is applied on every step except the last (2N − 1 model calls); guidance for
     both stages of a step is decided at its start time. ``guidance.vae_only`` is refused: the
     authors' rule exists for their SDE sampler only. Returns float64.
-    ``micro_batch``: rows per model call (see the module docstring); None = the whole batch.
+    ``micro_batch``, ``max_call_rows``: rows per model call (see the module docstring); both None
+    = a step's rows in one call.
     """
     _check_steps(num_steps)
     if guidance.vae_only:
         raise ValueError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only; "
                          "use mode sde or drop it.")
-    velocity = _JointVelocity(model, y, null_label, micro_batch)
+    velocity = _JointVelocity(model, y, null_label, micro_batch, max_call_rows)
     x, cls = _initial_state(model, latents, y, cls_latents)
     grid = ode_time_grid(num_steps).tolist()
 

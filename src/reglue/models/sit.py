@@ -356,11 +356,15 @@ class SiT(nn.Module):
         y: torch.Tensor,
         cls_token: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
+        *,
+        repa: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x (B, C_in, H, W), t (B,) in [0, 1] (1 = noise), y (B,) in 0..K, cls_token (B, z_dim).
 
         ``force_drop_ids`` (B,) bool replaces label dropout's random draw (the trainer draws it
         per sample so that results do not depend on how the batch is split over processes).
+        ``repa=False`` skips the REPA projector (None in place of its tokens; the velocities are
+        unchanged): samplers do not use it, and it costs about one block's compute.
         """
         if self.check_inputs:
             self._check_inputs(x, t, y, cls_token)
@@ -374,7 +378,7 @@ class SiT(nn.Module):
         repa_tokens = None
         for depth, block in enumerate(self.blocks, start=1):
             h = block(h, c)
-            if depth == self.encoder_depth and hasattr(self, "projectors"):
+            if repa and depth == self.encoder_depth and hasattr(self, "projectors"):
                 repa_tokens = self.projectors[0](h)  # (B, T, z_dim)
         patches, cls_velocity = self.final_layer(h, c)  # (B, N, p²·C), (B, z_dim)
         return self.unpatchify(patches), repa_tokens, cls_velocity
