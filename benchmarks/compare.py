@@ -53,7 +53,7 @@ from reglue.ema import EMA_UPDATES
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.encoders.vfm import build_vfm
-from reglue.models import build_sit
+from reglue.models import SiT, build_sit
 from reglue.models.compressor import SemanticCompressor
 from reglue.presets import get_preset
 from reglue.sampling import Guidance, sample_ode, sample_sde
@@ -258,6 +258,13 @@ def training_flops_per_image(name: str, args, encoder: SemanticEncoder | None, d
     frozen VFM + compressor forward when ``encoder`` is given (counted on one real image)."""
     with torch.device("meta"):
         model = build_sit(name, **PRESET.model_kwargs(vfm_dim=vfm_dim(args)), **args.sit_overrides)
+    return sit_training_flops(model, encoder, device)
+
+
+def sit_training_flops(model: SiT, encoder: SemanticEncoder | None = None,
+                       device: torch.device | None = None) -> float:
+    """FLOPs of one training image through ``model`` (a SiT on the meta device): forward + backward,
+    plus ``encoder``'s forward of one 256² image on ``device`` when given."""
     model.check_inputs = False
     c = model.config
     x = torch.zeros(1, c.in_channels, c.input_size, c.input_size, device="meta")
