@@ -69,17 +69,26 @@ TINY_COMPARE = [
     "--vfm-overrides", '{"embed_dim": 32, "depth": 4, "num_heads": 2}', "--compressor-hidden", "16",
     "--compile-backend", "eager",
 ]
+# Tiny CPU settings for benchmarks/train_loop.py in the same run (after `--`): both shipped configs shrunk to
+# a 2-block SiT-S/2 (the name compare.py's tiny rows carry), a 64² dataset, 2 steps each, not compiled.
+TINY_LOOP = [
+    "--batches", "2", "--warmup", "1", "--steps", "1", "--log-every", "1", "--no-compile", "--workers", "0",
+    "--resolution", "64", "--shards", "4", "--rows-per-shard", "2", "--set", "model.name=SiT-S/2", "model.depth=2",
+    "model.hidden_size=32", "model.num_heads=2", "model.encoder_depth=1", "model.projector_dim=32",
+]
 
 
 def test_gpu_script_parses_and_every_run_works_tiny_on_cpu(tmp_path):
-    """benchmarks/gpu.sh as shipped (compiled fast path, both parts), each run shrunk to a tiny CPU model."""
+    """benchmarks/gpu.sh as shipped (compiled fast path, every part), each run shrunk to a tiny CPU model."""
     import os
     import subprocess
 
     script = REPO / "benchmarks" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="2")
-    subprocess.run(["bash", str(script), *TINY_COMPARE], env=env, check=True, capture_output=True, timeout=300)
+    work = tmp_path / "work"
+    subprocess.run(["bash", str(script), *TINY_COMPARE, "--", *TINY_LOOP, "--dir", str(work)], env=env, check=True,
+                   capture_output=True, timeout=300)
     train = json.loads((tmp_path / "train" / "compare.json").read_text())
     assert [(r["setup"], r["compile"]) for r in train["train"]] == [("authors", False), ("fast", True)]
     assert all(r["step_s"] > 0 and r["gflop_per_image"] > 0 for r in train["train"])
@@ -89,6 +98,34 @@ def test_gpu_script_parses_and_every_run_works_tiny_on_cpu(tmp_path):
     assert [(r["mode"], r["steps"]) for r in fast_rows] == [("sde", 3), ("ode", 2)]
     assert all(0 < r["max_abs_vs_fp32"] < 0.1 and r["precision"] == "bf16" for r in fast_rows)
     assert "| SiT-S/2 | SDE | 3 | 1 | 2.8 | [0.0, 0.9] | fast | bf16 |" in (tmp_path / "sample" / "compare.md").read_text()
+    loop = json.loads((tmp_path / "train_loop" / "train_loop.json").read_text())
+    assert [(r["config"], r["model"], r["batch_per_gpu"], r["steps"]) for r in loop["runs"]] == [
+        ("reglue_sit_b2.yaml", "SiT-S/2", 2, 2), ("reglue_sit_xl2.yaml", "SiT-S/2", 2, 2)]
+    isolated = {r["model"]: r["step_s"] for r in train["train"] if r["setup"] == "fast"}["SiT-S/2"]
+    for run in loop["runs"]:  # one measured interval each, beside compare.py's isolated step of the same model
+        assert run["images_per_s"] == run["interval_images_per_s"][0] > 0 and not run["compile"]
+        assert run["isolated_step_s"] == isolated and run["loop_over_isolated"] > 0 and run["gflop_per_image"] > 0
+    assert "| reglue_sit_xl2.yaml | SiT-S/2 | 2 | 1 | False |" in (tmp_path / "train_loop" / "train_loop.md").read_text()
+    assert list(work.iterdir()) == []  # the dataset and the runs are gone
+
+
+def test_train_loop_figures_drop_the_warm_up_and_give_mfu():
+    """Medians over the intervals after the warm-up; MFU = images/s × FLOPs per image ÷ (GPUs × peak)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))  # train_loop.py imports compare and data_loading as sibling scripts
+    try:
+        bench = load_benchmark("train_loop")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    intervals = [(10, 8.0, 4.0, 41.0), (20, 100.0, 0.32, 44.2), (30, 140.0, 0.23, 46.5), (40, 120.0, 0.27, 49.2)]
+    records = [{"step": step, "images_per_s": rate, "step_time_s": step_s, "wall_time_s": wall, "memory_gib": step / 4}
+               for step, rate, step_s, wall in intervals] + [{"step": 40, "eval/fd_dinov2": 30.0, "wall_time_s": 60.0}]
+    figures = bench.summarise(records, warmup=10, processes=2, gflop_per_image=727.0, peak=989.0)
+    assert figures["interval_images_per_s"] == [100.0, 140.0, 120.0] and figures["images_per_s"] == 120.0
+    assert figures["step_s"] == 0.27 and figures["peak_memory_gib"] == 10.0 and figures["warmup_s"] == 41.0
+    assert figures["mfu"] == round(120 * 727e9 / (2 * 989e12), 4)
+    assert "mfu" not in bench.summarise(records, warmup=10, processes=1, gflop_per_image=727.0, peak=None)
+    with pytest.raises(ValueError, match="no interval after step 40"):
+        bench.summarise(records, warmup=40, processes=1, gflop_per_image=727.0, peak=989.0)
 
 
 def test_compare_interleaved_training_tiny(tmp_path):
