@@ -24,7 +24,9 @@ def block_commands() -> list[tuple[str, str]]:
     """(file name, arguments) of each reglue invocation in the docs' bash blocks."""
     found = []
     for path in DOCS:
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", path.read_text(), flags=re.DOTALL):
+        for language, block in re.findall(r"```([\w-]*)\n(.*?)```", path.read_text(), flags=re.DOTALL):
+            if language not in ("", "bash", "sh"):  # a ```text or ```python block pairs its fences too
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
                 for name, value in SHELL_VALUES.items():

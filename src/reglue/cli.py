@@ -240,6 +240,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from reglue.config import load_config
+    from reglue.distributed import process_state
     from reglue.training.trainer import train
 
     adopted = []
@@ -253,6 +254,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check = [f"data.resolution={args.resolution}"] if args.resolution is not None else []
     config = load_config(args.config, [*adopted, *check, *args.overrides])  # your KEY=VALUE overrides win
     result = train(config, resume=args.resume)
+    if not process_state().is_main_process:
+        return 0
     state = "stopped early (resume with --resume auto)" if result.stopped_early else "finished"
     print(f"training {state} at step {result.step} in {result.run_dir}; "
           f"{result.skipped_updates} non-finite update(s) skipped; EMA weights in {result.run_dir / 'ema'}")
