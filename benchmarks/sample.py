@@ -3,6 +3,7 @@
     python benchmarks/sample.py --model SiT-B/2 --mode sde --steps 250 --cfg-scale 2.8 --batch 2
     python benchmarks/sample.py --model SiT-B/2 --mode ode --steps 50 --batch 2 --dtype bf16
     python benchmarks/sample.py --host --batch 64 --steps 20
+    python benchmarks/sample.py --requests 2,32 --steps 4 --cfg-scale 2.3
 
 Random weights with perturbed (non-zero) heads, REGLUE preset; prints one Markdown row and, for
 bf16, the max-abs difference of its samples from the fp32 ones of the same noise.
@@ -25,7 +26,13 @@ returns its inputs as the velocities, so no model compute counts. Per step, at `
 - ``cpu_loop_ms``: the whole loop at the real shapes on this CPU, where the float64 state
   arithmetic of the batch is host compute too (for reference).
 
-Each figure is the fastest of three repeats (the least disturbed by other work on a shared
+``--requests 2,32``: :class:`~reglue.generate.ImageSampler` asked for that many images (SDE, CFG
+on [0, ``--guidance-high``], the weight-free ``pixel`` autoencoder so that the SiT's time shows),
+with its default ``micro_batch=None`` (the rows a step has, at most ``rows_per_call``) and with
+``micro_batch=32`` (``reglue sample``'s fixed micro-batch, which pads a small request to 32 rows
+per call); seconds, seconds per image, and the load.
+
+``--host``: each figure is the fastest of three repeats (the least disturbed by other work on a shared
 machine); ``load_1min`` is the load average when it finished.
 """
 
@@ -40,6 +47,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reglue.encoders.pixel import PixelAutoencoder
+from reglue.generate import ImageSampler
 from reglue.models import build_sit
 from reglue.presets import get_preset
 from reglue.sampling import Guidance, SampleNoise, sample_ode, sample_sde
@@ -59,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--overrides", type=json.loads, default={}, help="JSON SiTConfig overrides")
     parser.add_argument("--host", action="store_true", help="host time per SDE step with a stub model (see above)")
+    parser.add_argument("--requests", type=lambda s: [int(n) for n in s.split(",")],
+                        help="ImageSampler's time for these numbers of images (see above)")
     parser.add_argument("--micro-batch", type=int, default=32, help="--host: rows per model call")
     parser.add_argument("--channels", type=int, default=20, help="--host: joint state channels")
     parser.add_argument("--z-dim", type=int, default=768, help="--host: CLS width")
@@ -134,8 +145,8 @@ def host_step(args: argparse.Namespace) -> dict:
             "cpu_loop_ms": round(cpu_loop_ms, 2), "load_1min": round(os.getloadavg()[0], 2)}
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+def random_model(args: argparse.Namespace, device: torch.device):
+    """The REGLUE SiT of ``--model``, random weights with every head moved off zero."""
     torch.manual_seed(0)
     options = {**get_preset("reglue").model_kwargs(), "input_size": args.input_size, **args.overrides}
     model = build_sit(args.model, **options).to(device).eval()
@@ -143,6 +154,30 @@ def run(args: argparse.Namespace) -> dict:
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.check_inputs = device.type == "cpu"
+    return model
+
+
+def requests(args: argparse.Namespace) -> list[dict]:
+    """Seconds ImageSampler takes for each request size, unpadded (its default) and padded to 32 rows."""
+    device = torch.device(args.device)
+    sampler = ImageSampler(random_model(args, device), PixelAutoencoder(), device=device)
+    guidance = Guidance(scale=args.cfg_scale, high=args.guidance_high)
+    sampler([0], guidance=guidance, num_steps=1, output_type="np")  # warm-up
+    rows = []
+    for count in args.requests:
+        for micro_batch in (None, 32):
+            start = time.perf_counter()
+            sampler(list(range(count)), guidance=guidance, num_steps=args.steps, micro_batch=micro_batch,
+                    output_type="np")
+            seconds = time.perf_counter() - start
+            rows.append({"images": count, "micro_batch": micro_batch, "steps": args.steps, "seconds": round(seconds, 2),
+                         "seconds_per_image": round(seconds / count, 3), "load_1min": round(os.getloadavg()[0], 2)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    model = random_model(args, device)
     c = model.config
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(args.batch, c.in_channels, c.input_size, c.input_size, generator=g).to(device)
@@ -178,6 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['other_ms']:.2f} | {result['draw_dispatch_ms']:.2f} | {result['ops_per_step']:.0f} | "
               f"{result['cpu_loop_ms']:.1f} | {result['load_1min']} |")
         return result
+    if args.requests:
+        rows = requests(args)
+        for row in rows:
+            print(f"| ImageSampler | {row['images']} | {row['micro_batch']} | {row['steps']} | {row['seconds']:.1f} | "
+                  f"{row['seconds_per_image']:.2f} | {row['load_1min']} |")
+        return {"requests": rows}
     result = run(args)
     print(f"| {result['model']} | {result['mode']} | {result['steps']} | {result['cfg']} | {result['batch']} | "
           f"{result['dtype']} | {result['seconds']:.1f} | {result['images_per_s']:.4f} | "

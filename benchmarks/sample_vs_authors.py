@@ -1,0 +1,159 @@
+"""Our SDE sampler against the authors' released sampler and SiT: same weights, noise, steps, guidance.
+
+    python benchmarks/sample_vs_authors.py --authors-code ../authors-code --batch 2 --steps 8
+    python benchmarks/sample_vs_authors.py --authors-code ../authors-code --batch 32 --steps 4 --repeats 2
+
+``--authors-code DIR`` holds the authors' code as released, which never enters this repository:
+``DIR/samplers.py`` with their ``euler_maruyama_sampler`` (giorgospets/reglue) and ``DIR/models/sit.py``
+with the SiT their ``generate.py`` imports (``SiT_models``; REG's, with ``cls_projectors2`` and
+``wg_norm``). docs/benchmarks.md says where the files come from and how they were checked against
+SPEC's compatibility vectors.
+
+Both sides run the same REGLUE model (``--model``, 20 input channels, z_dim 768, random weights
+moved off their zero initialisation): theirs built as their ``generate.py`` builds it (their timm
+attention with ``fused_attn`` off, fp32 as they ship it), ours an :class:`~reglue.models.sit.SiT`
+loading their state dict strictly (the configuration read off their weights, as for their
+checkpoints). Both start from the same latents, labels and ``torch.manual_seed``: ours takes its step
+noise from the global generator (``noise_generators=None``, the path that reproduces their seeds), so
+the samples are comparable and the largest difference is reported. Ours otherwise runs as
+:class:`~reglue.generate.ImageSampler` runs it: ``--precision`` (autocast), no padding, at most
+:func:`~reglue.generate.rows_per_call` rows per model call.
+
+Timing: one 2-step warm-up draw each, then ``--repeats`` timed draws alternating which side goes
+first, so load from other work hits both alike; the median of each side, the speed-up (theirs /
+ours) and the CPU time other processes used meanwhile ("other load", in cores) are printed as one
+Markdown row (``--json PATH`` writes everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import other_load, synchronize  # noqa: E402  (a sibling benchmark's load meter)
+
+from reglue.generate import rows_per_call  # noqa: E402
+from reglue.models.loading import config_from_weights  # noqa: E402
+from reglue.models.sit import SiT, sit_config  # noqa: E402
+from reglue.sampling import Guidance, sample_sde  # noqa: E402
+from reglue.state_dict import load_state_dict_strict  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--authors-code", type=Path, required=True,
+                        help="folder with the authors' samplers.py and models/sit.py")
+    parser.add_argument("--model", default="SiT-B/2")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cfg-scale", type=float, default=2.3)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 0.9), metavar=("LOW", "HIGH"))
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours (theirs: fp32)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input-size", type=int, default=32, help="latent side (32 for 256² images)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
+    return parser.parse_args(argv)
+
+
+def authors_code(folder: Path) -> tuple[dict, object]:
+    """Their ``SiT_models`` and ``euler_maruyama_sampler``, imported from ``folder``."""
+    if not (folder / "samplers.py").is_file() or not (folder / "models" / "sit.py").is_file():
+        raise FileNotFoundError(f"{folder} must hold the authors' samplers.py and models/sit.py "
+                                "(see this script's docstring).")
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module("models.sit").SiT_models, importlib.import_module("samplers").euler_maruyama_sampler
+    finally:
+        sys.path.remove(str(folder))
+
+
+def build_models(args, sit_models, device: torch.device) -> tuple[torch.nn.Module, SiT]:
+    """(theirs, ours) with the same random weights, both in eval mode on ``device``."""
+    torch.manual_seed(0)
+    encoder_depth = sit_config(args.model).encoder_depth
+    theirs = sit_models[args.model](input_size=args.input_size, num_classes=1000, in_channels=20, use_cfg=True,
+                                    z_dims=[768], encoder_depth=encoder_depth, fused_attn=False, qk_norm=False)
+    with torch.no_grad():  # zero-initialised heads would make every output trivial
+        for name, p in theirs.named_parameters():
+            if name != "pos_embed":
+                p.add_(0.02 * torch.randn_like(p))
+    state = theirs.state_dict()
+    ours = SiT(config_from_weights(state, {"model": args.model, "encoder_depth": theirs.encoder_depth}))
+    load_state_dict_strict(ours, state, "the authors' SiT")
+    ours.check_inputs = device.type == "cpu"  # as ImageSampler sets it
+    return theirs.to(device).eval(), ours.to(device).eval()
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    sit_models, authors_sampler = authors_code(args.authors_code)
+    theirs, ours = build_models(args, sit_models, device)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(args.batch, 20, args.input_size, args.input_size, generator=g).to(device)
+    cls = torch.randn(args.batch, 768, generator=g).to(device)
+    y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+    low, high = args.guidance_interval
+    guidance = Guidance(scale=args.cfg_scale, low=low, high=high)
+    max_rows = rows_per_call(ours, device)
+
+    def authors(steps: int) -> torch.Tensor:
+        options = SimpleNamespace(vae_cfg="false", cls_cfg_scale=args.cfg_scale)  # their argparse fields
+        return authors_sampler(theirs, latents, y, num_steps=steps, cfg_scale=args.cfg_scale, guidance_low=low,
+                               guidance_high=high, cls_latents=cls, args=options)
+
+    def reglue(steps: int) -> torch.Tensor:
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+        with amp:
+            return sample_sde(ours, latents, y, cls, num_steps=steps, guidance=guidance, max_call_rows=max_rows)
+
+    def draw(sampler, steps: int) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(2)
+        start = time.perf_counter()
+        with torch.no_grad():
+            x = sampler(steps)
+        synchronize(device)
+        return x, time.perf_counter() - start
+
+    samplers = {"authors": authors, "reglue": reglue}
+    for sampler in samplers.values():
+        draw(sampler, 2)  # warm-up: kernels, the allocator's free lists
+    seconds: dict[str, list[float]] = {name: [] for name in samplers}
+    samples = {}
+    with other_load() as load:
+        for repeat in range(args.repeats):
+            for name in (list(samplers) if repeat % 2 == 0 else list(samplers)[::-1]):
+                samples[name], elapsed = draw(samplers[name], args.steps)
+                seconds[name].append(elapsed)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    return {"model": args.model, "batch": args.batch, "steps": args.steps, "cfg_scale": args.cfg_scale,
+            "guidance_interval": [low, high], "precision": args.precision, "max_call_rows": max_rows,
+            "device": device.type, "threads": torch.get_num_threads(), "authors_s": round(median["authors"], 2),
+            "reglue_s": round(median["reglue"], 2), "speedup": round(median["authors"] / median["reglue"], 2),
+            "seconds": seconds, "max_abs_diff": float((samples["reglue"] - samples["authors"]).abs().max()),
+            "other_load_cores": round(load[0], 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    print(f"| {result['model']} | {result['batch']} | {result['steps']} | {result['cfg_scale']} | "
+          f"{result['precision']} | {result['authors_s']:.2f} | {result['reglue_s']:.2f} | "
+          f"**{result['speedup']:.2f}×** | {result['max_abs_diff']:.2g} | {result['other_load_cores']} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
