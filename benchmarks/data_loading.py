@@ -54,15 +54,16 @@ VFM_WIDTH = 768  # DINOv2-B
 TRAINING_FIELDS = ("moments", "semantics", "cls", "repa")  # what training with cached semantics reads
 
 
-def row_layout(resolution: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Every array of a row: (shape, dtype) at ``resolution`` (SPEC §1; the VFM grid is R/16)."""
+def row_layout(resolution: int, vfm_width: int = VFM_WIDTH) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every array of a row: (shape, dtype) at ``resolution`` (SPEC §1; the VFM grid is R/16) for a VFM of
+    ``vfm_width`` channels (DINOv2-B's 768; smaller for the host-overhead benchmark's tiny rows)."""
     latent, grid = latent_size(resolution), token_grid(resolution)
     return {"images": ((resolution, resolution, 3), np.dtype(np.uint8)),
             "moments": ((8, latent, latent), np.dtype(np.float32)),
             "labels": ((), np.dtype(np.int64)),
             "semantics": ((SEMANTIC_CHANNELS, grid, grid), np.dtype(np.float16)),
-            "cls": ((VFM_WIDTH,), np.dtype(np.float16)),
-            "repa": ((1 + grid * grid, VFM_WIDTH), np.dtype(np.float16))}
+            "cls": ((vfm_width,), np.dtype(np.float16)),
+            "repa": ((1 + grid * grid, vfm_width), np.dtype(np.float16))}
 
 
 def bytes_read_per_row(resolution: int) -> int:
@@ -71,9 +72,9 @@ def bytes_read_per_row(resolution: int) -> int:
                if name in (*TRAINING_FIELDS, "labels"))
 
 
-def write_dataset(root: Path, *, shards: int, rows_per_shard: int, resolution: int) -> float:
+def write_dataset(root: Path, *, shards: int, rows_per_shard: int, resolution: int, vfm_width: int = VFM_WIDTH) -> float:
     """The dataset (random rows, prepare's and cache-semantics' records); returns the seconds writing."""
-    layout = row_layout(resolution)
+    layout = row_layout(resolution, vfm_width)
 
     def write(index: int) -> dict:
         rng = np.random.default_rng(index)

@@ -157,13 +157,13 @@ def test_dataloader_workers_persist_across_epochs_and_resume_exactly(demo_data, 
     from reglue.training import trainer as trainer_module
 
     loaders = []
+    real_loader = trainer_module.training_loader
 
-    class CountingLoader(trainer_module.DataLoader):
-        def __init__(self, *args, **kwargs):
-            loaders.append(kwargs["num_workers"])
-            super().__init__(*args, **kwargs)
+    def counting_loader(*args, **kwargs):
+        loaders.append(kwargs["num_workers"])
+        return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "DataLoader", CountingLoader)
+    monkeypatch.setattr(trainer_module, "training_loader", counting_loader)
     data, steps = demo_data("reglue"), ["train.max_steps=10", "data.num_workers=1", "checkpoint.every=100"]
     train(demo_config(data, tmp_path / "straight", *steps))
     assert loaders == [1]

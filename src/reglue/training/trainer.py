@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
+from reglue.data.dataset import training_loader
 from reglue.distributed import on_cpu_only, on_main, process_state
 from reglue.ema import EMA_UPDATES
 from reglue.encoders.autoencoder import load_vae
@@ -198,6 +198,7 @@ class Trainer:
         optimizer = build_adamw(params, config.optim, config.train.fused_optimizer, accelerator.device)
         self.in_channels = self.model.in_channels
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.core = accelerator.unwrap_model(self.model)  # the SiT inside DDP, looked up once (a per-call cost)
         self._skips_on_device = bool(optimizer.defaults.get("fused")) and accelerator.scaler is None
         self.step = 0
         self.resumed = False
@@ -219,7 +220,7 @@ class Trainer:
         rng = gather_object([ckpt.capture_rng_state()])
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else {}
         return {
-            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "model": self.core.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": scaler,
@@ -227,7 +228,7 @@ class Trainer:
             "skipped_updates": self.skipped,
             "nonfinite_in_row": self.nonfinite_in_row,
             "config": self.config.to_dict(),
-            "sit_config": asdict(self.acc.unwrap_model(self.model).config),
+            "sit_config": asdict(self.core.config),
             "inputs": self.located,  # where the run read its data (and online files), and their content
         }
 
@@ -241,7 +242,7 @@ class Trainer:
                             what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
                             "or start a new run directory.")
         self._check_same_model(payload["sit_config"])
-        self.acc.unwrap_model(self.model).load_state_dict(payload["model"])
+        self.core.load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
         for group in self.optimizer.param_groups:  # a resumed run may lower the learning rate
@@ -257,7 +258,7 @@ class Trainer:
     def _check_same_model(self, saved: dict) -> None:
         """The checkpoint's SiT must be the one this run builds from its config and data.dir: the
         config is checked above, so a difference means the data changed (resolution, classes, cache)."""
-        built = self.acc.unwrap_model(self.model).config
+        built = self.core.config
         fix = "resume on the data it was trained on, or start a new run directory."
         check_trained_resolution(saved["input_size"] * LATENT_DOWNSAMPLE, built, what="the checkpoint's model",
                                  fix=fix)
@@ -271,7 +272,7 @@ class Trainer:
         """DDP keeps replicas identical; a mismatch (silent divergence) must stop the run."""
         from accelerate.utils import gather_object
 
-        params = self.acc.unwrap_model(self.model).parameters()
+        params = self.core.parameters()
         checksum = float(sum(p.detach().double().sum() for p in params))
         sums = gather_object([checksum])
         if len(set(sums)) > 1:
@@ -285,7 +286,7 @@ class Trainer:
         optimiser starts fresh (their AdamW state indexes parameters differently).
         """
         checkpoint = load_authors_checkpoint(path)
-        core = self.acc.unwrap_model(self.model)
+        core = self.core
         model, ema = checkpoint.get("model", checkpoint.get("ema")), checkpoint.get("ema", checkpoint.get("model"))
         made_at = trained_image_size(model)
         if made_at is not None:
@@ -317,11 +318,8 @@ class Trainer:
     def batches(self):
         """This process's micro-batches from ``self.step`` on, forever: one DataLoader whose batch
         sampler walks epoch after epoch, so its worker processes live as long as the run."""
-        loader = DataLoader(self.dataset, batch_sampler=self._micro_batch_rows(),
-                            num_workers=self.config.data.num_workers,
-                            pin_memory=self.config.data.pin_memory and self.acc.device.type == "cuda",
-                            generator=torch.Generator())  # fixed worker seeds, global RNG untouched
-        yield from loader
+        yield from training_loader(self.dataset, self._micro_batch_rows(), num_workers=self.config.data.num_workers,
+                                   pin_memory=self.config.data.pin_memory and self.acc.device.type == "cuda")
 
     def _micro_batch_rows(self):
         """Dataset rows of this process's micro-batches from ``self.step`` on, epoch after epoch."""
@@ -383,19 +381,22 @@ class Trainer:
         return self.acc.reduce(status, "sum") if self.acc.num_processes > 1 else status
 
     def _apply(self, update: _Update) -> None:
-        """The optimiser step of ``update``, skipped when it is non-finite."""
+        """The optimiser step of ``update``, skipped when it is non-finite.
+
+        Without a grad scaler torch's AdamW is called directly: accelerate's wrapper adds nothing
+        then but host work (package look-ups and a signature inspection on every call, ≈ 1 ms)."""
+        adamw = self.optimizer.optimizer  # accelerate's wrapper holds torch's AdamW
         if self._skips_on_device:  # fused AdamW reads found_inf as in torch's grad-scaler protocol
-            inner = self.optimizer.optimizer  # accelerate's wrapper holds torch's AdamW
-            inner.found_inf = (update.status[0] > 0).float()
+            adamw.found_inf = (update.status[0] > 0).float()
             try:
-                self.optimizer.step()
+                adamw.step()
             finally:
-                del inner.found_inf
+                del adamw.found_inf
         elif update.read()[0]:
-            self.optimizer.step()
+            self.optimizer.step()  # through accelerate: the fp16 grad scaler's step and update
         elif self.acc.scaler is not None:  # fp16: the scaler unscaled this step; let it back off
             self.acc.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
 
     def _settle(self) -> _Update | None:
         """Read the pending update's outcome (a host sync): move the EMA after a finite one, count a
@@ -407,7 +408,7 @@ class Trainer:
         self.stop_requested |= stop
         if finite:
             self.nonfinite_in_row = 0
-            EMA_UPDATES[self.config.train.ema](self.ema, self.acc.unwrap_model(self.model), self.config.train.ema_decay)
+            EMA_UPDATES[self.config.train.ema](self.ema, self.core, self.config.train.ema_decay)
         else:
             self._count_skipped(update.step)
         return update
