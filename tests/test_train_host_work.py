@@ -7,6 +7,8 @@ These tests count the reads and the random draws of real training steps on the C
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -170,3 +172,53 @@ def test_a_nonfinite_update_is_skipped_with_and_without_the_device_side_skip(cac
     _, payload = ckpt.latest_valid_checkpoint(cached_data / run, print)
     steps = {float(state["step"]) for state in payload["optimizer"]["state"].values()}
     assert steps == {2.0}  # 3 steps, one of them skipped: AdamW counted 2 updates
+
+
+def test_checkpoints_are_written_while_training_goes_on_and_hold_their_own_step(cached_data, monkeypatch):
+    """Step 2's checkpoint write is held until step 3 has run: with a synchronous save the run would
+    wait forever. The file still holds step 2's state, as a run stopped at step 2 writes it."""
+    from reglue import checkpoint as ckpt
+
+    released, events = threading.Event(), []
+    real_save, real_step = ckpt.save_checkpoint, Trainer.train_step
+
+    def held(run_dir, step, payload, *args):
+        events.append(f"write {step}")
+        if step == 2:
+            assert released.wait(60), "the run waited for the checkpoint write"
+        return real_save(run_dir, step, payload, *args)
+
+    def step(self, batches):
+        events.append(f"step {self.step + 1}")
+        real_step(self, batches)
+        if self.step + 1 == 3:
+            released.set()
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", held)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    every = ["train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    train(config_for(cached_data, "background-save", *every))
+    assert events[:4] == ["step 1", "step 2", "write 2", "step 3"] and events[-1] == "write 4"
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train(config_for(cached_data, "stopped-at-2", *every), stop_after_steps=2)
+    held_file = ckpt.load_checkpoint(ckpt.checkpoint_path(cached_data / "background-save", 2))
+    stopped = ckpt.load_checkpoint(ckpt.checkpoint_path(cached_data / "stopped-at-2", 2))
+    for part in ("model", "ema"):
+        assert all(torch.equal(held_file[part][k], stopped[part][k]) for k in stopped[part]), part
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_save(cached_data, monkeypatch):
+    from reglue import checkpoint as ckpt
+
+    real_save = ckpt.save_checkpoint
+
+    def disk_full(run_dir, step, payload, *args):
+        if step == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(run_dir, step, payload, *args)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(config_for(cached_data, "disk-full", "train.max_steps=6", "checkpoint.every=2"))
+    assert ckpt.list_checkpoints(cached_data / "disk-full") == []  # stopped at step 4's save, before writing it

@@ -151,6 +151,18 @@ def restore_process_rng_state(states: list[dict], process_index: int, num_proces
 # ----------------------------------------------------------------------------- saving
 
 
+def host_copy(value: object) -> object:
+    """``value`` (a payload of dicts, lists and tuples) with every tensor copied to the host: a snapshot
+    that a checkpoint written in the background can hold while training changes the live tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, host_copy(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     """Where the checkpoint of ``step`` lives: ``run_dir/checkpoints/step-{step:09d}.pt``."""
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:09d}.pt"

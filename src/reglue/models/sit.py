@@ -427,13 +427,15 @@ class SiT(nn.Module):
             raise ValueError("this model has no CLS slot (use_cls_token=False); pass cls_token=None.")
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (weights only, no pickle)."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (weights only, no pickle). ``state_dict``: the
+        weights to write instead of the module's own (a snapshot, written while the module changes)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         with atomic_write(directory / "model.safetensors") as tmp:
             save_file(state, str(tmp))
         with atomic_write(directory / "config.json") as tmp:

@@ -21,7 +21,9 @@ import copy
 import logging
 import math
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +90,40 @@ class _StopFlag:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+class BackgroundWriter:
+    """Runs one write at a time in a thread, so that training goes on while a checkpoint is written.
+
+    :meth:`wait` joins the write in progress and raises its error, if any; a process that ends while a
+    write is running waits for it (the thread is not a daemon), so a started checkpoint is finished."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as err:  # reported by the next wait(), in the training thread
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="reglue-checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the write in progress (0 when none); raises the error of the last write."""
+        start = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return time.perf_counter() - start
 
 
 @dataclass
@@ -207,6 +243,7 @@ class Trainer:
         self.stop_signal = _StopFlag()
         self.stop_requested = False
         self._pending: _Update | None = None  # the last queued update, until _settle reads it
+        self._writer = BackgroundWriter()  # checkpoints are written while training goes on
         self.evaluator = None  # built, and its settings checked, before the run writes a file
         if config.eval.every:
             self.evaluator = Evaluator(config, device=accelerator.device, rank=accelerator.process_index,
@@ -302,17 +339,31 @@ class Trainer:
                 log.warning("authors' checkpoint has %s=%r, this run uses %r", key, theirs, config[section][name])
         log.info("initialised model and EMA from %s (their step %s)", path, checkpoint.get("steps"))
 
-    def save(self) -> None:
+    def save(self, *, wait: bool) -> None:
+        """Checkpoint this step. The processes compare parameter sums and gather their RNG states; the
+        main process copies the state to the host and writes it (checkpoint, then the EMA export) in
+        the background while training goes on — or before returning with ``wait`` (the last save of a
+        run or a stop). A write still running is waited for first: its failure stops every process here."""
         self._check_ranks_in_sync()
         payload = self.state()
+        step, c = self.step, self.config.checkpoint
 
-        def write() -> None:
-            c = self.config.checkpoint
-            path = ckpt.save_checkpoint(self.run_dir, self.step, payload, c.keep_last, c.milestones)
-            self.ema.save_pretrained(self.run_dir / "ema")
+        def write(snapshot: dict) -> None:
+            path = ckpt.save_checkpoint(self.run_dir, step, snapshot, c.keep_last, c.milestones)
+            self.ema.save_pretrained(self.run_dir / "ema", state_dict=snapshot["ema"])
             log.info("saved %s", path)
 
-        on_main("saving a checkpoint", write)
+        def start() -> None:
+            waited = self._writer.wait()
+            if waited > 1.0:
+                log.warning("step %d waited %.1f s for the previous checkpoint's write: writing takes longer than "
+                            "checkpoint.every steps; raise it or write to a faster file system", step, waited)
+            snapshot = ckpt.host_copy(payload)  # training changes the live tensors: the file holds this step
+            self._writer.start(lambda: write(snapshot))
+            if wait:
+                self._writer.wait()
+
+        on_main("saving a checkpoint", start)
 
     # ------------------------------------------------------------------ data
     def batches(self):
@@ -444,7 +495,7 @@ class Trainer:
                 if eval_now and not stop:
                     self.evaluate(metrics)
                 if save_due or stop:
-                    self.save()
+                    self.save(wait=stop or self.step == cfg.train.max_steps)
                 if stop:
                     stopped = True
                     break
