@@ -222,6 +222,9 @@ def build_model(name: str, args, setup: Setup, device: torch.device):
 
 
 def compile_blocks(model, backend: str) -> None:
+    """Compile every SiT block afresh: without the reset, a block compiled for an earlier run (another
+    batch or model) would be recompiled with dynamic shapes, which is not what a user's run gets."""
+    torch._dynamo.reset()
     for block in model.blocks:
         block.compile(backend=backend)
 
