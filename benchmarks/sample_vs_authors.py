@@ -23,6 +23,12 @@ Timing: one 2-step warm-up draw each, then ``--repeats`` timed draws alternating
 first, so load from other work hits both alike; the median of each side, the speed-up (theirs /
 ours) and the CPU time other processes used meanwhile ("other load", in cores) are printed as one
 Markdown row (``--json PATH`` writes everything).
+
+``--profile``: where the time of one guided model call (2·``--batch`` rows, as each side calls its
+SiT) goes on each side — ``torch.profiler``'s self time of the costliest ops and the share of the
+matrix multiplies, with the FLOPs each side computes (``FlopCounterMode``). A sampler step is one
+such call plus a few element-wise float64 updates, so this bounds what any sampler-side change can
+gain.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import other_load, synchronize  # noqa: E402  (a sibling benchmark's load meter)
@@ -62,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=32, help="latent side (32 for 256² images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="profile one guided model call per side (see above)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
     return parser.parse_args(argv)
 
@@ -93,6 +101,47 @@ def build_models(args, sit_models, device: torch.device) -> tuple[torch.nn.Modul
     load_state_dict_strict(ours, state, "the authors' SiT")
     ours.check_inputs = device.type == "cpu"  # as ImageSampler sets it
     return theirs.to(device).eval(), ours.to(device).eval()
+
+
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution")
+
+
+def profile_call(call, top: int = 8) -> dict:
+    """Self time (ms) of ``call``'s costliest ops, the matrix multiplies' share, and its GFLOP."""
+    call()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    matmul_ms = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3
+    with FlopCounterMode(display=False) as flops:
+        call()
+    return {"total_ms": round(total_ms), "matmul_ms": round(matmul_ms), "matmul_share": round(matmul_ms / total_ms, 3),
+            "gflop": round(flops.get_total_flops() / 1e9, 3),
+            "top_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3) for e in events[:top]}}
+
+
+def profiles(args, theirs, ours: SiT, device: torch.device, max_rows: int) -> dict:
+    """:func:`profile_call` of one guided model call of 2·batch rows, as each sampler makes it."""
+    rows = 2 * args.batch
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 20, args.input_size, args.input_size, generator=g).to(device)
+    cls = torch.randn(rows, 768, generator=g).to(device)
+    y, t = torch.arange(rows, device=device) % 1000, torch.full((rows,), 0.5, device=device)
+
+    def authors():
+        theirs(x, t, y=y, cls_token=cls)
+
+    def reglue():  # the unpadded near-equal chunks of at most max_rows, without the REPA projector
+        calls = -(-rows // max_rows)
+        sizes = [rows // calls + (i < rows % calls) for i in range(calls)]
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+        with amp:
+            for part in zip(x.split(sizes), t.split(sizes), y.split(sizes), cls.split(sizes)):
+                ours(*part[:3], cls_token=part[3], repa=False)
+
+    with torch.no_grad():
+        return {"authors": profile_call(authors), "reglue": profile_call(reglue)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -136,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
                 samples[name], elapsed = draw(samplers[name], args.steps)
                 seconds[name].append(elapsed)
     median = {name: statistics.median(times) for name, times in seconds.items()}
-    return {"model": args.model, "batch": args.batch, "steps": args.steps, "cfg_scale": args.cfg_scale,
+    profiled = profiles(args, theirs, ours, device, max_rows) if args.profile else None
+    return {"profile": profiled, "model": args.model, "batch": args.batch, "steps": args.steps, "cfg_scale": args.cfg_scale,
             "guidance_interval": [low, high], "precision": args.precision, "max_call_rows": max_rows,
             "device": device.type, "threads": torch.get_num_threads(), "authors_s": round(median["authors"], 2),
             "reglue_s": round(median["reglue"], 2), "speedup": round(median["authors"] / median["reglue"], 2),
@@ -150,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| {result['model']} | {result['batch']} | {result['steps']} | {result['cfg_scale']} | "
           f"{result['precision']} | {result['authors_s']:.2f} | {result['reglue_s']:.2f} | "
           f"**{result['speedup']:.2f}×** | {result['max_abs_diff']:.2g} | {result['other_load_cores']} |")
+    for side, report in (result["profile"] or {}).items():
+        print(f"{side}: one call of {2 * args.batch} rows {report['total_ms']} ms, {report['gflop']} GFLOP, matrix "
+              f"multiplies {report['matmul_ms']} ms ({100 * report['matmul_share']:.0f} %); "
+              + ", ".join(f"{op} {ms}" for op, ms in report["top_ops_ms"].items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -53,8 +53,9 @@ def test_sample_vs_authors_benchmark_harness(tmp_path, capsys):
     (tmp_path / "samplers.py").write_text(STAND_IN_SAMPLERS)
     result = load_benchmark("sample_vs_authors").main([
         "--authors-code", str(tmp_path), "--batch", "3", "--steps", "3", "--input-size", "8", "--repeats", "2",
-        "--device", "cpu", "--json", str(tmp_path / "r.json")])
+        "--device", "cpu", "--profile", "--json", str(tmp_path / "r.json")])
     assert result["max_abs_diff"] < 1e-5 and result["speedup"] > 0 and len(result["seconds"]["authors"]) == 2
+    assert 0 < result["profile"]["reglue"]["matmul_share"] < 1 and result["profile"]["authors"]["gflop"] > 0
     assert capsys.readouterr().out.startswith("| SiT-B/2 | 3 | 3 | 2.3 | fp32 |")
     with pytest.raises(FileNotFoundError, match="samplers.py and models/sit.py"):
         load_benchmark("sample_vs_authors").main(["--authors-code", str(tmp_path / "models")])
