@@ -186,3 +186,19 @@ def test_data_loading_benchmark_tiny(tmp_path, capsys):
     assert result["row_kib"] == 427.0  # moments, semantics, CLS, REPA targets and the label of a 256² row
     assert "| current | warm | workers=1 |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the dataset is gone
+
+
+def test_host_overhead_benchmark_tiny(tmp_path, capsys):
+    """The real trainer as process 0 of 1 and of 4, with the stub SiT: one host read a step, and figures."""
+    result = load_benchmark("host_overhead").main([
+        "--global-batch", "8", "--processes", "1", "4", "--steps", "6", "--log-every", "3", "--draw-repeats", "1",
+        "--workers", "1", "--tiny-rows", "64", "--real-shards", "4", "--real-rows-per-shard", "4",
+        "--handoff-batches", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert [(r["processes"], r["rows_per_process"]) for r in result["rows"]] == [(1, 8), (4, 2)]
+    for row in result["rows"]:
+        assert row["host_reads_per_step"] == 1 and row["draws_ms"] > 0 and row["handoff_ms"] > 0
+        assert row["log_ms_per_step"] > 0 and row["h100_SiT-XL/2_ms"] > row["h100_SiT-B/2_ms"] > 0
+    assert [h["rows"] for h in result["handoff"]] == [2]  # 8 rows a batch would need 24 rows; 16 exist
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["global_batch"] == 8
+    assert "| 8 | 4 | 2 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the datasets are gone
