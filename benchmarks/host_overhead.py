@@ -9,16 +9,18 @@ Everything is the real code; three measurements, on this CPU:
    so on a GPU they are five kernels of device time and the host only launches them (``launch``:
    the same call for one sample, i.e. its Python and dispatch); before that change every process
    drew all of them on the host, every step — the ``draws`` column is that cost.
-2. **the loop**: the real trainer (``open_run_inputs``, ``Trainer``, ``Trainer.run``) as process r
-   of W — an Accelerator that reports rank r of W processes while running alone, so the trainer
-   reads that process's rows and noise, with no collective — on a prepared dataset of tiny rows
-   (64², an 8-wide VFM, written with the project's shard writer) and with a stub SiT of the same
-   input and output shapes that computes one multiply. With tensors this small a step's time is
-   its host work: Python, kernel dispatch, the loader hand-off (time in ``next`` of the batches),
-   the step's host reads (counted) — what the host spends while a GPU would run the real shapes'
-   kernels. The SiT's own launches are not counted: they are the model's, whatever the loop (and
-   ``train.compile`` cuts them). Reported per step: the hand-off, the rest of the step, host reads,
-   and a log step's extra cost (a read, a reduce, a metrics line) spread over ``log.every``.
+2. **the loop**: the real trainer (``open_run_inputs``, ``Trainer``, ``Trainer.run``) as process 0
+   of W — an Accelerator that reports rank 0 of W processes while running alone, so the trainer
+   takes that process's rows and noise and goes through its collectives' code — on a prepared
+   dataset of tiny rows (64², an 8-wide VFM, written with the project's shard writer), one row per
+   process, with a stub SiT of the same input and output shapes that computes one multiply. Its
+   kernels are then nothing and a step's time is its host work: Python, kernel dispatch, the step's
+   host reads (counted), the loader hand-off of tiny rows — what the host spends per step whatever
+   the batch, while a GPU would run the real shapes' kernels (on a GPU a launch costs about what
+   such a tiny CPU kernel does). The SiT's own launches are not counted: they are the model's,
+   whatever the loop (and ``train.compile`` cuts them). Between steps the loop sleeps 10 ms, the
+   GPU's time, so the loader's workers run ahead as they would. Reported: the step's host time
+   besides the hand-off, the hand-off, host reads, and a log step's cost spread over ``log.every``.
 3. **hand-off at the real row size**: :func:`~reglue.data.dataset.training_loader` with DataLoader
    workers reading real 256² rows (427 KiB each, cached semantics) from a dataset of ImageNet's shard
    count, while the main process sleeps the modelled SiT-B/2 step between batches, as a GPU step
@@ -249,8 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loop and the hand-off")
     parser.add_argument("--tiny-rows", type=int, default=16_384, help="rows of the tiny dataset the loop reads")
     parser.add_argument("--real-shards", type=int, default=IMAGENET_SHARDS, help="shards of the real-size dataset")
-    parser.add_argument("--real-rows-per-shard", type=int, default=2)
-    parser.add_argument("--handoff-batches", type=int, default=24)
+    parser.add_argument("--real-rows-per-shard", type=int, default=4)
+    parser.add_argument("--handoff-batches", type=int, default=12)
     parser.add_argument("--dir", type=Path, default=None, help="where the datasets go (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -259,45 +261,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     flops = {name: reglue_training_flops(name) for name in ("SiT-B/2", "SiT-XL/2")}
-    result = {"flops_per_image": flops, "load_avg": os.getloadavg()[0], "rows": [], "handoff": []}
+    result = {"flops_per_image": flops, "load_avg": os.getloadavg()[0], "rows": [], "handoff": {}}
+    world = max(args.processes)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tiny, real = Path(tmp) / "tiny", Path(tmp) / "real"
         shards = min(IMAGENET_SHARDS, args.tiny_rows)
         write_dataset(tiny, shards=shards, rows_per_shard=-(-args.tiny_rows // shards), resolution=TINY_RESOLUTION,
                       vfm_width=TINY_VFM_WIDTH)
-        for global_batch in args.global_batch:
-            draws = measure_draws(global_batch, args.draw_repeats)
-            for world in args.processes:
-                rows = global_batch // world
-                modelled = {f"h100_{name}_ms": modelled_step_ms(rows, flops[name]) for name in flops}
-                with one_thread():  # the loop's tiny kernels: no thread-pool wake-ups in the way
-                    loop = measure_loop(tiny, Path(tmp), global_batch=global_batch, world=world, steps=args.steps,
-                                        log_every=args.log_every, workers=args.workers,
-                                        device_step_s=modelled["h100_SiT-B/2_ms"] / 1000)
-                result["rows"].append({"global_batch": global_batch, "processes": world, "rows_per_process": rows,
-                                       **draws, **loop, **modelled})
+        with one_thread():  # one row per process: the kernels are nothing, what remains is host work
+            result["loop"] = measure_loop(tiny, Path(tmp), global_batch=world, world=world, steps=args.steps,
+                                          log_every=args.log_every, workers=args.workers, device_step_s=0.01)
         write_dataset(real, shards=args.real_shards, rows_per_shard=args.real_rows_per_shard,
                       resolution=REAL_RESOLUTION)
         for rows in sorted({b // w for b in args.global_batch for w in args.processes}):
-            step_s = modelled_step_ms(rows, flops["SiT-B/2"]) / 1000
             if rows * args.handoff_batches <= args.real_shards * args.real_rows_per_shard:
-                result["handoff"].append(measure_handoff(real, rows=rows, workers=args.workers, step_s=step_s,
-                                                         batches=args.handoff_batches))
+                step_s = modelled_step_ms(rows, flops["SiT-B/2"]) / 1000  # the GPU's time: workers run ahead
+                result["handoff"][rows] = measure_handoff(real, rows=rows, workers=args.workers, step_s=step_s,
+                                                          batches=args.handoff_batches)["handoff_ms"]
+    for global_batch in args.global_batch:
+        draws = measure_draws(global_batch, args.draw_repeats)
+        for processes in args.processes:
+            rows = global_batch // processes
+            result["rows"].append({"global_batch": global_batch, "processes": processes, "rows_per_process": rows,
+                                   **draws, "handoff_ms": result["handoff"].get(rows),
+                                   **{f"h100_{name}_ms": modelled_step_ms(rows, flops[name]) for name in flops}})
     result["load_avg_after"] = os.getloadavg()[0]
     return result
 
 
 def report(result: dict) -> str:
-    lines = ["| global batch | processes | rows / process | draws (ms) | draw launch (ms) | loader hand-off, tiny rows "
-             "(ms) | other host (ms) | host reads / step | log (ms / step) | H100 step B/2 (ms) | H100 step XL/2 (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    loop = result["loop"]
+    lines = [f"the loop, 1 row per process: other host {loop['other_ms']:.3f} ms a step, hand-off of tiny rows "
+             f"{loop['handoff_ms']:.3f} ms, {loop['host_reads_per_step']:g} host read(s) a step, logging "
+             f"{loop['log_ms_per_step']} ms a step ({loop['log_step_ms']} ms every log.every steps)", "",
+             "| global batch | processes | rows / process | draws on the host, before (ms) | draw launch, now (ms) | "
+             "hand-off of real rows (ms) | H100 step B/2 (ms) | H100 step XL/2 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        handoff = "–" if r["handoff_ms"] is None else f"{r['handoff_ms']:.3f}"
         lines.append(f"| {r['global_batch']} | {r['processes']} | {r['rows_per_process']} | {r['draws_ms']:.1f} | "
-                     f"{r['launch_ms']:.3f} | {r['handoff_ms']:.3f} | {r['other_ms']:.3f} | {r['host_reads_per_step']:g} | "
-                     f"{r['log_ms_per_step']} | {r['h100_SiT-B/2_ms']} | {r['h100_SiT-XL/2_ms']} |")
-    if result["handoff"]:
-        lines += ["", "| rows a batch (427 KiB each) | workers | main-process hand-off (ms) |", "|---|---|---|"]
-        lines += [f"| {h['rows']} | {h['workers']} | {h['handoff_ms']:.3f} |" for h in result["handoff"]]
+                     f"{r['launch_ms']:.3f} | {handoff} | {r['h100_SiT-B/2_ms']} | {r['h100_SiT-XL/2_ms']} |")
     lines.append(f"\nload average {result['load_avg']:.2f} → {result['load_avg_after']:.2f}")
     return "\n".join(lines)
 
