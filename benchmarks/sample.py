@@ -28,7 +28,7 @@ returns its inputs as the velocities, so no model compute counts. Per step, at `
 
 ``--requests 2,32``: :class:`~reglue.generate.ImageSampler` asked for that many images (SDE, CFG
 on [0, ``--guidance-high``], the weight-free ``pixel`` autoencoder so that the SiT's time shows),
-with its default ``micro_batch=None`` (the rows a step has, at most ``rows_per_call``) and with
+with its default ``micro_batch=None`` (the rows a step has, at most ``MAX_CALL_ROWS``) and with
 ``micro_batch=32`` (``reglue sample``'s fixed micro-batch, which pads a small request to 32 rows
 per call); seconds, seconds per image, and the load.
 

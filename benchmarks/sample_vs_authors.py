@@ -17,12 +17,17 @@ checkpoints). Both start from the same latents, labels and ``torch.manual_seed``
 noise from the global generator (``noise_generators=None``, the path that reproduces their seeds), so
 the samples are comparable and the largest difference is reported. Ours otherwise runs as
 :class:`~reglue.generate.ImageSampler` runs it: ``--precision`` (autocast), no padding, at most
-:func:`~reglue.generate.rows_per_call` rows per model call.
+:data:`~reglue.generate.MAX_CALL_ROWS` rows per model call.
 
 Timing: one 2-step warm-up draw each, then ``--repeats`` timed draws alternating which side goes
 first, so load from other work hits both alike; the median of each side, the speed-up (theirs /
 ours) and the CPU time other processes used meanwhile ("other load", in cores) are printed as one
 Markdown row (``--json PATH`` writes everything).
+
+``--check-vectors PATH`` (SPEC's ``compat/official_vectors.pt``) first shows that ``DIR`` holds the
+authors' model and sampler: their SiT, built with the vectors' configuration, must load the vectors'
+state dict strictly and reproduce its forward outputs, and their sampler its SDE samples, seed for
+seed (largest differences printed; above 1e-5 is an error).
 
 ``--profile``: where the time of one guided model call (2·``--batch`` rows, as each side calls its
 SiT) goes on each side — ``torch.profiler``'s self time of the costliest ops and the share of the
@@ -49,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import other_load, synchronize  # noqa: E402  (a sibling benchmark's load meter)
 
-from reglue.generate import rows_per_call  # noqa: E402
+from reglue.generate import MAX_CALL_ROWS  # noqa: E402
 from reglue.models.loading import config_from_weights  # noqa: E402
 from reglue.models.sit import SiT, sit_config  # noqa: E402
 from reglue.sampling import Guidance, sample_sde  # noqa: E402
@@ -69,21 +74,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=32, help="latent side (32 for 256² images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--check-vectors", type=Path, help="official_vectors.pt: check the authors' code first")
     parser.add_argument("--profile", action="store_true", help="profile one guided model call per side (see above)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
     return parser.parse_args(argv)
 
 
-def authors_code(folder: Path) -> tuple[dict, object]:
-    """Their ``SiT_models`` and ``euler_maruyama_sampler``, imported from ``folder``."""
+def authors_code(folder: Path) -> tuple[object, object]:
+    """Their ``models.sit`` module and ``euler_maruyama_sampler``, imported from ``folder``."""
     if not (folder / "samplers.py").is_file() or not (folder / "models" / "sit.py").is_file():
         raise FileNotFoundError(f"{folder} must hold the authors' samplers.py and models/sit.py "
                                 "(see this script's docstring).")
     sys.path.insert(0, str(folder))
     try:
-        return importlib.import_module("models.sit").SiT_models, importlib.import_module("samplers").euler_maruyama_sampler
+        return importlib.import_module("models.sit"), importlib.import_module("samplers").euler_maruyama_sampler
     finally:
         sys.path.remove(str(folder))
+
+
+def check_vectors(path: Path, sit_module, authors_sampler) -> dict:
+    """Largest differences of the authors' SiT and sampler from SPEC's compatibility vectors."""
+    vectors = torch.load(path, weights_only=True)
+    c = vectors["config"]
+    model = sit_module.SiT(input_size=c["input_size"], patch_size=c["patch"], in_channels=c["in_ch"],
+                           hidden_size=c["hidden"], decoder_hidden_size=c["hidden"], depth=c["depth"],
+                           num_heads=c["heads"], encoder_depth=c["enc_depth"], num_classes=c["num_classes"],
+                           z_dims=[c["z_dim"]], projector_dim=c["proj_dim"], fused_attn=False, qk_norm=False)
+    model.load_state_dict(vectors["state_dict"], strict=True)
+    model.eval()
+    f = vectors["forward"]
+    with torch.no_grad():
+        out, zs, cls_out = model(f["x"], f["t"], y=f["y"], cls_token=f["cls_token"])
+    differences = {"forward": max(float((a - b).abs().max()) for a, b in
+                                  ((out, f["out"]), (zs[0], f["zs"]), (cls_out, f["cls_out"])))}
+    for i, case in enumerate(vectors["sde_samples"]):
+        p = case["params"]
+        torch.manual_seed(case["torch_manual_seed"])
+        with torch.no_grad():
+            sample = authors_sampler(model, case["latents"], case["y"], num_steps=p["num_steps"],
+                                     cfg_scale=p["cfg_scale"], guidance_low=p["guidance_low"],
+                                     guidance_high=p["guidance_high"], cls_latents=case["cls_latents"],
+                                     args=SimpleNamespace(vae_cfg=p["vae_cfg"], cls_cfg_scale=p["cls_cfg_scale"]))
+        differences[f"sde_{i}"] = float((sample - case["out"]).abs().max())
+    if max(differences.values()) > 1e-5:
+        raise ValueError(f"the code in --authors-code does not reproduce {path}: largest differences {differences}.")
+    return differences
 
 
 def build_models(args, sit_models, device: torch.device) -> tuple[torch.nn.Module, SiT]:
@@ -146,15 +181,16 @@ def profiles(args, theirs, ours: SiT, device: torch.device, max_rows: int) -> di
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    sit_models, authors_sampler = authors_code(args.authors_code)
-    theirs, ours = build_models(args, sit_models, device)
+    sit_module, authors_sampler = authors_code(args.authors_code)
+    checked = check_vectors(args.check_vectors, sit_module, authors_sampler) if args.check_vectors else None
+    theirs, ours = build_models(args, sit_module.SiT_models, device)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(args.batch, 20, args.input_size, args.input_size, generator=g).to(device)
     cls = torch.randn(args.batch, 768, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     low, high = args.guidance_interval
     guidance = Guidance(scale=args.cfg_scale, low=low, high=high)
-    max_rows = rows_per_call(ours, device)
+    max_rows = MAX_CALL_ROWS
 
     def authors(steps: int) -> torch.Tensor:
         options = SimpleNamespace(vae_cfg="false", cls_cfg_scale=args.cfg_scale)  # their argparse fields
@@ -186,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
                 seconds[name].append(elapsed)
     median = {name: statistics.median(times) for name, times in seconds.items()}
     profiled = profiles(args, theirs, ours, device, max_rows) if args.profile else None
-    return {"profile": profiled, "model": args.model, "batch": args.batch, "steps": args.steps, "cfg_scale": args.cfg_scale,
+    return {"vectors": checked, "profile": profiled, "model": args.model, "batch": args.batch, "steps": args.steps, "cfg_scale": args.cfg_scale,
             "guidance_interval": [low, high], "precision": args.precision, "max_call_rows": max_rows,
             "device": device.type, "threads": torch.get_num_threads(), "authors_s": round(median["authors"], 2),
             "reglue_s": round(median["reglue"], 2), "speedup": round(median["authors"] / median["reglue"], 2),
@@ -200,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| {result['model']} | {result['batch']} | {result['steps']} | {result['cfg_scale']} | "
           f"{result['precision']} | {result['authors_s']:.2f} | {result['reglue_s']:.2f} | "
           f"**{result['speedup']:.2f}×** | {result['max_abs_diff']:.2g} | {result['other_load_cores']} |")
+    if result["vectors"]:
+        print("the authors' code reproduces the compatibility vectors; largest differences: "
+              + ", ".join(f"{name} {value:.1e}" for name, value in result["vectors"].items()))
     for side, report in (result["profile"] or {}).items():
         print(f"{side}: one call of {2 * args.batch} rows {report['total_ms']} ms, {report['gflop']} GFLOP, matrix "
               f"multiplies {report['matmul_ms']} ms ({100 * report['matmul_share']:.0f} %); "

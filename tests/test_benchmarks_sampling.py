@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import shared_file
 from test_benchmarks import load_benchmark
 
 
@@ -15,15 +16,29 @@ def test_sample_host_step_benchmark_tiny(capsys):
 
 
 STAND_IN_SIT = '''
-from reglue.models.sit import SiT
+from reglue.models.sit import SiT as ReglueSiT
 
 
-class StandIn(SiT):
+class StandIn(ReglueSiT):
     """The authors' SiT interface (keyword arguments, attributes, forward signature and outputs) over a tiny SiT."""
 
     def __init__(self, input_size, num_classes, in_channels, use_cfg, z_dims, encoder_depth, fused_attn, qk_norm):
         super().__init__(input_size=input_size, in_channels=in_channels, hidden_size=48, depth=2, num_heads=12,
                          encoder_depth=1, num_classes=num_classes, z_dim=z_dims[0], projector_dim=16)
+
+    def forward(self, x, t, y, return_logvar=False, cls_token=None, **options):
+        out, zs, cls = super().forward(x, t, y, cls_token=cls_token, **options)
+        return out, [zs], cls
+
+
+class SiT(ReglueSiT):
+    """The authors' SiT constructor, as the compatibility-vector check calls it."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size, decoder_hidden_size, depth, num_heads,
+                 encoder_depth, num_classes, z_dims, projector_dim, fused_attn, qk_norm):
+        super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                         depth=depth, num_heads=num_heads, encoder_depth=encoder_depth, num_classes=num_classes,
+                         z_dim=z_dims[0], projector_dim=projector_dim)
 
     def forward(self, x, t, y, return_logvar=False, cls_token=None, **options):
         out, zs, cls = super().forward(x, t, y, cls_token=cls_token, **options)
@@ -57,6 +72,10 @@ def test_sample_vs_authors_benchmark_harness(tmp_path, capsys):
     assert result["max_abs_diff"] < 1e-5 and result["speedup"] > 0 and len(result["seconds"]["authors"]) == 2
     assert 0 < result["profile"]["reglue"]["matmul_share"] < 1 and result["profile"]["authors"]["gflop"] > 0
     assert capsys.readouterr().out.startswith("| SiT-B/2 | 3 | 3 | 2.3 | fp32 |")
+    checked = load_benchmark("sample_vs_authors").main([
+        "--authors-code", str(tmp_path), "--batch", "1", "--steps", "1", "--input-size", "8", "--repeats", "1",
+        "--device", "cpu", "--check-vectors", str(shared_file("compat/official_vectors.pt"))])["vectors"]
+    assert set(checked) == {"forward", "sde_0", "sde_1"} and max(checked.values()) < 1e-5
     with pytest.raises(FileNotFoundError, match="samplers.py and models/sit.py"):
         load_benchmark("sample_vs_authors").main(["--authors-code", str(tmp_path / "models")])
 

@@ -333,21 +333,6 @@ def test_image_sampler_computes_only_the_rows_asked_for(setup):
     assert np.array_equal(images, again)
 
 
-def test_rows_per_call_keep_cpu_activations_under_the_mmap_threshold():
-    from types import SimpleNamespace
-
-    from reglue.generate import rows_per_call
-    from reglue.models.sit import sit_config
-
-    def rows(name, device, **overrides):
-        return rows_per_call(SimpleNamespace(config=sit_config(name, **overrides)), torch.device(device))
-
-    assert rows("SiT-B/2", "cpu") == 10  # 257 tokens × 3072 floats = 3.2 MB a row
-    assert rows("SiT-XL/2", "cpu") == 7
-    assert rows("SiT-XL/2", "cpu", input_size=64) == 1
-    assert rows("SiT-B/2", "cuda") == 32
-
-
 def test_reglue_sample_refuses_settings_without_a_fixed_micro_batch(setup, tmp_path):
     from dataclasses import replace
 

@@ -48,7 +48,7 @@ class SampleSettings:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
     # Rows per SiT/VAE call (guidance doubles the rows of a step): every call exactly this many (padded),
-    # so images do not depend on the batch; None: the rows of each call as they come (rows_per_call).
+    # so images do not depend on the batch; None: the rows of each call as they come (MAX_CALL_ROWS).
     micro_batch: int | None = 32
 
     def __post_init__(self) -> None:
@@ -105,22 +105,7 @@ def initial_noise(index: int, seed: int, model: SiT, device: torch.device | str 
     return latents, cls, g
 
 
-# glibc's largest mmap threshold: a larger block is mapped afresh, page fault by page fault, each time.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
-ACCELERATOR_CALL_ROWS = 32
-
-
-def rows_per_call(model: SiT, device: torch.device) -> int:
-    """Most rows per SiT call without a fixed micro-batch: 32 on accelerators; on CPU as many as keep
-    the largest activation (the MLP hidden layer, tokens × mlp_ratio·D floats) under
-    :data:`MMAP_THRESHOLD_BYTES`, so that memory is reused between calls instead of mapped and
-    page-faulted anew (SiT-B/2 at 256²: 10 rows; docs/benchmarks.md measures it)."""
-    if device.type != "cpu":
-        return ACCELERATOR_CALL_ROWS
-    c = model.config
-    tokens = c.num_patches + int(c.use_cls_token)
-    row_bytes = tokens * int(c.hidden_size * c.mlp_ratio) * 4
-    return max(1, min(ACCELERATOR_CALL_ROWS, MMAP_THRESHOLD_BYTES // row_bytes))
+MAX_CALL_ROWS = 32  # rows per SiT/VAE call when the settings fix no micro-batch (bounds activation memory)
 
 
 @torch.no_grad()
@@ -129,12 +114,12 @@ def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettin
     """uint8 images (B, H, W, 3) and labels (B,) for the given sample indices.
 
     ``settings.micro_batch`` None: each SiT call takes a step's rows in near-equal unpadded chunks of at
-    most :func:`rows_per_call`, and the VAE decodes in chunks of that many (nothing computed twice)."""
+    most :data:`MAX_CALL_ROWS`, and the VAE decodes in chunks of that many (nothing computed twice)."""
     noise = [initial_noise(i, settings.seed, model, device) for i in indices]
     latents = torch.stack([n[0] for n in noise])
     cls = torch.stack([n[1] for n in noise]) if model.use_cls_token else None
     labels = torch.tensor([label_of(i, settings, model.num_classes) for i in indices], device=device)
-    max_rows = rows_per_call(model, device) if settings.micro_batch is None else None
+    max_rows = MAX_CALL_ROWS if settings.micro_batch is None else None
     rows = {"micro_batch": settings.micro_batch, "max_call_rows": max_rows}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     with autocast:
@@ -251,7 +236,7 @@ class ImageSampler:
                  micro_batch: int | None = None, batch_size: int = 32, output_type: str = "pil"):
         """One image per class id in ``labels``: a list of PIL images (``output_type="pil"``) or
         uint8 (N, H, W, 3) (``"np"``). ``batch_size`` samples advance together; ``micro_batch``: see
-        the class docstring (None: the rows as they come, at most :func:`rows_per_call` per call)."""
+        the class docstring (None: the rows as they come, at most :data:`MAX_CALL_ROWS` per call)."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be pil or np, found {output_type!r}.")
         if len(labels) == 0:
