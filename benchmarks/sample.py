@@ -170,8 +170,8 @@ def requests(args: argparse.Namespace) -> list[dict]:
             sampler(list(range(count)), guidance=guidance, num_steps=args.steps, micro_batch=micro_batch,
                     output_type="np")
             seconds = time.perf_counter() - start
-            rows.append({"images": count, "micro_batch": micro_batch, "steps": args.steps, "seconds": round(seconds, 2),
-                         "seconds_per_image": round(seconds / count, 3), "load_1min": round(os.getloadavg()[0], 2)})
+            rows.append({"images": count, "micro_batch": micro_batch, "steps": args.steps, "seconds": seconds,
+                         "seconds_per_image": seconds / count, "load_1min": round(os.getloadavg()[0], 2)})
     return rows
 
 

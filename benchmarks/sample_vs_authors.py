@@ -16,7 +16,8 @@ loading their state dict strictly (the configuration read off their weights, as 
 checkpoints). Both start from the same latents, labels and ``torch.manual_seed``: ours takes its step
 noise from the global generator (``noise_generators=None``, the path that reproduces their seeds), so
 the samples are comparable and the largest difference is reported. Ours otherwise runs as
-:class:`~reglue.generate.ImageSampler` runs it: ``--precision`` (autocast), no padding, at most
+:class:`~reglue.generate.ImageSampler` runs it: its precision (``--precision``; by default
+:func:`~reglue.generate.fast_precision`: fp32 on CPUs without AMX, bf16 elsewhere), no padding, at most
 :data:`~reglue.generate.MAX_CALL_ROWS` rows per model call.
 
 Timing: one 2-step warm-up draw each, then ``--repeats`` timed draws alternating which side goes
@@ -54,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import other_load, synchronize  # noqa: E402  (a sibling benchmark's load meter)
 
-from reglue.generate import MAX_CALL_ROWS  # noqa: E402
+from reglue.generate import MAX_CALL_ROWS, fast_precision  # noqa: E402
 from reglue.models.loading import config_from_weights  # noqa: E402
 from reglue.models.sit import SiT, sit_config  # noqa: E402
 from reglue.sampling import Guidance, sample_sde  # noqa: E402
@@ -70,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cfg-scale", type=float, default=2.3)
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 0.9), metavar=("LOW", "HIGH"))
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours (theirs: fp32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="ours (theirs: fp32); default: ImageSampler's, fast_precision of the device")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=32, help="latent side (32 for 256² images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,6 +183,7 @@ def profiles(args, theirs, ours: SiT, device: torch.device, max_rows: int) -> di
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    args.precision = args.precision or fast_precision(device)
     sit_module, authors_sampler = authors_code(args.authors_code)
     checked = check_vectors(args.check_vectors, sit_module, authors_sampler) if args.check_vectors else None
     theirs, ours = build_models(args, sit_module.SiT_models, device)

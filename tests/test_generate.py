@@ -225,7 +225,8 @@ def test_image_sampler_gives_the_images_of_reglue_sample(setup, tmp_path):
                  "--steps", "3", "--cfg-scale", "2", "--guidance-interval", "0", "0.9", "--labels", "4,1,7",
                  "--seed", "5", "--micro-batch", "4", "--vae", str(vae_dir), "--quiet"]) == 0
     sampler = ImageSampler.from_pretrained(root / "ema", vae=vae_dir, device="cpu")
-    options = {"guidance": Guidance(scale=2.0, high=0.9), "num_steps": 3, "seed": 5, "micro_batch": 4}
+    options = {"guidance": Guidance(scale=2.0, high=0.9), "num_steps": 3, "seed": 5, "micro_batch": 4,
+               "precision": "fp32"}  # the command's default; ImageSampler's depends on the hardware
     images = sampler([4, 1, 7], output_type="np", batch_size=2, **options)
     assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
     assert np.array_equal(images, np.stack(pngs_of(tmp_path / "cli", 3)))
@@ -340,3 +341,13 @@ def test_reglue_sample_refuses_settings_without_a_fixed_micro_batch(setup, tmp_p
     with pytest.raises(ValueError, match="fixed micro_batch"):
         generate(model, vae, tmp_path / "out", replace(SETTINGS, micro_batch=None))
     assert not (tmp_path / "out").exists()
+
+
+def test_image_sampler_samples_in_the_faster_precision_of_its_device(monkeypatch):
+    from reglue.generate import fast_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert fast_precision(torch.device("cpu")) == "fp32"  # AVX-512 bf16 multiplies more slowly than fp32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert fast_precision(torch.device("cpu")) == "bf16"
+    assert fast_precision(torch.device("cuda")) == "bf16"

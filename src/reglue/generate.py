@@ -108,6 +108,15 @@ def initial_noise(index: int, seed: int, model: SiT, device: torch.device | str 
 MAX_CALL_ROWS = 32  # rows per SiT/VAE call when the settings fix no micro-batch (bounds activation memory)
 
 
+def fast_precision(device: torch.device) -> str:
+    """The faster sampling precision on ``device``: bf16 on accelerators and on CPUs with AMX tiles
+    (bf16 matrix units); fp32 on other CPUs, where AVX-512's bf16 instructions multiply matrices more
+    slowly than fp32 FMAs do (docs/benchmarks.md measures it)."""
+    if device.type != "cpu":
+        return "bf16"
+    return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"  # torch's own CPU feature probe
+
+
 @torch.no_grad()
 def sample_batch(model: SiT, vae, indices: Sequence[int], settings: SampleSettings,
                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +222,9 @@ class ImageSampler:
     (``micro_batch=None``) each model call takes the rows a step has — a call for 2 images computes
     2 images, not a padded micro-batch — so an image is bit-identical to the same call's with the same
     labels count, ``batch_size``, options and device, and may differ by a grey level on a few pixels
-    from one made in a batch of another size. With ``micro_batch=32`` (``reglue sample``'s default) the
-    images equal that command's PNGs bit for bit whatever the batch (same precision too).
+    from one made in a batch of another size. With ``micro_batch=32`` (``reglue sample``'s default) and
+    the same precision the images equal that command's PNGs bit for bit whatever the batch. The
+    precision defaults to the faster one on the device (:func:`fast_precision`; ``reglue sample``: fp32).
     """
 
     def __init__(self, model: SiT, vae, *, device: torch.device | str = "cpu"):
@@ -232,11 +242,12 @@ class ImageSampler:
         return cls(load_sampling_model(checkpoint, weights), load_vae(vae), device=device)
 
     def __call__(self, labels: Sequence[int], *, guidance: Guidance = NO_GUIDANCE, mode: str = "sde",
-                 num_steps: int = 250, heun: bool = False, seed: int = 0, precision: str = "fp32",
+                 num_steps: int = 250, heun: bool = False, seed: int = 0, precision: str | None = None,
                  micro_batch: int | None = None, batch_size: int = 32, output_type: str = "pil"):
         """One image per class id in ``labels``: a list of PIL images (``output_type="pil"``) or
         uint8 (N, H, W, 3) (``"np"``). ``batch_size`` samples advance together; ``micro_batch``: see
-        the class docstring (None: the rows as they come, at most :data:`MAX_CALL_ROWS` per call)."""
+        the class docstring (None: the rows as they come, at most :data:`MAX_CALL_ROWS` per call);
+        ``precision``: fp32 or bf16, None = :func:`fast_precision` of the device."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be pil or np, found {output_type!r}.")
         if len(labels) == 0:
@@ -245,7 +256,7 @@ class ImageSampler:
             raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
         settings = SampleSettings(num_samples=len(labels), mode=mode, num_steps=num_steps, heun=heun,
                                   guidance=guidance, labels=",".join(str(int(c)) for c in labels), seed=seed,
-                                  precision=precision, micro_batch=micro_batch)
+                                  precision=precision or fast_precision(self.device), micro_batch=micro_batch)
         chunks = [sample_batch(self.model, self.vae, range(start, min(start + batch_size, len(labels))), settings,
                                self.device)[0] for start in range(0, len(labels), batch_size)]
         images = np.concatenate(chunks)
