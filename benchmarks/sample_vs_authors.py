@@ -52,14 +52,13 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import other_load, synchronize  # noqa: E402  (a sibling benchmark's load meter)
-
-from reglue.generate import MAX_CALL_ROWS, fast_precision  # noqa: E402
-from reglue.models.loading import config_from_weights  # noqa: E402
-from reglue.models.sit import SiT, sit_config  # noqa: E402
-from reglue.sampling import Guidance, sample_sde  # noqa: E402
-from reglue.state_dict import load_state_dict_strict  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling benchmark's load meter:
+from compare import other_load, synchronize
+from reglue.generate import MAX_CALL_ROWS, fast_precision
+from reglue.models.loading import config_from_weights
+from reglue.models.sit import SiT, sit_config
+from reglue.sampling import Guidance, sample_sde
+from reglue.state_dict import load_state_dict_strict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
