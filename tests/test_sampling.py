@@ -530,18 +530,22 @@ def test_training_mode_model_samples_as_in_eval_and_stays_training():
 
 
 class RandomOps(TorchDispatchMode):
-    """Records every ATen op that draws random numbers: (op name, output tensor, generator)."""
+    """Records every ATen op (name, first argument's storage) and those that draw random numbers
+    (op name, output tensor, generator)."""
 
     def __init__(self):
         super().__init__()
         self.draws: list[tuple[str, torch.Tensor, torch.Generator | None]] = []
         self.ops: list[str] = []
+        self.inputs: list[int | None] = []  # storage of each op's first argument, when a tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         self.ops.append(name)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.inputs.append(first.untyped_storage().data_ptr() if first is not None else None)
         if name in ("normal", "normal_", "randn", "randn_like", "rand", "rand_like", "uniform_"):
             self.draws.append((name, out, kwargs.get("generator")))
         return out
@@ -630,3 +634,24 @@ def test_max_call_rows_cuts_a_step_into_near_equal_unpadded_calls(reglue_model):
     assert torch.allclose(out, whole, atol=1e-5)  # other shapes, other kernels: equal within float rounding
     with pytest.raises(ValueError, match="not both"):
         sample_sde(reglue_model, x, y, cls, num_steps=2, micro_batch=4, max_call_rows=4)
+
+
+def test_frozen_weights_are_cast_once_per_run_under_autocast():
+    """Autocast keeps its bf16 copy of a weight only while the weight requires grad; a frozen model (an
+    EMA) is still cast once per sampling run, not once per step, gives the same samples as an unfrozen
+    one, and is frozen again afterwards."""
+    model = tiny_sit("reglue").eval()
+    x, cls, y = reglue_inputs()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def weight_casts(num_steps: int) -> tuple[int, torch.Tensor]:
+        with RandomOps() as recorded, torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            out = sample_sde(model, x, y, cls, num_steps=num_steps)
+        return sum(op == "_to_copy" and ptr in weights for op, ptr in zip(recorded.ops, recorded.inputs)), out
+
+    unfrozen_casts, unfrozen = weight_casts(3)
+    model.requires_grad_(False)
+    assert weight_casts(3)[0] == weight_casts(6)[0] == unfrozen_casts > 0
+    assert torch.equal(weight_casts(3)[1], unfrozen)
+    assert not any(p.requires_grad for p in model.parameters())
