@@ -20,7 +20,9 @@ Everything is the real code; three measurements, on this CPU:
    such a tiny CPU kernel does). The SiT's own launches are not counted: they are the model's,
    whatever the loop (and ``train.compile`` cuts them). Between steps the loop sleeps 10 ms, the
    GPU's time, so the loader's workers run ahead as they would. Reported: the step's host time
-   besides the hand-off, the hand-off, host reads, and a log step's cost spread over ``log.every``.
+   besides the hand-off (wall and the main thread's CPU time), the hand-off, host reads (counted
+   in a few more steps, untimed: counting dispatched ops costs host time itself), and a log step's
+   cost spread over ``log.every``.
 3. **hand-off at the real row size**: :func:`~reglue.data.dataset.training_loader` with DataLoader
    workers reading real 256² rows (427 KiB each, cached semantics) from a dataset of ImageNet's shard
    count, while the main process sleeps the modelled SiT-B/2 step between batches, as a GPU step
@@ -67,6 +69,7 @@ H100_BF16 = PEAK_TFLOPS["H100"] * 1e12
 MFU = 0.4
 REAL_RESOLUTION, TINY_RESOLUTION, TINY_VFM_WIDTH = 256, 64, 8
 IMAGENET_IMAGES, IMAGENET_SHARDS = 1_281_167, 1_282
+COUNTED_STEPS = 3  # steps after the timed ones whose host reads are counted
 
 
 class OneRankOf(Accelerator):
@@ -169,24 +172,29 @@ def measure_loop(data: Path, work: Path, *, global_batch: int, world: int, steps
         trainer = trainer_module.Trainer(inputs, OneRankOf(0, world, cpu=True))
     finally:
         trainer_module._build_model = real_build
-    step_s, fetch_s, log_s, reads = [], [], [], []
+    step_s, step_cpu_s, fetch_s, fetch_cpu_s, log_s, reads = [], [], [], [], [], []
     real_batches, real_step, real_log = trainer.batches, trainer.train_step, trainer._log
 
     def timed_batches():
         batches = real_batches()
         while True:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             batch = next(batches)
             fetch_s.append(time.perf_counter() - start)
+            fetch_cpu_s.append(time.thread_time() - start_cpu)
             yield batch
 
     def timed_step(batches):
-        with HostReads() as counted:
-            start = time.perf_counter()
+        if len(step_s) < steps:  # timed
+            start, start_cpu = time.perf_counter(), time.thread_time()
             real_step(batches)
             step_s.append(time.perf_counter() - start)
-        reads.append(counted.count + tolist_calls.pop())
-        tolist_calls.append(0)
+            step_cpu_s.append(time.thread_time() - start_cpu)
+        else:  # counted: the dispatch mode costs host time itself, so these steps are not timed
+            tolist_calls[0] = 0
+            with HostReads() as counted:
+                real_step(batches)
+            reads.append(counted.count + tolist_calls[0])
         time.sleep(device_step_s)
 
     def timed_log(*args):
@@ -197,37 +205,42 @@ def measure_loop(data: Path, work: Path, *, global_batch: int, world: int, steps
     tolist_calls, real_tolist = [0], torch.Tensor.tolist
 
     def counting_tolist(tensor):
-        tolist_calls[-1] += 1
+        tolist_calls[0] += 1
         return real_tolist(tensor)
 
     trainer.batches, trainer.train_step, trainer._log = timed_batches, timed_step, timed_log
     torch.Tensor.tolist = counting_tolist
     try:
-        trainer.run(stop_after_steps=steps)
+        trainer.run(stop_after_steps=steps + COUNTED_STEPS)
     finally:
         torch.Tensor.tolist = real_tolist
     warm = slice(2, None)  # the first steps start the loader's workers and fill its queue
     fetches = fetch_s[warm]
     return {"handoff_ms": median_ms(fetches), "other_ms": round(median_ms(step_s[warm]) - median_ms(fetches), 3),
-            "host_reads_per_step": statistics.median(reads[warm]),
+            "other_cpu_ms": round(median_ms(step_cpu_s[warm]) - median_ms(fetch_cpu_s[warm]), 3),
+            "host_reads_per_step": statistics.median(reads),
             "log_step_ms": median_ms(log_s) if log_s else None,
             "log_ms_per_step": round(median_ms(log_s) / log_every, 3) if log_s else None}
 
 
-def measure_handoff(data: Path, *, rows: int, workers: int, step_s: float, batches: int) -> dict:
-    """Main-process time to receive a batch of ``rows`` real-size rows from ``workers`` workers that run
-    ahead while the main process sleeps ``step_s`` between batches."""
+def measure_handoff(data: Path, *, rows: int, workers: int, wait_s: float, batches: int) -> dict:
+    """The main process's time to receive a batch of ``rows`` real-size rows from ``workers`` workers:
+    wall time and the main thread's CPU time of ``next``. It waits ``wait_s`` between batches, long
+    enough for the workers to have the next one ready: what is timed is the hand-off, not their reading
+    (whose rate ``benchmarks/data_loading.py`` measures)."""
     dataset = PreparedDataset(data, fields=TRAINING_FIELDS)
     order = process_batches(len(dataset), rows, seed=0, epoch=0, rank=0, num_processes=1)[:batches]
     loader = iter(training_loader(dataset, order, num_workers=workers, pin_memory=False))
-    received = []
+    wall, cpu = [], []
     for index in range(len(order)):
-        start = time.perf_counter()
-        next(loader)
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        batch = next(loader)
         if index >= workers:  # the first batches wait for the workers to start
-            received.append(time.perf_counter() - start)
-        time.sleep(step_s)
-    return {"rows": rows, "workers": workers, "handoff_ms": median_ms(received)}
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+        del batch  # freed outside the timing, as the trainer frees it during the next step
+        time.sleep(wait_s)
+    return {"rows": rows, "workers": workers, "handoff_ms": median_ms(wall), "handoff_cpu_ms": median_ms(cpu)}
 
 
 def reglue_training_flops(name: str) -> float:
@@ -248,7 +261,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="loop steps per configuration")
     parser.add_argument("--log-every", type=int, default=10, help="log.every of the loop (its cost is spread over it)")
     parser.add_argument("--draw-repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loop and the hand-off")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="DataLoader workers of the loop and the hand-off (1 on a 2-core machine: the main process "
+                        "needs the other core)")
+    parser.add_argument("--handoff-wait", type=float, default=0.3, help="seconds between batches of the hand-off")
     parser.add_argument("--tiny-rows", type=int, default=16_384, help="rows of the tiny dataset the loop reads")
     parser.add_argument("--real-shards", type=int, default=IMAGENET_SHARDS, help="shards of the real-size dataset")
     parser.add_argument("--real-rows-per-shard", type=int, default=4)
@@ -275,15 +291,16 @@ def run(args: argparse.Namespace) -> dict:
                       resolution=REAL_RESOLUTION)
         for rows in sorted({b // w for b in args.global_batch for w in args.processes}):
             if rows * args.handoff_batches <= args.real_shards * args.real_rows_per_shard:
-                step_s = modelled_step_ms(rows, flops["SiT-B/2"]) / 1000  # the GPU's time: workers run ahead
-                result["handoff"][rows] = measure_handoff(real, rows=rows, workers=args.workers, step_s=step_s,
-                                                          batches=args.handoff_batches)["handoff_ms"]
+                result["handoff"][rows] = measure_handoff(real, rows=rows, workers=args.workers,
+                                                          wait_s=args.handoff_wait, batches=args.handoff_batches)
     for global_batch in args.global_batch:
         draws = measure_draws(global_batch, args.draw_repeats)
         for processes in args.processes:
             rows = global_batch // processes
+            handoff = result["handoff"].get(rows, {})
             result["rows"].append({"global_batch": global_batch, "processes": processes, "rows_per_process": rows,
-                                   **draws, "handoff_ms": result["handoff"].get(rows),
+                                   **draws, "handoff_ms": handoff.get("handoff_ms"),
+                                   "handoff_cpu_ms": handoff.get("handoff_cpu_ms"),
                                    **{f"h100_{name}_ms": modelled_step_ms(rows, flops[name]) for name in flops}})
     result["load_avg_after"] = os.getloadavg()[0]
     return result
@@ -291,13 +308,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(result: dict) -> str:
     loop = result["loop"]
-    lines = [f"the loop, 1 row per process: other host {loop['other_ms']:.3f} ms a step, hand-off of tiny rows "
-             f"{loop['handoff_ms']:.3f} ms, {loop['host_reads_per_step']:g} host read(s) a step, logging "
-             f"{loop['log_ms_per_step']} ms a step ({loop['log_step_ms']} ms every log.every steps)", "",
+    lines = [f"the loop, 1 row per process: other host {loop['other_ms']:.3f} ms a step ({loop['other_cpu_ms']:.3f} ms "
+             f"of CPU), hand-off of tiny rows {loop['handoff_ms']:.3f} ms, {loop['host_reads_per_step']:g} host read(s) "
+             f"a step, logging {loop['log_ms_per_step']} ms a step ({loop['log_step_ms']} ms every log.every steps)", "",
              "| global batch | processes | rows / process | draws on the host, before (ms) | draw launch, now (ms) | "
-             "hand-off of real rows (ms) | H100 step B/2 (ms) | H100 step XL/2 (ms) |", "|---|---|---|---|---|---|---|---|"]
+             "hand-off of real rows, wall / CPU (ms) | H100 step B/2 (ms) | H100 step XL/2 (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        handoff = "–" if r["handoff_ms"] is None else f"{r['handoff_ms']:.3f}"
+        handoff = "–" if r["handoff_ms"] is None else f"{r['handoff_ms']:.3f} / {r['handoff_cpu_ms']:.3f}"
         lines.append(f"| {r['global_batch']} | {r['processes']} | {r['rows_per_process']} | {r['draws_ms']:.1f} | "
                      f"{r['launch_ms']:.3f} | {handoff} | {r['h100_SiT-B/2_ms']} | {r['h100_SiT-XL/2_ms']} |")
     lines.append(f"\nload average {result['load_avg']:.2f} → {result['load_avg_after']:.2f}")

@@ -193,7 +193,7 @@ def test_host_overhead_benchmark_tiny(tmp_path, capsys):
     result = load_benchmark("host_overhead").main([
         "--global-batch", "8", "--processes", "1", "4", "--steps", "6", "--log-every", "3", "--draw-repeats", "1",
         "--workers", "1", "--tiny-rows", "64", "--real-shards", "4", "--real-rows-per-shard", "4",
-        "--handoff-batches", "3", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+        "--handoff-batches", "3", "--handoff-wait", "0.01", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
     loop = result["loop"]
     assert loop["host_reads_per_step"] == 1 and loop["other_ms"] > 0 and loop["log_ms_per_step"] > 0
     assert [(r["processes"], r["rows_per_process"]) for r in result["rows"]] == [(1, 8), (4, 2)]

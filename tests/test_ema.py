@@ -42,3 +42,24 @@ def test_loop_ema_equals_foreach_ema_and_copies_frozen_parts():
     for (name, a), b in zip(emas["foreach"].named_parameters(), emas["loop"].parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert torch.equal(emas["loop"].pos_embed, model.pos_embed)
+
+
+def test_an_update_built_once_follows_the_model_step_after_step():
+    """EMAUpdate gathers the tensors once; in-place changes (optimiser steps, load_state_dict) reach it."""
+    from reglue.ema import EMAUpdate
+
+    model = tiny_sit("reglue")
+    ema, reference = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    update = EMAUpdate(ema, model, "foreach")
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 1:
+            model.load_state_dict(tiny_sit("reglue", seed=5).state_dict())  # copies into the same tensors
+        update(0.9)
+        update_ema(reference, model, 0.9)
+    for (name, a), b in zip(ema.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="unknown EMA update"):
+        EMAUpdate(ema, model, "lerp")

@@ -33,7 +33,7 @@ from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
 from reglue.data.dataset import training_loader
 from reglue.distributed import on_cpu_only, on_main, process_state
-from reglue.ema import EMA_UPDATES
+from reglue.ema import EMAUpdate
 from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
 from reglue.io import atomic_write
@@ -235,6 +235,8 @@ class Trainer:
         self.in_channels = self.model.in_channels
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.core = accelerator.unwrap_model(self.model)  # the SiT inside DDP, looked up once (a per-call cost)
+        self._ema_update = EMAUpdate(self.ema, self.core, config.train.ema)
+        self._trained = params  # the clipped parameters, listed once
         self._skips_on_device = bool(optimizer.defaults.get("fused")) and accelerator.scaler is None
         self.step = 0
         self.resumed = False
@@ -418,7 +420,7 @@ class Trainer:
             for name, value in terms.detached().items():
                 losses[name] = losses.get(name, 0) + value / cfg.grad_accum
         self._settle()  # the previous step, while this one is queued
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        grad_norm = self.acc.clip_grad_norm_(self._trained, self.config.optim.grad_clip)
         update = _Update(self.step + 1, self._status(losses["total"], grad_norm), losses, grad_norm, terms.lambda_sem)
         self._apply(update)
         self._pending = update
@@ -459,7 +461,7 @@ class Trainer:
         self.stop_requested |= stop
         if finite:
             self.nonfinite_in_row = 0
-            EMA_UPDATES[self.config.train.ema](self.ema, self.core, self.config.train.ema_decay)
+            self._ema_update(self.config.train.ema_decay)
         else:
             self._count_skipped(update.step)
         return update
