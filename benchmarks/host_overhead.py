@@ -2,7 +2,7 @@
 
     python benchmarks/host_overhead.py --global-batch 256 1024 --processes 1 8
 
-Everything is the real code; three measurements, on this CPU:
+Everything is the real code; four measurements, on this CPU:
 
 1. **draws**: :meth:`StepNoise.draw` for the whole global batch at 256² (a 20×32×32 joint state and
    its ε, a 768-wide CLS noise, times, dropout). The trainer makes these on the training device,
@@ -23,7 +23,11 @@ Everything is the real code; three measurements, on this CPU:
    besides the hand-off (wall and the main thread's CPU time), the hand-off, host reads (counted
    in a few more steps, untimed: counting dispatched ops costs host time itself), and a log step's
    cost spread over ``log.every``.
-3. **hand-off at the real row size**: :func:`~reglue.data.dataset.training_loader` with DataLoader
+3. **per-tensor work**: fused AdamW's step, the EMA update and the gradient clip over as many
+   1-element tensors as REGLUE SiT-B/2 (143) and SiT-XL/2 (303) train — their loops and launches,
+   which the one-tensor stub leaves out (an upper bound for a GPU, whose foreach kernels are
+   multi-tensor).
+4. **hand-off at the real row size**: :func:`~reglue.data.dataset.training_loader` with DataLoader
    workers reading real 256² rows (427 KiB each, cached semantics) from a dataset of ImageNet's shard
    count, while the main process sleeps the modelled SiT-B/2 step between batches, as a GPU step
    would keep it busy: the main process's time to receive a batch. (Pinning is a separate thread
@@ -57,6 +61,7 @@ from data_loading import TRAINING_FIELDS, write_dataset  # noqa: E402
 
 from reglue.config import load_config  # noqa: E402
 from reglue.data.dataset import PreparedDataset, training_loader  # noqa: E402
+from reglue.ema import EMAUpdate  # noqa: E402
 from reglue.models.sit import SiT, build_sit, sit_config  # noqa: E402
 from reglue.presets import get_preset  # noqa: E402
 from reglue.training import trainer as trainer_module  # noqa: E402
@@ -243,6 +248,38 @@ def measure_handoff(data: Path, *, rows: int, workers: int, wait_s: float, batch
     return {"rows": rows, "workers": workers, "handoff_ms": median_ms(wall), "handoff_cpu_ms": median_ms(cpu)}
 
 
+def measure_per_tensor_work(name: str, repeats: int = 50) -> dict:
+    """The trainer's per-parameter-tensor host work at ``name``'s tensor count (1-element tensors, so only
+    the loops and launches remain): fused AdamW's step with its found_inf flag, the EMA update, the
+    gradient-norm clip. On a CPU the foreach kernels loop over the tensors; on a GPU they are multi-tensor
+    kernels, so this is an upper bound of what the host spends there."""
+    with torch.device("meta"):
+        count = sum(p.requires_grad for p in build_sit(name, **get_preset("reglue").model_kwargs(vfm_dim=768))
+                    .parameters())
+    model = nn.ParameterList([nn.Parameter(torch.randn(1)) for _ in range(count)])
+    ema = nn.ParameterList([nn.Parameter(torch.randn(1), requires_grad=False) for _ in range(count)])
+    params = list(model.parameters())
+    for param in params:
+        param.grad = torch.randn(1)
+    adamw, update = torch.optim.AdamW(params, lr=1e-4, fused=True), EMAUpdate(ema, model)
+    found_inf = torch.zeros(())
+
+    def optimiser_step() -> None:
+        adamw.found_inf = found_inf
+        adamw.step()
+        del adamw.found_inf
+
+    def timed(work) -> float:
+        work()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        return round(1000 * (time.perf_counter() - start) / repeats, 3)
+
+    return {"model": name, "tensors": count, "adamw_ms": timed(optimiser_step), "ema_ms": timed(lambda: update(0.9999)),
+            "clip_ms": timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))}
+
+
 def reglue_training_flops(name: str) -> float:
     """FLOPs of one 256² training image through REGLUE ``name`` (forward + backward, cached semantics)."""
     with torch.device("meta"):
@@ -302,6 +339,8 @@ def run(args: argparse.Namespace) -> dict:
                                    **draws, "handoff_ms": handoff.get("handoff_ms"),
                                    "handoff_cpu_ms": handoff.get("handoff_cpu_ms"),
                                    **{f"h100_{name}_ms": modelled_step_ms(rows, flops[name]) for name in flops}})
+    with one_thread():
+        result["per_tensor"] = [measure_per_tensor_work(name) for name in flops]
     result["load_avg_after"] = os.getloadavg()[0]
     return result
 
@@ -318,6 +357,9 @@ def report(result: dict) -> str:
         handoff = "–" if r["handoff_ms"] is None else f"{r['handoff_ms']:.3f} / {r['handoff_cpu_ms']:.3f}"
         lines.append(f"| {r['global_batch']} | {r['processes']} | {r['rows_per_process']} | {r['draws_ms']:.1f} | "
                      f"{r['launch_ms']:.3f} | {handoff} | {r['h100_SiT-B/2_ms']} | {r['h100_SiT-XL/2_ms']} |")
+    lines += ["", "| model | parameter tensors | AdamW step (ms) | EMA update (ms) | clip (ms) |", "|---|---|---|---|---|"]
+    lines += [f"| {w['model']} | {w['tensors']} | {w['adamw_ms']:.3f} | {w['ema_ms']:.3f} | {w['clip_ms']:.3f} |"
+              for w in result["per_tensor"]]
     lines.append(f"\nload average {result['load_avg']:.2f} → {result['load_avg_after']:.2f}")
     return "\n".join(lines)
 

@@ -201,5 +201,7 @@ def test_host_overhead_benchmark_tiny(tmp_path, capsys):
     assert result["rows"][1]["handoff_ms"] > 0 and result["rows"][1]["draws_ms"] > 0
     assert result["rows"][0]["h100_SiT-XL/2_ms"] > result["rows"][0]["h100_SiT-B/2_ms"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["global_batch"] == 8
+    assert [(w["model"], w["tensors"]) for w in result["per_tensor"]] == [("SiT-B/2", 143), ("SiT-XL/2", 303)]
+    assert all(w["adamw_ms"] > 0 and w["ema_ms"] > 0 and w["clip_ms"] > 0 for w in result["per_tensor"])
     assert "| 8 | 4 | 2 |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the datasets are gone
