@@ -10,7 +10,8 @@ as a plain dict, one :func:`capture_rng_state` per rank, the data-order position
 process should save; gathering the other ranks' RNG states is the caller's job. A trainer that
 keeps one state file under a fixed name (the semantic compressor's ``train_state.pt``) writes
 it with :func:`save_state_file` and reads it with :func:`load_checkpoint`: same format, same
-rules, no pruning.
+rules, no pruning. To write while training goes on, a trainer saves :func:`host_copy` of its
+payload in a :class:`BackgroundWriter`.
 
 Rules this module keeps:
 
@@ -53,6 +54,8 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
+import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -161,6 +164,41 @@ def host_copy(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return type(value)(host_copy(item) for item in value)
     return value
+
+
+class BackgroundWriter:
+    """Runs one write at a time in a thread, so that training goes on while a checkpoint is written.
+
+    :meth:`wait` joins the write in progress and raises its error, if any; a process that ends while a
+    write is running waits for it (the thread is not a daemon), so a started checkpoint is finished."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as err:  # reported by the next wait(), in the training thread
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="reglue-checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the write in progress (0 when none); raises the error of the last write."""
+        start = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return time.perf_counter() - start
+
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

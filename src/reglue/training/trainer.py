@@ -21,9 +21,7 @@ import copy
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +67,8 @@ class TrainingError(ReglueError):
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop checkpoints at the end of the current step and stops.
+    """Set by SIGINT/SIGTERM: the run stops with a checkpoint at the end of the next step (every process
+    at the same one: the flag travels in the steps' status, read one step late, see ``Trainer.train_step``).
 
     A second Ctrl-C aborts at once; checkpoints are written atomically, so the last one stays whole."""
 
@@ -80,7 +79,7 @@ class _StopFlag:
         if self.raised and signum == signal.SIGINT:
             raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint (the last one is intact)")
         self.raised = True
-        log.warning("stop requested: checkpointing after this step (press Ctrl-C again to abort without one)")
+        log.warning("stop requested: checkpointing after the next step (press Ctrl-C again to abort without one)")
 
     @contextlib.contextmanager
     def installed(self):
@@ -90,40 +89,6 @@ class _StopFlag:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-class BackgroundWriter:
-    """Runs one write at a time in a thread, so that training goes on while a checkpoint is written.
-
-    :meth:`wait` joins the write in progress and raises its error, if any; a process that ends while a
-    write is running waits for it (the thread is not a daemon), so a started checkpoint is finished."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self, write: Callable[[], None]) -> None:
-        self.wait()
-
-        def run() -> None:
-            try:
-                write()
-            except BaseException as err:  # reported by the next wait(), in the training thread
-                self._error = err
-
-        self._thread = threading.Thread(target=run, name="reglue-checkpoint-writer")
-        self._thread.start()
-
-    def wait(self) -> float:
-        """Seconds spent waiting for the write in progress (0 when none); raises the error of the last write."""
-        start = time.perf_counter()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return time.perf_counter() - start
 
 
 @dataclass
@@ -245,7 +210,7 @@ class Trainer:
         self.stop_signal = _StopFlag()
         self.stop_requested = False
         self._pending: _Update | None = None  # the last queued update, until _settle reads it
-        self._writer = BackgroundWriter()  # checkpoints are written while training goes on
+        self._writer = ckpt.BackgroundWriter()  # checkpoints are written while training goes on
         self.evaluator = None  # built, and its settings checked, before the run writes a file
         if config.eval.every:
             self.evaluator = Evaluator(config, device=accelerator.device, rank=accelerator.process_index,
