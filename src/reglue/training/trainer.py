@@ -67,8 +67,8 @@ class TrainingError(ReglueError):
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the run stops with a checkpoint at the end of the next step (every process
-    at the same one: the flag travels in the steps' status, read one step late, see ``Trainer.train_step``).
+    """Set by SIGINT/SIGTERM: the run stops with a checkpoint at most two steps later, every process at the
+    same step (the flag travels in a step's status, which is read one step late, see ``Trainer.train_step``).
 
     A second Ctrl-C aborts at once; checkpoints are written atomically, so the last one stays whole."""
 
@@ -79,7 +79,7 @@ class _StopFlag:
         if self.raised and signum == signal.SIGINT:
             raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint (the last one is intact)")
         self.raised = True
-        log.warning("stop requested: checkpointing after the next step (press Ctrl-C again to abort without one)")
+        log.warning("stop requested: checkpointing within two steps (press Ctrl-C again to abort without one)")
 
     @contextlib.contextmanager
     def installed(self):
