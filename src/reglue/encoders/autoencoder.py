@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 
 from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
 from reglue.encoders.vae import DEFAULT_VAE, VAE
 from reglue.io import existing_path, path_fingerprint
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 def vae_location(source: str) -> str:

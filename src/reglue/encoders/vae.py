@@ -27,12 +27,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 SCALE = 0.18215  # SD-VAE latent scale: z = sample · SCALE, decode(z / SCALE)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # "stabilityai/sd-vae-ft-mse" is the other option
@@ -71,10 +74,14 @@ def load_autoencoder(
     source: str | os.PathLike | AutoencoderKL = DEFAULT_VAE, dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
     """An ``AutoencoderKL`` in ``dtype`` from an instance (cast in place), a local folder or a cached hub id."""
-    if isinstance(source, AutoencoderKL):
+    if isinstance(source, nn.Module):  # an AutoencoderKL already built
         # diffusers warns on every .to(dtype), so cast only when it changes something
         return source if source.dtype == dtype else source.to(dtype=dtype)
     folder = _folder_for(source)
+    # diffusers is imported when a VAE is loaded, not with this module: it takes ≈ 2 s (it imports
+    # torch._dynamo), which every process that never loads one would pay at start-up.
+    from diffusers import AutoencoderKL
+
     try:
         return AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     except OSError as err:
