@@ -169,3 +169,24 @@ def test_shipped_configs_checkpoint_every_percent_of_the_run(path):
     """A lost node costs at most 1 % of a run (docs/cluster.md)."""
     config = load_config(REPO / "configs" / path, ["data.dir=/data"])
     assert config.checkpoint.every <= config.train.max_steps // 100, path
+
+
+def test_the_collective_timeout_reaches_the_process_group(cached_data, monkeypatch):
+    """train.dist_timeout is the timeout the process group is set up with, before anything else starts it."""
+    import datetime
+
+    import accelerate
+
+    from reglue import distributed
+    from reglue.training import trainer as trainer_module
+
+    asked = []
+    real = trainer_module.process_state
+    monkeypatch.setattr(trainer_module, "process_state", lambda timeout_s=None: asked.append(timeout_s) or real())
+    train(load_config(RUN[1], [*RUN[2:], f"data.dir={cached_data / 'data'}", "train.max_steps=1", "eval.every=0",
+                               f"run_dir={cached_data / 'timeout'}", "train.dist_timeout=77"]))
+    assert asked == [77]
+    made = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.append(kwargs))
+    distributed.process_state(timeout_s=77)
+    assert made == [{"cpu": distributed.on_cpu_only(), "timeout": datetime.timedelta(seconds=77)}]
