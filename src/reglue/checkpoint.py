@@ -42,7 +42,7 @@ Rules this module keeps:
   a few reads, whatever the checkpoint's size.
 - Consequences of the mapping: an unlinked file (pruned, or replaced by a rename) stays readable
   through it until its tensors are freed, and its disk space is released only then; on NFS the
-  client that unlinks a file it still maps keeps it as a hidden ``.nfsXXXX`` file beside it
+  client that unlinks a file it still maps keeps it as a hidden ``.nfs<hex digits>`` file beside it
   until then, while a process on *another* machine that still reads it fails. Release the
   loaded state once it is copied into the model and optimiser. A medium error in tensor data
   (EIO) or a file truncated in place while mapped surfaces as SIGBUS when the page is touched,
