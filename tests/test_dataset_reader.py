@@ -91,13 +91,16 @@ def test_rows_and_batches_are_the_files_rows(data):
 
 
 class SharedInWorker(Dataset):
-    """Whether each tensor of ``read_batch`` was allocated in shared memory, asked inside a worker."""
+    """Whether each tensor of ``read_batch`` was allocated in shared memory, asked inside a worker, and
+    how many blocks of memory the batch's tensors lie in."""
 
     def __init__(self, dataset: PreparedDataset):
         self.dataset = dataset
 
     def __getitem__(self, rows: list[int]) -> dict[str, bool]:
-        return {name: value.is_shared() for name, value in self.dataset.read_batch(rows).items()}
+        batch = self.dataset.read_batch(rows)
+        blocks = {value.untyped_storage().data_ptr() for value in batch.values()}
+        return {name: value.is_shared() for name, value in batch.items()} | {"blocks": len(blocks)}
 
 
 def test_training_loader_in_workers_matches_the_row_by_row_loader(data):
@@ -109,7 +112,8 @@ def test_training_loader_in_workers_matches_the_row_by_row_loader(data):
         for found, wanted in zip(batches, row_by_row):
             assert_same(found, wanted)
     flags = DataLoader(SharedInWorker(dataset), sampler=[[0, 5]], batch_size=None, num_workers=1)
-    assert next(iter(flags)) == {"label": True, "moments": True, "semantics": True, "cls": True, "repa": True}
+    assert next(iter(flags)) == {"label": True, "moments": True, "semantics": True, "cls": True, "repa": True,
+                                 "blocks": 1}  # one block: handed over as one file descriptor
     assert not any(value.is_shared() for value in dataset.read_batch([0, 5]).values())  # the main process's own
 
 

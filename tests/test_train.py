@@ -173,6 +173,8 @@ def test_truncated_newest_checkpoint_is_skipped_on_resume(cached_data, caplog):
 
 
 def test_sigterm_checkpoints_and_stops(cached_data):
+    """SIGTERM to the whole process group, DataLoader workers included (as torchrun and SLURM signal a
+    job): the workers ignore it, the run checkpoints and stops."""
     import os
     import signal
     import subprocess
@@ -182,14 +184,14 @@ def test_sigterm_checkpoints_and_stops(cached_data):
     run_dir = cached_data / "sigterm"
     command = [sys.executable, "-m", "reglue", "train", "--config", "configs/demo.yaml",
                f"data.dir={cached_data / 'data'}", f"run_dir={run_dir}", *TINY_MODEL, "train.global_batch=2",
-               "train.max_steps=100000", "checkpoint.every=100000", "log.every=1"]
+               "train.max_steps=100000", "checkpoint.every=100000", "log.every=1", "data.num_workers=2"]
     process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.1)
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stopped early" in out
     (step, path), = ckpt.list_checkpoints(run_dir)

@@ -6,8 +6,8 @@ and closed at once, its ``.npy`` header parsed once per process. This replaced a
 ``np.load(mmap_mode="r")`` maps per process, which in random order reopened (re-parsed and
 re-mapped) files on almost every row, and whose maps each hold a file descriptor (Python's
 ``mmap`` keeps a duplicate), so keeping all 6,410 open would exceed the usual limit of 1,024 per
-process. :func:`training_loader` hands whole batches from the workers in shared memory: one copy
-from the page cache, none to hand the batch over. At ImageNet's shape this reads ≈ 8× the rows
+process. :func:`training_loader` hands whole batches from the workers in one block of shared memory
+each: one copy from the page cache, none to hand the batch over. At ImageNet's shape this reads ≈ 8× the rows
 per CPU second of the old reader in the main process and ≈ 4× in a worker (docs/benchmarks.md,
 benchmarks/data_loading.py).
 """
@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -164,51 +165,80 @@ class PreparedDataset(Dataset):
             raise ValueError("no rows to read: pass at least one index.")
         located = [self.locate(index) for index in indices]
         order = sorted(range(len(located)), key=located.__getitem__)  # file by file, rows ascending
-        batch = {"label": self._read_array("labels", located, order, shared)}
-        for name in self.fields:
-            if name == "images":  # stored HWC; contiguous (B, 3, R, R), as stacking the rows gave
-                hwc = self._read_array(name, located, order, shared=False).permute(0, 3, 1, 2)
-                batch[name] = _empty(hwc.shape, hwc.dtype, shared).copy_(hwc)
+        groups = [(shard, list(members)) for shard, members in itertools.groupby(order, lambda k: located[k][0])]
+        names = ("labels", *self.fields)
+        files = {name: [self._file(shard, name) for shard, _ in groups] for name in names}  # row shapes now known
+        layout = {}
+        for name in names:
+            shape, dtype = self._rows[name]
+            shape = (shape[2], shape[0], shape[1]) if name == "images" else shape  # stored HWC, returned CHW
+            layout["label" if name == "labels" else name] = ((len(located), *shape), _torch_dtype(dtype))
+        batch = _batch_memory(layout, shared)
+        for name in names:
+            if name == "images":  # contiguous (B, 3, R, R), as stacking the rows gave
+                hwc = torch.empty((len(located), *self._rows[name][0]), dtype=torch.uint8)
+                self._fill(hwc, name, files[name], groups, located)
+                batch[name].copy_(hwc.permute(0, 3, 1, 2))
             else:
-                batch[name] = self._read_array(name, located, order, shared)
+                self._fill(batch["label" if name == "labels" else name], name, files[name], groups, located)
         return batch
 
-    def _read_array(self, name: str, located: list[tuple[int, int]], order: list[int], shared: bool) -> torch.Tensor:
-        """(B, *row) of one array, read with ``os.preadv`` into the batch's memory; each shard file is
-        opened once and closed after its rows (no descriptor is kept), its rows read in ascending order."""
-        groups = [(shard, list(members)) for shard, members in itertools.groupby(order, lambda k: located[k][0])]
-        files = [self._file(shard, name) for shard, _ in groups]  # headers parsed: the row shape and dtype known
+    def _fill(self, out: torch.Tensor, name: str, files: list[tuple[str, int]], groups: list[tuple[int, list[int]]],
+              located: list[tuple[int, int]]) -> None:
+        """Read array ``name``'s rows into ``out`` (B, *row) with ``os.preadv``; each shard file is opened once
+        and closed after its rows (no descriptor is kept), its rows read in ascending order."""
         shape, dtype = self._rows[name]
-        batch = _empty((len(located), *shape), torch.from_numpy(np.empty(0, dtype)).dtype, shared)
         row_bytes = math.prod(shape) * dtype.itemsize
-        rows = batch.numpy().view(np.uint8).reshape(len(located), row_bytes)  # the batch's own memory
+        rows = out.numpy().view(np.uint8).reshape(len(located), row_bytes)  # the batch's own memory
         for (path, offset), (_, members) in zip(files, groups):
             fd = os.open(path, os.O_RDONLY)
             try:
                 for k in members:
-                    if os.preadv(fd, [rows[k]], offset + located[k][1] * row_bytes) != row_bytes:
-                        raise DamagedFileError(f"{path} ends before row {located[k][1]} (changed since the dataset "
-                                               f"was opened?); {store.prepare_remedy(self.root)}")
+                    _read_exactly(fd, rows[k], offset + located[k][1] * row_bytes, f"{path} ends before row "
+                                  f"{located[k][1]} (changed since the dataset was opened?); "
+                                  f"{store.prepare_remedy(self.root)}")
             finally:
                 os.close(fd)
-        return batch
 
     def __getstate__(self) -> dict:  # each worker parses the headers it needs again
         return dict(self.__dict__, _files={}, _rows={})
 
 
-def _empty(shape: Sequence[int], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when ``shared``: a worker's batch, which then reaches the
-    main process as a file descriptor, not as bytes. Allocated as ``default_collate`` allocates one
-    (``_new_shared``); ``torch.empty(...).share_memory_()`` copies the fresh tensor into shared memory,
-    2-3× slower for a batch of 32 rows of 427 KiB. Filling a ``memfd`` with ``os.sendfile`` instead
-    (no page faults in the worker) measured ≈ 35 % less worker CPU, but is Linux-only and rests on
-    another private torch call (``_new_shared_fd_cpu``); the simple way already meets the goal
-    (docs/benchmarks.md)."""
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _read_exactly(fd: int, view: np.ndarray, position: int, damaged: str) -> None:
+    """Fill ``view`` from ``fd`` at ``position``; a read may return fewer bytes (network and FUSE file systems
+    do), so it goes on until the row is whole; the end of the file first is a :class:`DamagedFileError`."""
+    done, size = 0, view.nbytes
+    while done < size:
+        count = os.preadv(fd, [view[done:]], position + done)
+        if count == 0:
+            raise DamagedFileError(damaged)
+        done += count
+
+
+ALIGNMENT = 64  # bytes between the start of a batch's tensors in their shared block
+
+
+def _batch_memory(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of ``layout`` ({name: (shape, dtype)}). ``shared`` (a worker's batch): one block
+    of shared memory holds them all, so the batch reaches the main process as one file descriptor — each
+    descriptor costs the main process a socket handshake with the worker (≈ 0.2 ms), five per batch with a
+    block per tensor — and not as bytes. The block is allocated as ``default_collate`` allocates one
+    (``_new_shared``); ``torch.empty(...).share_memory_()`` would copy a fresh tensor into shared memory, 2-3×
+    slower for a batch of 32 rows of 427 KiB."""
     if not shared:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        return {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
+    offsets, size = {}, 0
+    for name, (shape, dtype) in layout.items():
+        offsets[name] = size
+        size += -(-math.prod(shape) * dtype.itemsize // ALIGNMENT) * ALIGNMENT
+    block = torch.UntypedStorage._new_shared(max(size, 1))
+    return {name: torch.empty(0, dtype=dtype).set_(block, offsets[name] // dtype.itemsize, shape,
+                                                   torch.empty(shape, device="meta").stride())
+            for name, (shape, dtype) in layout.items()}
 
 
 class _Batches(Dataset):
@@ -227,14 +257,14 @@ def training_loader(dataset: PreparedDataset, batch_sampler: Iterable[Sequence[i
     rows, order and values of ``DataLoader(dataset, batch_sampler=...)``, read a batch at a time
     (:meth:`PreparedDataset.read_batch`) instead of a row at a time and stacked."""
     return DataLoader(_Batches(dataset), sampler=batch_sampler, batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, worker_init_fn=_share_by_name,
+                      pin_memory=pin_memory, worker_init_fn=_worker_signals,
                       generator=torch.Generator())  # fixed worker seeds, global RNG untouched
 
 
-def _share_by_name(worker_id: int) -> None:
-    """A worker hands its batches to the main process by shared-memory file name, not by passing file
-    descriptors: receiving a descriptor costs the main process a socket round trip to the worker's
-    resource-sharer thread (a handshake each, one per tensor of the batch), a name costs nothing. Measured
-    with ``benchmarks/host_overhead.py``: the main thread's CPU time per batch halves (≈ 2 → 1 ms). Only
-    the workers change strategy; torch's shm manager removes the files of a process that dies."""
-    torch.multiprocessing.set_sharing_strategy("file_system")
+def _worker_signals(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT. Launchers and schedulers signal every process of a job (torchrun
+    its workers' process groups, SLURM the whole step, a terminal its foreground group): a worker that died
+    of the signal would make the main process fail ("DataLoader worker killed") before the checkpoint the
+    signal asks for. The loader ends its workers itself, and a worker whose parent is gone exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
