@@ -1,7 +1,7 @@
 """Two "nodes" on this machine through the shipped SLURM script (scripts/slurm/reglue.sbatch).
 
-srun and scontrol are stand-ins (tests/slurm_standin): srun starts one copy of the command per node
-as a real srun starts one task per node, so each "node" runs its own torchrun launcher with one gloo
+srun, scontrol and scancel are stand-ins (tests/slurm_standin): srun starts one copy of the command per
+node as a real srun starts one task per node (and, like it, kills them when it gets SIGTERM), so each "node" runs its own torchrun launcher with one gloo
 process, and the two meet through torchrun's c10d rendezvous on localhost, as on a cluster. The job
 is stopped the ways a cluster stops it — the time limit's USR1 (checkpoint, then requeue) and a hard
 kill of every process (a node lost) — restarted as SLURM would restart it, with the dataset copied to
@@ -54,7 +54,9 @@ def submit(args: list[str], tmp_path: Path, *, job_id: int = 4242) -> subprocess
            "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1",
            "PYTHON": sys.executable, "RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "GRACE_S": "60",
            "SLURM_STANDIN_REQUEUED": str(tmp_path / "requeued")}
-    log = open(tmp_path / f"job-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 (closed by finish)
+    name = f"job-{time.monotonic_ns()}"
+    env["SLURM_STANDIN_TASKS"] = str(tmp_path / f"{name}.tasks")  # the tasks scancel signals
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed by finish)
     job = subprocess.Popen(["bash", str(SBATCH), *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
     job.log = log
