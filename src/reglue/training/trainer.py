@@ -93,19 +93,27 @@ class _StopFlag:
 
 @dataclass
 class _Update:
-    """An optimiser step queued on the device; :meth:`read` brings its outcome to the host."""
+    """An optimiser step queued on the device; :meth:`read` brings its outcome to the host.
+
+    On a GPU the status is copied into a pinned host buffer as soon as it is computed, without waiting,
+    and an event marks the copy's arrival: reading then waits for this step's work only, not for the work
+    of the steps queued after it (a plain ``tolist`` of the device tensor would wait for the whole queue)."""
 
     step: int  # the step count after this update
     status: torch.Tensor  # (2,) float32, summed over processes: [non-finite losses or gradient norm, stop requests]
     losses: dict[str, torch.Tensor]  # this process's mean loss terms, 0-d on the device
     grad_norm: torch.Tensor  # 0-d, the same on every process
     lambda_sem: float
+    host: torch.Tensor  # the status where the host reads it (the status itself off a GPU)
+    arrived: torch.cuda.Event | None  # recorded after the copy to ``host`` (GPU only)
     _outcome: tuple[bool, bool] | None = None
 
     def read(self) -> tuple[bool, bool]:
         """(finite on every process, a process asked to stop); the host sync happens once."""
         if self._outcome is None:
-            nonfinite, stop = self.status.tolist()
+            if self.arrived is not None:
+                self.arrived.synchronize()
+            nonfinite, stop = self.host.tolist()
             self._outcome = (nonfinite == 0, stop > 0)
         return self._outcome
 
@@ -210,6 +218,8 @@ class Trainer:
         self.stop_signal = _StopFlag()
         self.stop_requested = False
         self._pending: _Update | None = None  # the last queued update, until _settle reads it
+        if accelerator.device.type == "cuda":  # where the steps' statuses reach the host (Trainer._to_host)
+            self._status_buffers = [torch.empty(2, pin_memory=True) for _ in range(2)]
         self._writer = ckpt.BackgroundWriter()  # checkpoints are written while training goes on
         self.evaluator = None  # built, and its settings checked, before the run writes a file
         if config.eval.every:
@@ -386,7 +396,8 @@ class Trainer:
                 losses[name] = losses.get(name, 0) + value / cfg.grad_accum
         self._settle()  # the previous step, while this one is queued
         grad_norm = self.acc.clip_grad_norm_(self._trained, self.config.optim.grad_clip)
-        update = _Update(self.step + 1, self._status(losses["total"], grad_norm), losses, grad_norm, terms.lambda_sem)
+        status = self._status(losses["total"], grad_norm)
+        update = _Update(self.step + 1, status, losses, grad_norm, terms.lambda_sem, *self._to_host(status))
         self._apply(update)
         self._pending = update
 
@@ -397,6 +408,18 @@ class Trainer:
         stop = torch.full((), float(self.stop_signal.raised), device=self.acc.device)
         status = torch.stack([nonfinite.float(), stop])
         return self.acc.reduce(status, "sum") if self.acc.num_processes > 1 else status
+
+    def _to_host(self, status: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """The status where the host will read it: on a GPU a pinned buffer it is copied into without
+        waiting (two buffers, used in turn: a step's status is read before the step after next writes),
+        and the event that marks its arrival; elsewhere the status itself."""
+        if status.device.type != "cuda":
+            return status, None
+        host = self._status_buffers[self.step % 2]
+        host.copy_(status, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return host, arrived
 
     def _apply(self, update: _Update) -> None:
         """The optimiser step of ``update``, skipped when it is non-finite.
