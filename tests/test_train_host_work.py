@@ -208,17 +208,31 @@ def test_checkpoints_are_written_while_training_goes_on_and_hold_their_own_step(
         assert all(torch.equal(held_file[part][k], stopped[part][k]) for k in stopped[part]), part
 
 
-def test_a_failed_background_write_stops_the_run_at_the_next_save(cached_data, monkeypatch):
+def test_a_failed_background_write_is_logged_and_the_next_checkpoint_written_at_once(cached_data, monkeypatch,
+                                                                                   caplog):
     from reglue import checkpoint as ckpt
 
     real_save = ckpt.save_checkpoint
 
-    def disk_full(run_dir, step, payload, *args):
+    def fails_at_2(run_dir, step, payload, *args):
         if step == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")  # a passing fault of the file system
         return real_save(run_dir, step, payload, *args)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", fails_at_2)
+    result = train(config_for(cached_data, "write-fault", "train.max_steps=6", "checkpoint.every=2",
+                              "checkpoint.keep_last=3"))
+    assert result.step == 6 and "the previous checkpoint was not written" in caplog.text
+    assert [step for step, _ in ckpt.list_checkpoints(cached_data / "write-fault")] == [4, 6]
+
+
+def test_two_failed_checkpoint_writes_in_a_row_stop_the_run(cached_data, monkeypatch):
+    from reglue import checkpoint as ckpt
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        train(config_for(cached_data, "disk-full", "train.max_steps=6", "checkpoint.every=2"))
-    assert ckpt.list_checkpoints(cached_data / "disk-full") == []  # stopped at step 4's save, before writing it
+        train(config_for(cached_data, "disk-full", "train.max_steps=8", "checkpoint.every=2"))
+    assert ckpt.list_checkpoints(cached_data / "disk-full") == []  # step 2's failed, then step 4's: stopped

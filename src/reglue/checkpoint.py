@@ -169,14 +169,16 @@ def host_copy(value: object) -> object:
 class BackgroundWriter:
     """Runs one write at a time in a thread, so that training goes on while a checkpoint is written.
 
-    :meth:`wait` joins the write in progress and raises its error, if any; a process that ends while a
-    write is running waits for it (the thread is not a daemon), so a started checkpoint is finished."""
+    :meth:`wait` joins the write in progress and raises its error, if any. The thread is not a daemon: an
+    interpreter that exits normally waits for it; a run ending in an error calls :meth:`finish` to wait
+    for it and log its failure. A file cut short by a kill is a hidden temporary file, never a checkpoint."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def start(self, write: Callable[[], None]) -> None:
+        """Run ``write`` in the background, once the write before it (:meth:`wait`, which may raise) is done."""
         self.wait()
 
         def run() -> None:
@@ -199,6 +201,13 @@ class BackgroundWriter:
             raise error
         return time.perf_counter() - start
 
+    def finish(self, log: Callable[..., None] = _logger.error) -> None:
+        """Wait for the write in progress and report its failure through ``log`` instead of raising it (a run
+        that is already ending in another error)."""
+        try:
+            self.wait()
+        except Exception as err:  # reported, not raised: the run's own error is the one to raise
+            log("the checkpoint being written when the run failed was not written: %s: %s", type(err).__name__, err)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

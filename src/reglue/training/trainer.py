@@ -320,7 +320,9 @@ class Trainer:
         """Checkpoint this step. The processes compare parameter sums and gather their RNG states; the
         main process copies the state to the host and writes it (checkpoint, then the EMA export) in
         the background while training goes on — or before returning with ``wait`` (the last save of a
-        run or a stop). A write still running is waited for first: its failure stops every process here."""
+        run or a stop). A write still running is waited for first. If it failed, the failure is logged and
+        this step's checkpoint is written before training goes on; a second failure in a row stops every
+        process with its cause (a full disk stays full; a passing fault costs one checkpoint, not the run)."""
         self._check_ranks_in_sync()
         payload = self.state()
         step, c = self.step, self.config.checkpoint
@@ -331,13 +333,18 @@ class Trainer:
             log.info("saved %s", path)
 
         def start() -> None:
-            waited = self._writer.wait()
+            failed = False
+            try:
+                waited = self._writer.wait()
+            except Exception:  # the previous checkpoint: logged; this one is written at once
+                log.exception("the previous checkpoint was not written; writing step %d's before going on", step)
+                failed, waited = True, 0.0
             if waited > 1.0:
                 log.warning("step %d waited %.1f s for the previous checkpoint's write: writing takes longer than "
                             "checkpoint.every steps; raise it or write to a faster file system", step, waited)
             snapshot = ckpt.host_copy(payload)  # training changes the live tensors: the file holds this step
             self._writer.start(lambda: write(snapshot))
-            if wait:
+            if wait or failed:
                 self._writer.wait()
 
         on_main("saving a checkpoint", start)
@@ -460,7 +467,8 @@ class Trainer:
         bar = progress_bar(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train",
                            enabled=self.acc.is_main_process)
         done_here, stopped = 0, False
-        with self.stop_signal.installed(), metrics, bar, contextlib.closing(self.batches()) as batches:  # workers exit
+        with self.stop_signal.installed(), metrics, bar, contextlib.closing(self.batches()) as batches, \
+                self._writes_finished():  # loader workers exit; a checkpoint being written is finished
             if self._evaluation_pending():  # stopped at an evaluation step before evaluating: do it now
                 self.evaluate(metrics)
             self._since_log = (self.step, time.perf_counter())
@@ -490,6 +498,16 @@ class Trainer:
                     stopped = True
                     break
         return TrainResult(self.run_dir, self.step, self.skipped, stopped)
+
+    @contextlib.contextmanager
+    def _writes_finished(self):
+        """On the way out of a run that fails, the checkpoint being written is finished (its failure logged)."""
+        try:
+            yield
+        except BaseException:
+            if self.acc.is_main_process:
+                self._writer.finish()
+            raise
 
     def _open_logs(self) -> MetricsLogger:
         """The run's metrics logger, opened by the main process (its failure stops every process with
