@@ -184,7 +184,7 @@ def test_the_collective_timeout_reaches_the_process_group(cached_data, monkeypat
 
     asked = []
     real = trainer_module.process_state
-    monkeypatch.setattr(trainer_module, "process_state", lambda timeout_s=None: asked.append(timeout_s) or real())
+    monkeypatch.setattr(trainer_module, "process_state", lambda timeout_s: asked.append(timeout_s) or real())
     train(load_config(RUN[1], [*RUN[2:], f"data.dir={cached_data / 'data'}", "train.max_steps=1", "eval.every=0",
                                f"run_dir={cached_data / 'timeout'}", "train.dist_timeout=77"]))
     assert asked == [77]

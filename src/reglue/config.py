@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from reglue.distributed import DEFAULT_TIMEOUT_S
 from reglue.ema import EMA_UPDATES
 from reglue.encoders.semantics import VFMSpec
 from reglue.io import atomic_write
@@ -110,7 +111,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     max_nonfinite_in_row: int = 20  # stop after this many skipped updates in a row
-    dist_timeout: int = 1800  # seconds a collective waits for a missing process before the run fails (docs/cluster.md)
+    dist_timeout: int = DEFAULT_TIMEOUT_S  # seconds a collective waits for a missing process (docs/cluster.md)
 
 
 @dataclass

@@ -34,16 +34,18 @@ def on_cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def process_state(timeout_s: float | None = None):
+DEFAULT_TIMEOUT_S = 1800  # how long a collective waits (torch's NCCL default, 10 min, is shorter than a
+# main process packing 50K samples into a .npz or writing a large checkpoint, while the others wait)
+
+
+def process_state(timeout_s: float = DEFAULT_TIMEOUT_S):
     """accelerate's ``PartialState``: rank, world size, device, barrier; gloo on CPU-only machines.
 
     The first call in a process sets up the process group: ``timeout_s`` is then how long a collective
-    waits for a missing process before the process fails (None: torch's default, 10 min for NCCL and
-    30 min for gloo). Later calls return the same state; their ``timeout_s`` does not apply."""
+    waits for a missing process before the process fails. Later calls return the same state; their
+    ``timeout_s`` does not apply. Every command calls this before anything else starts the group."""
     from accelerate import PartialState
 
-    if timeout_s is None:
-        return PartialState(cpu=on_cpu_only())
     return PartialState(cpu=on_cpu_only(), timeout=timedelta(seconds=timeout_s))
 
 

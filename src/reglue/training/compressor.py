@@ -65,7 +65,7 @@ from reglue.checkpoint import (
     save_state_file,
 )
 from reglue.data.dataset import PreparedDataset
-from reglue.distributed import main_process_log, on_cpu_only, on_main
+from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write, write_json
@@ -452,6 +452,7 @@ def train_compressor(
     so resuming with other inputs is refused.
     Works alone or under ``accelerate launch``.
     """
+    process_state()  # the process group, with the collective timeout every command uses
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # the compressor trains in float32
     per_process_batch(global_batch, accelerator.num_processes)
     if epochs < 1 or checkpoint_every < 1:

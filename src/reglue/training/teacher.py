@@ -86,7 +86,7 @@ from reglue.checkpoint import (
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
-from reglue.distributed import main_process_log, on_cpu_only, on_main
+from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -698,6 +698,7 @@ def train_teacher(
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
     ``log`` gets a few lines (main process only); the tqdm bar shows the step loss.
     """
+    process_state()  # the process group, with the collective timeout every command uses
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
