@@ -102,6 +102,18 @@ def on_main(what: str, work: Callable[[], T]) -> T | None:
     return result
 
 
+def main_value(what: str, work: Callable[[], T]) -> T:
+    """:func:`on_main`, with ``work()``'s value given to every process (one more broadcast): one decision
+    for all, where each process deciding alone could differ (a file system that shows nodes different
+    files). The value must pickle."""
+    value = on_main(what, work)
+    if not _several_processes():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def on_rank_zero(rank: int, what: str, work: Callable[[], T]) -> T | None:
     """:func:`on_main` for code told its ``rank`` (functions with ``rank=`` / ``world_size=`` parameters):
     the same under a process group, whose global rank 0 runs ``work``; without one, ``work`` runs only when

@@ -30,7 +30,7 @@ import torch
 from reglue import checkpoint as ckpt
 from reglue.config import ConfigError, OptimConfig, RunConfig
 from reglue.data.dataset import training_loader
-from reglue.distributed import on_cpu_only, on_main, process_state
+from reglue.distributed import main_value, on_cpu_only, on_main, process_state
 from reglue.ema import EMAUpdate
 from reglue.encoders.autoencoder import load_vae
 from reglue.errors import ReglueError
@@ -673,6 +673,18 @@ def check_trained_resolution(made_at: int, built: SiTConfig, *, what: str, fix: 
                           f"({built.input_size}² latents); {fix}")
 
 
+def _resume_point(run_dir: str, resume: str | None) -> tuple[Path, dict] | None:
+    """The checkpoint every process resumes from (:func:`reglue.checkpoint.resolve_resume`), chosen by the
+    main process and loaded by each: processes choosing alone could resume from different steps (a file
+    system that shows nodes different files, a file damaged in one node's cache) and split the run."""
+    def choose() -> str | None:
+        found = ckpt.resolve_resume(run_dir, resume, log.warning)
+        return None if found is None else str(found[0])
+
+    chosen = main_value("choosing the checkpoint to resume from", choose)
+    return None if chosen is None else (Path(chosen), ckpt.load_checkpoint(chosen))
+
+
 def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train ``config`` (resume: None = fresh run, "auto" = newest valid checkpoint, or a path).
 
@@ -682,7 +694,7 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     process_state(timeout_s=config.train.dist_timeout)  # the process group, with the run's collective timeout
-    found = ckpt.resolve_resume(config.run_dir, resume, log.warning)
+    found = _resume_point(config.run_dir, resume)
     # every check against the data and this machine, before any file
     inputs = open_run_inputs(config, recorded=found[1].get("inputs") if found is not None else None)
     config = inputs.config
