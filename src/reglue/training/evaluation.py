@@ -87,10 +87,10 @@ class Evaluator:
     """Scores the EMA at a step; built (and every setting checked) before the run writes a file."""
 
     def __init__(self, config: RunConfig, *, device: torch.device, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[list], list] = gather_object, barrier: Callable[[], None] = lambda: None):
+                 gather: Callable[[list], list] = gather_object):
         e = config.eval
         self.config, self.device = config, device
-        self.rank, self.world_size, self.gather, self.barrier = rank, world_size, gather, barrier
+        self.rank, self.world_size, self.gather = rank, world_size, gather
         self.data_dir = Path(config.data.dir)
         self.images = PreparedDataset(self.data_dir, fields=("images",))  # the training set's pixels
         self.manifest = self.images.manifest
@@ -165,8 +165,10 @@ class Evaluator:
     def _reference_features(self) -> dict[str, np.ndarray]:
         """Reference features per space key (main process; other processes get an empty dict)."""
         paths = {space.key: self._cache_path(space) for space in self.spaces}
-        cached = all(path.is_file() for path in paths.values())
-        self.barrier()  # every process has looked before the main one may write
+        # the main process's look decides for all (each its own could differ: data staged to node-local
+        # disks, where only the main process's node has the cache); the gather also makes every process
+        # look before the main one may write
+        cached = self.gather([all(path.is_file() for path in paths.values())])[0]
         if cached:
             return on_rank_zero(self.rank, f"reading the reference features cached in {self.data_dir / REFERENCE_DIR}",
                                 lambda: {key: np.load(path)["features"] for key, path in paths.items()}) or {}
