@@ -222,12 +222,11 @@ def _cmd_cache_semantics(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from reglue.data.integrity import verify_dataset
+    from reglue.progress import progress_bar
 
     _confirm_data_resolution(args)
-    with tqdm(unit="B", unit_scale=True, desc="verify", disable=args.quiet, dynamic_ncols=True) as bar:
+    with progress_bar(total=None, unit="B", unit_scale=True, desc="verify", enabled=not args.quiet) as bar:
         report = verify_dataset(args.data, reindex=args.reindex, workers=args.workers, progress=bar.update,
                                 planned=bar.reset)
     for damage in report.damaged:
@@ -283,12 +282,11 @@ def _guidance(args: argparse.Namespace, base):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from reglue.distributed import process_state
     from reglue.encoders.autoencoder import load_vae
     from reglue.generate import PAPER, SampleSettings, generate
     from reglue.models.loading import load_sampling_model
+    from reglue.progress import progress_bar
 
     base = PAPER if args.paper else SampleSettings()
     settings = SampleSettings(
@@ -302,7 +300,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model.check_inputs = state.device.type == "cpu"
     vae = load_vae(args.vae).to(state.device)
     mine = len(range(state.process_index, settings.num_samples, state.num_processes))
-    with tqdm(total=mine, unit="img", desc="sample", disable=args.quiet or not state.is_main_process) as bar:
+    with progress_bar(total=mine, unit="img", desc="sample", enabled=not args.quiet and state.is_main_process) as bar:
         npz = generate(model, vae, args.out, settings, per_device_batch=args.per_device_batch, device=state.device,
                        rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
                        progress=bar.update)

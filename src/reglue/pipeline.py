@@ -28,6 +28,7 @@ from reglue.encoders.semantics import (
 )
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
+from reglue.progress import progress_bar
 from reglue.training.compressor import train_compressor
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,6 @@ NORM_STATS_SEED = 0  # the seeded subset of images behind the norm stats
 def default_autocast(device: torch.device) -> torch.dtype | None:
     """bf16 autocast for the frozen VFM on GPUs, full precision on CPUs."""
     return torch.bfloat16 if device.type == "cuda" else None
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 def run_norm_stats(
@@ -65,7 +60,7 @@ def run_norm_stats(
         metadata = {"vfm": spec.to_json(), "resolution": str(dataset.manifest["resolution"]),
                     "layers": ",".join(map(str, extractor.layers)), "seed": str(NORM_STATS_SEED)}
         subset = random_subset(dataset, num_images, seed=NORM_STATS_SEED)  # index order: memory-map locality
-        with _progress_bar(len(subset), "norm-stats", show_progress) as bar:
+        with progress_bar(total=len(subset), desc="norm-stats", unit="img", enabled=show_progress) as bar:
             stats = compute_norm_stats(subset, extractor, batch_size=batch_size, device=state.device,
                                        progress=bar.update, metadata=metadata)
         stats.save(out)
@@ -95,7 +90,7 @@ def run_fit_pca(
         loader = DataLoader(subset, batch_size=batch_size)
 
         def token_batches():
-            with _progress_bar(len(subset), "fit-pca", show_progress) as bar:
+            with progress_bar(total=len(subset), desc="fit-pca", unit="img", enabled=show_progress) as bar:
                 for batch in loader:
                     maps = stats.normalize(extractor(batch["images"].to(state.device)).local)  # (B, C, h, w)
                     bar.update(len(maps))
@@ -140,7 +135,7 @@ def run_cache_semantics(
     mine = sum(s["count"] for s in manifest["shards"][state.process_index :: state.num_processes])
     given = {"norm_stats": norm_stats, "compressor": compressor, "pca": pca}
     paths = {key: str(Path(value).resolve()) for key, value in given.items() if value is not None}
-    with _progress_bar(mine, "cache-semantics", show_progress and state.is_main_process) as bar:
+    with progress_bar(total=mine, desc="cache-semantics", unit="img", enabled=show_progress and state.is_main_process) as bar:
         return cache_semantics(data, encoder, info, repa_targets=repa_targets, batch_size=batch_size,
                                device=state.device, rank=state.process_index, world_size=state.num_processes,
                                barrier=state.wait_for_everyone, progress=bar.update, paths=paths)

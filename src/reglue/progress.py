@@ -35,7 +35,7 @@ def duration(seconds: float) -> str:
 
 
 class LogProgress:
-    """The part of tqdm's interface the project uses (update, set_postfix, close, context manager),
+    """The part of tqdm's interface the project uses (update, set_postfix, reset, close, context manager),
     reported as a log line every ``interval_s`` seconds and once when closed."""
 
     def __init__(self, *, total: int | None, desc: str, unit: str, initial: int = 0,
@@ -54,6 +54,11 @@ class LogProgress:
 
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+
+    def reset(self, total: int | None = None) -> None:
+        """Start counting again from 0 towards ``total`` (what is known once the work is planned)."""
+        self.total, self.n, self._first = total, 0, 0
+        self._n_at_last_line, self._started = 0, self.clock()
 
     def close(self) -> None:
         if not self._closed:
@@ -91,6 +96,9 @@ class _Silent:
     def set_postfix(self, **values) -> None:
         pass
 
+    def reset(self, total: int | None = None) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -102,13 +110,13 @@ class _Silent:
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str, initial: int = 0, enabled: bool = True,
-                 terminal: bool | None = None):
-    """A tqdm bar when stderr is a terminal (``terminal``: override the check), else :class:`LogProgress`;
-    nothing at all when not ``enabled``."""
+                 unit_scale: bool = False, terminal: bool | None = None):
+    """A tqdm bar on a terminal or in a notebook (``terminal``: override the check), else :class:`LogProgress`;
+    nothing at all when not ``enabled``. ``unit_scale``: tqdm's k/M/G prefixes (bytes)."""
     if not enabled:
         return _Silent()
-    if terminal if terminal is not None else sys.stderr.isatty():
+    if terminal if terminal is not None else (sys.stderr.isatty() or "ipykernel" in sys.modules):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale, dynamic_ncols=True)
     return LogProgress(total=total, desc=desc, unit=unit, initial=initial)

@@ -34,6 +34,7 @@ from reglue.data.sources import ImageSource, open_source, source_fingerprint
 from reglue.distributed import on_rank_zero, process_state
 from reglue.encoders.autoencoder import load_vae, vae_fingerprint, vae_location
 from reglue.io import write_json
+from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
 log = logging.getLogger(__name__)
@@ -219,15 +220,12 @@ def run_prepare(
     """Prepare with the VAE named in ``settings`` (``"pixel"``: the weight-free pixel autoencoder)
     on this process's device; works alone or under ``accelerate launch`` / ``torchrun`` (each
     rank writes its own shards)."""
-    from tqdm.auto import tqdm
-
     state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
     vae = load_vae(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
     mine = sum(stop - start for start, stop in shards[state.process_index :: state.num_processes])
-    bar = tqdm(total=mine, unit="img", desc="prepare", disable=not (show_progress and state.is_main_process),
-               dynamic_ncols=True)
+    bar = progress_bar(total=mine, unit="img", desc="prepare", enabled=show_progress and state.is_main_process)
     with bar:
         return prepare_dataset(settings, dst, vae, batch_size=batch_size, rank=state.process_index,
                                world_size=state.num_processes, barrier=state.wait_for_everyone,

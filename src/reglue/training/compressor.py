@@ -70,6 +70,7 @@ from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
+from reglue.progress import progress_bar
 from reglue.seeding import SPLIT_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.training.order import per_process_batch, process_batches
@@ -447,7 +448,7 @@ def train_compressor(
     random share of ``data`` instead of ``val_data``. ``resume`` continues from
     ``out_dir/train_state.pt`` (a larger ``epochs`` extends a finished run), or returns a finished
     run unchanged; ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
-    ``log`` receives one line per epoch (main process only); the tqdm bar shows the step loss.
+    ``log`` receives one line per epoch (main process only); the progress bar shows the step loss.
     ``inputs`` (JSON-able, e.g. the VFM spec and the norm stats' checksum) joins the run config,
     so resuming with other inputs is refused.
     Works alone or under ``accelerate launch``.
@@ -485,8 +486,6 @@ def train_compressor(
 
 def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, config: dict, *, epochs: int,
          num_workers: int, checkpoint_every: int, resume: bool, progress: bool, log) -> CompressorRun:
-    from tqdm.auto import tqdm
-
     trainer = _CompressorTrainer(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config,
                                  num_workers=num_workers, checkpoint_every=checkpoint_every, log=log)
     state = _load_train_state(out_dir / TRAIN_STATE, config, epochs) if resume else None
@@ -508,8 +507,8 @@ def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, 
     log(f"training compressor {config['channels']} on {config['train_images']} images "
         f"({config['val_images']} held out), {epochs} epochs × {trainer.steps_per_epoch} steps of "
         f"{config['global_batch']} ({trainer.batch} per process × {accelerator.num_processes})")
-    bar = tqdm(total=epochs * trainer.steps_per_epoch, initial=trainer.progress.global_step, unit="step",
-               desc="compressor", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    bar = progress_bar(total=epochs * trainer.steps_per_epoch, initial=trainer.progress.global_step, unit="step",
+                       desc="compressor", enabled=progress and accelerator.is_main_process)
     with bar:
         while trainer.progress.epoch < epochs:
             trainer.train_epoch(bar)

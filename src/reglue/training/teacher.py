@@ -99,6 +99,7 @@ from reglue.encoders.vfm import (
 from reglue.errors import ReglueError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
+from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
@@ -696,7 +697,7 @@ def train_teacher(
 
     ``resume`` continues from ``out_dir/train_state.pt`` or returns a finished run unchanged (other
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
-    ``log`` gets a few lines (main process only); the tqdm bar shows the step loss.
+    ``log`` gets a few lines (main process only); the progress bar shows the step loss.
     """
     process_state()  # the process group, with the collective timeout every command uses
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
@@ -743,8 +744,6 @@ def train_teacher(
 
 
 def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None, log) -> None:
-    from tqdm.auto import tqdm
-
     acc, s, p = trainer.accelerator, trainer.settings, trainer.progress
     log(f"training a DINOv2 teacher (embed {s.embed_dim}, depth {s.depth}, {s.num_heads} heads) on "
         f"{len(trainer.rows)} images: {s.epochs} epochs × {trainer.steps_per_epoch} steps of {s.global_batch}")
@@ -754,8 +753,8 @@ def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None
                              resume_step=resumed_from, enabled=enabled)
 
     metrics = on_main(f"opening the metrics log in {trainer.out_dir}", lambda: metrics_log(True)) or metrics_log(False)
-    bar = tqdm(total=trainer.total_steps, initial=p.global_step, unit="step", desc="teacher",
-               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    bar = progress_bar(total=trainer.total_steps, initial=p.global_step, unit="step", desc="teacher",
+                       enabled=progress and acc.is_main_process)
     with metrics, bar:
         while p.epoch < s.epochs:
             trainer.train_epoch(bar, metrics)
