@@ -61,3 +61,13 @@ def test_progress_bar_is_tqdm_on_a_terminal_plain_lines_elsewhere_and_silent_whe
 def test_durations_read_like_a_clock():
     assert [duration(s) for s in (0, 5.4, 65, 7 * 3600 + 29 * 60 + 5, 86_400 + 7 * 3600 + 29 * 60)] == [
         "0s", "5s", "1m 5s", "7h 29m", "1d 7h 29m"]
+
+
+def test_a_reset_starts_counting_towards_the_planned_total(caplog):
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger="reglue.progress"):
+        with LogProgress(total=None, desc="verify", unit="B", clock=clock) as bar:
+            bar.reset(total=1_000)  # what verify does once it knows the bytes to read
+            clock.now += 61
+            bar.update(250)
+    assert [r.getMessage() for r in caplog.records] == ["verify: 250/1,000 B (25.0 %), 4.1 B/s, ETA 3m 3s"]
