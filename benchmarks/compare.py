@@ -49,7 +49,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from reglue.config import OptimConfig, TrainConfig
-from reglue.ema import EMA_UPDATES
+from reglue.ema import EMAUpdate
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import SemanticEncoder
 from reglue.encoders.vfm import build_vfm
@@ -292,6 +292,7 @@ class TrainingRun:
         self.name, self.batch, self.setup, self.args, self.device = name, batch, setup, args, device
         self.model = build_model(name, args, setup, device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.ema_update = EMAUpdate(self.ema, self.model, setup.ema)  # built once, as the trainer does
         if setup.compile:
             compile_blocks(self.model, args.compile_backend)
         self.optimizer = build_adamw([p for p in self.model.parameters() if p.requires_grad], OptimConfig(),
@@ -318,7 +319,7 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        EMA_UPDATES[self.setup.ema](self.ema, self.model, TrainConfig.ema_decay)
+        self.ema_update(TrainConfig.ema_decay)
         synchronize(self.device)
         return time.perf_counter() - start
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from reglue.config import OptimConfig, TrainConfig
-from reglue.ema import EMA_UPDATES
+from reglue.ema import EMA_UPDATES, EMAUpdate
 from reglue.models import build_sit
 from reglue.presets import get_preset
 from reglue.training.trainer import build_adamw
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
                             args.optimizer == "fused", device)
     loss_fn = JointLoss(**preset.loss_kwargs())
     batch = synthetic_batch(args, preset, model.config, device)
-    ema_update = EMA_UPDATES[args.ema]
+    ema_update = EMAUpdate(ema, model, args.ema)  # built once, as the trainer does
     amp = DTYPES[args.dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model, TrainConfig.ema_decay)
+        ema_update(TrainConfig.ema_decay)
         sync()
         return time.perf_counter() - start, computed - start
 
