@@ -54,13 +54,10 @@ def test_the_caller_chooses_the_error_class():
 
 def test_check_or_write_json_records_once_then_compares_only_the_wanted_keys(tmp_path):
     path = tmp_path / "out" / "settings.json"
-    store.check_or_write_json(path, {"steps": 3}, is_main=False, fix="f")
-    assert not path.exists()  # only the main process records
-    store.check_or_write_json(path, {"steps": 3, "size": (2, 2)}, is_main=True, fix="f")
+    store.check_or_write_json(path, {"steps": 3, "size": (2, 2)}, fix="f")
     assert json.loads(path.read_text()) == {"size": [2, 2], "steps": 3}
     path.write_text(json.dumps({"steps": 3, "size": [2, 2], "stages": [["a", 1.0]]}))  # a caller's own entry
-    store.check_or_write_json(path, {"steps": 3, "size": (2, 2)}, is_main=True, fix="f")
+    store.check_or_write_json(path, {"steps": 3, "size": (2, 2)}, fix="f")
     message = f"{tmp_path / 'out'} was made with other settings (steps: was 3, now 4); rerun with the original options."
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        store.check_or_write_json(path, {"steps": 4, "size": [2, 2]}, is_main=True,
-                                  fix="rerun with the original options.")
+        store.check_or_write_json(path, {"steps": 4, "size": [2, 2]}, fix="rerun with the original options.")

@@ -174,7 +174,7 @@ def generate(
         recorded = {**asdict(settings), "sit_weights": weights_fingerprint(model),
                     "vae_weights": weights_fingerprint(vae)}
         fix = "rerun with the original settings, checkpoint and VAE to resume, or choose another output folder."
-        store.check_or_write_json(out_dir / "settings.json", recorded, True, fix)
+        store.check_or_write_json(out_dir / "settings.json", recorded, fix)
         for leftover in out_dir.glob(".*.tmp-*"):
             leftover.unlink()
 

@@ -70,7 +70,7 @@ def cache_semantics(
             held.enter_context(store.lock_directory(root))  # --reindex cannot interleave with the index updates
             fix = (f"delete {info_path} and the shards' semantics/cls/repa .npy files to re-cache, or pass the "
                    "original compressor, norm stats, VFM and precision.")
-            store.check_or_write_json(info_path, dict(info, fields=list(fields)), True, fix)
+            store.check_or_write_json(info_path, dict(info, fields=list(fields)), fix)
 
         on_rank_zero(rank, f"locking {root} and checking its {store.SEMANTICS_INFO}", claim)
         mine = range(rank, len(manifest["shards"]), world_size)

@@ -132,7 +132,7 @@ def prepare_dataset(
 
         def claim() -> None:  # rank 0 holds the directory's lock until the end, so no other job writes into it
             held.enter_context(store.lock_directory(dst))
-            store.check_or_write_json(dst / store.SETTINGS, wanted, True, fix)
+            store.check_or_write_json(dst / store.SETTINGS, wanted, fix)
             if removed := store.remove_leftovers(dst):
                 log.info("removed %d temporary file(s) of an interrupted run", removed)
 

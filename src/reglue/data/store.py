@@ -107,8 +107,9 @@ def lock_directory(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> None:
-    """Refuse a rerun whose ``wanted`` differs from what ``path`` recorded; else record it (main only).
+def check_or_write_json(path: Path, wanted: dict, fix: str) -> None:
+    """Refuse a rerun whose ``wanted`` differs from what ``path`` recorded; else record it (callers run it
+    on the main process only, in :func:`reglue.distributed.on_main`).
 
     The comparison is :func:`reglue.settings.check_same_settings` (a ValueError listing every
     differing key, then ``fix``) over the keys of ``wanted``: anything else ``path`` holds (e.g.
@@ -118,7 +119,7 @@ def check_or_write_json(path: Path, wanted: dict, is_main: bool, fix: str) -> No
         found = read_json(path, RECORD_REMEDY)
         recorded = {key: value for key, value in found.items() if key in wanted}
         check_same_settings(recorded, wanted, what=str(path.parent), fix=fix)
-    elif is_main:
+    else:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, wanted, sort_keys=True)
 

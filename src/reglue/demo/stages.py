@@ -66,7 +66,7 @@ class Ledger:
     def __init__(self, out: Path, settings: DemoSettings):
         self.path = out / STATE_FILE
         fix = "rerun with the original options to resume, or choose a new --out folder."
-        store.check_or_write_json(self.path, settings.to_json(), True, fix)
+        store.check_or_write_json(self.path, settings.to_json(), fix)
         self.stages: dict[str, float] = dict(json.loads(self.path.read_text()).get("stages", []))
 
     def run(self, stage: str, what: str, work: Callable[[], object]) -> None:
