@@ -343,11 +343,39 @@ def test_reglue_sample_refuses_settings_without_a_fixed_micro_batch(setup, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_image_sampler_samples_in_the_faster_precision_of_its_device(monkeypatch):
-    from reglue.generate import fast_precision
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: a CPU
+flags\t\t: fpu sse avx2 {flags}
+
+processor\t: 1
+vendor_id\t: {vendor}
+"""
+
+
+@pytest.mark.parametrize(("vendor", "flags", "amx", "expected"), [
+    ("AuthenticAMD", "avx512f avx512_bf16", False, "bf16"),   # Zen 4: bf16 matmuls at 2.2-2.3x fp32's rate
+    ("GenuineIntel", "avx512f avx512_bf16 avx512_fp16", False, "fp32"),  # Xeon, AMX hidden: bf16 at half
+    ("AuthenticAMD", "avx512f", False, "fp32"),               # Zen 3 and older: no bf16 dot products
+    ("GenuineIntel", "avx512f avx512_bf16 amx_tile", True, "bf16"),
+])
+def test_image_sampler_samples_in_the_faster_precision_of_its_device(monkeypatch, tmp_path, vendor, flags, amx,
+                                                                      expected):
+    from reglue import generate as module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(vendor=vendor, flags=flags))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert module.cpu_bf16_is_faster(cpuinfo) == (expected == "bf16")
+    monkeypatch.setattr(module, "cpu_bf16_is_faster", lambda: expected == "bf16")
+    assert module.fast_precision(torch.device("cpu")) == expected
+    assert module.fast_precision(torch.device("cuda")) == "bf16"
+
+
+def test_without_a_readable_cpuinfo_only_amx_counts_as_fast_bf16(monkeypatch, tmp_path):
+    from reglue.generate import cpu_bf16_is_faster
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert fast_precision(torch.device("cpu")) == "fp32"  # AVX-512 bf16 multiplies more slowly than fp32
+    assert not cpu_bf16_is_faster(tmp_path / "missing")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert fast_precision(torch.device("cpu")) == "bf16"
-    assert fast_precision(torch.device("cuda")) == "bf16"
+    assert cpu_bf16_is_faster(tmp_path / "missing")
