@@ -3,7 +3,7 @@
     python benchmarks/feature_space.py resize --images 300            # EDM2 'torch' vs dgm-eval's PIL resize
     python benchmarks/feature_space.py speed --network dinov2_vitl14 --batch 8 --batches 2
 
-``resize``: crops of the real photographs in ../shared/testdata/real_images (random position and
+``resize``: crops of the real photographs in tests/fixtures/testdata/real_images (random position and
 scale, resized to ``--resolution``² with PIL Lanczos) form a reference set, a second set from other
 crops, and a degraded set (the second one blurred). Features come from a random DINOv2 whose layer
 scales are 1 and whose weights are perturbed (timm's 1e-5 layer scales would make every CLS token
@@ -33,7 +33,7 @@ from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD
 from reglue.metrics.feature_space import FeatureSpace, load_feature_space, preprocess
 from reglue.metrics.fid import feature_statistics, frechet_distance
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real_images"
+PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "testdata" / "real_images"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

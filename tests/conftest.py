@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models and the authors' compatibility vectors in ../shared."""
+"""Shared fixtures: tiny models, and the authors' compatibility vectors and real test images shipped in
+tests/fixtures (copies of ../shared/compat and ../shared/testdata, checked against them by test_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,34 @@ from reglue.models import SiT
 from reglue.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
 SHARED = Path(os.environ.get("REGLUE_SHARED", REPO.parent / "shared"))
 # CI sets REGLUE_REQUIRE_SHARED=1: a missing ../shared then fails instead of skipping.
 REQUIRE_SHARED = os.environ.get("REGLUE_REQUIRE_SHARED") == "1"
 
 
 def shared_file(relative: str) -> Path:
-    """A file under ../shared, or a skip (a failure in CI) naming what is missing."""
-    path = SHARED / relative
-    if not path.exists():
-        reason = (
-            f"{path} not found: the authors' compatibility vectors and test data live in "
-            "../shared beside the checkout (set REGLUE_SHARED to point elsewhere)."
-        )
+    """The shipped copy of a file of ../shared (``compat/...``, ``testdata/...``), else ../shared's own;
+    a skip (a failure in CI) naming what is missing when neither exists."""
+    for root in (FIXTURES, SHARED):
+        if (root / relative).exists():
+            return root / relative
+    reason = (f"{FIXTURES / relative} not found (nor {SHARED / relative}): the authors' compatibility vectors "
+              "and test images ship in tests/fixtures; restore them with `git checkout -- tests/fixtures`.")
+    if REQUIRE_SHARED:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def shared_source() -> Path:
+    """../shared itself (the source the shipped fixtures are checked against), or a skip (a failure in CI)."""
+    if not SHARED.is_dir():
+        reason = f"{SHARED} not found: the shipped fixtures are checked against ../shared beside the checkout " \
+                 "(set REGLUE_SHARED to point elsewhere)."
         if REQUIRE_SHARED:
             pytest.fail(reason)
         pytest.skip(reason)
-    return path
+    return SHARED
 
 
 @pytest.fixture(scope="session")

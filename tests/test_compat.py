@@ -1,4 +1,4 @@
-"""Numerical equivalence with the authors' implementation (../shared/compat vectors)."""
+"""Numerical equivalence with the authors' implementation (the compatibility vectors in tests/fixtures/compat)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def test_adm_center_crop_rejects_non_rgb():
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared real images: every file handled as ../shared/testdata/README.md says.
+# The real test images (tests/fixtures/testdata): every edge case handled as tests/fixtures/README.md lists it.
 GREY_SOURCES = ["grey/camera.png", "grey/coins.png", "grey/text.png",
                 "texture/brick.png", "texture/grass.png", "texture/gravel.png"]
 KEPT = ["photo/astronaut.png", "photo/chelsea.png", "photo/coffee.png", "photo/rocket.jpg",
