@@ -103,6 +103,15 @@ def test_report_holds_every_preset_and_links_existing_files(finished):
     for preset in ALL_PRESETS:
         assert re.search(rf"^\| {preset} \| [0-9.e+-]+ ± ", report, re.MULTILINE), preset
     assert "Does the paper's ordering hold here?" in report and "REPA − SiT" in report
+    results = json.loads((out / "results.json").read_text())
+    for metric, sign in (("fd", "<"), ("accuracy", ">")):
+        verdict = results["ordering"][f"{metric}_vs_paper"]["verdict"]
+        assert verdict in ("the paper order", "not the paper order", "not resolved")
+        ranking = re.search(rf"^- Here by {'FD' if metric == 'fd' else 'class accuracy'}.*: (.*) — (.*)\.$",
+                            report, re.MULTILINE)
+        assert ranking and ranking[2].startswith(verdict), metric
+        assert re.sub(r" [<>≈] ", " ", ranking[1]).split() == results["ordering"][f"{metric}_best_first"]
+    assert re.search(r"Welch t = [+-][0-9.]+, df [0-9.]+, p = [0-9.e-]+\)", report)
     links = re.findall(r"\]\(([^)]+)\)", report)
     assert {"grid.png", "quality_curves.png", "loss_curves.png", "results.json"} <= set(links)
     assert not [link for link in links if not (out / link).exists()]
@@ -196,3 +205,34 @@ def test_difference_of_spreads_compares_only_what_seeds_allow():
     assert apart["welch_t"] == pytest.approx(-2.7 / (1 / 3 + 0.01 / 3) ** 0.5)
     overlap = demo_report.difference(spread([15.0, 17.0]), spread([16.0, 17.0]))
     assert overlap["intervals_apart"] is False
+
+
+def test_welch_test_gives_its_degrees_of_freedom_and_p_value():
+    from scipy.stats import t as student_t
+
+    spread = demo_report._spread
+    apart = demo_report.difference(spread([15.0, 16.0, 17.0]), spread([18.6, 18.7, 18.8]))
+    va, vb = 1.0 / 3, 0.01 / 3  # std² / n of each side
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite, n - 1 = 2 on both sides
+    assert apart["df"] == pytest.approx(df) and apart["df"] == pytest.approx(2.04, abs=0.01)
+    assert apart["p_value"] == pytest.approx(2 * student_t.sf(abs(apart["welch_t"]), df))
+    assert 0.04 < apart["p_value"] < 0.045
+    constants = demo_report.difference(spread([2.0, 2.0]), spread([1.0, 1.0]))
+    assert constants["welch_t"] == math.inf and constants["p_value"] == 0.0 and constants["df"] is None
+    same = demo_report.difference(spread([1.0, 1.0]), spread([1.0, 1.0]))
+    assert same["welch_t"] == 0.0 and same["p_value"] == 1.0 and same["intervals_apart"] is False
+
+
+@pytest.mark.parametrize(("values", "verdict", "ties", "reversed_pairs"), [
+    ({"reglue": [1.0, 1.1], "reg": [2.0, 2.1], "sit": [3.0, 3.1]}, "the paper order", [], []),
+    ({"reglue": [1.0, 1.1], "reg": [1.05, 1.15], "sit": [3.0, 3.1]}, "not resolved", [["reglue", "reg"]], []),
+    ({"reglue": [1.05, 1.15], "reg": [1.0, 1.1], "sit": [3.0, 3.1]}, "not resolved", [["reg", "reglue"]], []),
+    ({"reglue": [3.0, 3.1], "reg": [2.0, 2.1], "sit": [2.5, 2.7]}, "not the paper order",
+     [], [["reglue", "reg"], ["reglue", "sit"]]),  # reg ahead of sit, as in the paper
+    ({"reglue": [1.0], "reg": [2.0], "sit": [3.0]}, "not resolved", [["reglue", "reg"], ["reg", "sit"]], []),
+])
+def test_an_ordering_holds_only_where_the_seeds_tell_neighbours_apart(values, verdict, ties, reversed_pairs):
+    spreads = {preset: demo_report._spread(v) for preset, v in values.items()}
+    best_first = sorted(spreads, key=lambda p: spreads[p]["mean"])  # lower is better, as FD
+    compared = demo_report.against_paper(best_first, ["reglue", "reg", "sit"], spreads)
+    assert compared == {"verdict": verdict, "ties": ties, "reversed": reversed_pairs}

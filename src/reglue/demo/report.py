@@ -95,31 +95,67 @@ def _spread(values: list[float]) -> dict:
 
 def ordering(presets: dict, fd: str) -> dict:
     """The presets ranked by final mean FD (lower is better) and by class accuracy (higher is better),
-    against the paper's FID ranking of the same presets, and REPA against SiT when both ran."""
+    each set against the paper's FID ranking of the same presets (:func:`against_paper`), and REPA
+    against SiT when both ran."""
     paper = sorted(presets, key=lambda p: get_preset(p).paper_fid)
-    by_fd = sorted(presets, key=lambda p: presets[p]["final"][fd]["mean"])
-    by_accuracy = sorted(presets, key=lambda p: -presets[p]["final"][ACCURACY_KEY]["mean"])
-    result = {"paper_best_first": paper, "fd_best_first": by_fd, "accuracy_best_first": by_accuracy,
-              "fd_matches_paper": by_fd == paper, "accuracy_matches_paper": by_accuracy == paper}
+    result = {"paper_best_first": paper}
+    for name, key, sign in (("fd", fd, 1), ("accuracy", ACCURACY_KEY, -1)):
+        spreads = {p: presets[p]["final"][key] for p in presets}
+        best_first = sorted(presets, key=lambda p: sign * spreads[p]["mean"])
+        result[f"{name}_best_first"] = best_first
+        result[f"{name}_vs_paper"] = against_paper(best_first, paper, spreads)
     if {"sit", "repa"} <= set(presets):
         result["repa_vs_sit"] = {key: difference(presets["repa"]["final"][key], presets["sit"]["final"][key])
                                  for key in (fd, ACCURACY_KEY)}
     return result
 
 
+def against_paper(best_first: list[str], paper: list[str], spreads: dict[str, dict]) -> dict:
+    """Whether a measured ranking agrees with the paper's, counting only what the seeds resolve.
+
+    Two presets are told apart when their mean ± std intervals are apart (:func:`difference`; never
+    with one seed). ``reversed``: pairs the paper ranks one way and the runs clearly the other way;
+    ``ties``: neighbours of the measured ranking that are not told apart. The verdict is
+    ``"not the paper order"`` when any pair is clearly reversed, ``"the paper order"`` when the
+    ranking is the paper's and every neighbour is told apart, else ``"not resolved"``."""
+    def apart(a: str, b: str) -> bool:
+        return bool(difference(spreads[a], spreads[b])["intervals_apart"])
+
+    ties = [[a, b] for a, b in zip(best_first, best_first[1:]) if not apart(a, b)]
+    position = {preset: i for i, preset in enumerate(best_first)}
+    reversed_pairs = [[a, b] for i, a in enumerate(paper) for b in paper[i + 1:]
+                      if position[a] > position[b] and apart(a, b)]  # the paper has a before b
+    if reversed_pairs:
+        verdict = "not the paper order"
+    elif best_first == paper and not ties:
+        verdict = "the paper order"
+    else:
+        verdict = "not resolved"
+    return {"verdict": verdict, "reversed": reversed_pairs, "ties": ties}
+
+
 def difference(a: dict, b: dict) -> dict:
     """a − b of two spreads (:func:`_spread`), whether their mean ± std intervals are apart, and
-    Welch's t = (mean_a − mean_b) / sqrt(std_a²/n_a + std_b²/n_b).
+    Welch's unequal-variance t-test of the two sets of values (``scipy.stats.ttest_ind`` with
+    ``equal_var=False``): t = (mean_a − mean_b) / sqrt(std_a²/n_a + std_b²/n_b), its
+    Welch–Satterthwaite degrees of freedom and the two-sided p-value.
 
-    With one seed on either side there is no spread to compare: ``intervals_apart`` and ``welch_t``
-    are None. Two or three seeds make a weak test; the report prints both numbers, not a verdict."""
+    With one seed on either side there is no spread to compare: ``intervals_apart``, ``welch_t``,
+    ``df`` and ``p_value`` are None; with no spread on both sides t is ±inf (0 for equal means) and
+    ``df`` None. Two or three seeds make a weak test; the report prints the numbers, not a verdict."""
     diff = a["mean"] - b["mean"]
     if min(len(a["values"]), len(b["values"])) < 2:
-        return {"difference": diff, "intervals_apart": None, "welch_t": None}
+        return {"difference": diff, "intervals_apart": None, "welch_t": None, "df": None, "p_value": None}
     apart = abs(diff) > a["std"] + b["std"]
-    error = math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
-    welch_t = diff / error if error > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
-    return {"difference": diff, "intervals_apart": bool(apart), "welch_t": welch_t}
+    if a["std"] == b["std"] == 0:  # scipy gives nan for two equal constants
+        welch_t = math.copysign(math.inf, diff) if diff else 0.0
+        return {"difference": diff, "intervals_apart": bool(apart), "welch_t": welch_t, "df": None,
+                "p_value": 0.0 if diff else 1.0}
+    from scipy.stats import ttest_ind  # imported here: scipy.stats takes a while to import
+
+    test = ttest_ind(a["values"], b["values"], equal_var=False)
+    return {"difference": diff, "intervals_apart": bool(apart), "welch_t": float(test.statistic),
+            "df": float(test.df), "p_value": float(test.pvalue)}
 
 
 def protocol(settings: DemoSettings) -> dict:
@@ -234,10 +270,10 @@ def _ordering_section(results: dict) -> list[str]:
         return []
     lines = ["## Does the paper's ordering hold here?", "",
              f"- Paper (FID, best first): {' < '.join(o['paper_best_first'])}.",
-             (f"- Here by FD in the VFM space: {' < '.join(o['fd_best_first'])} — "
-              f"{'the same order' if o['fd_matches_paper'] else 'not the paper order'}."),
-             (f"- Here by class accuracy: {' > '.join(o['accuracy_best_first'])} — "
-              f"{'the same order' if o['accuracy_matches_paper'] else 'not the paper order'}.")]
+             f"- Here by FD in the VFM space: {_ranking(o['fd_best_first'], o['fd_vs_paper'], '<')}.",
+             f"- Here by class accuracy: {_ranking(o['accuracy_best_first'], o['accuracy_vs_paper'], '>')}.",
+             ("- `≈`: neighbours whose mean ± std intervals overlap; an order holds only where neighbours "
+              "are apart.")]
     if "repa_vs_sit" in o:
         fd, accuracy = (o["repa_vs_sit"][k] for k in (results["fd_key"], ACCURACY_KEY))
         lines.append(f"- REPA − SiT: FD {fd['difference']:+.4g} ({_clear(fd)}), class accuracy "
@@ -245,11 +281,25 @@ def _ordering_section(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _ranking(best_first: list[str], compared: dict, sign: str) -> str:
+    """``reg < repa ≈ sit`` — the paper order / not the paper order (… clearly reversed) / not resolved."""
+    ties = {tuple(pair) for pair in compared["ties"]}
+    text = best_first[0]
+    for a, b in zip(best_first, best_first[1:]):
+        text += f" {'≈' if (a, b) in ties else sign} {b}"
+    verdict = compared["verdict"]
+    if compared["reversed"]:
+        verdict += " (clearly reversed: " + ", ".join(f"{b} ahead of {a}" for a, b in compared["reversed"]) + ")"
+    return f"{text} — {verdict}"
+
+
 def _clear(compared: dict) -> str:
     if compared["intervals_apart"] is None:
         return "one seed: no spread to compare"
     where = "mean ± std intervals apart" if compared["intervals_apart"] else "within the seeds' spread"
-    return f"{where}, Welch t = {compared['welch_t']:+.1f}"
+    if compared["df"] is None:
+        return f"{where}, no spread on either side"
+    return f"{where}, Welch t = {compared['welch_t']:+.1f}, df {compared['df']:.1f}, p = {compared['p_value']:.2g}"
 
 
 def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:
