@@ -68,14 +68,17 @@ def test_sample_vs_authors_benchmark_harness(tmp_path, capsys):
     (tmp_path / "samplers.py").write_text(STAND_IN_SAMPLERS)
     result = load_benchmark("sample_vs_authors").main([
         "--authors-code", str(tmp_path), "--batch", "3", "--steps", "3", "--input-size", "8", "--repeats", "2",
-        "--device", "cpu", "--profile", "--json", str(tmp_path / "r.json")])
+        "--device", "cpu", "--precision", "fp32", "--profile", "--json", str(tmp_path / "r.json")])
     assert result["max_abs_diff"] < 1e-5 and result["speedup"] > 0 and len(result["seconds"]["authors"]) == 2
     assert 0 < result["profile"]["reglue"]["matmul_share"] < 1 and result["profile"]["authors"]["gflop"] > 0
     assert capsys.readouterr().out.startswith("| SiT-B/2 | 3 | 3 | 2.3 | fp32 |")
     checked = load_benchmark("sample_vs_authors").main([
         "--authors-code", str(tmp_path), "--batch", "1", "--steps", "1", "--input-size", "8", "--repeats", "1",
-        "--device", "cpu", "--check-vectors", str(shared_file("compat/official_vectors.pt"))])["vectors"]
-    assert set(checked) == {"forward", "sde_0", "sde_1"} and max(checked.values()) < 1e-5
+        "--device", "cpu", "--precision", "bf16", "--profile",
+        "--check-vectors", str(shared_file("compat/official_vectors.pt"))])
+    assert set(checked["vectors"]) == {"forward", "sde_0", "sde_1"} and max(checked["vectors"].values()) < 1e-5
+    assert 1e-5 < checked["max_abs_diff"] < 0.1 and checked["precision"] == "bf16"  # ours in bf16, theirs fp32
+    assert checked["profile"]["reglue"]["gflop"] > 0
     with pytest.raises(FileNotFoundError, match="samplers.py and models/sit.py"):
         load_benchmark("sample_vs_authors").main(["--authors-code", str(tmp_path / "models")])
 
