@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reglue.errors import InputError
 from reglue.io import atomic_write
 
 FORMAT = "reglue-train-state"
@@ -80,7 +81,7 @@ _PLAIN_SEQUENCES = (list, tuple, torch.Size)
 _logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint (or run directory) training cannot resume from; says where and why."""
 
     def __init__(self, path: Path, reason: str) -> None:
@@ -123,7 +124,7 @@ def restore_rng_state(state: dict) -> None:
     """
     missing = [k for k in ("python", "numpy", "torch", "cuda") if k not in state]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"RNG state lacks {missing}; expected the dict capture_rng_state() returns "
             f"(keys python, numpy, torch, cuda), found keys {sorted(state)}."
         )
@@ -229,7 +230,7 @@ def _check_plain(value: object, where: str) -> None:
         for index, item in enumerate(value):
             _check_plain(item, f"{where}[{index}]")
         return
-    raise ValueError(
+    raise InputError(
         f"checkpoint {where} is a {kind.__module__}.{kind.__qualname__}; a checkpoint holds only "
         "tensors and plain values (dict, list, tuple, str, int, float, bool, None) so that it "
         "loads with weights_only=True. Convert it first (dataclasses.asdict(config), "
@@ -250,7 +251,7 @@ def save_checkpoint(
     something other than tensors and plain values, or uses a key the format reserves.
     """
     if keep_last < 1:
-        raise ValueError(f"keep_last must be at least 1 (the newest checkpoint is what resumes), found {keep_last}.")
+        raise InputError(f"keep_last must be at least 1 (the newest checkpoint is what resumes), found {keep_last}.")
     path = save_state_file(checkpoint_path(run_dir, step), step, payload)
     for stale in path.parent.glob(_STALE_TEMP_GLOB):
         stale.unlink(missing_ok=True)
@@ -267,12 +268,12 @@ def save_state_file(path: str | Path, step: int, payload: dict) -> Path:
     Returns ``path``.
     """
     if type(step) is not int or step < 0:
-        raise ValueError(f"step must be a non-negative int, found {step!r}.")
+        raise InputError(f"step must be a non-negative int, found {step!r}.")
     if type(payload) is not dict:
-        raise ValueError(f"checkpoint payload must be a dict, found {type(payload).__name__}.")
+        raise InputError(f"checkpoint payload must be a dict, found {type(payload).__name__}.")
     reserved = [k for k in _RESERVED_KEYS if k in payload]
     if reserved:
-        raise ValueError(
+        raise InputError(
             f"checkpoint payload uses reserved key(s) {reserved}; the checkpoint format sets "
             f"{list(_RESERVED_KEYS)} itself. Rename those entries."
         )

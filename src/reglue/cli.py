@@ -1,7 +1,10 @@
 """The ``reglue`` command: argument parsing only; the work lives in the library modules.
 
-Errors the user can fix (bad paths, mismatched settings, bad input) are printed as one line
-and exit with status 2; set ``REGLUE_DEBUG=1`` to see the traceback instead.
+Errors the user can fix — everything reglue refuses on purpose (:mod:`reglue.errors`: bad input,
+mismatched settings, damaged files, a missing optional package), file-system errors (a missing path,
+a full disk, no permission) and running out of memory — are printed as one line and exit with
+status 2; set ``REGLUE_DEBUG=1`` to see the traceback instead. Anything else is a bug: its traceback
+is shown and the status is 1.
 
 Each command imports the library modules it needs inside its function: ``reglue --help`` and a
 mistyped option then answer at once instead of first loading torch, timm and diffusers. This is
@@ -16,6 +19,7 @@ import os
 import sys
 
 from reglue import __version__
+from reglue.errors import InputError
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution, confirm_resolution
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -83,7 +87,7 @@ def _vfm_spec(args: argparse.Namespace, required: bool):
     for item in filter(None, (args.vfm_arch or "").split(",")):
         key, _, value = item.partition("=")
         if not value.isdigit():
-            raise ValueError(f"--vfm-arch expects key=integer pairs like depth=12, found {item!r}.")
+            raise InputError(f"--vfm-arch expects key=integer pairs like depth=12, found {item!r}.")
         arch[key.strip()] = int(value)
     return VFMSpec(args.vfm or "dinov2_vitb14_reg", args.vfm_weights, layers, arch)
 
@@ -290,7 +294,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     base = PAPER if args.paper else SampleSettings()
     settings = SampleSettings(
-        num_samples=args.num_samples, mode=args.mode or base.mode, num_steps=args.steps or base.num_steps,
+        num_samples=args.num_samples, mode=args.mode or base.mode,
+        num_steps=base.num_steps if args.steps is None else args.steps,  # --steps 0 is refused, not the default
         heun=args.heun, guidance=_guidance(args, base.guidance), labels=args.labels, seed=args.seed,
         precision=args.precision, micro_batch=args.micro_batch,
     )
@@ -357,7 +362,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if len(args.runs) == 1:
         drawn = plot_run(args.runs[0], args.out, **options)
     elif args.out is None:
-        raise ValueError(f"{len(args.runs)} runs go into one figure; name its file with --out "
+        raise InputError(f"{len(args.runs)} runs go into one figure; name its file with --out "
                          "(e.g. --out curves.png).")
     else:
         drawn = plot_runs(args.runs, args.out, **options)
@@ -630,12 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _for_the_user(err: Exception) -> bool:
-    """Errors the user can act on (reported in one line); other RuntimeErrors are bugs."""
+def _for_the_user(err: BaseException) -> bool:
+    """Errors the user can act on (reported in one line); anything else is a bug."""
     from reglue.errors import ReglueError
 
-    out_of_memory = "out of memory" in str(err).lower()
-    return isinstance(err, (ValueError, OSError, ReglueError)) or out_of_memory
+    out_of_memory = isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    return isinstance(err, (ReglueError, OSError)) or out_of_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,9 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:  # bad input, paths, disk full, a stopped run, OOM
+    except Exception as err:
         if os.environ.get("REGLUE_DEBUG") == "1" or not _for_the_user(err):
-            raise  # anything else is a bug: keep the traceback
+            raise  # a bug: the traceback, exit status 1
         message = " ".join(str(err).split())
         print(f"reglue {args.command}: error: {message}", file=sys.stderr)
         return 2

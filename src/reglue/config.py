@@ -20,6 +20,7 @@ import yaml
 from reglue.distributed import DEFAULT_TIMEOUT_S
 from reglue.ema import EMA_UPDATES
 from reglue.encoders.semantics import VFMSpec
+from reglue.errors import InputError
 from reglue.io import atomic_write
 from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
 from reglue.presets import PRESETS
@@ -39,7 +40,7 @@ OPTIONAL_PACKAGES = {"log.wandb": ("wandb", 'pip install "reglue[wandb]"'),
                      "log.tensorboard": ("tensorboard", "pip install tensorboard")}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
 
@@ -293,7 +294,7 @@ class RunConfig:
 def _guidance(scale: float, cls_scale: float | None, interval: list) -> Guidance:
     """A validated :class:`Guidance` from a config's scale, CLS scale and [low, high] interval."""
     if not (isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)):
-        raise ValueError(f"the guidance interval must be [low, high], found {interval!r}.")
+        raise InputError(f"the guidance interval must be [low, high], found {interval!r}.")
     low, high = interval
     return Guidance(scale=scale, cls_scale=cls_scale, low=low, high=high)
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from reglue.errors import InputError
+
 
 class EMAUpdate:
     """ema ← decay·ema + (1 − decay)·θ for every trained parameter of ``model``, by ``kind``; frozen
@@ -23,7 +25,7 @@ class EMAUpdate:
 
     def __init__(self, ema_model: nn.Module, model: nn.Module, kind: str = "foreach"):
         if kind not in EMA_UPDATES:
-            raise ValueError(f"unknown EMA update {kind!r}; choose one of {tuple(EMA_UPDATES)}.")
+            raise InputError(f"unknown EMA update {kind!r}; choose one of {tuple(EMA_UPDATES)}.")
         ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
         if ema_params.keys() != params.keys():
             differing = sorted(ema_params.keys() ^ params.keys())

@@ -27,6 +27,7 @@ from reglue.data import store
 from reglue.distributed import on_rank_zero
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.vae import DEFAULT_VAE
+from reglue.errors import InputError
 from reglue.io import atomic_write
 from reglue.models.loading import load_sampling_model
 from reglue.models.sit import SiT
@@ -53,22 +54,22 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in ("sde", "ode"):
-            raise ValueError(f"mode must be sde or ode, found {self.mode!r}.")
+            raise InputError(f"mode must be sde or ode, found {self.mode!r}.")
         if self.heun and self.mode != "ode":
-            raise ValueError("heun is a correction of the ODE sampler; use mode ode or drop heun.")
+            raise InputError("heun is a correction of the ODE sampler; use mode ode or drop heun.")
         if self.guidance.vae_only and self.mode != "sde":
-            raise ValueError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only.")
+            raise InputError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only.")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, found {self.precision!r}.")
+            raise InputError(f"precision must be fp32 or bf16, found {self.precision!r}.")
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, found {self.num_samples}.")
+            raise InputError(f"num_samples must be >= 1, found {self.num_samples}.")
         if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, found {self.num_steps}.")
+            raise InputError(f"num_steps must be >= 1, found {self.num_steps}.")
         if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1 or None, found {self.micro_batch}.")
+            raise InputError(f"micro_batch must be >= 1 or None, found {self.micro_batch}.")
         fixed = self.labels in ("random", "balanced")
         if not fixed and not all(c.strip().isdigit() for c in self.labels.split(",")):
-            raise ValueError(f"labels must be random, balanced or comma-separated class ids such as 1,7,42; "
+            raise InputError(f"labels must be random, balanced or comma-separated class ids such as 1,7,42; "
                              f"found {self.labels!r}.")
 
 
@@ -89,7 +90,7 @@ def label_of(index: int, settings: SampleSettings, num_classes: int) -> int:
         return index % num_classes
     classes = [int(c) for c in settings.labels.split(",")]
     if not all(0 <= c < num_classes for c in classes):
-        raise ValueError(f"labels {classes} must lie in 0..{num_classes - 1}.")
+        raise InputError(f"labels {classes} must lie in 0..{num_classes - 1}.")
     return classes[index % len(classes)]
 
 
@@ -181,9 +182,9 @@ def generate(
 ) -> Path:
     """Generate the missing samples of ``out_dir`` on this rank, then (main) pack the ``.npz``."""
     if per_device_batch < 1:
-        raise ValueError(f"per_device_batch must be >= 1, found {per_device_batch}.")
+        raise InputError(f"per_device_batch must be >= 1, found {per_device_batch}.")
     if settings.micro_batch is None:
-        raise ValueError("reglue sample needs a fixed micro_batch (every SiT/VAE call that many rows), so that the "
+        raise InputError("reglue sample needs a fixed micro_batch (every SiT/VAE call that many rows), so that the "
                          "images do not depend on the batch size or the number of processes; set micro_batch=32.")
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,7 @@ def pack_npz(out_dir: Path, settings: SampleSettings, num_classes: int, npz: Pat
     for i in range(settings.num_samples):
         image = np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB"))
         if image.shape != first.shape:
-            raise ValueError(f"{out_dir / f'{i:06d}.png'} is {image.shape}, not {first.shape} like 000000.png; "
+            raise InputError(f"{out_dir / f'{i:06d}.png'} is {image.shape}, not {first.shape} like 000000.png; "
                              "delete the odd file and rerun to regenerate it.")
         images[i] = image
     labels = np.array([label_of(i, settings, num_classes) for i in range(settings.num_samples)], np.int64)
@@ -267,11 +268,11 @@ class ImageSampler:
         the class docstring (None: the rows as they come, at most :data:`MAX_CALL_ROWS` per call);
         ``precision``: fp32 or bf16, None = :func:`fast_precision` of the device."""
         if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be pil or np, found {output_type!r}.")
+            raise InputError(f"output_type must be pil or np, found {output_type!r}.")
         if len(labels) == 0:
-            raise ValueError("labels is empty: pass one class id per image, e.g. [207, 360].")
+            raise InputError("labels is empty: pass one class id per image, e.g. [207, 360].")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
+            raise InputError(f"batch_size must be >= 1, found {batch_size}.")
         settings = SampleSettings(num_samples=len(labels), mode=mode, num_steps=num_steps, heun=heun,
                                   guidance=guidance, labels=",".join(str(int(c)) for c in labels), seed=seed,
                                   precision=precision or fast_precision(self.device), micro_batch=micro_batch)

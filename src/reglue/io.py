@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from reglue.errors import DamagedFileError
+from reglue.errors import DamagedFileError, InputError
 
 CHECKSUM = "blake2b"  # the checksum's key in a file record: BLAKE2b with a 16-byte digest
 READ_BLOCK = 8 << 20  # bytes per read while checksumming (hashlib releases the GIL on such blocks)
@@ -145,14 +145,14 @@ def read_tensor_file(path: str | Path, what: str, allowed: tuple = (), fix: str 
             return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err) and "GLOBAL" not in str(err):
-            raise ValueError(f"{path} is not a readable {what} file: {str(err).strip().splitlines()[0][:200]}") from err
-        raise ValueError(
+            raise InputError(f"{path} is not a readable {what} file: {str(err).strip().splitlines()[0][:200]}") from err
+        raise InputError(
             f"{path} holds pickled objects a {what} file should not contain; reglue refuses to execute "
             f"pickled code, so it is refusing to load it. Re-save it as plain tensors. ({str(err).splitlines()[-1]})"
         ) from err
     except (safetensors.SafetensorError, RuntimeError, EOFError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ValueError(
+        raise InputError(
             f"{path} is not a readable {what} file (a .safetensors, or a torch.save of tensors only): {reason}"
         ) from err
 
@@ -204,4 +204,4 @@ def read_safetensors_metadata(path: str | Path, what: str = "safetensors", fix: 
         with safetensors.safe_open(str(path), "pt") as handle:
             return dict(handle.metadata() or {})
     except safetensors.SafetensorError as err:
-        raise ValueError(f"{path} is not a readable {what} file ({err}); {fix}.") from err
+        raise InputError(f"{path} is not a readable {what} file ({err}); {fix}.") from err

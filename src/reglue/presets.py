@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reglue.errors import InputError
+
 PAPER_MODEL = "SiT-B/2"  # the model size of every paper FID below
 PAPER_STEPS = 400_000  # the training step of Preset.paper_fid
 PAPER_BATCH = 256  # the paper's global batch: images seen = steps × 256
@@ -89,5 +91,5 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
     return PRESETS[name]

@@ -15,6 +15,8 @@ prepared data's manifest records R once and every later step reads it from there
 
 from __future__ import annotations
 
+from reglue.errors import InputError
+
 RESOLUTION_STEP = 64
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 512
@@ -27,9 +29,9 @@ TOKEN_PIXELS = 16  # image pixels per SiT token side: patch 2 on the R/8 latents
 def check_resolution(resolution: int) -> int:
     """``resolution`` itself when reglue supports it, else a ValueError naming the supported sides."""
     if isinstance(resolution, bool) or not isinstance(resolution, int):
-        raise ValueError(f"resolution must be an integer, found {resolution!r}.")
+        raise InputError(f"resolution must be an integer, found {resolution!r}.")
     if resolution not in RESOLUTIONS:
-        raise ValueError(
+        raise InputError(
             f"resolution must be a multiple of {RESOLUTION_STEP} from {MIN_RESOLUTION} to {MAX_RESOLUTION} "
             f"({', '.join(map(str, RESOLUTIONS))}), found {resolution}; the paper uses 256 (and 512), "
             "64 and 128 make fast research runs."
@@ -55,7 +57,7 @@ def confirm_resolution(asked: int | None, found: int, *, where: str, remedy: str
     a check, which a script looping over resolutions can pass to every command. Another R is a
     ValueError naming both sides and ``remedy`` (the fix)."""
     if asked is not None and check_resolution(asked) != found:
-        raise ValueError(
+        raise InputError(
             f"resolution {asked} was asked for, but {where} is at {found}²: R is chosen once, by `reglue prepare "
             f"--resolution R`, and every later step reads it from there. {remedy}"
         )

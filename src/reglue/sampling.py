@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reglue.errors import InputError
 from reglue.models.sit import SiT, unwrap_model
 from reglue.transport import score_from_velocity
 
@@ -71,18 +72,18 @@ class Guidance:
 
     def __post_init__(self) -> None:
         if not self.scale >= 1.0:
-            raise ValueError(f"guidance scale must be >= 1 (1 = no guidance), found {self.scale}; scales below 1 "
+            raise InputError(f"guidance scale must be >= 1 (1 = no guidance), found {self.scale}; scales below 1 "
                              "would be ignored. Use --cfg-scale 1 to sample without guidance.")
         if self.cls_scale is not None and not self.cls_scale >= 0.0:
-            raise ValueError(f"CLS guidance scale must be >= 0 (0 = conditional CLS drift) or None (same as the "
+            raise InputError(f"CLS guidance scale must be >= 0 (0 = conditional CLS drift) or None (same as the "
                              f"guidance scale), found {self.cls_scale}.")
         if self.scale == 1.0 and self.cls_scale is not None and 0.0 < self.cls_scale < 1.0:
-            raise ValueError(f"CLS guidance scale {self.cls_scale} with guidance scale 1 would be ignored (guidance "
+            raise InputError(f"CLS guidance scale {self.cls_scale} with guidance scale 1 would be ignored (guidance "
                              "runs only when a scale is > 1); use a CLS scale > 1, or raise --cfg-scale.")
         if not 0.0 <= self.low <= self.high <= 1.0:
-            raise ValueError(f"guidance interval [{self.low}, {self.high}] must satisfy 0 <= LOW <= HIGH <= 1.")
+            raise InputError(f"guidance interval [{self.low}, {self.high}] must satisfy 0 <= LOW <= HIGH <= 1.")
         if self.vae_only and self.scale <= 1.0:
-            raise ValueError("vae_only guidance (the authors' --vae_cfg rule) needs a guidance scale > 1, "
+            raise InputError("vae_only guidance (the authors' --vae_cfg rule) needs a guidance scale > 1, "
                              f"found {self.scale}; raise --cfg-scale or drop --vae-only-cfg.")
 
     @property
@@ -141,9 +142,9 @@ class _JointVelocity:
         core = unwrap_model(model)
         for name, value in (("micro_batch", micro_batch), ("max_call_rows", max_call_rows)):
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, found {value}.")
+                raise InputError(f"{name} must be >= 1 or None, found {value}.")
         if micro_batch is not None and max_call_rows is not None:
-            raise ValueError("pass micro_batch (calls of exactly that many rows, padded) or max_call_rows "
+            raise InputError("pass micro_batch (calls of exactly that many rows, padded) or max_call_rows "
                              "(unpadded calls of at most that many), not both.")
         self.model = model
         self.micro_batch = micro_batch
@@ -234,13 +235,13 @@ def _sampling_mode(model: nn.Module) -> Iterator[None]:
 def _initial_state(model, latents, y, cls_latents):
     use_cls = unwrap_model(model).use_cls_token
     if use_cls and cls_latents is None:
-        raise ValueError("this model jointly models the CLS token: pass cls_latents (B, z_dim) noise.")
+        raise InputError("this model jointly models the CLS token: pass cls_latents (B, z_dim) noise.")
     if not use_cls and cls_latents is not None:
-        raise ValueError("this model has no CLS slot (use_cls_token=False); pass cls_latents=None.")
+        raise InputError("this model has no CLS slot (use_cls_token=False); pass cls_latents=None.")
     if latents.ndim != 4:
-        raise ValueError(f"latents must be (B, C, H, W) noise, found {tuple(latents.shape)}.")
+        raise InputError(f"latents must be (B, C, H, W) noise, found {tuple(latents.shape)}.")
     if y.shape != (latents.shape[0],):
-        raise ValueError(f"y must have shape ({latents.shape[0]},), found {tuple(y.shape)}.")
+        raise InputError(f"y must have shape ({latents.shape[0]},), found {tuple(y.shape)}.")
     cls = cls_latents.double() if cls_latents is not None else None
     return latents.double(), cls
 
@@ -270,10 +271,10 @@ class SampleNoise:
         if generators is None:
             return
         if len(generators) != x.shape[0]:
-            raise ValueError(f"noise_generators: expected one per sample ({x.shape[0]}), found {len(generators)}.")
+            raise InputError(f"noise_generators: expected one per sample ({x.shape[0]}), found {len(generators)}.")
         elsewhere = sorted({str(g.device) for g in generators if not _on_device(g, x.device)})
         if elsewhere:
-            raise ValueError(f"noise_generators live on {', '.join(elsewhere)} but the state is on {x.device}: "
+            raise InputError(f"noise_generators live on {', '.join(elsewhere)} but the state is on {x.device}: "
                              f"seed them on the sampling device, seeded_generator(..., device={str(x.device)!r}).")
         self.eps_x = torch.empty_like(x)
         self.eps_cls = torch.empty_like(cls) if cls is not None else None
@@ -294,7 +295,7 @@ class SampleNoise:
 
 def _check_steps(num_steps: int) -> None:
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, found {num_steps}.")
+        raise InputError(f"num_steps must be >= 1, found {num_steps}.")
 
 
 def _model_path(model: nn.Module, path: str | None) -> str:
@@ -391,7 +392,7 @@ def sample_ode(
     """
     _check_steps(num_steps)
     if guidance.vae_only:
-        raise ValueError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only; "
+        raise InputError("vae_only guidance (the authors' --vae_cfg) exists for the SDE sampler only; "
                          "use mode sde or drop it.")
     velocity = _JointVelocity(model, y, null_label, micro_batch, max_call_rows)
     x, cls = _initial_state(model, latents, y, cls_latents)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from reglue.errors import InputError
 
-class SettingsError(ValueError):
+
+class SettingsError(InputError):
     """A rerun whose settings differ from the recorded ones; the message lists them and the fix."""
 
 
@@ -44,7 +46,7 @@ def check_same_settings(
     what: str,
     fix: str,
     free: Sequence[str] = (),
-    error: type[ValueError] = SettingsError,
+    error: type[InputError] = SettingsError,
 ) -> None:
     """Raise ``error`` unless ``current`` equals ``recorded`` outside the ``free`` keys.
 
@@ -53,7 +55,7 @@ def check_same_settings(
     change. A key only one side has counts as None on the other, so a setting added later
     with default None does not block resuming an older run. The message reads
     ``"{what} was made with other settings (key: was X, now Y, ...); {fix}"`` and lists every
-    differing key, sorted. ``error``: the exception class to raise (a ValueError subclass, e.g.
+    differing key, sorted. ``error``: the exception class to raise (an InputError subclass, e.g.
     ``ConfigError`` for a run config).
     """
     old, new = flatten_settings(recorded), flatten_settings(current)

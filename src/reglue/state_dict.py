@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from reglue.errors import InputError
+
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a leading ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) from every key."""
@@ -66,7 +68,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                 f"channels, patch {embed.shape[-1]}; build the matching model (e.g. build_sit("
                 "'SiT-XL/2', in_channels=...)) or pick the checkpoint made for this one."
             )
-        raise ValueError(f"{what} does not fit the model:\n  {problem}{hint}")
+        raise InputError(f"{what} does not fit the model:\n  {problem}{hint}")
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from reglue.errors import InputError
+
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "lognormal")
 # The authors' XL schedule: λ_s × 0.5 from step 250k, × 0.25 from step 500k.
@@ -30,12 +32,12 @@ def lambda_sem_milestones(schedule: Sequence[Sequence]) -> tuple[tuple[int, floa
         step, factor = item if ok else (None, None)
         if not (ok and isinstance(step, int | float) and not isinstance(step, bool) and float(step).is_integer()
                 and step >= 0 and isinstance(factor, int | float) and not isinstance(factor, bool) and factor >= 0):
-            raise ValueError(f"expected [step, factor] pairs (whole step >= 0, factor >= 0), found {item!r}; "
+            raise InputError(f"expected [step, factor] pairs (whole step >= 0, factor >= 0), found {item!r}; "
                              "e.g. [[250000, 0.5], [500000, 0.25]].")
         milestones.append((int(step), float(factor)))
     steps = [s for s, _ in milestones]
     if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"milestone steps must increase, found {steps}; list the [step, factor] pairs in "
+        raise InputError(f"milestone steps must increase, found {steps}; list the [step, factor] pairs in "
                          "increasing step order, e.g. [[250000, 0.5], [500000, 0.25]].")
     return tuple(milestones)
 
@@ -50,7 +52,7 @@ def path_coefficients(path: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
             torch.cos(half_pi * t), torch.sin(half_pi * t),
             -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t),
         )
-    raise ValueError(f"unknown path {path!r}; choose one of {PATHS}.")
+    raise InputError(f"unknown path {path!r}; choose one of {PATHS}.")
 
 
 def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,8 @@ def sample_time(
             return sigma / (1 + sigma)
         if path == "cosine":
             return (2 / math.pi) * torch.atan(sigma)
-        raise ValueError(f"unknown path {path!r}; choose one of {PATHS}.")
-    raise ValueError(f"unknown time sampling {sampling!r}; choose one of {TIME_SAMPLINGS}.")
+        raise InputError(f"unknown path {path!r}; choose one of {PATHS}.")
+    raise InputError(f"unknown time sampling {sampling!r}; choose one of {TIME_SAMPLINGS}.")
 
 
 @dataclass
@@ -126,9 +128,9 @@ class JointLoss:
         lambda_sem_schedule: Sequence[tuple[int, float]] = (),
     ):
         if path not in PATHS:
-            raise ValueError(f"unknown path {path!r}; choose one of {PATHS}.")
+            raise InputError(f"unknown path {path!r}; choose one of {PATHS}.")
         if time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
+            raise InputError(f"unknown time sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
         self.latent_channels = latent_channels
         self.path = path
         self.time_sampling = time_sampling
@@ -163,7 +165,7 @@ class JointLoss:
         ``force_drop_ids`` (label dropout decisions) to the model's own draw."""
         B = x0.shape[0]
         if x0.ndim != 4 or x0.shape[1] < self.latent_channels:
-            raise ValueError(
+            raise InputError(
                 f"x0 must be (B, {self.latent_channels} + S, H, W), found {tuple(x0.shape)}."
             )
         if t is None:
@@ -203,14 +205,14 @@ class JointLoss:
         if self.lambda_rep == 0 or (tokens is None and target is None):
             return None
         if tokens is None:
-            raise ValueError("repa_target given but the model has no projector (z_dim=None).")
+            raise InputError("repa_target given but the model has no projector (z_dim=None).")
         if target is None:
-            raise ValueError(
+            raise InputError(
                 "the model has a REPA projector and lambda_rep > 0 but no repa_target was given; "
                 "pass the VFM tokens or set lambda_rep=0."
             )
         if tokens.shape != target.shape:
-            raise ValueError(
+            raise InputError(
                 f"REPA target shape {tuple(target.shape)} does not match the projector output "
                 f"{tuple(tokens.shape)}: models with a CLS slot align [CLS; patches] (1 + N tokens), "
                 "others the N patch tokens."

@@ -29,7 +29,7 @@ import torch
 from reglue.data import integrity, store
 from reglue.distributed import on_rank_zero
 from reglue.encoders.semantics import SemanticEncoder
-from reglue.errors import DamagedFileError
+from reglue.errors import DamagedFileError, InputError
 from reglue.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _float16(values: torch.Tensor, name: str, shard: Path) -> np.ndarray:
         return half.cpu().numpy()
     found = "are not finite (NaN or inf)" if not bool(torch.isfinite(values).all()) else (
         f"reach {values.abs().max().item():.4g}, beyond float16's ±65,504")
-    raise ValueError(f"{shard}: the {name} targets {found}; the cache stores float16. Check the VFM weights, the norm "
+    raise InputError(f"{shard}: the {name} targets {found}; the cache stores float16. Check the VFM weights, the norm "
                      "stats and the compressor, or train with data.semantics=online, which stores nothing.")
 
 

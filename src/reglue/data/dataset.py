@@ -29,13 +29,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from reglue.data import integrity, store
-from reglue.errors import DamagedFileError
+from reglue.errors import DamagedFileError, InputError
 
 
 def random_subset(dataset: Dataset, num_images: int, seed: int = 0) -> Subset:
     """min(num_images, len) rows chosen by a seeded permutation, in index order (file locality)."""
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, found {num_images}.")
+        raise InputError(f"num_images must be >= 1, found {num_images}.")
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(dataset), generator=generator)[:num_images].sort().values.tolist()
     return Subset(dataset, chosen)
@@ -78,7 +78,7 @@ class PreparedDataset(Dataset):
 
     def _check(self, key: str, wanted) -> None:
         if wanted is not None and self.manifest[key] != wanted:
-            raise ValueError(
+            raise InputError(
                 f"{self.root} was prepared with {key} {self.manifest[key]!r} but training asks for "
                 f"{wanted!r}; prepare the data again with --{key} {wanted} or change the run's config."
             )
@@ -95,7 +95,7 @@ class PreparedDataset(Dataset):
             return
         recorded = (self.semantics_info or {}).get("vfm")
         if recorded is None or json.loads(recorded) != json.loads(vfm):
-            raise ValueError(
+            raise InputError(
                 f"the semantics cached in {self.root} were made with VFM {recorded} but training asks for "
                 f"{vfm}; re-run `reglue cache-semantics` with that VFM or change the run's config."
             )
@@ -103,7 +103,7 @@ class PreparedDataset(Dataset):
     def _check_fields_exist(self) -> None:
         unknown = set(self.fields) - set(store.SHARD_ARRAYS) - set(store.CACHED_ARRAYS)
         if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)}; choose from {store.SHARD_ARRAYS + store.CACHED_ARRAYS}.")
+            raise InputError(f"unknown field(s) {sorted(unknown)}; choose from {store.SHARD_ARRAYS + store.CACHED_ARRAYS}.")
         cached = [name for name in self.fields if name in store.CACHED_ARRAYS]
         info = self.semantics_info or {}
         missing = [name for name in cached if name not in info.get("fields", ())]
@@ -162,7 +162,7 @@ class PreparedDataset(Dataset):
 
     def _read(self, indices: Sequence[int], *, shared: bool) -> dict[str, torch.Tensor]:
         if not indices:
-            raise ValueError("no rows to read: pass at least one index.")
+            raise InputError("no rows to read: pass at least one index.")
         located = [self.locate(index) for index in indices]
         order = sorted(range(len(located)), key=located.__getitem__)  # file by file, rows ascending
         groups = [(shard, list(members)) for shard, members in itertools.groupby(order, lambda k: located[k][0])]

@@ -40,13 +40,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from reglue.errors import InputError
+
 MIN_SIZE = 32  # default minimum short side in pixels
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # What Pillow's decoders raise on damaged data (OSError covers "image file is truncated").
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
-class BadImageError(ValueError):
+class BadImageError(InputError):
     """A source file that cannot be used as a training image; ``str(err)`` is the short reason."""
 
     def __init__(self, reason: str):
@@ -105,7 +107,7 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
     3. Cut size×size at offsets ((W' − size)//2, (H' − size)//2).
     """
     if image.mode != "RGB":
-        raise ValueError(f"adm_center_crop expects an RGB image, found mode {image.mode}; use load_image.")
+        raise InputError(f"adm_center_crop expects an RGB image, found mode {image.mode}; use load_image.")
     while min(image.size) >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = size / min(image.size)

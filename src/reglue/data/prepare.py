@@ -33,6 +33,7 @@ from reglue.data.source_dataset import read_crop
 from reglue.data.sources import ImageSource, open_source, source_fingerprint
 from reglue.distributed import on_rank_zero, process_state
 from reglue.encoders.autoencoder import load_vae, vae_fingerprint, vae_location
+from reglue.errors import InputError
 from reglue.io import write_json
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
@@ -57,12 +58,12 @@ class PrepareSettings:
         object.__setattr__(self, "source", str(Path(self.source).expanduser().resolve()))
         object.__setattr__(self, "vae", vae_location(self.vae))  # a local VAE's path, valid from any directory
         if self.vae_dtype not in VAE_DTYPES:
-            raise ValueError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
+            raise InputError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
         check_resolution(self.resolution)
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, found {self.shard_size}.")
+            raise InputError(f"shard_size must be >= 1, found {self.shard_size}.")
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images must be >= 1, found {self.max_images}.")
+            raise InputError(f"max_images must be >= 1, found {self.max_images}.")
 
 
 @dataclass

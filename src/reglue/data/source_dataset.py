@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from reglue.data.images import MIN_SIZE, BadImageError, adm_center_crop, load_image
 from reglue.data.sources import ImageSource, SourceItem, open_source, source_fingerprint
+from reglue.errors import InputError
 from reglue.resolution import check_resolution
 
 
@@ -69,7 +70,7 @@ class ImageSourceDataset(Dataset):
             else:
                 self.items.append(item)
         if not self.items:
-            raise ValueError(
+            raise InputError(
                 f"none of the {len(self.skipped)} image files in {self.root} can be read (e.g. "
                 f"{self.skipped[0]['path']}: {self.skipped[0]['reason']}); pass a folder or .zip of readable images."
             )
@@ -103,7 +104,7 @@ class ImageSourceDataset(Dataset):
         try:
             image = read_crop(self._source, item, self.resolution, self.min_size)  # (R, R, 3)
         except BadImageError as err:
-            raise ValueError(
+            raise InputError(
                 f"{self.root / item.path} was readable when the dataset was opened but is not now ({err.reason}); "
                 "the source changed during the run: restore the file, or start the run again."
             ) from err

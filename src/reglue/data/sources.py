@@ -17,6 +17,8 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from reglue.errors import InputError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 )
@@ -85,7 +87,7 @@ def _label(paths: list[PurePosixPath], location: Path) -> tuple[list[SourceItem]
     flat = [p for p in paths if len(p.parts) == depth + 1]
     nested = [p for p in paths if len(p.parts) > depth + 1]
     if flat and nested:
-        raise ValueError(
+        raise InputError(
             f"{location} mixes {len(flat)} images at its top level (e.g. {flat[0]}) with class folders "
             f"(e.g. {nested[0].parts[depth]}/); put every image in a class folder, or all of them at the top "
             "level for an unconditional dataset."
@@ -109,10 +111,10 @@ def open_source(location: str | Path) -> ImageSource:
         archive = zipfile.ZipFile(location)
         names = [info.filename for info in archive.infolist() if not info.is_dir()]
     else:
-        raise ValueError(f"source {location} is neither a folder nor a zip archive.")
+        raise InputError(f"source {location} is neither a folder nor a zip archive.")
     paths, ignored = _split_listing(names)
     if not paths:
-        raise ValueError(
+        raise InputError(
             f"source {location} holds no image files ({ignored} other files); expected "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))} files in class folders or at the top level."
         )

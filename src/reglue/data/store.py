@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reglue.errors import DamagedFileError
+from reglue.errors import DamagedFileError, InputError
 from reglue.io import RecordingWriter, atomic_write, new_checksum, write_json
 from reglue.resolution import confirm_resolution
 from reglue.settings import check_same_settings
@@ -92,7 +92,7 @@ def lock_directory(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(
+            raise InputError(
                 f"{root} is in use by another reglue job; wait for it to finish or choose another directory."
             ) from None
         except OSError as err:  # ENOSYS, ENOLCK, EOPNOTSUPP: the file system has no flock
@@ -213,7 +213,7 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         shape, fortran_order, dtype = read_header[version](handle)
         if fortran_order:
-            raise ValueError("its data is in Fortran order; reglue writes C order")
+            raise InputError("its data is in Fortran order; reglue writes C order")
         return shape, dtype, handle.tell()
 
 
@@ -233,7 +233,7 @@ def read_manifest(root: Path) -> dict:
         )
     manifest = read_json(path, functools.partial(prepare_remedy, root))
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} has format {manifest.get('format')} v{manifest.get('format_version')}; this reglue "
             f"reads {FORMAT_NAME} v{FORMAT_VERSION}. Re-prepare the dataset with this version."
         )

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from reglue.encoders.pixel import LUMINANCE
+from reglue.errors import InputError
 from reglue.io import atomic_write
 
 Painter = Callable[[ImageDraw.ImageDraw, np.random.Generator, int], None]
@@ -258,7 +259,7 @@ SYNTHETIC_SETS: dict[str, SyntheticSet] = {
 
 def _synthetic_set(variant: str) -> SyntheticSet:
     if variant not in SYNTHETIC_SETS:
-        raise ValueError(f"unknown synthetic variant {variant!r}; choose one of {', '.join(SYNTHETIC_SETS)}.")
+        raise InputError(f"unknown synthetic variant {variant!r}; choose one of {', '.join(SYNTHETIC_SETS)}.")
     return SYNTHETIC_SETS[variant]
 
 
@@ -272,7 +273,7 @@ def draw_image(label: int, rng: np.random.Generator, size: int = 64, *,
     """One uint8 (size, size, 3) image of class ``label`` of ``variant``."""
     synthetic = _synthetic_set(variant)
     if not 0 <= label < len(synthetic.classes):
-        raise ValueError(f"label must lie in 0..{len(synthetic.classes) - 1} for the {variant!r} set, "
+        raise InputError(f"label must lie in 0..{len(synthetic.classes) - 1} for the {variant!r} set, "
                          f"found {label}.")
     return synthetic.draw(label, rng, size)
 
@@ -287,7 +288,7 @@ def write_synthetic_dataset(root: str | Path, images_per_class: int = 32, size: 
     names = class_names(variant)
     num_classes = len(names) if num_classes is None else num_classes
     if not 1 <= num_classes <= len(names):
-        raise ValueError(f"num_classes must lie in 1..{len(names)} for the {variant!r} set, "
+        raise InputError(f"num_classes must lie in 1..{len(names)} for the {variant!r} set, "
                          f"found {num_classes}.")
     root = Path(root)
     for label, name in enumerate(names[:num_classes]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from reglue.data.synthetic import SYNTHETIC_SETS, class_names
 from reglue.encoders.semantics import VFMSpec
+from reglue.errors import InputError
 from reglue.presets import PRESETS, get_preset
 from reglue.resolution import check_resolution
 
@@ -57,20 +58,20 @@ class DemoSettings:
         object.__setattr__(self, "presets", tuple(self.presets))
         unknown = [p for p in self.presets if p not in PRESETS]
         if not self.presets or unknown or len(set(self.presets)) != len(self.presets):
-            raise ValueError(f"presets must be distinct names from {', '.join(PRESETS)}, found {list(self.presets)}.")
+            raise InputError(f"presets must be distinct names from {', '.join(PRESETS)}, found {list(self.presets)}.")
         counts = {"seeds": self.seeds, "steps": self.steps, "teacher_epochs": self.teacher_epochs,
                   "classifier_steps": self.classifier_steps,
                   "compressor_epochs": self.compressor_epochs, "sample_steps": self.sample_steps,
                   "eval_samples": self.eval_samples, "grid_rows": self.grid_rows}
         for name, value in counts.items():
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, found {value}.")
+                raise InputError(f"{name} must be >= 1, found {value}.")
         if self.data not in SYNTHETIC_SETS:
-            raise ValueError(f"data must be one of {', '.join(SYNTHETIC_SETS)}, found {self.data!r}.")
+            raise InputError(f"data must be one of {', '.join(SYNTHETIC_SETS)}, found {self.data!r}.")
         if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {TEACHERS}, found {self.teacher!r}.")
+            raise InputError(f"teacher must be one of {TEACHERS}, found {self.teacher!r}.")
         if self.images_per_class < 8:
-            raise ValueError(f"images_per_class must be >= 8 (the teacher, the classifier and the compressor "
+            raise InputError(f"images_per_class must be >= 8 (the teacher, the classifier and the compressor "
                              f"each hold some out), found {self.images_per_class}.")
         check_resolution(self.resolution)
 

@@ -36,7 +36,7 @@ from reglue.demo.settings import (
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.pixel import PIXEL_AUTOENCODER, PixelAutoencoder
 from reglue.encoders.semantics import VFMSpec
-from reglue.errors import ReglueError
+from reglue.errors import InputError, ReglueError
 from reglue.generate import SampleSettings, class_grid
 from reglue.io import atomic_write, write_json
 from reglue.metrics.class_probe import train_class_probe
@@ -88,7 +88,7 @@ def check_out_dir(out: Path) -> None:
         return
     entries = [p.name for p in out.iterdir() if p.name != ".lock"]
     if entries:
-        raise ValueError(f"{out} is not empty ({len(entries)} entries, e.g. {min(entries)!r}) and holds no "
+        raise InputError(f"{out} is not empty ({len(entries)} entries, e.g. {min(entries)!r}) and holds no "
                          f"{STATE_FILE}: it is not a demo folder. Pass a new or empty --out folder.")
 
 

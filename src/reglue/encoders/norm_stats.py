@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from reglue.errors import InputError
 from reglue.io import atomic_write, read_safetensors_metadata, read_tensor_file
 
 NORM_STATS_FILE = "norm_stats.safetensors"  # DATA/norm_stats.safetensors, written by `reglue norm-stats`
@@ -46,9 +47,9 @@ class NormStats:
         self.mean = torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1)
         self.std = torch.as_tensor(self.std, dtype=torch.float32).reshape(-1)
         if self.mean.shape != self.std.shape:
-            raise ValueError(f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} differ in size.")
+            raise InputError(f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} differ in size.")
         if not bool((self.std > 0).all()):
-            raise ValueError("norm stats contain a non-positive std; recompute them on more images.")
+            raise InputError("norm stats contain a non-positive std; recompute them on more images.")
 
     @property
     def channels(self) -> int:
@@ -57,7 +58,7 @@ class NormStats:
     def normalize(self, local: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> z-scored (B, C, h, w)."""
         if local.ndim != 4 or local.shape[1] != self.channels:
-            raise ValueError(
+            raise InputError(
                 f"norm stats cover {self.channels} channels, features have shape {tuple(local.shape)}; "
                 "use stats computed for the same VFM and layers."
             )
@@ -86,11 +87,11 @@ class NormStats:
             metadata = {"source": f"authors' file {path.name}"}
         if not isinstance(raw, dict) or not {"mean", "std"} <= set(raw):
             found = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"{path} is not a norm-stats file: expected keys 'mean' and 'std', found {found}.")
+            raise InputError(f"{path} is not a norm-stats file: expected keys 'mean' and 'std', found {found}.")
         try:
             return cls(torch.as_tensor(np.asarray(raw["mean"])), torch.as_tensor(np.asarray(raw["std"])), metadata)
         except ValueError as err:
-            raise ValueError(f"{path}: {str(err).rstrip('.')}; {fix}.") from None
+            raise InputError(f"{path}: {str(err).rstrip('.')}; {fix}.") from None
 
 
 class NormStatsAccumulator:
@@ -110,7 +111,7 @@ class NormStatsAccumulator:
 
     def result(self, metadata: dict[str, str] | None = None) -> NormStats:
         if self.count < 2:
-            raise ValueError(f"norm stats need at least 2 tokens, saw {self.count}.")
+            raise InputError(f"norm stats need at least 2 tokens, saw {self.count}.")
         mean = self.total / self.count
         var = (self.total_sq / self.count - mean * mean).clamp_min(0)
         return NormStats(mean.float(), var.sqrt().float(), dict(metadata or {}, tokens=str(self.count)))

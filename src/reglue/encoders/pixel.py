@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reglue.encoders.vae import SCALE
+from reglue.errors import InputError
 
 PIXEL_AUTOENCODER = "pixel"  # the --vae value (and the dataset's recorded VAE) that selects it
 DOWNSAMPLE = 8  # the pipeline's latent grid is R/8 × R/8, as for the SD-VAE
@@ -85,7 +86,7 @@ class PixelAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Latents z (B, 4, h, w) -> uint8 images (B, 3, 8h, 8w); the luminance channel is ignored."""
         if not latents.is_floating_point() or latents.ndim != 4 or latents.shape[1] != 4:
-            raise ValueError(
+            raise InputError(
                 f"PixelAutoencoder.decode expects float latents (B, 4, h, w), found {latents.dtype} of shape "
                 f"{tuple(latents.shape)}; pass the first 4 channels of the sampled state."
             )
@@ -96,12 +97,12 @@ class PixelAutoencoder(nn.Module):
 
 def _check_images(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
+        raise InputError(
             f"PixelAutoencoder expects uint8 RGB images (B, 3, H, W), found {images.dtype} of shape "
             f"{tuple(images.shape)}; permute (B, H, W, 3) arrays with .permute(0, 3, 1, 2)."
         )
     if images.shape[2] % DOWNSAMPLE or images.shape[3] % DOWNSAMPLE:
-        raise ValueError(
+        raise InputError(
             f"PixelAutoencoder needs H and W divisible by {DOWNSAMPLE}, found {images.shape[2]}×{images.shape[3]}; "
             "crop with reglue.data.images.adm_center_crop first."
         )

@@ -25,6 +25,7 @@ from torch import nn
 
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor, build_vfm
+from reglue.errors import InputError
 from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
 from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX, PCAProjection, SemanticCompressor
 
@@ -45,9 +46,9 @@ class VFMSpec:
     def build(self, resolution: int = 256, autocast_dtype: torch.dtype | None = None) -> VFMExtractor:
         allowed = {"embed_dim", "depth", "num_heads"}
         if not set(self.arch) <= allowed:
-            raise ValueError(f"unknown VFM architecture key(s) {sorted(set(self.arch) - allowed)}; use {sorted(allowed)}.")
+            raise InputError(f"unknown VFM architecture key(s) {sorted(set(self.arch) - allowed)}; use {sorted(allowed)}.")
         if self.weights is None:
-            raise ValueError(
+            raise InputError(
                 f"no weights given for VFM {self.name}: pass --vfm-weights PATH (official DINOv2 .pth or "
                 f"timm .safetensors), or --vfm-weights {RANDOM_WEIGHTS} for a weight-free demo."
             )
@@ -88,7 +89,7 @@ class SemanticEncoder(nn.Module):
                  compressor: nn.Module | None = None):
         super().__init__()
         if compressor is not None and norm_stats is None:
-            raise ValueError("a compressor needs the norm stats its input was z-scored with.")
+            raise InputError("a compressor needs the norm stats its input was z-scored with.")
         self.extractor = extractor
         self.norm_stats = norm_stats
         self.compressor = compressor.eval().requires_grad_(False) if compressor is not None else None
@@ -121,7 +122,7 @@ def check_made_at(metadata: dict, resolution: int | None, path: str | Path, reme
     Files without the record (the authors' norm stats) pass: nothing to compare."""
     made_at = metadata.get("resolution")
     if resolution is not None and made_at is not None and int(made_at) != resolution:
-        raise ValueError(
+        raise InputError(
             f"{path} was made from {made_at}² images, but this data is {resolution}² (its manifest's "
             f"resolution); VFM features differ with the input size, so {remedy}"
         )
@@ -138,7 +139,7 @@ def load_norm_stats_and_spec(
                   "run `reglue norm-stats DATA` on this dataset (and retrain its compressor / PCA).")
     if spec is None:
         if "vfm" not in stats.metadata:
-            raise ValueError(
+            raise InputError(
                 f"{path} does not record its VFM (e.g. the authors' stats file); pass --vfm and --vfm-weights."
             )
         spec = VFMSpec.from_json(stats.metadata["vfm"])
@@ -151,13 +152,13 @@ def build_semantic_encoder(
 ) -> tuple[SemanticEncoder, dict]:
     """A :class:`SemanticEncoder` from files, and a JSON-able record identifying its inputs."""
     if compressor is not None and pca is not None:
-        raise ValueError("pass either a compressor or a PCA file, not both.")
+        raise InputError("pass either a compressor or a PCA file, not both.")
     stats, info = None, {}
     if norm_stats is not None:
         stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=resolution)
         info["norm_stats_sha256"] = file_sha256(norm_stats)
     if spec is None:
-        raise ValueError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
+        raise InputError("no VFM given: pass --norm-stats (which records it) or --vfm/--vfm-weights.")
     module = None
     if compressor is not None:
         fix = COMPRESSOR_FIX.format(data="DATA")
@@ -184,7 +185,7 @@ def _check_input_width(module: SemanticCompressor | PCAProjection, path: str | P
     (width, out), vfm = module.widths, extractor.feature_width
     if width != vfm:
         make = "fit one with `reglue fit-pca DATA`" if pca else "train one with `reglue train-compressor DATA`"
-        raise ValueError(
+        raise InputError(
             f"{path} maps {width} VFM channels to {out}, but the VFM gives {vfm} ({len(extractor.layers)} blocks × "
             f"{extractor.embed_dim}): it was made for another VFM or other layers; pass the one made for this VFM, "
             f"or {make} (the VFM recorded in its norm stats)."

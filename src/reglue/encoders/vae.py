@@ -34,6 +34,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
+from reglue.errors import InputError
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
@@ -49,7 +51,7 @@ def _folder_for(source: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(
+        raise InputError(
             f"VAE weights must be a diffusers folder (config.json + diffusion_pytorch_model.safetensors), "
             f"found the file {path}; pass the folder that contains it."
         )
@@ -101,7 +103,7 @@ def latents_from_moments(
     then matches ``torch.randn_like(mean)`` draw for draw), unless given as ``noise`` (B, C, h, w).
     """
     if moments.ndim != 4 or moments.shape[1] % 2:
-        raise ValueError(
+        raise InputError(
             f"moments must be (B, 2C, h, w) = concat(mean, std), found shape {tuple(moments.shape)}; "
             "pass what VAE.encode_moments returned."
         )
@@ -123,7 +125,7 @@ class VAE(nn.Module):
     def __init__(self, source: str | os.PathLike | AutoencoderKL = DEFAULT_VAE, dtype: torch.dtype = torch.float32):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"VAE dtype must be one of {COMPUTE_DTYPES}, found {dtype}.")
+            raise InputError(f"VAE dtype must be one of {COMPUTE_DTYPES}, found {dtype}.")
         self.autoencoder = load_autoencoder(source, dtype).requires_grad_(False)
         self.train(False)
 
@@ -180,12 +182,12 @@ class VAE(nn.Module):
                 "convert with (x * 255).round().to(torch.uint8) if x is in [0, 1]."
             )
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
+            raise InputError(
                 f"VAE.encode_moments expects (B, 3, H, W) RGB images, found shape {tuple(images.shape)}; "
                 "permute (B, H, W, 3) arrays with .permute(0, 3, 1, 2)."
             )
         if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(
+            raise InputError(
                 f"VAE.encode_moments needs H and W divisible by {f}, found {images.shape[2]}×{images.shape[3]}; "
                 "crop with reglue.data.images.adm_center_crop first."
             )
@@ -193,7 +195,7 @@ class VAE(nn.Module):
     def _check_latents(self, latents: torch.Tensor) -> None:
         c = self.latent_channels
         if not latents.is_floating_point() or latents.ndim != 4 or latents.shape[1] != c:
-            raise ValueError(
+            raise InputError(
                 f"VAE.decode expects float latents (B, {c}, h, w), found {latents.dtype} of shape "
                 f"{tuple(latents.shape)}; pass the first {c} channels of the sampled state."
             )
@@ -201,5 +203,5 @@ class VAE(nn.Module):
 
 def _positive(batch_size: int) -> int:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
+        raise InputError(f"batch_size must be >= 1, found {batch_size}.")
     return batch_size

@@ -60,6 +60,7 @@ from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from reglue.errors import InputError
 from reglue.io import read_tensor_file
 from reglue.resolution import check_resolution
 from reglue.state_dict import describe_state_dict_mismatch, strip_module_prefix
@@ -187,7 +188,7 @@ def read_weights_file(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     state_dict = read_tensor_file(path, "VFM weights")
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         found = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise ValueError(
+        raise InputError(
             f"{path} is not a state dict of tensors (found {found}); save the backbone weights "
             "alone, e.g. torch.save(model.state_dict(), path)."
         )
@@ -208,7 +209,7 @@ def load_vfm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], wha
     problem = describe_state_dict_mismatch(vit, state_dict)
     if problem is not None:
         hint = _arch_hint(state_dict)
-        raise ValueError(f"VFM weights from {what} do not fit the model:\n  {problem}\n{hint}")
+        raise InputError(f"VFM weights from {what} do not fit the model:\n  {problem}\n{hint}")
     vit.load_state_dict(state_dict, strict=True)
 
 
@@ -319,7 +320,7 @@ def _resize_pos_embed_by_scale(
     scale = ((h + offset) / old_h, (w + offset) / old_w)
     resized = F.interpolate(image, scale_factor=scale, mode="bicubic", antialias=antialias)  # (1, D, h, w)
     if tuple(resized.shape[-2:]) != (h, w):
-        raise ValueError(
+        raise InputError(
             f"position embedding resize by scale {scale} gave a {tuple(resized.shape[-2:])} grid, expected "
             f"{(h, w)}; use interpolate_offset 0 (output size given) for this input size."
         )
@@ -347,12 +348,12 @@ class VFMExtractor(nn.Module):
         super().__init__()
         patch = vit.patch_embed.patch_size[0]
         if input_size % patch:
-            raise ValueError(
+            raise InputError(
                 f"network input {input_size}² is not a multiple of the patch size {patch}; "
                 f"use a patch size dividing {input_size} (14 for DINOv2, 16 for DINOv3)."
             )
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
+            raise InputError(
                 f"autocast_dtype must be None, torch.bfloat16 or torch.float16; found {autocast_dtype}."
             )
         self.vit = vit
@@ -397,9 +398,9 @@ class VFMExtractor(nn.Module):
         expected = f"uint8 (B, 3, {self.resolution}, {self.resolution})"
         found = f"{images.dtype} {tuple(images.shape)}"
         if images.dtype != torch.uint8:
-            raise ValueError(f"VFM input must be {expected} images; found {found}. Pass raw uint8 pixels.")
+            raise InputError(f"VFM input must be {expected} images; found {found}. Pass raw uint8 pixels.")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (self.resolution, self.resolution):
-            raise ValueError(
+            raise InputError(
                 f"VFM input must be {expected} images; found {found}. Centre-crop RGB images to "
                 f"{self.resolution}² or build the extractor with resolution={images.shape[-1]}."
             )
@@ -408,7 +409,7 @@ class VFMExtractor(nn.Module):
 def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     layers = tuple(int(i) for i in layers)
     if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= depth:
-        raise ValueError(
+        raise InputError(
             f"layers must be strictly increasing 0-based block indices in 0..{depth - 1}, at least "
             f"one; found {layers}. REGLUE uses the last four blocks, e.g. (8, 9, 10, 11) for 12 blocks."
         )
@@ -509,7 +510,7 @@ def build_vfm(
     replace :class:`VFMArch` fields (embed_dim, depth, num_heads) for tiny test models.
     """
     if name not in VFM_MODELS:
-        raise ValueError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_MODELS)}.")
+        raise InputError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_MODELS)}.")
     arch = replace(VFM_MODELS[name], **overrides)
     layers = tuple(range(max(arch.depth - 4, 0), arch.depth)) if layers is None else layers
     common = {

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglue.errors import InputError
 from reglue.io import atomic_write, read_safetensors_metadata
 from reglue.seeding import SHUFFLE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.state_dict import load_state_dict_strict
@@ -55,21 +56,21 @@ def check_images(images: np.ndarray) -> None:
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
             and images.shape[-1] == 3):
         found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"expected uint8 images (N, H, W, 3) with values 0-255, found {found}; "
+        raise InputError(f"expected uint8 images (N, H, W, 3) with values 0-255, found {found}; "
                          "convert with np.asarray(images, dtype=np.uint8) in NHWC order.")
     if len(images) == 0:
-        raise ValueError("expected at least one image, found an empty array.")
+        raise InputError("expected at least one image, found an empty array.")
 
 
 def check_labels(labels: np.ndarray, count: int, num_classes: int) -> np.ndarray:
     """``labels`` as int64 (count,) in 0..num_classes-1, or a ValueError naming the problem."""
     labels = np.asarray(labels)
     if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"expected {count} integer labels, one per image, "
+        raise InputError(f"expected {count} integer labels, one per image, "
                          f"found {labels.dtype} {labels.shape}.")
     outside = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
     if outside:
-        raise ValueError(f"labels must lie in 0..{num_classes - 1} ({num_classes} classes), "
+        raise InputError(f"labels must lie in 0..{num_classes - 1} ({num_classes} classes), "
                          f"found {outside[:5]}.")
     return labels.astype(np.int64)
 
@@ -165,7 +166,7 @@ class ClassProbe:
         """Write the weights and :meth:`metadata` to one ``.safetensors`` file; returns its path."""
         path = Path(path)
         if path.suffix != ".safetensors":
-            raise ValueError(f"a class probe is saved as .safetensors, found {path.name}; "
+            raise InputError(f"a class probe is saved as .safetensors, found {path.name}; "
                              "name it e.g. probe.safetensors.")
         state = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}
         header = {"format": FORMAT, "class_probe": json.dumps(self.metadata())}
@@ -181,7 +182,7 @@ class ClassProbe:
             raise FileNotFoundError(f"class probe file {path} not found; {SAVE_FIX}.")
         header = read_safetensors_metadata(path, "class probe")
         if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a class probe file (no {FORMAT!r} header); {SAVE_FIX}.")
+            raise InputError(f"{path} is not a class probe file (no {FORMAT!r} header); {SAVE_FIX}.")
         saved = json.loads(header["class_probe"])
         network = ProbeNet(len(saved["classes"]), torch.Generator(), saved["widths"])  # weights loaded next
         load_state_dict_strict(network, safetensors.torch.load_file(str(path)), f"class probe {path}")
@@ -209,7 +210,7 @@ def held_out_split(labels: np.ndarray, num_classes: int, fraction: float,
     for k in range(num_classes):
         members = order[labels[order] == k]
         if len(members) < 2:
-            raise ValueError(f"class {k} has {len(members)} image(s); training needs at least 2 per class "
+            raise InputError(f"class {k} has {len(members)} image(s); training needs at least 2 per class "
                              "(one to train on, one to hold out).")
         held.append(members[:max(1, round(fraction * len(members)))])
     held = np.sort(np.concatenate(held))
@@ -250,14 +251,14 @@ def train_class_probe(images: np.ndarray, labels: np.ndarray, classes: Sequence[
 
 def _check_settings(classes: Sequence[str], *, side: int, steps: int, held_out_fraction: float) -> None:
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"expected at least 2 distinct class names, found {list(classes)}.")
+        raise InputError(f"expected at least 2 distinct class names, found {list(classes)}.")
     if side < 16 or side % 16:
-        raise ValueError(f"side must be a multiple of 16 (the network halves it 4 times), found {side}; "
+        raise InputError(f"side must be a multiple of 16 (the network halves it 4 times), found {side}; "
                          "try 64.")
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, found {steps}.")
+        raise InputError(f"steps must be at least 1, found {steps}.")
     if not 0 < held_out_fraction < 1:
-        raise ValueError(f"held_out_fraction must lie strictly between 0 and 1, found {held_out_fraction}.")
+        raise InputError(f"held_out_fraction must lie strictly between 0 and 1, found {held_out_fraction}.")
 
 
 def _fit(network: ProbeNet, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int, batch_size: int,

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from reglue.encoders.semantics import VFMSpec
+from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, fd_key, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
@@ -80,7 +81,7 @@ def resolve_metrics(
     if metrics is None:
         metrics = [*(INCEPTION_METRICS if inception else ()), *(space_metrics(network)[:1] if vfm_weights else ())]
         if not metrics:
-            raise ValueError(
+            raise InputError(
                 "nothing to evaluate: pass Inception weights (--inception) for the ADM suite "
                 f"({','.join(INCEPTION_METRICS)}) and/or VFM weights (--vfm-weights) for {known[-2]}, or name "
                 "the metrics with --metrics."
@@ -88,12 +89,12 @@ def resolve_metrics(
     unknown = [name for name in metrics if name not in known]
     if unknown:
         other = "" if network == FD_DINOV2.name else f" (for --vfm {network}; fd_dinov2 is DINOv2 ViT-L/14's)"
-        raise ValueError(
+        raise InputError(
             f"unknown metric(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}{other}. "
             "With --vfm NAME the feature-space metrics are fd_NAME and pr_NAME."
         )
     if not metrics:
-        raise ValueError(f"no metric named; choose from {', '.join(known)}.")
+        raise InputError(f"no metric named; choose from {', '.join(known)}.")
     return tuple(name for name in known if name in metrics)
 
 
@@ -112,11 +113,11 @@ def image_batch_shape(path: str | Path) -> tuple[int, int, int, int]:
     except KeyError:
         with np.load(path) as npz:
             found = sorted(npz.files)
-        raise ValueError(f"{path} has no arr_0 (found {found}); expected an ADM .npz of images.") from None
+        raise InputError(f"{path} has no arr_0 (found {found}); expected an ADM .npz of images.") from None
     except (zipfile.BadZipFile, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .npz ({err}); expected an ADM .npz of images.") from err
+        raise InputError(f"{path} is not a readable .npz ({err}); expected an ADM .npz of images.") from err
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             f"{path}: arr_0 should be uint8 images (N, H, W, 3), found {dtype} {shape}; "
             "re-pack it with `reglue sample` or np.savez(path, arr_0=images_uint8_nhwc)."
         )
@@ -314,25 +315,25 @@ def _check_inputs(ref_npz, samples_npz, asked: Sequence[str], *, stored_inceptio
     needed = NEIGHBOURHOOD_K + 1 if precision_recall_asked else 2 if asked != ("is",) else 1
     if samples[0] < needed:
         what = f"precision/recall with k={NEIGHBOURHOOD_K}" if precision_recall_asked else "a covariance"
-        raise ValueError(
+        raise InputError(
             f"{samples_npz} holds {samples[0]} images; {what} needs more than {needed - 1}; generate more samples."
         )
     if asked == ("is",):
         return  # the Inception Score does not look at the reference
     ref = image_batch_shape(ref_npz)
     if ref[1:3] != samples[1:3]:
-        raise ValueError(
+        raise InputError(
             f"the reference {ref_npz} holds {ref[1]}×{ref[2]} images but the samples {samples_npz} are "
             f"{samples[1]}×{samples[2]}; compare at one resolution: use the reference batch of the samples' "
             f"resolution (e.g. VIRTUAL_imagenet{samples[1]}_labeled.npz) or sample at {ref[1]}²."
         )
     space_asked = any(name.startswith(("fd_", "pr_")) for name in asked)
     if ref[0] < 2 and (space_asked or not stored_inception):
-        raise ValueError(f"the reference {ref_npz} holds {ref[0]} image; its statistics need at least 2.")
+        raise InputError(f"the reference {ref_npz} holds {ref[0]} image; its statistics need at least 2.")
     if precision_recall_asked:
         wanted = min(samples[0], PR_REFERENCE_IMAGES)
         if ref[0] < wanted:
-            raise ValueError(
+            raise InputError(
                 f"the reference {ref_npz} holds {ref[0]} images, but precision/recall ({', '.join(precision_recall_asked)}) "
                 f"compare the {samples[0]} samples with min({samples[0]}, {PR_REFERENCE_IMAGES}) = {wanted} reference "
                 f"images; use a reference with at least {wanted} images, evaluate at most {ref[0]} samples, or "

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from reglue.encoders.semantics import RANDOM_WEIGHTS, VFMSpec
 from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD, VFM_MODELS
+from reglue.errors import InputError
 from reglue.state_dict import weights_fingerprint
 
 FD_DINOV2 = VFMSpec(name="dinov2_vitl14", weights=None)  # the canonical network; weights given by the user
@@ -110,7 +111,7 @@ class FeatureSpace:
         """
         _check_images(images)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, found {batch_size}.")
+            raise InputError(f"batch_size must be >= 1, found {batch_size}.")
         out = np.empty((len(images), self.dim), dtype=np.float64)
         with tqdm(total=len(images), unit="img", desc=self.key, disable=progress is not True) as bar:
             for start in range(0, len(images), batch_size):
@@ -131,7 +132,7 @@ def load_feature_space(spec: VFMSpec | None = None, *, device: str | torch.devic
     """
     spec = FD_DINOV2 if spec is None else spec
     if spec.name not in VFM_MODELS:
-        raise ValueError(f"unknown VFM {spec.name!r} for the feature space; choose one of {', '.join(VFM_MODELS)}.")
+        raise InputError(f"unknown VFM {spec.name!r} for the feature space; choose one of {', '.join(VFM_MODELS)}.")
     if spec.weights is None or not (spec.is_random or Path(spec.weights).is_file()):
         raise FileNotFoundError(_missing_weights_message(spec))
     extractor = spec.build(resolution=256)  # the ViT and its input side (224 DINOv2, 256 DINOv3); not its preprocessing
@@ -161,12 +162,12 @@ def _missing_weights_message(spec: VFMSpec) -> str:
 def _check_images(images: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(
+        raise InputError(
             f"feature-space input must be uint8 numpy images (N, H, W, 3); found {found}. Pass raw pixels "
             "channels-last, e.g. the arr_0 of an ADM .npz."
         )
     if images.shape[1] != images.shape[2]:
-        raise ValueError(
+        raise InputError(
             f"feature-space input must be square images (N, H, H, 3); found {images.shape}. Centre-crop them "
             "first, as `reglue prepare` and ADM's reference batches do."
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from reglue.errors import InputError
+
 SQRTM_EPS = 1e-6  # added to the covariance diagonals when sqrtm(σ1·σ2) is not finite (ADM's value)
 
 
@@ -19,7 +21,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises ValueError for fewer than 2 rows (a covariance needs at least two).
     """
     if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(
+        raise InputError(
             f"feature statistics need an (N, D) array with N >= 2, found shape {features.shape}; "
             "evaluate at least two images."
         )
@@ -32,7 +34,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(
+        raise InputError(
             f"Fréchet distance needs means (D,) and covariances (D, D) of one D; found means {mu1.shape}, "
             f"{mu2.shape} and covariances {sigma1.shape}, {sigma2.shape}. Were the statistics made from "
             "the same feature (pool 2048 vs spatial 2023)?"

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from reglue.errors import InputError
 from reglue.io import read_tensor_file
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -100,7 +101,7 @@ def load_inception(weights_path: str | Path) -> InceptionFeatures:
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer
         )
     except (RuntimeError, AttributeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path} is not an Inception-v3 state dict of torch-fidelity's layout "
             f"({str(err).strip().splitlines()[0][:200]}); use {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}."
         ) from err

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax, xlogy
 
+from reglue.errors import InputError
+
 SPLIT_SIZE = 5000  # ADM's split_size
 
 
@@ -23,7 +25,7 @@ def inception_score(logits: np.ndarray, *, split_size: int = SPLIT_SIZE) -> tupl
     The maths is float64. Raises ValueError on an empty or non-2-D ``logits`` or a ``split_size`` < 1.
     """
     if logits.ndim != 2 or logits.shape[0] < 1 or split_size < 1:
-        raise ValueError(
+        raise InputError(
             f"Inception Score needs logits (N, C) with N >= 1 and split_size >= 1, found shape "
             f"{logits.shape} and split_size {split_size}; evaluate at least one image."
         )

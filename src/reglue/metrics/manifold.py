@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reglue.errors import InputError
+
 NEIGHBOURHOOD_K = 3
 ADM_BLOCK = 10_000  # ADM's row_batch_size = col_batch_size: the unit of the float32 fallback
 CHUNK_ROWS = 1024  # rows per float32 matmul inside a block: 1024 × 10K float32 = 40 MB
@@ -51,7 +53,7 @@ def precision_recall(
     """Precision and recall (Python floats) of ``samples`` ``(M, D)`` against ``reference`` ``(N, D)``."""
     for name, features in (("reference", reference), ("samples", samples)):
         if features.ndim != 2 or features.shape[0] <= k:
-            raise ValueError(
+            raise InputError(
                 f"precision/recall with k={k} needs {name} features (N, D) with N > {k}, found shape "
                 f"{features.shape}; evaluate more images."
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 
 KNN_K = 20
@@ -40,7 +41,7 @@ REPORT_MD = "report.md"
 
 def _check(features: torch.Tensor, labels: torch.Tensor, what: str) -> None:
     if features.ndim != 2 or labels.shape != (len(features),) or len(features) == 0:
-        raise ValueError(
+        raise InputError(
             f"{what} features must be (N, D) with N >= 1 and labels (N,); found {tuple(features.shape)} "
             f"and {tuple(labels.shape)}."
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reglue.errors import InputError
 from reglue.io import atomic_write, read_tensor_file
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 
@@ -65,7 +66,7 @@ class SemanticCompressor(nn.Module):
     def __init__(self, channels: Sequence[int] = (3072, 256, 16)):
         super().__init__()
         if len(channels) < 2:
-            raise ValueError(f"channels needs at least two entries (in, latent), found {list(channels)}.")
+            raise InputError(f"channels needs at least two entries (in, latent), found {list(channels)}.")
         self.channels = tuple(int(c) for c in channels)
         self.encoder = ConvStack(self.channels)
         self.decoder = ConvStack(self.channels[::-1])
@@ -82,7 +83,7 @@ class SemanticCompressor(nn.Module):
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """(B, c0, h, w) normalised features -> (B, cn, h, w) semantic latent."""
         if features.ndim != 4 or features.shape[1] != self.channels[0]:
-            raise ValueError(
+            raise InputError(
                 f"compressor expects (B, {self.channels[0]}, h, w) features, found "
                 f"{tuple(features.shape)}; check the VFM layers/width it was trained for."
             )
@@ -110,7 +111,7 @@ class SemanticCompressor(nn.Module):
             if (m := re.fullmatch(r"encoder\.model\.(\d+)\.weight", key)) and w.ndim == 4
         )
         if not convs:
-            raise ValueError(
+            raise InputError(
                 f"{what}: not a semantic-compressor state dict: no 'encoder.model.<i>.weight' conv keys "
                 f"(found e.g. {list(state_dict)[:3]})."
             )
@@ -130,7 +131,7 @@ class PCAProjection(nn.Module):
     def __init__(self, in_channels: int, rank: int):
         super().__init__()
         if not 1 <= rank <= in_channels:
-            raise ValueError(f"PCA rank must lie in 1..{in_channels}, found {rank}.")
+            raise InputError(f"PCA rank must lie in 1..{in_channels}, found {rank}.")
         self.register_buffer("mean", torch.zeros(in_channels))
         self.register_buffer("components", torch.eye(rank, in_channels))
         self.register_buffer("explained_variance", torch.zeros(rank))
@@ -156,7 +157,7 @@ class PCAProjection(nn.Module):
             outer = x.T @ x if outer is None else outer + x.T @ x
             count += x.shape[0]
         if count < 2:
-            raise ValueError(f"PCA needs at least 2 feature vectors, found {count}.")
+            raise InputError(f"PCA needs at least 2 feature vectors, found {count}.")
         mean = total / count
         cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
         eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
@@ -172,7 +173,7 @@ class PCAProjection(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, r, h, w)."""
         if features.ndim != 4 or features.shape[1] != self.mean.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"PCA expects (B, {self.mean.shape[0]}, h, w) features, found {tuple(features.shape)}."
             )
         centred = features - self.mean.to(features.dtype)[None, :, None, None]
@@ -193,7 +194,7 @@ class PCAProjection(nn.Module):
         fix = PCA_FIX.format(data="DATA")
         state = read_tensor_file(path, "PCA", fix=fix)
         if "components" not in state or state["components"].ndim != 2:
-            raise ValueError(f"{path} is not a PCA file (no 'components' matrix); write one with `reglue fit-pca`.")
+            raise InputError(f"{path} is not a PCA file (no 'components' matrix); write one with `reglue fit-pca`.")
         rank, channels = state["components"].shape
         pca = cls(channels, rank)
         load_state_dict_strict(pca, state, str(path), fix=fix)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reglue.checkpoint import FORMAT, load_checkpoint
+from reglue.errors import InputError
 from reglue.models.official import load_authors_checkpoint
 from reglue.models.sit import SIT_SIZES, SiT, SiTConfig, sit_config
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
@@ -20,7 +21,7 @@ def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> 
     checkpoints (``weights`` = "ema" or "model"), or the authors' ``.pt`` (config inferred from the
     weights and their ``args``; ``overrides`` — e.g. ``num_heads`` for a non-registered size — win)."""
     if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be ema or model, found {weights!r}.")
+        raise InputError(f"weights must be ema or model, found {weights!r}.")
     path = Path(path)
     if path.is_dir():
         return SiT.from_pretrained(path)
@@ -32,7 +33,7 @@ def load_sampling_model(path: str | Path, weights: str = "ema", **overrides) -> 
         payload = None
     if payload is not None and payload.get("format") == FORMAT:
         if "sit_config" not in payload:
-            raise ValueError(f"{path} is a reglue training state of another kind ({payload.get('kind', 'unknown')}), "
+            raise InputError(f"{path} is a reglue training state of another kind ({payload.get('kind', 'unknown')}), "
                              "not a SiT checkpoint; pass RUN_DIR/ema or RUN_DIR/checkpoints/step-*.pt of `reglue train`.")
         # Checkpoints written before SiTConfig.path existed: the path is the run's loss.path.
         run_path = payload.get("config", {}).get("loss", {}).get("path", "linear")
@@ -51,7 +52,7 @@ def _size_name(hidden: int, depth: int, patch: int) -> str:
     for size, (d, h, _, _) in SIT_SIZES.items():
         if (h, d) == (hidden, depth):
             return f"SiT-{size}/{patch}"
-    raise ValueError(
+    raise InputError(
         f"the checkpoint's width {hidden} and depth {depth} match no registered SiT size and its args name no "
         "model; pass num_heads (load_sampling_model(path, num_heads=...))."
     )

@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
+from reglue.errors import InputError
 from reglue.io import read_tensor_file
 
 # The authors' argparse names (REPA/REG/REGLUE train.py) and the run-config keys they mean.
@@ -50,7 +51,7 @@ def load_authors_checkpoint(path: str | Path) -> dict:
         )
     checkpoint = read_tensor_file(path, "authors' checkpoint", allowed=(argparse.Namespace,))
     if not isinstance(checkpoint, dict) or not ({"model", "ema"} & set(checkpoint)):
-        raise ValueError(
+        raise InputError(
             f"{path} is not an authors'-format checkpoint (a dict with 'model'/'ema' entries); "
             f"found {type(checkpoint).__name__} with keys {list(checkpoint)[:5] if isinstance(checkpoint, dict) else '-'}."
         )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reglue.errors import DamagedFileError
+from reglue.errors import DamagedFileError, InputError
 from reglue.io import atomic_write, read_tensor_file
 from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.state_dict import load_state_dict_strict
@@ -60,26 +60,26 @@ class SiTConfig:
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS} (the interpolant the model was trained on), "
+            raise InputError(f"path must be one of {PATHS} (the interpolant the model was trained on), "
                              f"found {self.path!r}.")
         if self.input_size % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}; "
                 "use a latent size that is a multiple of the patch size (32 for 256² images)."
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise InputError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
             )
         if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos).")
+            raise InputError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos).")
         if self.z_dim is not None and not 1 <= self.encoder_depth <= self.depth:
-            raise ValueError(
+            raise InputError(
                 f"encoder_depth {self.encoder_depth} must lie in 1..depth ({self.depth}): it names "
                 "the block whose output feeds the REPA projector."
             )
         if self.use_cls_token and self.z_dim is None:
-            raise ValueError(
+            raise InputError(
                 "use_cls_token=True needs z_dim (the CLS vector has the VFM width z_dim); "
                 "set z_dim=768 for DINOv2-B or use_cls_token=False."
             )
@@ -343,7 +343,7 @@ class SiT(nn.Module):
     def set_attention(self, kernel: str) -> SiT:
         """Compute attention with ``kernel`` (one of :data:`ATTENTION_KERNELS`); weights unchanged."""
         if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}.")
+            raise InputError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}.")
         for block in self.blocks:
             block.attn.kernel = kernel
         return self
@@ -396,35 +396,35 @@ class SiT(nn.Module):
         cfg = self.config
         expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"SiT expects x of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}) "
                 f"(C_in = 4 latent + semantic channels), found {tuple(x.shape)}; build the model "
                 "with in_channels/input_size matching the data."
             )
         B = x.shape[0]
         if tuple(t.shape) != (B,):
-            raise ValueError(f"t must be a per-sample vector of shape ({B},), found {tuple(t.shape)}.")
+            raise InputError(f"t must be a per-sample vector of shape ({B},), found {tuple(t.shape)}.")
         if tuple(y.shape) != (B,) or y.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"y must be integer labels of shape ({B},), found {tuple(y.shape)} {y.dtype}.")
+            raise InputError(f"y must be integer labels of shape ({B},), found {tuple(y.shape)} {y.dtype}.")
         if bool((t < 0).any() | (t > 1).any()):
-            raise ValueError(
+            raise InputError(
                 f"t must lie in [0, 1] (1 = noise, 0 = data), found min {t.min().item():.4g} "
                 f"max {t.max().item():.4g}."
             )
         if bool((y < 0).any() | (y > cfg.num_classes).any()):
-            raise ValueError(
+            raise InputError(
                 f"labels must lie in 0..{cfg.num_classes - 1} (or {cfg.num_classes} = null label), "
                 f"found min {y.min().item()} max {y.max().item()}; check num_classes={cfg.num_classes}."
             )
         if self.use_cls_token:
             if cls_token is None or tuple(cls_token.shape) != (B, cfg.z_dim):
                 found = None if cls_token is None else tuple(cls_token.shape)
-                raise ValueError(
+                raise InputError(
                     f"this model jointly models the CLS token: pass cls_token of shape "
                     f"({B}, {cfg.z_dim}), found {found}."
                 )
         elif cls_token is not None:
-            raise ValueError("this model has no CLS slot (use_cls_token=False); pass cls_token=None.")
+            raise InputError("this model has no CLS slot (use_cls_token=False); pass cls_token=None.")
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -482,7 +482,7 @@ SIT_MODELS = tuple(f"SiT-{s}/{p}" for s in SIT_SIZES for p in PATCH_SIZES)
 def sit_config(name: str, **overrides) -> SiTConfig:
     """The :class:`SiTConfig` of a registered size, e.g. ``"SiT-XL/2"``, with overrides."""
     if name not in SIT_MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIT_MODELS)}.")
+        raise InputError(f"unknown model {name!r}; choose one of {', '.join(SIT_MODELS)}.")
     size, patch = name[len("SiT-"):].split("/")
     depth, hidden, heads, encoder_depth = SIT_SIZES[size]
     base = SiTConfig(

@@ -68,6 +68,7 @@ from reglue.data.dataset import PreparedDataset
 from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
+from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.progress import progress_bar
@@ -130,12 +131,12 @@ def check_channels(
     width = extractor.feature_width
     channels = (width, 256, 16) if channels is None else tuple(int(c) for c in channels)
     if channels[0] != width:
-        raise ValueError(
+        raise InputError(
             f"channels {list(channels)} start at {channels[0]}, but the VFM gives {width} = "
             f"{len(extractor.layers)} layers × {extractor.embed_dim} channels; start the list at {width}."
         )
     if norm_stats.channels != width:
-        raise ValueError(
+        raise InputError(
             f"norm stats cover {norm_stats.channels} channels, the VFM gives {width} "
             f"({len(extractor.layers)} layers × {extractor.embed_dim}); recompute them with "
             "`reglue norm-stats` for the same VFM and layers."
@@ -146,13 +147,13 @@ def check_channels(
 def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """(train, val): a seeded random round(N·val_fraction) rows held out; val None at 0."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), found {val_fraction}.")
+        raise InputError(f"val_fraction must lie in [0, 1), found {val_fraction}.")
     if val_fraction == 0.0:
         return dataset, None
     total = len(dataset)
     num_val = round(total * val_fraction)
     if not 0 < num_val < total:
-        raise ValueError(
+        raise InputError(
             f"val_fraction {val_fraction} of {total} images leaves {num_val} for validation and "
             f"{total - num_val} for training; both must be non-empty: choose a fraction between "
             f"{1 / total:.3g} and {(total - 1) / total:.3g}, or pass val_data."
@@ -171,14 +172,14 @@ def _datasets(
     data, val_data, val_fraction: float, seed: int, resolution: int
 ) -> tuple[Dataset, Dataset | None]:
     if val_data is not None and val_fraction:
-        raise ValueError(
+        raise InputError(
             f"both val_data and val_fraction={val_fraction} were given; hold out images one way only."
         )
     train = _open(data, resolution)
     if val_data is not None:
         val = _open(val_data, resolution)
         if len(val) == 0:
-            raise ValueError("val_data holds no images; pass a non-empty dataset or use val_fraction.")
+            raise InputError("val_data holds no images; pass a non-empty dataset or use val_fraction.")
         return train, val
     return split_for_validation(train, val_fraction, seed)
 
@@ -233,7 +234,7 @@ def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
     _check_same_run(state["config"], config, path)
     done = state["progress"]["epoch"]
     if done > epochs:
-        raise ValueError(
+        raise InputError(
             f"{path} has already trained {done} epochs, more than the {epochs} asked for; "
             f"ask for epochs >= {done} or use a new out_dir."
         )
@@ -457,11 +458,11 @@ def train_compressor(
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # the compressor trains in float32
     per_process_batch(global_batch, accelerator.num_processes)
     if epochs < 1 or checkpoint_every < 1:
-        raise ValueError(f"epochs and checkpoint_every must be >= 1, found {epochs} and {checkpoint_every}.")
+        raise InputError(f"epochs and checkpoint_every must be >= 1, found {epochs} and {checkpoint_every}.")
     channels = check_channels(channels, extractor, norm_stats)
     train_set, val_set = _datasets(data, val_data, val_fraction, seed, extractor.resolution)
     if len(train_set) < global_batch:
-        raise ValueError(
+        raise InputError(
             f"{len(train_set)} training images make no full global batch of {global_batch}; "
             f"lower global_batch to at most {len(train_set)} (a multiple of {accelerator.num_processes})."
         )

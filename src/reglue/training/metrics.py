@@ -35,6 +35,7 @@ from types import ModuleType
 
 import numpy as np
 
+from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,12 +47,12 @@ _logger = logging.getLogger(__name__)
 
 
 def _require(module: str, purpose: str, fix: str) -> ModuleType:
-    """Import ``module`` or raise an ImportError saying what needed it and how to proceed."""
+    """Import ``module`` or raise a MissingExtraError saying what needed it and how to proceed."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{purpose} needs the {module.split('.')[0]} package, which is not installed; "
-                          f"{fix}.") from err
+        raise MissingExtraError(f"{purpose} needs the {module.split('.')[0]} package, which is not installed; "
+                                f"{fix}.") from err
 
 
 def _parse_record(line: str) -> dict | None:
@@ -73,7 +74,7 @@ def _parse_lines(path: Path) -> tuple[list[dict], int]:
         if record is None:
             if number == len(lines):
                 return records, 1
-            raise ValueError(
+            raise InputError(
                 f"{path} line {number} is not a metrics record (a JSON object with an integer "
                 f"'step'), found {line[:80]!r}; only the last line may be cut short by a crash. "
                 "Delete or repair that line."
@@ -120,7 +121,7 @@ def _last_wall_time(records: list[dict]) -> float:
 
 def _as_float(key: object, value: object) -> float:
     if not isinstance(key, str) or key in ("step", WALL_TIME_KEY):
-        raise ValueError(f"metric names must be strings other than 'step' and '{WALL_TIME_KEY}' (the logger "
+        raise InputError(f"metric names must be strings other than 'step' and '{WALL_TIME_KEY}' (the logger "
                          f"writes those), found {key!r}; rename it.")
     try:
         return float(value)
@@ -135,7 +136,7 @@ def _check_image(tag: str, image: object) -> np.ndarray:
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
             and image.shape[2] == 3):
         found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image {tag!r} must be a uint8 numpy array (H, W, 3), found {found}.")
+        raise InputError(f"image {tag!r} must be a uint8 numpy array (H, W, 3), found {found}.")
     return image
 
 
@@ -176,7 +177,7 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and resume_step < 0:
-            raise ValueError(f"resume_step must be a step >= 0 or None for a new run, found {resume_step}.")
+            raise InputError(f"resume_step must be a step >= 0 or None for a new run, found {resume_step}.")
         first_new_step = 0 if resume_step is None else resume_step + 1
         tensorboard_module = wandb_module = None
         if tensorboard:
@@ -206,7 +207,7 @@ class MetricsLogger:
             return
         self._check_open()
         if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, found {step!r}.")
+            raise InputError(f"step must be an integer >= 0, found {step!r}.")
         step = int(step)
         floats = {key: _as_float(key, value) for key, value in values.items()}
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in floats.items()},

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from reglue.errors import InputError
 from reglue.seeding import SHUFFLE_STREAM, seeded_generator
 
 
 def per_process_batch(global_batch: int, num_processes: int) -> int:
     """The batch each process trains on: global_batch / num_processes, which must divide."""
     if global_batch <= 0 or global_batch % num_processes:
-        raise ValueError(
+        raise InputError(
             f"global_batch {global_batch} must be a positive multiple of the {num_processes} "
             f"processes; pick e.g. {num_processes * max(1, global_batch // num_processes)}."
         )

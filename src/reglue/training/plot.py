@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from reglue.errors import InputError
 from reglue.io import atomic_write
 from reglue.presets import PAPER_BATCH, PAPER_MODEL, PRESETS
 from reglue.training.metrics import METRICS_FILE, WALL_TIME_KEY, read_metrics
@@ -141,10 +142,10 @@ def read_run_info(run_dir: str | Path) -> RunInfo | None:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not readable YAML ({' '.join(str(err).split())}); restore the "
+        raise InputError(f"{path} is not readable YAML ({' '.join(str(err).split())}); restore the "
                          f"{RUN_CONFIG_FILE} `reglue train` wrote into the run.") from None
     if not isinstance(config, dict):  # a damaged file, reported like the YAML error above
-        raise ValueError(f"{path} holds no config mapping; restore the {RUN_CONFIG_FILE} "  # noqa: TRY004
+        raise InputError(f"{path} holds no config mapping; restore the {RUN_CONFIG_FILE} "  # noqa: TRY004
                          "`reglue train` wrote into the run.")
     network = None
     if isinstance(config.get("eval"), dict):
@@ -173,14 +174,14 @@ def _x_records(run: _Run, x: str) -> list[tuple[float, dict]]:
         batch = run.info.global_batch if run.info else None
         if batch is None:
             why = "has no train.global_batch" if run.info else "is missing"
-            raise ValueError(
+            raise InputError(
                 f"plotting {run.run_dir} against images seen needs train.global_batch from its "
                 f"{RUN_CONFIG_FILE}, which {why}; plot against steps (--x step), or put back the "
                 f"{RUN_CONFIG_FILE} that `reglue train` wrote into the run.")
         return [(float(r["step"] * batch), r) for r in run.records]
     timed = [(r[WALL_TIME_KEY], r) for r in run.records if math.isfinite(r.get(WALL_TIME_KEY, math.nan))]
     if not timed:
-        raise ValueError(
+        raise InputError(
             f"{run.run_dir / METRICS_FILE} records no {WALL_TIME_KEY} (runs logged before reglue wrote "
             "training time lack it); plot it against steps (--x step) or images seen (--x images).")
     return timed
@@ -217,7 +218,7 @@ def _panels(runs: dict[str | None, list[tuple[float, dict]]]) -> list[Panel]:
 def _paper_marks(runs: list[_Run], x: str, colours: Mapping[str | None, str]) -> tuple[PaperMark, ...]:
     """The paper's FIDs of the preset of every SiT-B/2 run (once per preset, the first run's colour)."""
     if x == "time":
-        raise ValueError("the paper's FIDs are given at training steps, not wall time; draw paper markers "
+        raise InputError("the paper's FIDs are given at training steps, not wall time; draw paper markers "
                          "against steps (--x step) or images seen (--x images).")
     marks = {}
     for run in runs:
@@ -227,7 +228,7 @@ def _paper_marks(runs: list[_Run], x: str, colours: Mapping[str | None, str]) ->
             marks[info.preset] = [PaperMark(info.preset, step, fid, float(step * per_step), colours[run.label])
                                   for step, fid in PRESETS[info.preset].paper_fids()]
     if not marks:
-        raise ValueError(
+        raise InputError(
             f"the paper's FIDs are for {PAPER_MODEL} runs of a paper preset ({', '.join(PRESETS)}), and by "
             f"model.name and model.preset in their {RUN_CONFIG_FILE} none of "
             f"{', '.join(str(r.run_dir) for r in runs)} is one; plot without paper markers (drop --paper).")
@@ -312,9 +313,9 @@ def _draw_figure(panels: list[Panel], out: Path, *, title: str, colours: Mapping
 
 def _check_options(smoothing: int, x: str) -> None:
     if smoothing < 1:
-        raise ValueError(f"smoothing is a window of logged points and must be >= 1, found {smoothing}.")
+        raise InputError(f"smoothing is a window of logged points and must be >= 1, found {smoothing}.")
     if x not in X_AXES:
-        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}.")
+        raise InputError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}.")
 
 
 def _plot(runs: Mapping[str | None, Path], out: Path, *, title: str, x: str, log_x: bool, log_y: bool,
@@ -329,7 +330,7 @@ def _plot(runs: Mapping[str | None, Path], out: Path, *, title: str, x: str, log
         xlabel = f"{xlabel} ({unit})"
     panels = _panels(rows)
     if not any(p.key.startswith(LOSS_PREFIX) for p in panels):
-        raise ValueError(
+        raise InputError(
             f"{', '.join(map(str, runs.values()))}: {sum(len(r.records) for r in loaded)} metrics records "
             "but no finite value of a 'loss/...' key; plot a run once it has logged its first training steps.")
     colours = {run.label: f"C{i}" for i, run in enumerate(loaded)}
@@ -348,7 +349,7 @@ def run_labels(run_dirs: Sequence[str | Path]) -> dict[str, Path]:
     resolved = [p.resolve() for p in paths]
     repeated = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
     if repeated is not None:
-        raise ValueError(f"the run {repeated} is given twice; give each run directory once.")
+        raise InputError(f"the run {repeated} is given twice; give each run directory once.")
     names = [p.name for p in resolved]
     return dict(zip(names if len(set(names)) == len(names) else map(str, paths), paths, strict=True))
 
@@ -417,7 +418,7 @@ def plot_series(
             x_values, y_values = zip(*pairs)
             lines[label] = (np.asarray(x_values, dtype=np.float64), np.asarray(y_values, dtype=np.float64))
     if not lines:
-        raise ValueError(f"no finite value in the series {list(series)} to plot into {out}; "
+        raise InputError(f"no finite value in the series {list(series)} to plot into {out}; "
                          "plot after the first point.")
     panels = [Panel(panel, lines, points=True)]
     colours = {label: f"C{i}" for i, label in enumerate(lines)}
@@ -458,7 +459,7 @@ def plot_seed_bands(
                 histories[label] = [read_metrics(run_dir) for run_dir in run_dirs]
             steps, mean, deviation = _seed_statistics(histories[label], key)
             if not len(steps):
-                raise ValueError(f"{key}: the runs of {label} ({', '.join(map(str, run_dirs))}) share no logged "
+                raise InputError(f"{key}: the runs of {label} ({', '.join(map(str, run_dirs))}) share no logged "
                                  "step; plot them once every run has logged it.")
             lines[label], bands[label] = (steps, mean), (mean - deviation, mean + deviation)
         panels.append(Panel(key, lines, points=True, bands=bands))

@@ -96,7 +96,7 @@ from reglue.encoders.vfm import (
     input_side,
     timm_to_dinov2,
 )
-from reglue.errors import ReglueError
+from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
 from reglue.progress import progress_bar
@@ -115,7 +115,7 @@ try:  # the optional extra "teacher"
     from lightly.transforms import DINOTransform
     from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule, linear_warmup_schedule
 except ImportError as err:
-    raise ReglueError(f"training a teacher needs lightly ({err}); install it with {INSTALL_HINT}") from err
+    raise MissingExtraError(f"training a teacher needs lightly ({err}); install it with {INSTALL_HINT}") from err
 
 VFM_NAME = "dinov2_vitb14_reg"  # the registry entry whose layout the teacher has (4 registers, patch 14)
 WEIGHTS_FILE = "teacher.pth"
@@ -183,26 +183,26 @@ class TeacherSettings:
                     "head_bottleneck_dim", "head_prototypes", "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}.")
+                raise InputError(f"{name} must be >= 1, found {getattr(self, name)}.")
         for name in ("layerscale_init", "lr", "student_temp", "clip_grad"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, found {getattr(self, name)}.")
+                raise InputError(f"{name} must be > 0, found {getattr(self, name)}.")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}.")
+            raise InputError(f"embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}.")
         for name in ("warmup_fraction", "teacher_temp_warmup_fraction", "freeze_last_layer_fraction",
                      "held_out_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), found {getattr(self, name)}.")
+                raise InputError(f"{name} must lie in [0, 1), found {getattr(self, name)}.")
         for name in ("global_crop_scale", "local_crop_scale", "mask_ratio"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1, found {getattr(self, name)}.")
+                raise InputError(f"{name} must be (low, high) with 0 < low <= high <= 1, found {getattr(self, name)}.")
         if self.local_crops < 0 or (self.local_crop_size is not None and
                                     (self.local_crop_size < PATCH or self.local_crop_size % PATCH)):
-            raise ValueError(f"local_crops must be >= 0 and local_crop_size a multiple of {PATCH} (or None); "
+            raise InputError(f"local_crops must be >= 0 and local_crop_size a multiple of {PATCH} (or None); "
                              f"found {self.local_crops} and {self.local_crop_size}.")
         if not 0.0 < self.momentum_start <= 1.0 or not 0.0 < self.warmup_teacher_temp <= self.teacher_temp:
-            raise ValueError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
+            raise InputError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
                              f"{self.momentum_start}, {self.warmup_teacher_temp}, {self.teacher_temp}.")
 
     @property
@@ -601,17 +601,17 @@ def _report_details(config: dict, train_seconds: float, steps: int, global_side:
 def _check_data(images: TeacherImages, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
                 num_processes: int) -> None:
     if settings.probe and images.num_classes < 2:
-        raise ValueError(
+        raise InputError(
             f"{images.root} has {images.num_classes} class(es) of labels; the quality probe needs at least two. "
             "Use labelled data (class sub-folders), or train without the probe (probe=False, `--no-probe`)."
         )
     if settings.probe and not held_out:
-        raise ValueError(
+        raise InputError(
             f"held_out_fraction {settings.held_out_fraction} of {len(images)} images holds none out for the probe; "
             "raise it, or train without the probe (probe=False, `--no-probe`)."
         )
     if len(train_rows) < settings.global_batch:
-        raise ValueError(
+        raise InputError(
             f"{len(train_rows)} training images ({len(images)} in {images.root}, {len(held_out)} held out for the "
             f"probe) make no full batch of {settings.global_batch}; lower global_batch (`--batch-size`) to at most "
             f"{len(train_rows) // num_processes * num_processes}, or use more images."
@@ -656,7 +656,7 @@ def open_training_images(data: str | Path, resolution: int | None = None) -> tup
     images = PreparedDataset(data, fields=("images",))  # an unfinished one: its error says how to finish it
     prepared = images.manifest["resolution"]
     if resolution is not None and resolution != prepared:
-        raise ValueError(
+        raise InputError(
             f"{data} was prepared at resolution {prepared}, and a prepared dataset's resolution is fixed; leave out "
             f"--resolution to train at {prepared}, or train on its source images at {resolution}: `reglue train-vfm "
             f"{images.manifest['source']} --resolution {resolution} --out ...`."
