@@ -113,13 +113,13 @@ def ordering(presets: dict, fd: str) -> dict:
 def against_paper(best_first: list[str], paper: list[str], spreads: dict[str, dict]) -> dict:
     """Whether a measured ranking agrees with the paper's, counting only what the seeds resolve.
 
-    Two presets are told apart when their mean ± std intervals are apart (:func:`difference`; never
+    Two presets are told apart when their mean ± std intervals are apart (:func:`intervals_apart`; never
     with one seed). ``reversed``: pairs the paper ranks one way and the runs clearly the other way;
     ``ties``: neighbours of the measured ranking that are not told apart. The verdict is
     ``"not the paper order"`` when any pair is clearly reversed, ``"the paper order"`` when the
     ranking is the paper's and every neighbour is told apart, else ``"not resolved"``."""
     def apart(a: str, b: str) -> bool:
-        return bool(difference(spreads[a], spreads[b])["intervals_apart"])
+        return bool(intervals_apart(spreads[a], spreads[b]))
 
     ties = [[a, b] for a, b in zip(best_first, best_first[1:]) if not apart(a, b)]
     position = {preset: i for i, preset in enumerate(best_first)}
@@ -134,6 +134,13 @@ def against_paper(best_first: list[str], paper: list[str], spreads: dict[str, di
     return {"verdict": verdict, "reversed": reversed_pairs, "ties": ties}
 
 
+def intervals_apart(a: dict, b: dict) -> bool | None:
+    """Whether two spreads' mean ± std intervals do not overlap; None when either has one value."""
+    if min(len(a["values"]), len(b["values"])) < 2:
+        return None
+    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+
+
 def difference(a: dict, b: dict) -> dict:
     """a − b of two spreads (:func:`_spread`), whether their mean ± std intervals are apart, and
     Welch's unequal-variance t-test of the two sets of values (``scipy.stats.ttest_ind`` with
@@ -144,17 +151,17 @@ def difference(a: dict, b: dict) -> dict:
     ``df`` and ``p_value`` are None; with no spread on both sides t is ±inf (0 for equal means) and
     ``df`` None. Two or three seeds make a weak test; the report prints the numbers, not a verdict."""
     diff = a["mean"] - b["mean"]
-    if min(len(a["values"]), len(b["values"])) < 2:
+    apart = intervals_apart(a, b)
+    if apart is None:
         return {"difference": diff, "intervals_apart": None, "welch_t": None, "df": None, "p_value": None}
-    apart = abs(diff) > a["std"] + b["std"]
     if a["std"] == b["std"] == 0:  # scipy gives nan for two equal constants
         welch_t = math.copysign(math.inf, diff) if diff else 0.0
-        return {"difference": diff, "intervals_apart": bool(apart), "welch_t": welch_t, "df": None,
+        return {"difference": diff, "intervals_apart": apart, "welch_t": welch_t, "df": None,
                 "p_value": 0.0 if diff else 1.0}
     from scipy.stats import ttest_ind  # imported here: scipy.stats takes a while to import
 
     test = ttest_ind(a["values"], b["values"], equal_var=False)
-    return {"difference": diff, "intervals_apart": bool(apart), "welch_t": float(test.statistic),
+    return {"difference": diff, "intervals_apart": apart, "welch_t": float(test.statistic),
             "df": float(test.df), "p_value": float(test.pvalue)}
 
 
