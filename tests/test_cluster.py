@@ -173,6 +173,21 @@ def test_shipped_configs_checkpoint_every_percent_of_the_run(path):
     assert config.checkpoint.every <= config.train.max_steps // 100, path
 
 
+# Steps the paper reports for each model size (SiT-B/2: its FID table and the curve behind it; SiT-XL/2: the
+# comparison with iterations and the 160-epoch headline, 800K steps at batch 256).
+PAPER_REPORTED_STEPS = {"SiT-B/2": (100_000, 200_000, 300_000, 400_000),
+                        "SiT-XL/2": (200_000, 400_000, 700_000, 800_000, 1_000_000)}
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "demo.yaml"))
+def test_shipped_configs_keep_every_step_the_paper_reports(path):
+    """keep_last prunes the rest; a milestone's checkpoint stays, so the run can be scored where the paper was."""
+    config = load_config(REPO / "configs" / path, ["data.dir=/data"])
+    wanted = [step for step in PAPER_REPORTED_STEPS[config.model.name] if step <= config.train.max_steps]
+    assert set(wanted) <= set(config.checkpoint.milestones), (path, sorted(set(wanted) - set(config.checkpoint.milestones)))
+    assert all(step % config.checkpoint.every == 0 for step in config.checkpoint.milestones), path  # ever written
+
+
 def test_the_collective_timeout_reaches_the_process_group(cached_data, monkeypatch):
     """train.dist_timeout is the timeout the process group is set up with, before anything else starts it."""
     import datetime
