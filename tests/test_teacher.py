@@ -109,6 +109,33 @@ def test_the_teacher_loads_as_a_vfm_and_gives_the_trained_modules_features(learn
         torch.testing.assert_close(features.repa[:, 1:], tokens[:, 5:], atol=1e-6, rtol=0)
 
 
+def test_a_teacher_folder_names_its_own_vfm_and_architecture(learned, data, tmp_path, capsys):
+    """--vfm-weights OUT_DIR (or data.vfm.weights / eval.vfm.weights) needs no --vfm-arch typed again."""
+    from reglue.encoders.semantics import load_norm_stats_and_spec
+    from reglue.errors import InputError
+
+    folder = str(learned.out_dir)
+    assert VFMSpec(weights=folder).resolved() == learned.spec
+    assert VFMSpec(weights=folder, arch=dict(LEARNING.arch)).resolved() == learned.spec  # the same, typed again
+    assert VFMSpec(weights=folder, layers=(0,)).resolved().layers == (0,)
+    with pytest.raises(InputError, match=r"teacher folder .* drop the VFM name and architecture options"):
+        VFMSpec(weights=folder, arch={**LEARNING.arch, "depth": 12}).resolved()
+    with pytest.raises(InputError, match="but dinov2_vitl14 was asked for"):
+        VFMSpec("dinov2_vitl14", folder).resolved()
+    plain = VFMSpec(weights=str(learned.weights))
+    assert plain.resolved() is plain
+    with pytest.raises(FileNotFoundError, match="train a teacher there first"):
+        VFMSpec(weights=str(tmp_path)).resolved()
+
+    out = tmp_path / "stats.safetensors"
+    assert main(["norm-stats", str(data), "--vfm-weights", folder, "--out", str(out), "--num-images", "8",
+                 "--quiet"]) == 0
+    assert load_norm_stats_and_spec(out)[1] == learned.spec  # the folder's VFM, recorded for later steps
+    assert main(["norm-stats", str(data), "--vfm-weights", folder, "--vfm-arch", "depth=12", "--out",
+                 str(tmp_path / "other.safetensors"), "--quiet"]) == 2
+    assert "teacher folder" in capsys.readouterr().err
+
+
 def _official_state_dict(dim=24, depth=2, grid=4, registers=4, swiglu=False, seed=0) -> dict[str, torch.Tensor]:
     """Random tensors under the keys and shapes of an official DINOv2 checkpoint (CLS position slot 0)."""
     generator = torch.Generator().manual_seed(seed)

@@ -70,13 +70,18 @@ def _add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> Non
     group = parser.add_argument_group("vision foundation model", required_note)
     group.add_argument("--vfm", default=None, help="registry name (default dinov2_vitb14_reg)")
     group.add_argument("--vfm-weights", default=None,
-                       help="official DINOv2 .pth or timm .safetensors file; 'random' for a weight-free demo")
+                       help="official DINOv2 .pth or timm .safetensors file, a `reglue train-vfm` folder (its "
+                            "teacher.json gives name and architecture), or 'random' for a weight-free demo")
     group.add_argument("--vfm-layers", default=None, help="0-based blocks, e.g. 8,9,10,11 (default: last four)")
     group.add_argument("--vfm-arch", default=None,
                        help="architecture overrides for small models, e.g. embed_dim=64,depth=12,num_heads=2")
 
 
-def _vfm_spec(args: argparse.Namespace, required: bool):
+def _vfm_spec(args: argparse.Namespace, required: bool, default_name: str = "dinov2_vitb14_reg"):
+    """The VFM the options name; a `reglue train-vfm` folder as --vfm-weights names its own VFM and
+    architecture (VFMSpec.resolved), so --vfm and --vfm-arch are then left out."""
+    from dataclasses import replace
+
     from reglue.encoders.semantics import VFMSpec
 
     given = any(getattr(args, k) is not None for k in ("vfm", "vfm_weights", "vfm_layers", "vfm_arch"))
@@ -89,7 +94,10 @@ def _vfm_spec(args: argparse.Namespace, required: bool):
         if not value.isdigit():
             raise InputError(f"--vfm-arch expects key=integer pairs like depth=12, found {item!r}.")
         arch[key.strip()] = int(value)
-    return VFMSpec(args.vfm or "dinov2_vitb14_reg", args.vfm_weights, layers, arch)
+    spec = VFMSpec(args.vfm or default_name, args.vfm_weights, layers, arch)
+    if args.vfm is None and spec.weights and os.path.isdir(spec.weights):  # the folder's teacher.json names it
+        spec = replace(spec, name=VFMSpec.from_teacher(spec.weights).name)
+    return spec.resolved()
 
 
 def _autocast(choice: str):
@@ -199,9 +207,8 @@ def _cmd_train_vfm(args: argparse.Namespace) -> int:
                            resume=args.resume)
     if not process_state().is_main_process:
         return 0
-    arch = ",".join(f"{k}={v}" for k, v in result.spec.arch.items())
-    print(f"teacher weights {result.weights} (official DINOv2 layout); use them with --vfm {result.spec.name} "
-          f"--vfm-weights {result.weights} --vfm-arch {arch}")
+    print(f"teacher weights {result.weights} (official DINOv2 layout); use them with --vfm-weights {result.out_dir} "
+          "(its teacher.json gives the VFM and its architecture)")
     if result.report is not None:
         print(f"quality ({result.out_dir / REPORT_MD}): {result.report.verdict}; linear probe "
               f"{result.report.trained.linear:.3f} trained vs {result.report.untrained.linear:.3f} untrained")
@@ -344,9 +351,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    results = evaluate(args.ref, args.samples, metrics=metrics, inception_weights=args.inception,
-                       vfm=_vfm_spec(args, required=True), batch_size=args.batch_size, device=device,
-                       cache_dir=args.cache_dir, resolution=args.resolution, progress=not args.quiet)
+    vfm = _vfm_spec(args, required=True, default_name="dinov2_vitl14")  # FD_DINOv2's network by default
+    results = evaluate(args.ref, args.samples, metrics=metrics, inception_weights=args.inception, vfm=vfm,
+                       batch_size=args.batch_size, device=device, cache_dir=args.cache_dir,
+                       resolution=args.resolution, progress=not args.quiet)
     out = args.out or str(args.samples).removesuffix(".npz") + ".metrics.json"
     write_results(results, out)
     print(format_table(results))
@@ -540,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights-inception-2015-12-05-6726825d.pth (torch-fidelity's port), or its folder; "
                    "needed for fid, sfid, is, pr")
     group = p.add_argument_group("feature space of fd_dinov2 / pr_dinov2", "needed for those metrics")
-    group.add_argument("--vfm", default="dinov2_vitl14",
+    group.add_argument("--vfm", default=None,
                        help="registry name (default dinov2_vitl14: DINOv2 ViT-L/14 without registers, FD_DINOv2)")
     group.add_argument("--vfm-weights", default=None,
-                       help="e.g. weights/dinov2_vitl14_pretrain.pth (official) or a timm file; 'random' for tests")
+                       help="e.g. weights/dinov2_vitl14_pretrain.pth (official), a timm file, a `reglue train-vfm` "
+                            "folder, or 'random' for tests")
     group.add_argument("--vfm-arch", default=None,
                        help="architecture overrides for small test models, e.g. embed_dim=32,depth=4,num_heads=2")
     p.set_defaults(vfm_layers=None)  # the feature space uses the final CLS token only

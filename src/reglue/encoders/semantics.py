@@ -32,6 +32,7 @@ from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX, PCAProjection, Sem
 _logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "random"  # the explicit value for a randomly initialised VFM (demo, tests)
+TEACHER_INFO = "teacher.json"  # `reglue train-vfm` writes it beside its weights: {"vfm", "weights", "arch", ...}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,33 @@ class VFMSpec:
     @property
     def is_random(self) -> bool:
         return self.weights == RANDOM_WEIGHTS
+
+    @classmethod
+    def from_teacher(cls, folder: str | Path, layers: tuple[int, ...] | None = None) -> VFMSpec:
+        """The VFM a ``reglue train-vfm`` output folder holds: the registry name, weights file and
+        architecture its ``teacher.json`` records (``layers``: None = the last four blocks)."""
+        path = Path(folder) / TEACHER_INFO
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; train a teacher there first: `reglue train-vfm DATA --out "
+                                    f"{folder}`, or pass the weights file itself.")
+        info = json.loads(path.read_text())
+        return cls(info["vfm"], str(Path(folder) / info["weights"]), layers, dict(info["arch"]))
+
+    def resolved(self) -> VFMSpec:
+        """This spec with a teacher folder as ``weights`` (a ``reglue train-vfm`` output) replaced by what
+        the folder records (:meth:`from_teacher`), so its architecture need not be typed again. A name or
+        architecture given that differs from the recorded one is refused; other specs come back as they are."""
+        if self.weights is None or self.is_random or not Path(self.weights).is_dir():
+            return self
+        recorded = VFMSpec.from_teacher(self.weights, self.layers)
+        if self.name != recorded.name or (self.arch and self.arch != recorded.arch):
+            asked = f"{self.name} with architecture {self.arch}" if self.arch else self.name
+            raise InputError(
+                f"the VFM weights {self.weights} are a teacher folder whose {TEACHER_INFO} records VFM "
+                f"{recorded.name} with architecture {recorded.arch}, but {asked} was asked for: drop the VFM name "
+                "and architecture options (the folder gives them)."
+            )
+        return recorded
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -131,8 +131,9 @@ def verify_training_data(root: Path) -> None:
 
 
 def vfm_spec(value: dict) -> VFMSpec:
-    """``data.vfm`` (VFMSpec fields; missing ones take VFMSpec's defaults) as a :class:`VFMSpec`."""
-    return VFMSpec.from_json(json.dumps({**asdict(VFMSpec()), **value}))
+    """``data.vfm`` (VFMSpec fields; missing ones take VFMSpec's defaults) as a :class:`VFMSpec`; a
+    ``reglue train-vfm`` folder as ``weights`` gives the name and architecture it records."""
+    return VFMSpec.from_json(json.dumps({**asdict(VFMSpec()), **value})).resolved()
 
 
 def vfm_record(spec: VFMSpec) -> dict:

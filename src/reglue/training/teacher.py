@@ -87,7 +87,7 @@ from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
 from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
-from reglue.encoders.semantics import VFMSpec
+from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
     DINOv2ViT,
@@ -119,7 +119,7 @@ except ImportError as err:
 
 VFM_NAME = "dinov2_vitb14_reg"  # the registry entry whose layout the teacher has (4 registers, patch 14)
 WEIGHTS_FILE = "teacher.pth"
-INFO_FILE = "teacher.json"
+INFO_FILE = TEACHER_INFO  # {"vfm", "weights", "arch", ...}: what VFMSpec.from_teacher reads
 TRAIN_STATE = "train_state.pt"
 SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
@@ -231,15 +231,7 @@ class TeacherResult:
 
 def teacher_spec(out_dir: str | Path) -> VFMSpec:
     """The :class:`VFMSpec` of the teacher in ``out_dir`` (read from its ``teacher.json``)."""
-    path = Path(out_dir) / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train a teacher there first: `reglue train-vfm DATA --out {out_dir}`.")
-    return _recorded_spec(Path(out_dir), json.loads(path.read_text()))
-
-
-def _recorded_spec(out_dir: Path, info: dict) -> VFMSpec:
-    """The :class:`VFMSpec` that ``out_dir``'s parsed ``teacher.json`` ``info`` records."""
-    return VFMSpec(info["vfm"], str(out_dir / info["weights"]), None, dict(info["arch"]))
+    return VFMSpec.from_teacher(out_dir)
 
 
 def _teacher_spec(out_dir: Path, settings: TeacherSettings) -> VFMSpec:
@@ -627,7 +619,7 @@ def _finished_run(out_dir: Path, config: dict) -> TeacherResult | None:
     check_same_settings(saved["config"], config, what=f"the teacher in {out_dir}", fix=RESTART_FIX, free=FREE_SETTINGS)
     report_path = out_dir / REPORT_JSON
     report = ProbeReport.from_json(json.loads(report_path.read_text())) if report_path.is_file() else None
-    return TeacherResult(out_dir, out_dir / saved["weights"], _recorded_spec(out_dir, saved), report,
+    return TeacherResult(out_dir, out_dir / saved["weights"], VFMSpec.from_teacher(out_dir), report,
                          saved["train_seconds"], trained=False)
 
 
