@@ -6,7 +6,8 @@ are (N, D) float tensors (e.g. a ViT's final-normed CLS token), labels (N,) int6
 - **k-NN** (DINO's protocol, Caron et al. 2021): features are L2-normalised; every held-out image
   takes its k most cosine-similar training images (k = min(:data:`KNN_K`, N_train)), each voting
   for its class with weight exp(similarity / :data:`KNN_TEMPERATURE`); the class with the largest
-  summed weight wins (a tie goes to the lower class index).
+  summed weight wins (a tie goes to the lower class index). Similarities are computed for
+  :data:`KNN_CHUNK` held-out images at a time.
 - **Linear probe**: multinomial logistic regression on features standardised with the training
   images' mean and std, weights and biases starting at zero, fitted full-batch with L-BFGS (strong
   Wolfe line search, ``steps`` iterations) on cross-entropy + ``weight_decay``·‖W‖², in float64.
@@ -32,6 +33,7 @@ from reglue.io import atomic_write, write_json
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
+KNN_CHUNK = 1024  # held-out rows per similarity block: (KNN_CHUNK, N_train) float64 at a time
 LINEAR_STEPS = 300
 LINEAR_WEIGHT_DECAY = 1e-4
 PASS_MARGIN = 0.05  # trained k-NN accuracy − untrained, absolute, for a PASSED verdict
@@ -56,11 +58,14 @@ def knn_accuracy(
     _check(test_features, test_labels, "held-out")
     k = min(k, len(train_features))
     train = F.normalize(train_features.double(), dim=1)
-    test = F.normalize(test_features.double(), dim=1)
-    similarity, nearest = (test @ train.T).topk(k, dim=1)  # (M, k) each
-    votes = torch.zeros(len(test), num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())  # (M, K)
-    return (votes.argmax(dim=1) == test_labels).double().mean().item()
+    correct = 0
+    for start in range(0, len(test_features), KNN_CHUNK):  # memory: one (chunk, N_train) block, not (M, N_train)
+        test = F.normalize(test_features[start : start + KNN_CHUNK].double(), dim=1)
+        similarity, nearest = (test @ train.T).topk(k, dim=1)  # (chunk, k) each
+        votes = torch.zeros(len(test), num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())  # (chunk, K)
+        correct += int((votes.argmax(dim=1) == test_labels[start : start + KNN_CHUNK]).sum())
+    return correct / len(test_features)
 
 
 def linear_probe_accuracy(

@@ -101,7 +101,7 @@ from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
-from reglue.seeding import SPLIT_STREAM, STEP_STREAM, seeded_generator
+from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
@@ -124,7 +124,8 @@ TRAIN_STATE = "train_state.pt"
 SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--no-resume` on the command line)."
-FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard")
+FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard",
+                 "settings.probe_train_images", "settings.probe_held_out_images")  # the training is the same
 PATCH = 14
 PROBE_BATCH = 64
 _RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD, SKIPPED_FILE)
@@ -173,6 +174,8 @@ class TeacherSettings:
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     probe: bool = True  # hold out labelled images and report k-NN / linear-probe accuracy
     held_out_fraction: float = 0.25
+    probe_train_images: int = 50_000  # the probe fits on at most this many training images (a seeded subset)
+    probe_held_out_images: int = 10_000  # and scores at most this many held-out ones
     seed: int = 0
     checkpoint_every: int = 50
     num_workers: int = 0
@@ -180,7 +183,8 @@ class TeacherSettings:
 
     def __post_init__(self) -> None:
         positive = ("embed_dim", "depth", "num_heads", "epochs", "global_batch", "head_hidden_dim",
-                    "head_bottleneck_dim", "head_prototypes", "checkpoint_every")
+                    "head_bottleneck_dim", "head_prototypes", "checkpoint_every", "probe_train_images",
+                    "probe_held_out_images")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, found {getattr(self, name)}.")
@@ -550,9 +554,22 @@ def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[in
     return [torch.cat(found) for found in chunks], torch.tensor(labels)
 
 
+def probe_rows(rows: list[int], cap: int, seed: int, part: int) -> list[int]:
+    """At most ``cap`` of ``rows``: all of them when they fit, else a subset drawn from (seed, PROBE_STREAM,
+    part), in row order. It bounds the probe's features and similarity blocks whatever the data's size."""
+    if len(rows) <= cap:
+        return rows
+    picked = torch.randperm(len(rows), generator=seeded_generator(seed, PROBE_STREAM, part))[:cap]
+    return sorted(rows[i] for i in picked.tolist())
+
+
 def _probe(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
-           untrained: VFMExtractor) -> ProbeReport:
-    """k-NN / linear-probe accuracy of the trained and untrained CLS features on the held-out rows."""
+           untrained: VFMExtractor, settings: TeacherSettings) -> ProbeReport:
+    """k-NN / linear-probe accuracy of the trained and untrained CLS features on (at most
+    ``settings.probe_held_out_images`` of) the held-out rows, fitted on at most ``settings.probe_train_images``
+    training rows: features are extracted for those rows only."""
+    train_rows = probe_rows(train_rows, settings.probe_train_images, settings.seed, part=0)
+    held_out = probe_rows(held_out, settings.probe_held_out_images, settings.seed, part=1)
     extractors = {"trained": trained, "untrained": untrained}
     train_features, train_labels = _cls_features(list(extractors.values()), images, train_rows)
     held_features, held_labels = _cls_features(list(extractors.values()), images, held_out)
@@ -768,7 +785,8 @@ def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[in
     report = None
     if settings.probe:
         trained = _teacher_spec(out_dir, settings).build(resolution).to(device)
-        report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device))
+        report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device),
+                        settings)
         write_report(out_dir, report, title="DINOv2 teacher trained by reglue train-vfm",
                      details=_report_details(trainer.config, train_seconds, trainer.total_steps, global_side))
         (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
