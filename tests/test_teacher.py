@@ -136,6 +136,27 @@ def test_a_teacher_folder_names_its_own_vfm_and_architecture(learned, data, tmp_
     assert "teacher folder" in capsys.readouterr().err
 
 
+def test_probe_vfm_runs_a_finished_teachers_probe_again(learned, data, tmp_path, capsys):
+    import json
+
+    from reglue.metrics.probe import ProbeReport
+    from reglue.training.teacher import probe_teacher
+
+    again = tmp_path / "again"
+    assert main(["probe-vfm", str(learned.out_dir), str(data), "--out", str(again)]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert ProbeReport.from_json(json.loads((again / "report.json").read_text())) == learned.report  # the same split
+    capped = probe_teacher(learned.out_dir, data, out=tmp_path / "capped", probe_train_images=50,
+                           probe_held_out_images=20)
+    assert (capped.train_images, capped.held_out_images) == (50, 20)
+
+    other = write_synthetic_dataset(tmp_path / "other", images_per_class=2, size=RESOLUTION, seed=1)
+    assert main(["probe-vfm", str(learned.out_dir), str(other), "--out", str(tmp_path / "no")]) == 2
+    assert "is not the data the teacher" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["probe-vfm", str(tmp_path), str(data)]) == 2
+    assert "holds no finished teacher" in capsys.readouterr().err
+
+
 def _official_state_dict(dim=24, depth=2, grid=4, registers=4, swiglu=False, seed=0) -> dict[str, torch.Tensor]:
     """Random tensors under the keys and shapes of an official DINOv2 checkpoint (CLS position slot 0)."""
     generator = torch.Generator().manual_seed(seed)

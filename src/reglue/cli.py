@@ -192,6 +192,19 @@ def _cmd_train_compressor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe_vfm(args: argparse.Namespace) -> int:
+    import torch
+
+    from reglue.training.teacher import probe_teacher
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = probe_teacher(args.teacher, args.data, out=args.out, probe_train_images=args.probe_train_images,
+                           probe_held_out_images=args.probe_held_out_images, device=device)
+    print(f"{report.verdict}; linear probe {report.trained.linear:.3f} trained vs {report.untrained.linear:.3f} "
+          f"untrained; report in {args.out or args.teacher}")
+    return 0
+
+
 def _cmd_train_vfm(args: argparse.Namespace) -> int:
     from reglue.distributed import process_state
     from reglue.metrics.probe import REPORT_MD
@@ -489,6 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in OUT (default); --no-resume deletes it and starts over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_vfm)
+
+    p = commands.add_parser("probe-vfm", help="run a finished teacher's k-NN / linear-probe report again",
+                            description="The quality probe of `reglue train-vfm` (docs/teacher.md) on a finished "
+                            "teacher folder, again: on the data it was trained on (the same held-out split), with "
+                            "its own or other caps. Writes report.json and report.md.")
+    p.add_argument("teacher", help="a finished `reglue train-vfm` output folder")
+    p.add_argument("data", help="the dataset or image folder the teacher was trained on")
+    p.add_argument("--out", default=None, help="folder for the report (default: the teacher folder)")
+    p.add_argument("--probe-train-images", type=int, default=None,
+                   help="training images the probes fit on at most (default: the teacher's setting, 50,000)")
+    p.add_argument("--probe-held-out-images", type=int, default=None,
+                   help="held-out images scored at most (default: the teacher's setting, 10,000)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=_cmd_probe_vfm)
 
     p = commands.add_parser("train", help="train a preset (sit/repa/redi/reg/reglue) from a YAML config")
     p.add_argument("--config", default=None, help="YAML file, e.g. configs/reglue_sit_b2.yaml")

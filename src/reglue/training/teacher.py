@@ -67,7 +67,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -638,6 +638,44 @@ def _finished_run(out_dir: Path, config: dict) -> TeacherResult | None:
     report = ProbeReport.from_json(json.loads(report_path.read_text())) if report_path.is_file() else None
     return TeacherResult(out_dir, out_dir / saved["weights"], VFMSpec.from_teacher(out_dir), report,
                          saved["train_seconds"], trained=False)
+
+
+def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | None = None,
+                  probe_train_images: int | None = None, probe_held_out_images: int | None = None,
+                  device: str | torch.device = "cpu") -> ProbeReport:
+    """Run the quality probe of the finished teacher in ``out_dir`` again, on ``data``: the images it was
+    trained on (the same count and source files, so the seeded held-out split is the same one), with its
+    own settings or other caps. Writes ``report.json`` / ``report.md`` into ``out`` (default ``out_dir``)."""
+    out_dir = Path(out_dir)
+    path = out_dir / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {out_dir} holds no finished teacher (`reglue train-vfm DATA "
+                                f"--out {out_dir}` makes one).")
+    info = json.loads(path.read_text())
+    recorded = info["config"]["settings"]
+    caps = {"probe_train_images": probe_train_images, "probe_held_out_images": probe_held_out_images}
+    settings = TeacherSettings(**{**{f.name: recorded[f.name] for f in fields(TeacherSettings) if f.name in recorded},
+                                  **{k: v for k, v in caps.items() if v is not None}})
+    images, resolution = open_training_images(data, info["resolution"])
+    trained_on = {key: info["config"]["data"].get(key) for key in ("images", "source_files", "source_sha256")}
+    found = {"images": len(images), **_source_record(images)}
+    if found != trained_on:
+        raise InputError(f"{data} is not the data the teacher in {out_dir} was trained on ({trained_on['images']} "
+                         f"images, recorded in its {INFO_FILE}; found {len(images)}): its held-out split would differ. "
+                         "Pass the dataset or image folder it was trained on.")
+    train_rows, held_out = split_rows(len(images), settings)
+    if not held_out:
+        raise InputError(f"the teacher in {out_dir} was trained on every image (--no-probe or held_out_fraction 0): "
+                         "no image is left to score it on. Train it with a held-out share to probe it.")
+    device = torch.device(device)
+    trained = VFMSpec.from_teacher(out_dir).build(resolution).to(device)
+    report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device),
+                    settings)
+    out = Path(out) if out is not None else out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, report, title="DINOv2 teacher trained by reglue train-vfm",
+                 details=_report_details(info["config"], info["train_seconds"], info["steps"], info["input_size"]))
+    return report
 
 
 def _load_train_state(path: Path, config: dict) -> dict | None:
