@@ -19,7 +19,7 @@ import os
 import sys
 
 from reglue import __version__
-from reglue.errors import InputError
+from reglue.errors import InputError, ReglueError
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution, confirm_resolution
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -673,8 +673,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _for_the_user(err: BaseException) -> bool:
     """Errors the user can act on (reported in one line); anything else is a bug."""
-    from reglue.errors import ReglueError
-
     out_of_memory = isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
     return isinstance(err, (ReglueError, OSError)) or out_of_memory
 

@@ -128,6 +128,7 @@ FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.
                  "settings.probe_train_images", "settings.probe_held_out_images")  # the training is the same
 PATCH = 14
 PROBE_BATCH = 64
+REPORT_TITLE = "DINOv2 teacher trained by reglue train-vfm"  # of report.md, by train-vfm and probe-vfm
 _RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD, SKIPPED_FILE)
 SHOWN_SKIPS = 3  # skipped files named in the log line (all of them are in skipped.tsv)
 
@@ -673,7 +674,7 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
                     settings)
     out = Path(out) if out is not None else out_dir
     out.mkdir(parents=True, exist_ok=True)
-    write_report(out, report, title="DINOv2 teacher trained by reglue train-vfm",
+    write_report(out, report, title=REPORT_TITLE,
                  details=_report_details(info["config"], info["train_seconds"], info["steps"], info["input_size"]))
     return report
 
@@ -825,7 +826,7 @@ def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[in
         trained = _teacher_spec(out_dir, settings).build(resolution).to(device)
         report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device),
                         settings)
-        write_report(out_dir, report, title="DINOv2 teacher trained by reglue train-vfm",
+        write_report(out_dir, report, title=REPORT_TITLE,
                      details=_report_details(trainer.config, train_seconds, trainer.total_steps, global_side))
         (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
     write_json(out_dir / INFO_FILE, {
