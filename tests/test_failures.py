@@ -344,3 +344,19 @@ def test_wandb_missing_stops_both_processes_before_any_file(outcomes):
             "reglue train: error: log.wandb=true needs the wandb package, which is not installed; "
             '`pip install "reglue[wandb]"`, or set log.wandb=false.\n'), record
     assert not (outcomes.folders[WITHOUT_WANDB.name] / "run").exists()  # neither config.yaml nor metrics.jsonl
+
+
+def test_a_finished_command_meets_every_process_before_tearing_the_group_down(monkeypatch):
+    """A process that left while another still held its gloo connections made that one abort
+    ("terminate called without an active exception") after `reglue sample` under torchrun had finished."""
+    import torch.distributed as dist
+
+    from reglue import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.end_process_group()
+    assert calls == ["barrier", "destroy"]

@@ -691,13 +691,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
     except Exception as err:
         if os.environ.get("REGLUE_DEBUG") == "1" or not _for_the_user(err):
             raise  # a bug: the traceback, exit status 1
         message = " ".join(str(err).split())
         print(f"reglue {args.command}: error: {message}", file=sys.stderr)
         return 2
+    if "torch" in sys.modules:  # a command that loaded torch may have set up a process group
+        from reglue.distributed import end_process_group
+
+        end_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -49,6 +49,20 @@ def process_state(timeout_s: float = DEFAULT_TIMEOUT_S):
     return PartialState(cpu=on_cpu_only(), timeout=timedelta(seconds=timeout_s))
 
 
+def end_process_group() -> None:
+    """Every process of the group reaches this point, then the group is torn down (a no-op without one).
+
+    A process that exits while another still holds its connections can make that one abort: gloo's
+    background thread sees the closed peer and the process dies with "terminate called without an
+    active exception" (SIGABRT) after its work is done. Commands call this once they succeeded; after a
+    failure the processes stop through the shared failure instead (:func:`on_main`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main_process_log(log: Callable[[str], None], is_main_process: bool) -> Callable[[str], None]:
     """``log`` on the main process, a no-op on the others: a run's lines are written once."""
     return log if is_main_process else lambda message: None
