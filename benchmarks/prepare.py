@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", choices=sorted(VAE_CONFIGS), default="tiny")
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--json", help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = PrepareSettings(source=str(src), resolution=args.resolution, vae=f"random-{args.vae}",
                                    shard_size=max(args.images // 4, 1))
         start = time.perf_counter()
-        summary = prepare_dataset(settings, dst, vae, batch_size=args.batch_size)
+        summary = prepare_dataset(settings, dst, vae, batch_size=args.micro_batch)
         seconds = time.perf_counter() - start
     result = {
         "vae": args.vae, "images": summary.images, "resolution": args.resolution, "seconds": round(seconds, 2),

@@ -34,7 +34,7 @@ def test_train_step_benchmark_tiny(tmp_path, capsys, dtype, ema, preset):
 
 
 def test_prepare_benchmark_tiny(tmp_path, capsys):
-    result = load_benchmark("prepare").main(["--vae", "tiny", "--images", "4", "--batch-size", "2",
+    result = load_benchmark("prepare").main(["--vae", "tiny", "--images", "4", "--micro-batch", "2",
                                              "--json", str(tmp_path / "r.json")])
     assert result["images"] == 4 and result["images_per_s"] > 0
     assert capsys.readouterr().out.startswith("| tiny | 256 | 4 |")

@@ -54,7 +54,7 @@ def test_errors_the_user_can_act_on_print_one_line_and_bugs_keep_their_traceback
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_models", fail)
+    monkeypatch.setattr(cli.models, "run", fail)
     monkeypatch.delenv("REGLUE_DEBUG", raising=False)
     if one_line:
         assert main(["models"]) == 2
@@ -72,7 +72,7 @@ def test_an_internal_error_exits_1_with_its_traceback_and_a_refusal_2_without(tm
                               str(tmp_path / "out"), "--steps", "0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip() == "reglue sample: error: num_steps must be >= 1, found 0."
-    bug = subprocess.run([sys.executable, "-c", "import sys; from reglue import cli; cli._cmd_models = "
+    bug = subprocess.run([sys.executable, "-c", "import sys; from reglue import cli; cli.models.run = "
                           "lambda args: {}['no such key']; sys.exit(cli.main(['models']))"],
                          capture_output=True, text=True)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'no such key'" in bug.stderr
@@ -81,11 +81,80 @@ def test_an_internal_error_exits_1_with_its_traceback_and_a_refusal_2_without(tm
 @pytest.mark.parametrize("argv", [
     ["train", "--config", "configs/demo.yaml", "data.dir=x", "--resume", "auto", "--bogus"],
     ["train", "--config", "configs/demo.yaml", "--resolution", "64", "data.dir=x", "-x"],
-    ["sample", "--ckpt", "x", "--out", "y", "key=value"],
+    ["verify", "x", "key=value"],  # a command without settings takes no KEY=VALUE
 ])
 def test_unknown_arguments_are_a_usage_error(argv, capsys):
-    """train's KEY=VALUE overrides may follow its options; anything else unknown is refused."""
+    """KEY=VALUE overrides may follow a command's options; anything else unknown is refused."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+# old spelling -> what the refusal names (docs/configuration.md lists every rename)
+RENAMED_FLAGS = [
+    (["prepare", "src", "dst", "--vae-dtype", "bf16"], "--vae-dtype was renamed --precision."),
+    (["prepare", "src", "dst", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
+    (["norm-stats", "d", "--autocast", "none"], "--autocast was renamed --precision (none is now fp32)."),
+    (["norm-stats", "d", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
+    (["fit-pca", "d", "--autocast", "bf16"], "--autocast was renamed --precision"),
+    (["fit-pca", "d", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
+    (["cache-semantics", "d", "--autocast", "none"], "--autocast was renamed --precision"),
+    (["cache-semantics", "d", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
+    (["train-compressor", "d", "--autocast", "none"], "--autocast was renamed --precision"),
+    (["train-vfm", "d", "--out", "o", "--batch-size", "8"], "--batch-size was renamed --global-batch."),
+    (["train-vfm", "d", "--out", "o", "--no-resume"], "--no-resume was renamed --restart."),
+    (["train-vfm", "d", "--out", "o", "--resume"], "--resume is gone: rerunning train-vfm resumes by default"),
+    (["evaluate", "--ref", "r", "--samples", "s", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
+]
+
+
+@pytest.mark.parametrize("argv, named", RENAMED_FLAGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in RENAMED_FLAGS])
+def test_an_old_flag_is_refused_naming_the_new_one(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_a_renamed_config_key_is_refused_naming_the_new_one_and_old_runs_still_resume():
+    from reglue.config import ConfigError, load_config, upgrade_recorded
+
+    with pytest.raises(ConfigError, match=r"train.mixed_precision was renamed train.precision \(no is now fp32\)"):
+        load_config(None, ["data.dir=x", "train.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match=r"data.vfm_autocast was renamed data.vfm_precision"):
+        load_config(None, ["data.dir=x", "data.vfm_autocast=no"])
+    recorded = {"train": {"mixed_precision": "no", "seed": 1}, "data": {"vfm_autocast": "bf16", "dir": "x"}}
+    assert upgrade_recorded(recorded) == {"train": {"precision": "fp32", "seed": 1},
+                                          "data": {"vfm_precision": "bf16", "dir": "x"}}
+    assert recorded["train"] == {"mixed_precision": "no", "seed": 1}  # the record itself is left alone
+
+
+def test_commands_with_settings_take_a_config_file_and_key_values(tmp_path):
+    """sample, prepare, train-compressor and demo resolve their settings dataclass like train does:
+    defaults, --config, the flag shortcuts, then KEY=VALUE."""
+    from reglue.cli import parse_args
+    from reglue.cli.options import load_command_settings
+    from reglue.data.prepare import PrepareSettings
+    from reglue.demo import DemoSettings
+    from reglue.generate import PAPER, SampleSettings
+    from reglue.training.compressor import CompressorSettings
+
+    config = tmp_path / "sample.yaml"
+    config.write_text("num_steps: 100\nguidance: {scale: 1.5}\nseed: 3\n")
+    args = parse_args(["sample", "--ckpt", "c", "--out", "o", "--config", str(config), "--seed", "4", "labels=balanced"])
+    settings = load_command_settings(SampleSettings, args, {"seed": args.seed, "labels": args.labels})
+    assert (settings.num_steps, settings.guidance.scale, settings.seed, settings.labels) == (100, 1.5, 4, "balanced")
+    args = parse_args(["sample", "--ckpt", "c", "--out", "o", "--paper", "num_steps=50"])
+    settings = load_command_settings(SampleSettings, args, {}, base=PAPER)
+    assert settings.num_steps == 50 and settings.guidance == PAPER.guidance
+    config = tmp_path / "compressor.yaml"
+    config.write_text("epochs: 40\nlr: 5.0e-4\n")
+    args = parse_args(["train-compressor", "d", "--config", str(config), "--global-batch", "64", "seed=2"])
+    settings = load_command_settings(CompressorSettings, args, {"global_batch": args.global_batch})
+    assert settings == CompressorSettings(epochs=40, lr=5e-4, global_batch=64, seed=2)
+    args = parse_args(["prepare", "src", str(tmp_path / "dst"), "--precision", "bf16", "shard_size=7"])
+    settings = load_command_settings(PrepareSettings, args, {"source": "src", "vae_dtype": args.precision})
+    assert (settings.vae_dtype, settings.shard_size) == ("bf16", 7)
+    args = parse_args(["demo", "--steps", "9", "teacher_epochs=2"])
+    assert load_command_settings(DemoSettings, args, {"steps": args.steps}) == DemoSettings(steps=9, teacher_epochs=2)

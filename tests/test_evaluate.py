@@ -173,7 +173,7 @@ def test_evaluate_cli_prints_the_table_and_writes_json(tmp_path, random_weights,
              mu_s=np.zeros(2023), sigma_s=np.zeros((2023, 2023)))
     np.savez(tmp_path / "samples.npz", arr_0=images(20, seed=4))
     assert main(["evaluate", "--ref", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "samples.npz"),
-                 "--inception", str(random_weights), "--batch-size", "10", "--quiet"]) == 0
+                 "--inception", str(random_weights), "--micro-batch", "10", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("fid") and "recall" in out
     assert set(json.loads((tmp_path / "samples.metrics.json").read_text())) >= {"fid", "sfid", "precision"}
@@ -209,7 +209,7 @@ def test_evaluate_cli_fd_dinov2_needs_no_inception_and_names_the_network(tmp_pat
     np.savez(tmp_path / "ref.npz", arr_0=images(12, size=40, seed=3))
     np.savez(tmp_path / "samples.npz", arr_0=images(10, size=40, seed=4))
     assert main(["evaluate", "--ref", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "samples.npz"),
-                 "--metrics", "fd_dinov2,pr_dinov2", *tiny_vfm_args(tiny_vfm), "--batch-size", "4", "--quiet"]) == 0
+                 "--metrics", "fd_dinov2,pr_dinov2", *tiny_vfm_args(tiny_vfm), "--micro-batch", "4", "--quiet"]) == 0
     results = json.loads((tmp_path / "samples.metrics.json").read_text())
     assert set(results) == {"fd_dinov2", "precision_dinov2", "recall_dinov2", "networks"}
     space = load_feature_space(tiny_vfm)

@@ -173,7 +173,7 @@ def train_run(inputs: Inputs, out: Path, *overrides: str) -> list[str]:
 
 def train_vfm(inputs: Inputs, out: Path, *options: str) -> list[str]:
     return ["train-vfm", str(inputs.data), "--out", str(out / "teacher"), "--embed-dim", "16", "--depth", "1",
-            "--num-heads", "2", "--epochs", "1", "--batch-size", "8", "--local-crops", "2", "--quiet", *options]
+            "--num-heads", "2", "--epochs", "1", "--global-batch", "8", "--local-crops", "2", "--quiet", *options]
 
 
 def sample(inputs: Inputs, out: Path) -> list[str]:

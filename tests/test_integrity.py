@@ -39,7 +39,7 @@ def made(tmp_path_factory) -> dict[str, Path]:
         noise(80, 72, seed=index).save(root / "src" / f"c{index % 2}" / f"{index}.png")
     assert main(["prepare", str(root / "src"), str(root / "data"), *PREPARE]) == 0
     shutil.copytree(root / "data", root / "cached")
-    assert main(["norm-stats", str(root / "cached"), "--quiet", "--batch-size", "6", *TINY_VFM]) == 0
+    assert main(["norm-stats", str(root / "cached"), "--quiet", "--micro-batch", "6", *TINY_VFM]) == 0
     torch.manual_seed(0)
     save_file(SemanticCompressor((64, 16, 4)).state_dict(), str(root / "compressor.safetensors"))
     assert main(["cache-semantics", str(root / "cached"), "--compressor", str(root / "compressor.safetensors"),

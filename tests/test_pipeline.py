@@ -29,7 +29,7 @@ def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     src = make_image_folder(root / "src")
     assert prepare(src, root / "data", tiny_vae_dir(root / "vae")) == 0
-    assert main(["norm-stats", str(root / "data"), "--quiet", "--batch-size", "4", *TINY_VFM]) == 0
+    assert main(["norm-stats", str(root / "data"), "--quiet", "--micro-batch", "4", *TINY_VFM]) == 0
     return root / "data"
 
 
@@ -95,7 +95,7 @@ def test_cache_semantics_equals_online_encoder_up_to_fp16(dataset_dir, tmp_path)
     compressor_file = tmp_path / "compressor.safetensors"
     save_compressor(compressor_file)
     assert main(["cache-semantics", str(dataset_dir), "--compressor", str(compressor_file), "--repa-targets",
-                 "--quiet", "--batch-size", "4"]) == 0
+                 "--quiet", "--micro-batch", "4"]) == 0
     data = PreparedDataset(dataset_dir, fields=("images", "semantics", "cls", "repa"))
     encoder, _ = build_semantic_encoder(dataset_dir / "norm_stats.safetensors", compressor=compressor_file)
     images = torch.stack([data[i]["images"] for i in range(len(data))])
@@ -147,11 +147,13 @@ def test_end_to_end_prepare_to_reader_through_the_cli(tmp_path):
     data = tmp_path / "data"
     assert prepare(src, data, tiny_vae_dir(tmp_path / "vae")) == 0
     assert "eel/corrupt.jpg" in (data / "skipped.tsv").read_text()
-    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "3", *TINY_VFM]) == 0
+    assert main(["norm-stats", str(data), "--quiet", "--micro-batch", "3", *TINY_VFM]) == 0
     assert main(["train-compressor", str(data), "--epochs", "1", "--global-batch", "4", "--val-fraction", "0.34",
                  "--quiet"]) == 0
     best = data / "compressor" / "compressor_best.safetensors"
     assert (data / "compressor" / "loss_curve.png").is_file()
+    recorded = (data / "compressor" / "settings.yaml").read_text()  # the resolved settings, beside the weights
+    assert "epochs: 1\n" in recorded and "global_batch: 4\n" in recorded and "val_fraction: 0.34\n" in recorded
     assert main(["cache-semantics", str(data), "--compressor", str(best), "--quiet"]) == 0
     reader = PreparedDataset(data, fields=("moments", "semantics", "cls"), resolution=256)
     loader = torch.utils.data.DataLoader(reader, batch_size=4, shuffle=True, num_workers=2)

@@ -262,7 +262,7 @@ def test_rerun_over_a_changed_source_or_vae_precision_is_refused(tmp_path, vae_d
     assert code == 2 and "source_files: was 9, now 10" in err
     (src / "cat" / "0new.png").unlink()
     code, err = run_cli(capsys, "prepare", str(src), str(tmp_path / "out"), "--vae", str(vae_dir), "--shard-size", "3",
-                        "--vae-dtype", "bf16")
+                        "--precision", "bf16")
     assert code == 2 and "vae_dtype: was 'fp32', now 'bf16'" in err
     assert prepare(src.parent / "src/", tmp_path / "out", vae_dir) == 0  # same folder, other spelling
 

@@ -49,7 +49,7 @@ def make_data(root: Path, resolution: int, *, norm_stats: bool = True) -> Path:
     data = root / "data"
     assert main(["prepare", str(src), str(data), "--resolution", str(resolution), "--vae", "pixel", "--quiet"]) == 0
     if norm_stats:
-        assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM]) == 0
+        assert main(["norm-stats", str(data), "--quiet", "--micro-batch", "4", "--num-images", "4", *TINY_VFM]) == 0
     return data
 
 
@@ -78,7 +78,7 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
     # norm-stats: 2 layers × 32 channels, made at R. Every later command also takes --resolution R
     # as a check (a script looping over resolutions passes it everywhere); here each is given it.
     check = ["--resolution", str(R)]
-    assert main(["norm-stats", str(data), "--quiet", "--batch-size", "4", "--num-images", "4", *TINY_VFM, *check]) == 0
+    assert main(["norm-stats", str(data), "--quiet", "--micro-batch", "4", "--num-images", "4", *TINY_VFM, *check]) == 0
     stats = NormStats.load(data / "norm_stats.safetensors")
     assert stats.channels == VFM_CHANNELS
     assert stats.metadata["resolution"] == str(R) and stats.metadata["num_images"] == "4"
@@ -127,7 +127,7 @@ def test_whole_chain_through_the_cli_at_every_resolution(tmp_path, capsys, resol
     np.savez(reference, arr_0=np.stack([rows[i]["images"].permute(1, 2, 0).numpy() for i in range(len(rows))]))
     assert main(["evaluate", "--ref", str(reference), "--samples", str(samples / "samples.npz"), "--metrics",
                  "fd_dinov2", "--vfm-weights", "random", "--vfm-arch", "embed_dim=32,depth=2,num_heads=2",
-                 "--batch-size", "4", "--quiet", *check]) == 0
+                 "--micro-batch", "4", "--quiet", *check]) == 0
     assert math.isfinite(json.loads((samples / "samples.metrics.json").read_text())["fd_dinov2"])
     assert main(["grid", "--ckpt", str(run / "ema"), "--classes", "0,1", "--per-class", "1", "--steps", "2",
                  "--vae", "pixel", "--out", str(tmp_path / "grid.png"), *check]) == 0
@@ -280,7 +280,7 @@ def refuse_online_training(data: Path, run_dir: Path, preset: str, *files: str, 
     refused with ``match``, before the run directory exists."""
     config = load_config("configs/demo.yaml", [
         f"data.dir={data}", f"run_dir={run_dir}", f"model.preset={preset}", "data.semantics=online",
-        "data.vfm_autocast=no", *files, *TINY_MODEL, *FAST_TRAIN])
+        "data.vfm_precision=fp32", *files, *TINY_MODEL, *FAST_TRAIN])
     with pytest.raises(error, match=match):
         train(config)
     assert not run_dir.exists()

@@ -58,7 +58,7 @@ def test_demo_config_trains_every_preset_on_demo_data(demo_data, tmp_path, capsy
 @pytest.mark.parametrize("semantics", ["cached", "online"])
 def test_token_grid_other_than_the_repa_grid_is_refused_before_any_file(demo_data, tmp_path, semantics):
     data = demo_data("reglue")
-    online = [f"data.compressor={data / 'compressor' / 'compressor_best.safetensors'}", "data.vfm_autocast=no"]
+    online = [f"data.compressor={data / 'compressor' / 'compressor_best.safetensors'}", "data.vfm_precision=fp32"]
     # the demo's 128² data: 16×16 latents, an 8×8 VFM grid; patch 8 gives 2×2 tokens
     assert_refused(data, tmp_path / "run", r"model.name: SiT-S/8 .* 2×2 token grid .* 8×8 grid; use patch 2 "
                    r"\(model.name=SiT-S/2\)", "model.name=SiT-S/8", f"data.semantics={semantics}",
@@ -84,8 +84,8 @@ def test_fp16_without_a_gpu_is_refused_before_any_file(demo_data, tmp_path, monk
     from reglue.training import inputs
 
     monkeypatch.setattr(inputs, "on_cpu_only", lambda: True)
-    assert_refused(demo_data("reglue"), tmp_path / "run", r"train.mixed_precision: fp16 needs a GPU",
-                   "train.mixed_precision=fp16")
+    assert_refused(demo_data("reglue"), tmp_path / "run", r"train.precision: fp16 needs a GPU",
+                   "train.precision=fp16")
 
 
 def test_online_semantics_without_a_usable_compressor_or_pca_are_refused_before_any_file(demo_data, tmp_path):
@@ -94,7 +94,7 @@ def test_online_semantics_without_a_usable_compressor_or_pca_are_refused_before_
     from reglue.models.compressor import PCAProjection, SemanticCompressor
 
     reglue, redi = demo_data("reglue"), demo_data("redi")
-    online = ["data.semantics=online", "data.vfm_autocast=no"]
+    online = ["data.semantics=online", "data.vfm_precision=fp32"]
     assert_refused(reglue, tmp_path / "run", r"data.compressor: invalid value None", *online)
     assert_refused(redi, tmp_path / "run", r"data.pca: invalid value None", "model.preset=redi", *online)
     assert_refused(reglue, tmp_path / "run", r"data.compressor: .*missing.safetensors not found; train one",
@@ -123,7 +123,7 @@ OTHER_VFM = ("data.vfm={name: dinov2_vitb14_reg, weights: random, layers: [0, 1]
 @pytest.mark.parametrize("semantics", ["cached", "online"])
 def test_semantics_of_another_vfm_are_refused_naming_both(demo_data, tmp_path, semantics):
     data = demo_data("reglue")
-    online = [f"data.compressor={data / 'compressor' / 'compressor_best.safetensors'}", "data.vfm_autocast=no"]
+    online = [f"data.compressor={data / 'compressor' / 'compressor_best.safetensors'}", "data.vfm_precision=fp32"]
     with pytest.raises(ConfigError, match=r"data.vfm: .*\"layers\": null.*\"layers\": \[0, 1\]") as refused:
         train(demo_config(data, tmp_path / "run", *FAST, OTHER_VFM, f"data.semantics={semantics}",
                           *(online if semantics == "online" else [])))

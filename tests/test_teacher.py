@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -46,7 +47,7 @@ RESOLUTION = 64
 # the learning test's run: 10 epochs × 9 steps of 32 images, ≈ 20 s on one core. Checked by hand
 # with seeds 0, 1, 2: k-NN 0.85 / 0.79 / 0.73 trained vs 0.55 / 0.63 / 0.63 untrained.
 LEARNING = TeacherSettings(embed_dim=64, depth=2, num_heads=2, epochs=10, global_batch=32, seed=0)
-TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--epochs", "1", "--batch-size", "8",
+TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--epochs", "1", "--global-batch", "8",
         "--checkpoint-every", "3", "--no-probe", "--quiet"]
 
 
@@ -249,15 +250,17 @@ def test_a_run_killed_mid_way_resumes_bit_identically(data, tmp_path):
 
 def test_bad_input_fails_with_one_clear_line(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert main(["train-vfm", str(data), "--out", str(out), "--batch-size", "512", "--quiet"]) == 2
+    assert main(["train-vfm", str(data), "--out", str(out), "--global-batch", "512", "--quiet"]) == 2
     assert "288 training images" in capsys.readouterr().err and not out.exists()
 
     assert main(["train-vfm", str(data), "--out", str(out), *TINY]) == 0
     capsys.readouterr()
     assert main(["train-vfm", str(data), "--out", str(out), *TINY, "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
-    assert "other settings (settings.lr: was 0.002, now 0.01)" in err and "--no-resume" in err
-    assert main(["train-vfm", str(data), "--out", str(out), *TINY, "--lr", "0.01", "--no-resume"]) == 0
+    assert "other settings (settings.lr: was 0.002, now 0.01)" in err and "--restart" in err
+    assert yaml.safe_load((out / "settings.yaml").read_text())["lr"] == 0.002  # the refused run wrote nothing
+    assert main(["train-vfm", str(data), "--out", str(out), *TINY, "--lr", "0.01", "--restart"]) == 0
+    assert yaml.safe_load((out / "settings.yaml").read_text())["lr"] == 0.01  # the resolved settings, beside
 
     for name in ["lightly", *(m for m in sys.modules if m.startswith("lightly."))]:
         monkeypatch.setitem(sys.modules, name, None)  # as if lightly were not installed

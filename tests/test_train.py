@@ -81,7 +81,7 @@ def pca_data(cached_data, tmp_path_factory):
 def test_every_preset_trains_and_logs_its_loss_terms(cached_data, pca_data, preset, semantics):
     root = pca_data if preset == "redi" else cached_data
     online = [f"data.compressor={cached_data / 'compressor.safetensors'}", f"data.pca={root / 'data' / 'pca.safetensors'}",
-              "data.vfm_autocast=no"] if semantics == "online" else []
+              "data.vfm_precision=fp32"] if semantics == "online" else []
     run = f"p-{preset}-{semantics}"
     result = train(config_for(root, run, f"model.preset={preset}", "train.max_steps=3", "log.every=1",
                               f"data.semantics={semantics}", *online))
@@ -275,7 +275,7 @@ def test_online_and_cached_inputs_agree_up_to_fp16(cached_data):
     from reglue.presets import get_preset
     from reglue.training.inputs import InputBuilder, online_encoder
 
-    config = config_for(cached_data, "x", "data.semantics=online", "data.vfm_autocast=no",
+    config = config_for(cached_data, "x", "data.semantics=online", "data.vfm_precision=fp32",
                         f"data.compressor={cached_data / 'compressor.safetensors'}")
     data = PreparedDataset(cached_data / "data", fields=("moments", "images", "semantics", "cls", "repa"))
     batch = torch.utils.data.default_collate([data[i] for i in range(4)])
@@ -349,7 +349,7 @@ def test_authors_kernels_and_bf16_train_like_fp32(cached_data):
                      "train.ema=loop", "train.find_unused_parameters=true", "data.pin_memory=false"))
     subprocess.run([sys.executable, "-m", "reglue", "train", "--config", "configs/demo.yaml",
                     f"data.dir={cached_data / 'data'}", f"run_dir={cached_data / 'bf16-fast'}", *TINY_MODEL,
-                    "train.global_batch=2", *steps, "train.mixed_precision=bf16"],
+                    "train.global_batch=2", *steps, "train.precision=bf16"],
                    check=True, capture_output=True, timeout=300)
     fp32, authors, bf16 = losses("fp32-fast"), losses("fp32-authors"), losses("bf16-fast")
     assert torch.allclose(authors, fp32, rtol=1e-4)

@@ -1,17 +1,21 @@
-"""Typed run configuration: dataclasses, loaded from YAML, overridden from the command line.
+"""Typed settings: dataclasses, loaded from YAML, overridden from the command line.
 
-``load_config("configs/reglue_sit_b2.yaml", ["data.dir=data/in256", "train.global_batch=64"])``
-returns a validated :class:`RunConfig`. Unknown keys, wrong types and impossible values are
-refused with an error naming the key and the fix; the run directory stores the resolved config
-(``config.yaml``) so every run records exactly what it did.
+One mechanism for every command that has settings (docs/configuration.md):
+``load_settings(TeacherSettings, "configs/teacher/vitb.yaml", ["lr=1e-3"])`` reads the file, applies the
+command's flag shortcuts and the ``KEY=VALUE`` overrides, and builds the dataclass, refusing unknown keys,
+wrong types and renamed keys with an error naming the key and the fix. ``load_config`` does the same for a
+training run's :class:`RunConfig` and checks its cross-field rules; the run directory stores the resolved
+config (``config.yaml``), every other command its resolved settings (:func:`save_settings`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +27,16 @@ from reglue.encoders.semantics import VFMSpec
 from reglue.errors import InputError
 from reglue.io import atomic_write
 from reglue.models.sit import ATTENTION_KERNELS, SIT_MODELS
+from reglue.precision import PRECISIONS
 from reglue.presets import PRESETS
 from reglue.resolution import RESOLUTIONS
 from reglue.sampling import Guidance
+from reglue.settings import flatten_settings
 from reglue.transport import lambda_sem_milestones
 
-PRECISIONS = ("no", "fp16", "bf16")
+# keys of older configs -> (the key now, how the values changed); an old key is refused naming the new one
+RENAMED_KEYS = {"train.mixed_precision": ("train.precision", "no is now fp32"),
+                "data.vfm_autocast": ("data.vfm_precision", "no is now fp32")}
 # fd: Fréchet distance in eval.vfm's feature space (eval/fd_dinov2 for DINOv2 ViT-L/14, else eval/fd_<network>);
 # pr: precision / recall in that space; fid: Inception FID (needs eval.inception);
 # class_accuracy: share of samples a classifier of the real images assigns their label (needs eval.classifier).
@@ -67,7 +75,7 @@ class DataConfig:
     norm_stats: str | None = None  # online: default DIR/norm_stats.safetensors (records the VFM)
     compressor: str | None = None  # online REGLUE: compressor weights
     pca: str | None = None  # online ReDi: PCA file
-    vfm_autocast: str = "bf16"  # precision of the frozen VFM in online mode (no | fp16 | bf16)
+    vfm_precision: str = "bf16"  # precision of the frozen VFM in online mode (fp32 | bf16 | fp16)
     vfm: dict | None = None  # the VFM the run expects ({name, weights, layers, arch}); null: the one that made the data
     vae: str | None = None  # the VAE previews and evaluations decode with; null: the manifest's (the data's own VAE)
     images_per_class: int | None = None  # class-balanced subset: at most this many per class
@@ -103,7 +111,7 @@ class TrainConfig:
     global_batch: int = 256  # = per-device batch × devices × grad_accum
     grad_accum: int = 1
     max_steps: int = 400_000
-    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    precision: str = "bf16"  # autocast of the SiT step: fp32 | bf16 | fp16 (fp16 adds a grad scaler)
     tf32: bool = True
     compile: bool = False  # torch.compile each SiT block
     fused_optimizer: bool = True  # fused AdamW kernel; false: the authors' per-parameter loop
@@ -194,8 +202,8 @@ class RunConfig:
             (self.data.resolution is None or self.data.resolution in RESOLUTIONS, "data.resolution",
              "null (the prepared data's, read from its manifest) or a multiple of 64 from 64 to 512"),
             (self.data.semantics in SEMANTICS_SOURCES, "data.semantics", f"one of {SEMANTICS_SOURCES}"),
-            (self.data.vfm_autocast in PRECISIONS, "data.vfm_autocast", f"one of {PRECISIONS}"),
-            (self.train.mixed_precision in PRECISIONS, "train.mixed_precision", f"one of {PRECISIONS}"),
+            (self.data.vfm_precision in PRECISIONS, "data.vfm_precision", f"one of {PRECISIONS}"),
+            (self.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}"),
             (self.model.attention in ATTENTION_KERNELS, "model.attention", f"one of {ATTENTION_KERNELS}"),
             (self.train.ema in EMA_UPDATES, "train.ema", f"one of {tuple(EMA_UPDATES)}"),
             (self.log.sample_mode in SAMPLE_MODES, "log.sample_mode", f"one of {SAMPLE_MODES}"),
@@ -287,8 +295,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        with atomic_write(path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        save_settings(self, path)
 
 
 def _guidance(scale: float, cls_scale: float | None, interval: list) -> Guidance:
@@ -352,11 +359,21 @@ def _check_type(key: str, value, hint) -> object:
         return value
     elif hint in (bool, str) and isinstance(value, hint):
         return value
-    elif hint is str and isinstance(value, bool):  # YAML 1.1 reads `no` (as in mixed_precision=no) as false
+    elif hint is str and isinstance(value, bool):  # YAML 1.1 reads `no` (e.g. an old mixed_precision=no) as false
         return "yes" if value else "no"
     elif (origin or hint) in (list, dict) and isinstance(value, origin or hint):
         return value
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        return _check_tuple(key, value, typing.get_args(hint))
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, found {value!r} ({type(value).__name__}).")
+
+
+def _check_tuple(key: str, value: list | tuple, items: tuple) -> tuple:
+    """``value`` as a tuple whose items fit ``tuple[items]`` (``(int, ...)`` or one hint per place)."""
+    hints = [items[0]] * len(value) if len(items) == 2 and items[1] is Ellipsis else list(items)
+    if len(hints) != len(value):
+        raise ConfigError(f"{key}: expected {len(hints)} values, found {list(value)!r}.")
+    return tuple(_check_type(f"{key}[{i}]", item, hint) for i, (item, hint) in enumerate(zip(value, hints)))
 
 
 def from_dict(cls, raw: dict, prefix: str = ""):
@@ -366,6 +383,10 @@ def from_dict(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for key in unknown:
+        if prefix + key in RENAMED_KEYS:
+            new, change = RENAMED_KEYS[prefix + key]
+            raise ConfigError(f"{prefix}{key} was renamed {new} ({change}); write {new} instead.")
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}.")
     values = {}
@@ -387,17 +408,66 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML) → validated config."""
-    raw: dict = {}
+def load_settings(cls, path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                  values: Mapping[str, object] | None = None, base=None):
+    """The dataclass ``cls`` from ``base`` (an instance whose values start; None: the defaults), a YAML file
+    (optional), ``values`` (dotted key -> value: a command's flag shortcuts, None = not given), then
+    ``key.sub=value`` overrides (values parsed as YAML); later ones win."""
+    raw: dict = settings_dict(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; see configs/ for the shipped ones.")
-        raw = yaml.safe_load(path.read_text()) or {}
+        written = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(written, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, found {type(written).__name__}.")
+        for key, value in flatten_settings(written).items():
+            _set_dotted(raw, key, value)
+    for key, value in (values or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.global_batch=64).")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
-    return from_dict(RunConfig, raw).validate()
+    return from_dict(cls, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                values: Mapping[str, object] | None = None) -> RunConfig:
+    """A training run's validated :class:`RunConfig` (:func:`load_settings`, then the cross-field rules)."""
+    return load_settings(RunConfig, path, overrides, values=values).validate()
+
+
+def settings_dict(settings) -> dict:
+    """A settings dataclass as plain YAML/JSON values (tuples as lists)."""
+    return _plain(dataclasses.asdict(settings))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def save_settings(settings, path: str | Path) -> Path:
+    """Write the resolved ``settings`` (a dataclass) as YAML, atomically: what a command ran with,
+    loadable again with ``--config``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(settings_dict(settings), sort_keys=False))
+    return Path(path)
+
+
+def upgrade_recorded(raw: Mapping) -> dict:
+    """A run config recorded by an older reglue, in today's keys and words (:data:`RENAMED_KEYS`), so a
+    run started before a rename resumes."""
+    upgraded = copy.deepcopy(dict(raw))
+    for old, (new, _) in RENAMED_KEYS.items():
+        section, _, key = old.partition(".")
+        if key in upgraded.get(section, {}):
+            value = upgraded[section].pop(key)
+            upgraded[section][new.partition(".")[2]] = "fp32" if value in ("no", False) else value
+    return upgraded

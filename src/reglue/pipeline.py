@@ -28,8 +28,9 @@ from reglue.encoders.semantics import (
 )
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
+from reglue.precision import autocast_dtype
 from reglue.progress import progress_bar
-from reglue.training.compressor import train_compressor
+from reglue.training.compressor import CompressorSettings, train_compressor
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ PCA_FILE = "pca.safetensors"
 COMPRESSOR_DIR = "compressor"
 OFFICIAL_NORM_STATS_IMAGES = 300 * 256
 NORM_STATS_SEED = 0  # the seeded subset of images behind the norm stats
-
-
-def default_autocast(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for the frozen VFM on GPUs, full precision on CPUs."""
-    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def run_norm_stats(
@@ -105,20 +101,21 @@ def run_fit_pca(
 
 def run_train_compressor(
     data: str | Path, norm_stats: str | Path, out_dir: str | Path | None = None, *,
-    spec: VFMSpec | None = None, autocast_dtype: torch.dtype | None = None, **options,
+    settings: CompressorSettings = CompressorSettings(), spec: VFMSpec | None = None, **options,
 ):
     """Train the semantic compressor on ``data`` with the VFM recorded in ``norm_stats``.
 
-    ``options`` go to :func:`reglue.training.compressor.train_compressor` (epochs,
-    global_batch, lr, val_data, val_fraction, resume, ...). Returns its ``CompressorRun``.
+    ``settings`` (:class:`~reglue.training.compressor.CompressorSettings`) and ``options`` (val_data,
+    resume, progress) go to :func:`reglue.training.compressor.train_compressor`. Returns its ``CompressorRun``.
     """
     resolution = read_manifest(data)["resolution"]
     stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=resolution)
-    extractor = spec.build(resolution, autocast_dtype).to(process_state().device)
+    device = process_state().device
+    extractor = spec.build(resolution, autocast_dtype(settings.vfm_precision, device)).to(device)
 
     out_dir = Path(out_dir) if out_dir is not None else Path(data) / COMPRESSOR_DIR
     inputs = {"vfm": spec.to_json(), "norm_stats_sha256": file_sha256(norm_stats)}
-    return train_compressor(data, out_dir, extractor, stats, inputs=inputs, **options)
+    return train_compressor(data, out_dir, extractor, stats, inputs=inputs, **settings.training_options(), **options)
 
 
 def run_cache_semantics(

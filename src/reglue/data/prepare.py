@@ -35,11 +35,11 @@ from reglue.distributed import on_rank_zero, process_state
 from reglue.encoders.autoencoder import load_vae, vae_fingerprint, vae_location
 from reglue.errors import InputError
 from reglue.io import write_json
+from reglue.precision import DTYPES
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION, check_resolution
 
 log = logging.getLogger(__name__)
-VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +57,8 @@ class PrepareSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(Path(self.source).expanduser().resolve()))
         object.__setattr__(self, "vae", vae_location(self.vae))  # a local VAE's path, valid from any directory
-        if self.vae_dtype not in VAE_DTYPES:
-            raise InputError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, found {self.vae_dtype!r}.")
+        if self.vae_dtype not in DTYPES:
+            raise InputError(f"vae_dtype must be one of {', '.join(DTYPES)}, found {self.vae_dtype!r}.")
         check_resolution(self.resolution)
         if self.shard_size < 1:
             raise InputError(f"shard_size must be >= 1, found {self.shard_size}.")
@@ -223,7 +223,7 @@ def run_prepare(
     rank writes its own shards)."""
     state = process_state()
     source = open_source(settings.source)  # fail fast on a bad source, before loading the VAE
-    vae = load_vae(settings.vae, dtype=VAE_DTYPES[settings.vae_dtype]).to(state.device)
+    vae = load_vae(settings.vae, dtype=DTYPES[settings.vae_dtype]).to(state.device)
     shards = shard_ranges(len(source.items[: settings.max_images]), settings.shard_size)
     mine = sum(stop - start for start, stop in shards[state.process_index :: state.num_processes])
     bar = progress_bar(total=mine, unit="img", desc="prepare", enabled=show_progress and state.is_main_process)

@@ -253,7 +253,7 @@ def prepared_resolution(root: str | Path, asked: int | None = None) -> int:
 
 # ----------------------------------------------------------------------------- remedies
 PREPARE_OPTIONS = ("resolution", "vae", "vae_dtype", "shard_size", "min_size", "max_images")
-AUTOCAST_OPTIONS = {"None": "none", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+AUTOCAST_OPTIONS = {"None": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # recorded -> --precision
 
 
 def prepare_remedy(root: Path) -> str:
@@ -281,6 +281,6 @@ def cache_remedy(root: Path) -> str:
     options = [f"--{key.replace('_', '-')} {shlex.quote(value)}" for key, value in sorted(paths.items()) if value]
     options += ["--repa-targets"] * ("repa" in info.get("fields", ()))
     if info.get("vfm_autocast") in AUTOCAST_OPTIONS:
-        options.append(f"--autocast {AUTOCAST_OPTIONS[info['vfm_autocast']]}")
+        options.append(f"--precision {AUTOCAST_OPTIONS[info['vfm_autocast']]}")
     command = " ".join(["reglue cache-semantics", shlex.quote(str(root)), *options])
     return f"rerun `{command}` (the files it was made from): it keeps intact shards and redoes damaged ones"

@@ -52,7 +52,7 @@ from reglue.pipeline import (
 )
 from reglue.presets import get_preset
 from reglue.sampling import Guidance
-from reglue.training.compressor import BEST_WEIGHTS
+from reglue.training.compressor import BEST_WEIGHTS, CompressorSettings
 from reglue.training.teacher import TeacherSettings, teacher_spec, train_teacher
 from reglue.training.trainer import train
 
@@ -157,8 +157,8 @@ def semantic_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, pr
         if compressor is not None:
             ledger.run(f"compressor{suffix}", f"{settings.compressor_epochs} epochs of the semantic compressor",
                        lambda d=data, n=norm_stats: run_train_compressor(
-                           d, n, d / COMPRESSOR_DIR, epochs=settings.compressor_epochs, seed=settings.seed,
-                           progress=progress, **_compressor_options(settings.num_images, n)))
+                           d, n, d / COMPRESSOR_DIR, settings=_compressor_settings(settings), progress=progress,
+                           channels=(NormStats.load(n).channels, *COMPRESSOR["channels"])))
         if pca is not None:
             ledger.run(f"pca{suffix}", f"rank-{PCA_RANK} PCA of the VFM's layer maps",
                        lambda d=data, n=norm_stats, p=pca: run_fit_pca(d, n, rank=PCA_RANK, out=p,
@@ -169,12 +169,13 @@ def semantic_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, pr
                        d, n, compressor=c, pca=p, repa_targets=True, show_progress=progress))
 
 
-def _compressor_options(count: int, norm_stats: Path) -> dict:
-    """The compressor's training options: its input width is the VFM's (the norm stats' channels), its
-    batch at most the training share of ``count`` images."""
-    held_out = round(count * COMPRESSOR["val_fraction"])
-    return {**COMPRESSOR, "channels": (NormStats.load(norm_stats).channels, *COMPRESSOR["channels"]),
-            "global_batch": min(COMPRESSOR["global_batch"], count - held_out)}
+def _compressor_settings(settings: DemoSettings) -> CompressorSettings:
+    """The compressor's settings: the VFM in float32 (as on a CPU), the batch at most the training share
+    of the demo's images. Its input width is the VFM's: the norm stats' channels, given beside them."""
+    held_out = round(settings.num_images * COMPRESSOR["val_fraction"])
+    return CompressorSettings(epochs=settings.compressor_epochs, seed=settings.seed, lr=COMPRESSOR["lr"],
+                              val_fraction=COMPRESSOR["val_fraction"], vfm_precision="fp32",
+                              global_batch=min(COMPRESSOR["global_batch"], settings.num_images - held_out))
 
 
 # ----------------------------------------------------------------------------- train
@@ -187,7 +188,7 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str, seed: int
         "data": {"dir": str(paths.data(get_preset(preset).semantics)), "semantics": "cached", "num_workers": 0},
         "optim": {"lr": LEARNING_RATE},
         "train": {"global_batch": min(TRAIN_BATCH, settings.num_images), "max_steps": settings.steps,
-                  "mixed_precision": "no", "ema_decay": EMA_DECAY, "seed": seed},
+                  "precision": "fp32", "ema_decay": EMA_DECAY, "seed": seed},
         "checkpoint": {"every": 100, "keep_last": 1},
         "log": {"every": max(1, settings.steps // 150), "tensorboard": False, "sample_every": 0},
         "eval": eval_config(paths, settings),

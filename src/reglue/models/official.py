@@ -28,15 +28,19 @@ AUTHORS_ARGS = {
     "batch_size": "train.global_batch",
     "learning_rate": "optim.lr",
     "max_grad_norm": "optim.grad_clip",
-    "mixed_precision": "train.mixed_precision",
+    "mixed_precision": "train.precision",
     "max_train_steps": "train.max_steps",
     "seed": "train.seed",
 }
 
 
+AUTHORS_WORDS = {"no": "fp32"}  # their --mixed-precision words that are spelled otherwise here (reglue.precision)
+
+
 def config_values_from_authors_args(args: Mapping) -> dict[str, object]:
     """Our config keys (dotted) for the authors' ``args`` entries we understand."""
-    return {ours: args[theirs] for theirs, ours in AUTHORS_ARGS.items() if theirs in args}
+    return {ours: AUTHORS_WORDS.get(args[theirs], args[theirs]) if ours == "train.precision" else args[theirs]
+            for theirs, ours in AUTHORS_ARGS.items() if theirs in args}
 
 
 def load_authors_checkpoint(path: str | Path) -> dict:

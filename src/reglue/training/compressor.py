@@ -49,7 +49,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import safetensors.torch
@@ -71,6 +71,7 @@ from reglue.encoders.vfm import VFMExtractor
 from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
+from reglue.precision import AUTO, PRECISIONS
 from reglue.progress import progress_bar
 from reglue.seeding import SPLIT_STREAM, seeded_generator
 from reglue.settings import check_same_settings
@@ -86,6 +87,41 @@ STATE_KIND = "semantic-compressor"  # the "kind" entry of train_state.pt: whose 
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressorSettings:
+    """What ``reglue train-compressor`` trains with (``--config`` / ``KEY=VALUE``; the paper's defaults).
+
+    ``vfm_precision``: autocast of the frozen VFM that makes the features (fp32 | bf16 | fp16 | auto);
+    the compressor itself trains in float32.
+    """
+
+    epochs: int = 25
+    global_batch: int = 4096  # images per step over all processes
+    lr: float = 1e-3
+    cosine_t_max: int = 100
+    cosine_eta_min: float = 1e-4
+    val_fraction: float = 0.0  # hold out this seeded share of the data (0: none, or a separate val dataset)
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 100  # steps between resume states
+    vfm_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "global_batch", "cosine_t_max", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, found {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0 or self.lr <= 0 or self.num_workers < 0:
+            raise InputError(f"val_fraction must lie in [0, 1), lr be > 0 and num_workers >= 0; found "
+                             f"{self.val_fraction}, {self.lr} and {self.num_workers}.")
+        if self.vfm_precision not in (*PRECISIONS, AUTO):
+            raise InputError(f"vfm_precision must be one of {', '.join((*PRECISIONS, AUTO))}, "
+                             f"found {self.vfm_precision!r}.")
+
+    def training_options(self) -> dict[str, object]:
+        """The keyword arguments of :func:`train_compressor` these settings give."""
+        return {key: value for key, value in asdict(self).items() if key != "vfm_precision"}
 
 
 @dataclass

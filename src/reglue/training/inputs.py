@@ -41,6 +41,7 @@ from reglue.errors import DamagedFileError
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
 from reglue.models.sit import PATCH_SIZES, sit_config
+from reglue.precision import autocast_dtype
 from reglue.presets import Preset, get_preset
 from reglue.training.locations import input_fingerprints, read_inputs, with_absolute_paths
 
@@ -91,8 +92,8 @@ def open_run_inputs(config: RunConfig, recorded: dict | None = None) -> RunInput
     which recognise the VFM weights at a new path once the old file is gone.
     """
     config = with_absolute_paths(config)
-    if config.train.mixed_precision == "fp16" and on_cpu_only():
-        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPUs.")
+    if config.train.precision == "fp16" and on_cpu_only():
+        raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPUs.")
     preset = get_preset(config.model.preset)
     dataset = open_training_dataset(config, preset)
     if config.data.verify:
@@ -372,7 +373,7 @@ def online_encoder(config: RunConfig, preset: Preset, resolution: int) -> Semant
                            ("data.pca", pca, "fit one with `reglue fit-pca DATA`")):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: {path} not found; {fix} or correct the path.")
-    dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.data.vfm_autocast]
+    dtype = autocast_dtype(config.data.vfm_precision)
     spec = vfm_spec(config.data.vfm) if config.data.vfm is not None else None  # resolved: the stats' VFM
     encoder, _ = build_semantic_encoder(norm_stats, compressor=compressor, pca=pca, spec=spec, resolution=resolution,
                                         autocast_dtype=dtype)

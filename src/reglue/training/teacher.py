@@ -99,6 +99,7 @@ from reglue.encoders.vfm import (
 from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
+from reglue.precision import AUTO, PRECISIONS
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
@@ -123,10 +124,11 @@ INFO_FILE = TEACHER_INFO  # {"vfm", "weights", "arch", ...}: what VFMSpec.from_t
 TRAIN_STATE = "train_state.pt"
 SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
-RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--no-resume` on the command line)."
-FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard",
+RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
+FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard", "settings.precision",
                  "settings.probe_train_images", "settings.probe_held_out_images")  # the training is the same
 PATCH = 14
+LR_SCALING = (None, "sqrt_wrt_1024", "linear_wrt_1024")  # DINOv2's scaling rules (optim.scaling_rule)
 PROBE_BATCH = 64
 REPORT_TITLE = "DINOv2 teacher trained by reglue train-vfm"  # of report.md, by train-vfm and probe-vfm
 _RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD, SKIPPED_FILE)
@@ -151,10 +153,14 @@ class TeacherSettings:
     layerscale_init: float = 1.0  # LayerScale γ at init (DINOv2: 1e-5, which stalls a run of a few hundred steps)
     epochs: int = 15
     global_batch: int = 32
-    lr: float = 2e-3  # AdamW peak after warmup (DINOv2: 5e-4 · batch / 1024 over 100+ epochs)
+    lr: float = 2e-3  # AdamW peak after warmup, scaled by lr_scaling (DINOv2: 4e-3 at batch 1024, sqrt rule)
+    lr_scaling: str | None = None  # None: lr as given; sqrt_wrt_1024 / linear_wrt_1024: lr × (batch/1024)^½ or ^1
     min_lr: float = 1e-5
     warmup_fraction: float = 0.1
     weight_decay: float = 0.04
+    weight_decay_end: float | None = None  # cosine schedule to this value; None: constant (DINOv2: 0.04 → 0.4)
+    drop_path_rate: float | None = None  # stochastic depth of the student; None: none (DINOv2 ViT-B: 0.1-0.3)
+    precision: str = "auto"  # autocast of the training step: fp32 | bf16 | fp16 | auto (bf16 on a GPU with it)
     clip_grad: float = 3.0
     head_hidden_dim: int = 256  # (DINOv2: 2048)
     head_bottleneck_dim: int = 64  # (256)
@@ -206,9 +212,22 @@ class TeacherSettings:
                                     (self.local_crop_size < PATCH or self.local_crop_size % PATCH)):
             raise InputError(f"local_crops must be >= 0 and local_crop_size a multiple of {PATCH} (or None); "
                              f"found {self.local_crops} and {self.local_crop_size}.")
+        if self.lr_scaling not in LR_SCALING:
+            raise InputError(f"lr_scaling must be one of {', '.join(map(str, LR_SCALING))}, found {self.lr_scaling!r}.")
+        if not 0.0 <= (self.drop_path_rate or 0.0) < 1.0 or (self.weight_decay_end or 0.0) < 0.0:
+            raise InputError(f"drop_path_rate must lie in [0, 1) and weight_decay_end be >= 0 (or None); found "
+                             f"{self.drop_path_rate} and {self.weight_decay_end}.")
+        if self.precision not in (*PRECISIONS, AUTO):
+            raise InputError(f"precision must be one of {', '.join((*PRECISIONS, AUTO))}, found {self.precision!r}.")
         if not 0.0 < self.momentum_start <= 1.0 or not 0.0 < self.warmup_teacher_temp <= self.teacher_temp:
             raise InputError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
                              f"{self.momentum_start}, {self.warmup_teacher_temp}, {self.teacher_temp}.")
+
+    @property
+    def peak_lr(self) -> float:
+        """The AdamW peak: ``lr`` scaled to ``global_batch`` by ``lr_scaling`` (DINOv2's rule)."""
+        ratio = self.global_batch / 1024
+        return self.lr * {None: 1.0, "sqrt_wrt_1024": ratio ** 0.5, "linear_wrt_1024": ratio}[self.lr_scaling]
 
     @property
     def arch(self) -> dict[str, int]:

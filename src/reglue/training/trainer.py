@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from reglue import checkpoint as ckpt
-from reglue.config import ConfigError, OptimConfig, RunConfig
+from reglue.config import ConfigError, OptimConfig, RunConfig, upgrade_recorded
 from reglue.data.dataset import training_loader
 from reglue.distributed import main_value, on_cpu_only, on_main, process_state
 from reglue.ema import EMAUpdate
@@ -37,6 +37,7 @@ from reglue.errors import ReglueError
 from reglue.io import atomic_write
 from reglue.models.official import config_values_from_authors_args, load_authors_checkpoint
 from reglue.models.sit import SiT, SiTConfig, build_sit
+from reglue.precision import ACCELERATE_PRECISION
 from reglue.presets import get_preset
 from reglue.progress import progress_bar
 from reglue.resolution import LATENT_DOWNSAMPLE
@@ -155,7 +156,7 @@ def build_adamw(params, optim: OptimConfig, fused: bool, device: torch.device) -
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 RESUME_FREE = ("run_dir", "data.resolution", "train.max_steps", "train.max_nonfinite_in_row", "train.dist_timeout",
                "train.compile", "data.num_workers",
-               "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.mixed_precision",
+               "model.init_from", "log.", "checkpoint.", "optim.lr", "optim.grad_clip", "train.precision",
                "model.attention", "train.fused_optimizer", "train.ema", "train.find_unused_parameters",
                "data.pin_memory", "data.verify", "data.vae", "eval.")  # kernels, data movement and measurements only: the maths are unchanged
 
@@ -251,7 +252,7 @@ class Trainer:
         # has already checked against the data, so the new key is not a change of settings.
         adopted = ("data.vfm",) if "vfm" not in payload["config"].get("data", {}) else ()
         moved = moved_inputs(payload.get("inputs"), self.located)  # the same content at a new path
-        check_same_settings(absolute_paths(payload["config"]), self.config.to_dict(),
+        check_same_settings(absolute_paths(upgrade_recorded(payload["config"])), self.config.to_dict(),
                             free=RESUME_FREE + adopted + moved, error=ConfigError,
                             what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
                             "or start a new run directory.")
@@ -599,7 +600,7 @@ class Trainer:
             raise TrainingError(
                 f"{self.nonfinite_in_row} non-finite updates in a row (train.max_nonfinite_in_row); stopping. "
                 f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact: lower optim.lr or use "
-                "train.mixed_precision=bf16, then resume with --resume auto."
+                "train.precision=bf16, then resume with --resume auto."
             )
 
 
@@ -701,7 +702,8 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
     torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
     torch.backends.cudnn.allow_tf32 = config.train.tf32
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=on_cpu_only(), kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[config.train.precision], cpu=on_cpu_only(),
+                              kwargs_handlers=[ddp])
     trainer = Trainer(inputs, accelerator)
     if found is not None:
         path, payload = found
