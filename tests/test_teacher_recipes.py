@@ -4,10 +4,11 @@ settings they and docs/teacher.md state; DINOv2's ViT-B values are checked field
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("lightly")
@@ -15,6 +16,7 @@ pytest.importorskip("lightly")
 from reglue.cli import parse_args  # noqa: E402
 from reglue.cli import train_vfm as train_vfm_command  # noqa: E402
 from reglue.config import ConfigError, load_settings, settings_dict  # noqa: E402
+from reglue.errors import InputError  # noqa: E402
 from reglue.training.teacher import TeacherSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +96,37 @@ def test_every_field_is_reachable_and_a_saved_settings_file_loads_back(tmp_path)
 def test_a_bad_setting_is_refused_naming_it(override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         resolved(override)
+
+
+def test_the_recipe_settings_reach_the_training(tmp_path):
+    """drop_path_rate builds stochastic depth, lr_scaling sets the peak, weight_decay_end schedules the
+    decay of the >= 2-D parameters, precision sets the step's autocast."""
+    from accelerate import Accelerator
+    from torch.utils.data import default_collate
+
+    from reglue.data.source_dataset import ImageSourceDataset
+    from reglue.data.synthetic import write_synthetic_dataset
+    from reglue.training.teacher import CropViews, _TeacherTrainer, build_backbone, train_teacher
+
+    small = dict(embed_dim=32, depth=2, num_heads=2, global_batch=4, epochs=2, head_prototypes=16,
+                 head_hidden_dim=16, head_bottleneck_dim=8, local_crops=1)
+    assert all(block.drop_path1.drop_prob == 0.3 for block in build_backbone(
+        TeacherSettings(**small, drop_path_rate=0.3)).vit.blocks)
+    settings = TeacherSettings(**small, lr=1e-3, lr_scaling="linear_wrt_1024", weight_decay=0.04,
+                               weight_decay_end=0.4, warmup_fraction=0.0, precision="bf16")
+    images = ImageSourceDataset(write_synthetic_dataset(tmp_path / "src", images_per_class=2, size=64,
+                                                        num_classes=2), resolution=64)
+    trainer = _TeacherTrainer(Accelerator(cpu=True, mixed_precision="bf16"), images, list(range(len(images))),
+                              settings, 64, tmp_path / "out", {})
+    first, last = trainer.schedules(0), trainer.schedules(trainer.total_steps - 1)
+    assert first["lr"] == pytest.approx(1e-3 * 4 / 1024)  # linear rule at batch 4
+    assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.4)
+    assert "weight_decay" not in _TeacherTrainer(Accelerator(cpu=True), images, list(range(len(images))),
+                                                 TeacherSettings(**small), 64, tmp_path / "o2", {}).schedules(0)
+    seen = []
+    trainer.student.backbone.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    views = CropViews(images, settings, 64)
+    terms = trainer.losses(default_collate([views[(0, 0)], views[(0, 1)]]), teacher_temp=0.04)
+    assert seen and set(seen) == {torch.bfloat16} and terms["total"].dtype == torch.float32
+    with pytest.raises(InputError, match="precision fp16 needs a GPU"):
+        train_teacher(tmp_path / "src", tmp_path / "fp16", replace(settings, precision="fp16"), resolution=64)

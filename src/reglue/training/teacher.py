@@ -73,6 +73,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
@@ -99,7 +100,8 @@ from reglue.encoders.vfm import (
 from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
-from reglue.precision import AUTO, PRECISIONS
+from reglue.precision import ACCELERATE_PRECISION, AUTO, PRECISIONS
+from reglue.precision import resolve as resolve_precision
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
@@ -268,7 +270,8 @@ def _teacher_spec(out_dir: Path, settings: TeacherSettings) -> VFMSpec:
 
 
 def build_backbone(settings: TeacherSettings) -> MaskedVisionTransformerTIMM:
-    """The DINOv2 ViT the teacher trains, seeded by ``settings.seed``, in lightly's masked wrapper.
+    """The DINOv2 ViT the teacher trains, seeded by ``settings.seed``, in lightly's masked wrapper,
+    with stochastic depth ``drop_path_rate`` in every block (training only; the saved weights are the same).
 
     ``.vit`` is a :class:`DINOv2ViT` of ``dinov2_vitb14_reg``'s layout with ``settings.arch``
     (timm's initialisation, as DINOv2's); ``.mask_token`` (1, 1, D) starts at zero.
@@ -281,6 +284,9 @@ def build_backbone(settings: TeacherSettings) -> MaskedVisionTransformerTIMM:
             num_register_tokens=arch.num_register_tokens, swiglu=arch.swiglu,
             interpolate_offset=arch.interpolate_offset, interpolate_antialias=arch.interpolate_antialias,
         )
+    if settings.drop_path_rate:  # DINOv2's drop_path_uniform: the same rate in every block (timm's rises)
+        for block in vit.blocks:
+            block.drop_path1, block.drop_path2 = DropPath(settings.drop_path_rate), DropPath(settings.drop_path_rate)
     with torch.no_grad():
         for block in vit.blocks:
             block.ls1.gamma.fill_(settings.layerscale_init)
@@ -448,7 +454,7 @@ class _TeacherTrainer:
         self.optimizer = torch.optim.AdamW([
             {"params": [p for p in trainable if p.ndim > 1], "weight_decay": settings.weight_decay},
             {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-        ], lr=settings.lr)
+        ], lr=settings.peak_lr)
         self.batches: list[list[tuple[int, int]]] = []  # each epoch's order, replaced in place
         self.loader = DataLoader(CropViews(images, settings, resolution), batch_sampler=self.batches,
                                  num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
@@ -486,11 +492,14 @@ class _TeacherTrainer:
         }))
 
     def schedules(self, step: int) -> dict[str, float]:
-        """lr (warmup + cosine), teacher EMA momentum (cosine to 1), teacher temperature (linear warmup)."""
+        """lr (warmup + cosine to the peak of ``lr_scaling``), weight decay (cosine to ``weight_decay_end``,
+        if set), teacher EMA momentum (cosine to 1), teacher temperature (linear warmup)."""
         s = self.settings
         warmup = math.floor(s.warmup_fraction * self.total_steps)
+        decay = {} if s.weight_decay_end is None else {
+            "weight_decay": cosine_schedule(step, self.total_steps, s.weight_decay, s.weight_decay_end)}
         return {
-            "lr": cosine_warmup_schedule(step, self.total_steps, s.lr, s.min_lr, warmup, 0.0),
+            "lr": cosine_warmup_schedule(step, self.total_steps, s.peak_lr, s.min_lr, warmup, 0.0), **decay,
             "momentum": cosine_schedule(step, self.total_steps, s.momentum_start, 1.0),
             "teacher_temp": linear_warmup_schedule(step, math.floor(s.teacher_temp_warmup_fraction * self.total_steps),
                                                    s.warmup_teacher_temp, s.teacher_temp),
@@ -501,9 +510,10 @@ class _TeacherTrainer:
         device = self.accelerator.device
         global_crops, masks, local_crops = (t.to(device, non_blocking=True) for t in _view_major(batch))
         crops = 2 + len(local_crops) // (len(global_crops) // 2)
-        with torch.no_grad():
-            _, teacher_cls, teacher_masked = self.teacher(global_crops, masks, mask_input=False)
-        cls, student_cls, student_masked = self.student(global_crops, masks, local_crops)
+        with torch.no_grad(), self.accelerator.autocast():  # at settings.precision (the Accelerator's)
+            _, teacher_cls, teacher_masked = (t.float() for t in self.teacher(global_crops, masks, mask_input=False))
+        with self.accelerator.autocast():
+            cls, student_cls, student_masked = (t.float() for t in self.student(global_crops, masks, local_crops))
         dino = self.dino_loss(teacher_cls.chunk(2), student_cls.chunk(crops), teacher_temp=teacher_temp)
         ibot = self.ibot_loss(teacher_masked, student_masked, masks, teacher_temp=teacher_temp)
         koleo = sum(self.koleo_loss(crop) for crop in cls.chunk(2))
@@ -516,6 +526,8 @@ class _TeacherTrainer:
         schedule = self.schedules(p.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = schedule["lr"]
+        if "weight_decay" in schedule:
+            self.optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # the >= 2-D parameters
         terms = self.losses(batch, schedule["teacher_temp"])
         self.optimizer.zero_grad(set_to_none=True)
         acc.backward(terms["total"])
@@ -766,8 +778,11 @@ def train_teacher(
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
     ``log`` gets a few lines (main process only); the progress bar shows the step loss.
     """
-    process_state()  # the process group, with the collective timeout every command uses
-    accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
+    device = process_state().device  # the process group, with the collective timeout every command uses
+    precision = resolve_precision(settings.precision, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("precision fp16 needs a GPU; use bf16, fp32 or auto on CPUs.")
+    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[precision], cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
     images, resolution = open_training_images(data_dir, resolution)  # every process checks a folder's files
