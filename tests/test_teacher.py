@@ -24,8 +24,9 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from reglue.cli import build_parser, main
+from reglue.cli import main
 from reglue.data.dataset import PreparedDataset
+from reglue.data.prepare import PrepareSettings
 from reglue.data.source_dataset import ImageSourceDataset
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
@@ -363,7 +364,7 @@ def test_the_resolution_of_prepared_data_is_fixed_and_a_folder_defaults_to_prepa
     assert open_training_images(data, RESOLUTION)[1] == open_training_images(data)[1] == RESOLUTION
 
     images, resolution = open_training_images(source)  # no --resolution: prepare's default
-    assert resolution == images.resolution == build_parser().parse_args(["prepare", "a", "b"]).resolution == 256
+    assert resolution == images.resolution == PrepareSettings(source="a").resolution == 256
     assert images[0]["images"].shape == (3, 256, 256)
     with pytest.raises(SystemExit):  # argparse: a usage error naming the supported sides
         main(["train-vfm", str(source), "--out", str(out), "--resolution", "100"])
