@@ -717,7 +717,7 @@ def _source_record(images: TeacherImages) -> dict:
     folder and the dataset prepared from it, so a resume over other files of the same count is refused."""
     if isinstance(images, ImageSourceDataset):
         return images.fingerprint
-    recorded = json.loads((images.root / store.SETTINGS).read_text())
+    recorded = images.records.settings  # read when the dataset was opened
     return {key: recorded.get(key) for key in ("source_files", "source_sha256")}
 
 
