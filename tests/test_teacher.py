@@ -376,11 +376,13 @@ def test_each_process_decodes_its_share_of_a_folder_once_and_all_get_the_same_ro
 
     monkeypatch.setattr(source_dataset, "read_crop", counting)
     world = 3
-    shares = [unreadable_files(listed, range(rank, len(listed.items), world), RESOLUTION) for rank in range(world)]
+    shares = [unreadable_files(listed, range(rank, len(listed.items), world), RESOLUTION)
+              for rank in range(world)]
     decoded.clear()
     for rank in range(world):  # each process of three, given the others' findings by its gather
         others = [found for other in range(world) if other != rank for found in shares[other]]
-        images = ImageSourceDataset(folder, RESOLUTION, rank=rank, world_size=world, gather=lambda mine: others + mine)
+        images = ImageSourceDataset(folder, RESOLUTION, rank=rank, world_size=world,
+                                    gather=lambda mine: others + mine)
         assert images.items == alone.items and images.skipped == alone.skipped and len(images.skipped) == 3
     assert decoded == {item.path: 1 for item in listed.items}  # over the three processes, every file once
 
@@ -392,7 +394,8 @@ def test_two_processes_skip_and_report_what_one_process_does(source, tmp_path):
     assert main(["train-vfm", str(folder), "--out", str(tmp_path / "one"), *args]) == 0
     run_processes(["train-vfm", str(folder), "--out", str(tmp_path / "two"), *args], processes=2)
     assert (tmp_path / "two" / SKIPPED_FILE).read_text() == (tmp_path / "one" / SKIPPED_FILE).read_text()
-    one, two = (json.loads((tmp_path / run / "teacher.json").read_text())["config"]["data"] for run in ("one", "two"))
+    one, two = (json.loads((tmp_path / run / "teacher.json").read_text())["config"]["data"]
+                for run in ("one", "two"))
     assert one == two and one["images"] == 24
 
 

@@ -87,7 +87,7 @@ class PreparedDataset(Dataset):
 
     @property
     def semantics_info(self) -> dict | None:
-        """What produced the cached semantics (``semantics.json``, read with the records), or None without a cache."""
+        """What produced the cached semantics (``semantics.json``, read with the records), or None."""
         return self.records.semantics_info
 
     def _check_vfm(self, vfm: str | None) -> None:
@@ -138,7 +138,8 @@ class PreparedDataset(Dataset):
             if (shape[1:], dtype) != row or shape[0] != count:
                 raise DamagedFileError(
                     f"{path} holds {shape[0]} {dtype} rows of shape {shape[1:]}, but the manifest lists {count} rows "
-                    f"and the other shards hold {row[1]} rows of shape {row[0]}; {self.records.prepare_remedy()}"
+                    f"and the other shards hold {row[1]} rows of shape {row[0]}; "
+                    f"{self.records.prepare_remedy()}"
                 )
             self._files[key] = (str(path), offset)
         return self._files[key]
@@ -196,8 +197,8 @@ class PreparedDataset(Dataset):
             try:
                 for k in members:
                     if not _read_exactly(fd, rows[k], offset + located[k][1] * row_bytes):
-                        raise DamagedFileError(f"{path} ends before row {located[k][1]} (changed since the dataset "
-                                               f"was opened?); {self.records.prepare_remedy()}")
+                        raise DamagedFileError(f"{path} ends before row {located[k][1]} (changed since the "
+                                               f"dataset was opened?); {self.records.prepare_remedy()}")
             finally:
                 os.close(fd)
 

@@ -133,7 +133,8 @@ def check_shard(shard: Path, index: ShardIndex, names: Iterable[str], *, checksu
     index as read (:func:`reglue.data.records.read_shard_index`).
     """
     if index.problem is not None:
-        return ShardCheck([Problem(store.INDEX, "missing" if index.problem == MISSING else "index", index.problem)])
+        kind = "missing" if index.problem == MISSING else "index"
+        return ShardCheck([Problem(store.INDEX, kind, index.problem)])
     records, rows = index.files, index.rows
     present = {entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX}
     known = set(records) if records is not None else present & {*PREPARED_FILES, *CACHED_FILES}
@@ -235,7 +236,7 @@ def check_sizes(records: DatasetRecords) -> None:
 
 
 def _damages(records: DatasetRecords, index: int, check: ShardCheck) -> list[Damage]:
-    """The problems of shard ``index`` as :class:`Damage` (a row count other than the manifest's counts too)."""
+    """The problems of shard ``index`` as :class:`Damage` (a row count other than the manifest's too)."""
     shard, count = store.shard_dir(records.root, index), records.manifest["shards"][index]["count"]
     found = [Damage(shard / p.name, p.text, remedy(records, p.name, p.kind)) for p in check.problems]
     if check.rows is not None and check.rows != count:
@@ -260,15 +261,17 @@ def damaged_shards(root: Path, indices: Sequence[int], names: Iterable[str], *, 
         return {index: check.problems for index, check in zip(indices, checks) if check.problems}
 
 
-def verify_dataset(data: str | Path | DatasetRecords, *, reindex: bool = False, shards: Sequence[int] | None = None,
-                   workers: int | None = None, progress: Callable[[int], None] | None = None,
+def verify_dataset(data: str | Path | DatasetRecords, *, reindex: bool = False,
+                   shards: Sequence[int] | None = None, workers: int | None = None,
+                   progress: Callable[[int], None] | None = None,
                    planned: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every file of a dataset (``reglue verify``): shards in parallel (``workers`` threads, default
     one per CPU), every recorded checksum, unknown files, and the files beside the shards.
 
-    ``data``: the dataset's folder, or its records as read already (:func:`~reglue.data.records.open_records`,
-    e.g. by the training reader). ``reindex``: also record the checksums of legacy shards whose files are
-    whole, under the dataset's lock (pass the folder: its records are then read under the lock too).
+    ``data``: the dataset's folder, or its records as read already
+    (:func:`~reglue.data.records.open_records`, e.g. by the training reader). ``reindex``: also record
+    the checksums of legacy shards whose files are whole, under the dataset's lock (pass the folder: its
+    records are then read under the lock too).
     ``shards``: only these, and nothing outside them (a training process's share). ``planned(total bytes)``
     is called once before, ``progress(bytes)`` while reading.
     """
@@ -307,8 +310,8 @@ def _verify_shard(records: DatasetRecords, index: int, names: tuple[str, ...], *
     if not (legacy and not check.problems):
         return check, False
     files = sorted({entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX})
-    store.write_shard_info(shard, dict(info.entries, **{store.FILES: {name: file_record(shard / name, progress)
-                                                                      for name in files}}))
+    recorded = {name: file_record(shard / name, progress) for name in files}
+    store.write_shard_info(shard, dict(info.entries, **{store.FILES: recorded}))
     return check, True
 
 
@@ -367,6 +370,7 @@ def dataset_fingerprint(records: DatasetRecords) -> str:
         if index.problem is not None:  # a dataset that passed check_sizes has none
             raise DamagedFileError(f"{store.shard_dir(records.root, number) / store.INDEX}: {index.problem}; "
                                    f"{records.prepare_remedy()}")
-        contents = index.files or {key: value for key, value in index.entries.items() if key != store.INDEX_CHECKSUM}
+        contents = index.files or {key: value for key, value in index.entries.items()
+                                   if key != store.INDEX_CHECKSUM}
         digest.update(json.dumps([entry["name"], entry["count"], contents], sort_keys=True).encode())
     return digest.hexdigest()

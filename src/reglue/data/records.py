@@ -52,7 +52,8 @@ def read_shard_index(shard: Path) -> ShardIndex:
         return ShardIndex(problem=f"does not parse as a shard index ({type(err).__name__}: {err})")
     files = info.get(store.FILES)
     if files is not None and info.get(store.INDEX_CHECKSUM) != store.index_checksum(info):
-        return ShardIndex(problem=f"its entries do not match its checksum ({store.INDEX_CHECKSUM}): edited or damaged")
+        return ShardIndex(problem=f"its entries do not match its checksum ({store.INDEX_CHECKSUM}): "
+                                  "edited or damaged")
     return ShardIndex(rows=rows, files=files, entries=None if files else info)
 
 
@@ -99,7 +100,8 @@ class DatasetRecords:
         a :class:`DamagedFileError` naming it and what to do."""
         record = self.semantics_record
         if record.problem is not None:
-            raise DamagedFileError(f"{self.root / store.SEMANTICS_INFO} {record.problem}; {store.SEMANTICS_REMEDY}")
+            path = self.root / store.SEMANTICS_INFO
+            raise DamagedFileError(f"{path} {record.problem}; {store.SEMANTICS_REMEDY}")
         return record.value if record.present else None
 
     def prepare_remedy(self) -> str:

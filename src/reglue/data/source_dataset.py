@@ -58,8 +58,8 @@ def read_crop(source: ImageSource, item: SourceItem, resolution: int, min_size: 
 
 def unreadable_files(source: ImageSource, rows: Sequence[int], resolution: int, min_size: int = MIN_SIZE, *,
                      workers: int | None = None) -> list[tuple[int, str]]:
-    """(row, reason) of each of ``source``'s files ``rows`` that :func:`read_crop` refuses, in ``rows``' order;
-    decoded by ``workers`` threads (default: one per CPU, at most 8; the decoders release the GIL)."""
+    """(row, reason) of each of ``source``'s files ``rows`` that :func:`read_crop` refuses, in ``rows``'
+    order; decoded by ``workers`` threads (default: one per CPU, at most 8; the decoders release the GIL)."""
 
     def problem(row: int) -> str | None:
         try:

@@ -756,7 +756,7 @@ def train_teacher(
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
-    images, resolution = open_training_images(data_dir, resolution)  # a folder's files checked once, over the processes
+    images, resolution = open_training_images(data_dir, resolution)  # a folder's files: each checked once
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
     train_rows, held_out = split_rows(len(images), settings)
