@@ -30,6 +30,7 @@ import numpy as np
 import reglue.io
 from reglue.data import integrity, store
 from reglue.data.prepare import PrepareSettings, prepare_dataset
+from reglue.data.records import open_records
 from reglue.encoders.autoencoder import load_vae
 
 ROW_BYTES = 256 * 256 * 3 + 8 * 32 * 32 * 4 + 8  # image, moments, label of one 256² row
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp) / "data"
         rows, write_s = write_dataset(root, args.gb, args.shard_size)
         start = time.perf_counter()
-        integrity.check_sizes(root, store.read_manifest(root))
+        integrity.check_sizes(open_records(root))
         open_s = time.perf_counter() - start
         runs = [time_verify(root, workers, cold) for cold in (False, True) for workers in range(1, args.workers + 1)]
         prepare = time_prepare(Path(tmp), args.images)

@@ -3,6 +3,9 @@ by a rerun of the command that wrote it (docs/data-format.md, "Integrity")."""
 
 from __future__ import annotations
 
+import builtins
+import collections
+import io
 import json
 import logging
 import os
@@ -19,6 +22,7 @@ from reglue.cli import main
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.integrity import verify_dataset
+from reglue.data.records import open_records
 from reglue.encoders.norm_stats import NormStats
 from reglue.errors import DamagedFileError
 from reglue.models.compressor import SemanticCompressor
@@ -84,6 +88,29 @@ def flip_byte(path: Path, at: int, mask: int) -> None:
 def files_state(data: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of every shard file: unchanged means not rewritten."""
     return {str(p.relative_to(data)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in data.glob("shards/*/*")}
+
+
+def record_reads(monkeypatch, root: Path) -> collections.Counter:
+    """From here on, how often each JSON record of the dataset at ``root`` (manifest, shard indexes, settings,
+    semantics record) is opened for reading, by path relative to ``root``: ``open``, ``Path.read_text`` and
+    ``Path.open`` all go through ``io.open``."""
+    reads, real_open, root = collections.Counter(), io.open, Path(root).resolve()
+
+    def counting(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "r" in mode and str(file).endswith(".json"):
+            path = Path(os.fspath(file)).resolve()
+            if path.is_relative_to(root):
+                reads[str(path.relative_to(root))] += 1
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting)
+    monkeypatch.setattr(builtins, "open", counting)
+    return reads
+
+
+def each_record_once(data: Path) -> dict[str, int]:
+    """Every JSON record of ``data`` opened once: what opening it once reads."""
+    return {str(path.relative_to(data)): 1 for path in [*data.glob("*.json"), *data.glob("shards/*/index.json")]}
 
 
 # ----------------------------------------------------------------------------- the faults
@@ -317,12 +344,21 @@ def test_data_verify_checks_every_checksum_before_training(made, tmp_path):
     from reglue.training.inputs import verify_training_data
 
     data = copy(made, "data", tmp_path)
-    verify_training_data(data)
+    verify_training_data(open_records(data))
     images = shard_file(data, 0, "images.npy")
     flip_byte(images, 200, 0x10)
     with pytest.raises(DamagedFileError, match=f"data.verify found 1 damaged file\\(s\\) in {data}: {images}: its "
                                                "checksum differs"):
-        verify_training_data(data)
+        verify_training_data(open_records(data))
+
+
+def test_verify_reads_the_manifest_and_each_index_once(made, monkeypatch, capsys):
+    reads = record_reads(monkeypatch, made["cached"])
+    code, _ = verify_cli(capsys, made["cached"])
+    assert code == 0
+    assert dict(reads) == each_record_once(made["cached"])
+    assert set(reads) == {"manifest.json", "settings.json", "semantics.json", *(f"shards/{store.shard_name(i)}/index.json"
+                                                                                 for i in range(3))}
 
 
 def test_verify_report_counts_bytes_and_throughput(made):

@@ -7,6 +7,7 @@ bit-identical resumes need the same float reductions, and the thread count chang
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -24,10 +25,13 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import run_processes
 from reglue.cli import main
+from reglue.data import source_dataset
 from reglue.data.dataset import PreparedDataset
 from reglue.data.prepare import PrepareSettings
-from reglue.data.source_dataset import ImageSourceDataset
+from reglue.data.source_dataset import ImageSourceDataset, unreadable_files
+from reglue.data.sources import open_source
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm, dinov2_to_timm, timm_to_dinov2
@@ -319,10 +323,11 @@ def test_a_teacher_trained_on_the_folder_equals_the_one_trained_on_its_prepared_
         train_teacher(changed, tmp_path / "folder", settings, resolution=RESOLUTION, progress=False)
 
 
-def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_path, caplog, capsys):
-    folder = tmp_path / "images"
+def folder_with_unreadable_files(source, folder):
+    """2 classes × 12 images of ``source`` in ``folder``, with a file that is not an image, an empty one, one
+    too small and one without an image extension; the names of the two classes."""
     first, second = sorted(path.name for path in source.iterdir())[:2]
-    for name in (first, second):  # 2 classes × 12 images
+    for name in (first, second):
         (folder / name).mkdir(parents=True)
         for path in sorted((source / name).glob("*.png"))[:12]:
             shutil.copy(path, folder / name / path.name)
@@ -330,6 +335,12 @@ def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_p
     (folder / first / "empty.jpg").write_bytes(b"")
     Image.new("RGB", (8, 8)).save(folder / second / "tiny.png")
     (folder / second / "notes.txt").write_text("not listed: no image extension")
+    return first, second
+
+
+def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_path, caplog, capsys):
+    folder = tmp_path / "images"
+    first, second = folder_with_unreadable_files(source, folder)
 
     images = ImageSourceDataset(folder, RESOLUTION)
     assert len(images) == 24 and images.ignored == 1
@@ -353,6 +364,43 @@ def test_unreadable_files_are_left_out_up_front_counted_and_listed(source, tmp_p
         path.write_bytes(b"")
     with pytest.raises(ValueError, match="none of the 27 image files"):
         ImageSourceDataset(folder, RESOLUTION)
+
+
+def test_each_process_decodes_its_share_of_a_folder_once_and_all_get_the_same_rows(source, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    folder_with_unreadable_files(source, folder)
+    alone = ImageSourceDataset(folder, RESOLUTION)
+    listed = open_source(folder)
+    decoded = collections.Counter()
+    real_read_crop = source_dataset.read_crop
+
+    def counting(source, item, *args):
+        decoded[item.path] += 1
+        return real_read_crop(source, item, *args)
+
+    monkeypatch.setattr(source_dataset, "read_crop", counting)
+    world = 3
+    shares = [unreadable_files(listed, range(rank, len(listed.items), world), RESOLUTION)
+              for rank in range(world)]
+    decoded.clear()
+    for rank in range(world):  # each process of three, given the others' findings by its gather
+        others = [found for other in range(world) if other != rank for found in shares[other]]
+        images = ImageSourceDataset(folder, RESOLUTION, rank=rank, world_size=world,
+                                    gather=lambda mine: others + mine)
+        assert images.items == alone.items and images.skipped == alone.skipped and len(images.skipped) == 3
+    assert decoded == {item.path: 1 for item in listed.items}  # over the three processes, every file once
+
+
+def test_two_processes_skip_and_report_what_one_process_does(source, tmp_path):
+    folder = tmp_path / "images"
+    folder_with_unreadable_files(source, folder)
+    args = ["--resolution", str(RESOLUTION), *TINY]
+    assert main(["train-vfm", str(folder), "--out", str(tmp_path / "one"), *args]) == 0
+    run_processes(["train-vfm", str(folder), "--out", str(tmp_path / "two"), *args], processes=2)
+    assert (tmp_path / "two" / SKIPPED_FILE).read_text() == (tmp_path / "one" / SKIPPED_FILE).read_text()
+    one, two = (json.loads((tmp_path / run / "teacher.json").read_text())["config"]["data"]
+                for run in ("one", "two"))
+    assert one == two and one["images"] == 24
 
 
 def test_the_resolution_of_prepared_data_is_fixed_and_a_folder_defaults_to_prepares(source, data, tmp_path, capsys):

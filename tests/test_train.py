@@ -14,6 +14,7 @@ from reglue.cli import main
 from reglue.config import ConfigError, load_config
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
+from test_integrity import each_record_once, record_reads
 from test_pipeline import TINY_VFM, save_compressor
 from test_prepare import make_image_folder, prepare, tiny_vae_dir
 
@@ -56,6 +57,15 @@ def test_resume_after_a_kill_is_bit_identical(cached_data):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_a_run_reads_its_datas_manifest_and_indexes_once(cached_data, monkeypatch):
+    """The reader, the size check, data.verify and the run's input fingerprint share the records read at opening;
+    reading rows reads no record (a damaged row's remedy is worked out only when one is found)."""
+    reads = record_reads(monkeypatch, cached_data / "data")
+    result = train(config_for(cached_data, "reads", "train.max_steps=2", "data.verify=true"))
+    assert result.step == 2
+    assert dict(reads) == each_record_once(cached_data / "data") and "manifest.json" in reads
 
 
 TERMS = {

@@ -85,7 +85,7 @@ def cache_semantics(
         barrier()
 
         def complete() -> None:  # the reader accepts the cache only once every shard has it
-            recorded = store.read_json(info_path, integrity.SEMANTICS_REMEDY)
+            recorded = store.read_json(info_path, store.SEMANTICS_REMEDY)
             write_json(info_path, dict(recorded, complete=True, paths=paths or {}), sort_keys=True)
 
         on_rank_zero(rank, f"marking {info_path} complete", complete)

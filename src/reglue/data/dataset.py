@@ -15,7 +15,6 @@ benchmarks/data_loading.py).
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import json
 import math
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from reglue.data import integrity, store
+from reglue.data.records import DatasetRecords, open_records
 from reglue.errors import DamagedFileError, InputError
 
 
@@ -44,12 +44,14 @@ def random_subset(dataset: Dataset, num_images: int, seed: int = 0) -> Subset:
 class PreparedDataset(Dataset):
     """Rows of a ``reglue prepare`` directory as dicts of tensors.
 
+    ``data``: the directory, or its records as read already (:func:`~reglue.data.records.open_records`:
+    the manifest, shard indexes and side records are read once, by whoever opens the data first).
     ``fields`` picks the per-image arrays to return (``"moments"`` (8, R/8, R/8) float32,
     ``"images"`` (3, R, R) uint8, and arrays added later such as cached semantics); ``label``
     (int64, −1 when unconditional) is always returned. ``resolution`` / ``vae``, when given,
     must match the manifest; ``vfm`` (a :class:`~reglue.encoders.semantics.VFMSpec` as JSON),
     when given, must match the VFM that produced cached semantics. Opening checks every shard
-    file's size against its record (:func:`reglue.data.integrity.check_sizes`). Each process
+    file's size against its record (:func:`reglue.data.integrity.check_sizes`, on the records). Each process
     parses the ``.npy`` headers it needs and keeps no file open, so the dataset works with
     DataLoader workers and a DistributedSampler; :meth:`read_batch` and :func:`training_loader`
     read whole batches.
@@ -57,14 +59,14 @@ class PreparedDataset(Dataset):
 
     def __init__(
         self,
-        root: str | Path,
+        data: str | Path | DatasetRecords,
         fields: Sequence[str] = ("moments", "images"),
         resolution: int | None = None,
         vae: str | None = None,
         vfm: str | None = None,
     ):
-        self.root = Path(root)
-        self.manifest = store.read_manifest(self.root)
+        self.records = data if isinstance(data, DatasetRecords) else open_records(data)
+        self.root, self.manifest = self.records.root, self.records.manifest
         self._check("resolution", resolution)
         self._check("vae", vae)
         self.fields = tuple(fields)
@@ -72,7 +74,7 @@ class PreparedDataset(Dataset):
         self.offsets = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]]).tolist()
         self._check_fields_exist()
         self._check_vfm(vfm)
-        integrity.check_sizes(self.root, self.manifest)
+        integrity.check_sizes(self.records)
         self._files: dict[tuple[int, str], tuple[str, int]] = {}  # (shard, array) -> (path, data offset)
         self._rows: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # array -> (row shape, dtype)
 
@@ -83,11 +85,10 @@ class PreparedDataset(Dataset):
                 f"{wanted!r}; prepare the data again with --{key} {wanted} or change the run's config."
             )
 
-    @functools.cached_property
+    @property
     def semantics_info(self) -> dict | None:
-        """What produced the cached semantics (``semantics.json``, read once), or None without a cache."""
-        path = self.root / store.SEMANTICS_INFO
-        return store.read_json(path, integrity.SEMANTICS_REMEDY) if path.is_file() else None
+        """What produced the cached semantics (``semantics.json``, read with the records), or None."""
+        return self.records.semantics_info
 
     def _check_vfm(self, vfm: str | None) -> None:
         cached = set(self.fields) & set(store.CACHED_ARRAYS)
@@ -137,7 +138,8 @@ class PreparedDataset(Dataset):
             if (shape[1:], dtype) != row or shape[0] != count:
                 raise DamagedFileError(
                     f"{path} holds {shape[0]} {dtype} rows of shape {shape[1:]}, but the manifest lists {count} rows "
-                    f"and the other shards hold {row[1]} rows of shape {row[0]}; {store.prepare_remedy(self.root)}"
+                    f"and the other shards hold {row[1]} rows of shape {row[0]}; "
+                    f"{self.records.prepare_remedy()}"
                 )
             self._files[key] = (str(path), offset)
         return self._files[key]
@@ -194,9 +196,9 @@ class PreparedDataset(Dataset):
             fd = os.open(path, os.O_RDONLY)
             try:
                 for k in members:
-                    _read_exactly(fd, rows[k], offset + located[k][1] * row_bytes, f"{path} ends before row "
-                                  f"{located[k][1]} (changed since the dataset was opened?); "
-                                  f"{store.prepare_remedy(self.root)}")
+                    if not _read_exactly(fd, rows[k], offset + located[k][1] * row_bytes):
+                        raise DamagedFileError(f"{path} ends before row {located[k][1]} (changed since the "
+                                               f"dataset was opened?); {self.records.prepare_remedy()}")
             finally:
                 os.close(fd)
 
@@ -208,15 +210,16 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
-def _read_exactly(fd: int, view: np.ndarray, position: int, damaged: str) -> None:
+def _read_exactly(fd: int, view: np.ndarray, position: int) -> bool:
     """Fill ``view`` from ``fd`` at ``position``; a read may return fewer bytes (network and FUSE file systems
-    do), so it goes on until the row is whole; the end of the file first is a :class:`DamagedFileError`."""
+    do), so it goes on until the row is whole. False when the file ends first."""
     done, size = 0, view.nbytes
     while done < size:
         count = os.preadv(fd, [view[done:]], position + done)
         if count == 0:
-            raise DamagedFileError(damaged)
+            return False
         done += count
+    return True
 
 
 ALIGNMENT = 64  # bytes between the start of a batch's tensors in their shared block

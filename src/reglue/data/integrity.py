@@ -16,6 +16,9 @@ written, :func:`reglue.data.store.save_array`) and give the index a checksum of 
 
 Shards without records ("legacy", from an older reglue) are checked by size only: each ``.npy`` must
 be as long as its header says (header + rows × row bytes), with as many rows as its index lists.
+
+The checks of a finished dataset take its records as :func:`reglue.data.records.open_records` read them
+once (manifest, shard indexes, side records): none of them reads those files again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from reglue.data import store
+from reglue.data.records import MISSING, DatasetRecords, ShardIndex, open_records, read_shard_index
 from reglue.encoders.norm_stats import NORM_STATS_FIX
 from reglue.errors import DamagedFileError
 from reglue.io import CHECKSUM, DEFAULT_FIX, file_record, new_checksum, safetensors_problem, size_problem
@@ -119,20 +123,19 @@ class VerifyReport:
 
 
 # ----------------------------------------------------------------------------- one shard
-def check_shard(shard: Path, names: Iterable[str], *, checksums: bool = False, full: bool = False,
-                progress: Callable[[int], None] | None = None,
-                index: tuple[dict, Problem | None] | None = None) -> ShardCheck:
+def check_shard(shard: Path, index: ShardIndex, names: Iterable[str], *, checksums: bool = False,
+                full: bool = False, progress: Callable[[int], None] | None = None) -> ShardCheck:
     """Check the files ``names`` (e.g. ``"images.npy"``) of one shard directory and its ``index.json``.
 
     Sizes always (against the record, or the ``.npy`` header in a legacy shard), checksums with
     ``checksums``; ``full`` adds every file the index records (legacy: every file of a known name) and
-    reports files it does not. ``progress(bytes)`` follows the checksum reads. ``index``: what
-    :func:`_read_index` gave for this shard, when the caller has read it already.
+    reports files it does not. ``progress(bytes)`` follows the checksum reads. ``index``: the shard's
+    index as read (:func:`reglue.data.records.read_shard_index`).
     """
-    info, problem = index if index is not None else _read_index(shard)
-    if problem is not None:
-        return ShardCheck([problem])
-    records, rows = info.get(store.FILES), len(info["sources"])
+    if index.problem is not None:
+        kind = "missing" if index.problem == MISSING else "index"
+        return ShardCheck([Problem(store.INDEX, kind, index.problem)])
+    records, rows = index.files, index.rows
     present = {entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX}
     known = set(records) if records is not None else present & {*PREPARED_FILES, *CACHED_FILES}
     wanted = set(names) | (known if full else set())
@@ -147,22 +150,6 @@ def check_shard(shard: Path, names: Iterable[str], *, checksums: bool = False, f
     if full:
         check.problems += [_stray(name, records is not None) for name in sorted(present - wanted)]
     return check
-
-
-def _read_index(shard: Path) -> tuple[dict, Problem | None]:
-    """The shard's index and None, or {} and what is wrong with it (missing, unparsable, checksum)."""
-    path = shard / store.INDEX
-    if not path.is_file():
-        return {}, Problem(store.INDEX, "missing", "missing")
-    try:
-        info = json.loads(path.read_text())
-        len(info["sources"])
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
-        return {}, Problem(store.INDEX, "index", f"does not parse as a shard index ({type(err).__name__}: {err})")
-    if store.FILES in info and info.get(store.INDEX_CHECKSUM) != store.index_checksum(info):
-        return {}, Problem(store.INDEX, "index", f"its entries do not match its checksum ({store.INDEX_CHECKSUM}): "
-                           "edited or damaged")
-    return info, None
 
 
 def _check_file(path: Path, record: dict | None, rows: int, *, legacy: bool, checksums: bool,
@@ -211,126 +198,132 @@ def _stray(name: str, recorded_shard: bool) -> Problem:
 
 
 # ----------------------------------------------------------------------------- a dataset
-SEMANTICS_REMEDY = ("copy it again from where the dataset was made; without it the cached arrays cannot be "
-                    "trusted: delete it and every shard's semantics.npy, cls.npy and repa.npy, and cache them again "
-                    "with `reglue cache-semantics`")
-
-
-def required_files(root: Path) -> tuple[str, ...]:
+def required_files(records: DatasetRecords) -> tuple[str, ...]:
     """The files every shard must hold: prepare's arrays, and the cached ones once the cache is complete."""
-    path = Path(root) / store.SEMANTICS_INFO
-    info = store.read_json(path, SEMANTICS_REMEDY) if path.is_file() else {}
+    info = records.semantics_info or {}
     cached = info.get("fields", ()) if info.get("complete") else ()
     return PREPARED_FILES + tuple(f"{name}.npy" for name in cached)
 
 
-def remedy(root: Path, name: str, kind: str) -> str:
+def remedy(records: DatasetRecords, name: str, kind: str) -> str:
     """The command (or action) that repairs the shard file ``name`` with a problem of ``kind``."""
     if kind == "unknown":
         return "reglue did not write it: delete it, or move it out of the dataset"
     if kind == "leftover":
         return "delete it (the next run of the command that was writing deletes it too)"
     if name in CACHED_FILES:
-        return store.cache_remedy(root)
-    return store.prepare_remedy(root)
+        return records.cache_remedy()
+    return records.prepare_remedy()
 
 
-def check_sizes(root: Path, manifest: dict) -> None:
+def check_sizes(records: DatasetRecords) -> None:
     """Refuse a dataset whose shard indexes are damaged or whose files are missing or of another size
     than recorded (a ``stat`` per file; legacy files: a header read), naming each file, the sizes and
     the command that repairs it. Every file the dataset holds is checked (prepare's arrays, and the
     cached ones once the cache is complete), not only the fields one reader asks for: a damaged cache
     is reported by the first command that opens the data. Legacy shards are announced in one log line."""
-    root = Path(root)
-    names = required_files(root)
+    root, names = records.root, required_files(records)
     damaged, legacy = [], 0
-    for index, entry in enumerate(manifest["shards"]):
-        check = check_shard(store.shard_dir(root, index), names)
-        damaged += _damages(root, store.shard_dir(root, index), check, entry["count"])
+    for index, entry in enumerate(records.manifest["shards"]):
+        check = check_shard(store.shard_dir(root, index), records.shards[index], names)
+        damaged += _damages(records, index, check)
         legacy += check.legacy
     if legacy:
-        log.info(LEGACY_NOTICE, root, legacy, len(manifest["shards"]), root)
+        log.info(LEGACY_NOTICE, root, legacy, len(records.shards), root)
     if damaged:
         more = f" (and {len(damaged) - 1} more damaged file(s): `reglue verify {root}` lists them)" if damaged[1:] else ""
         raise DamagedFileError(f"{damaged[0]}{more}")
 
 
-def _damages(root: Path, shard: Path, check: ShardCheck, count: int) -> list[Damage]:
-    """The problems of one shard as :class:`Damage` (a row count other than the manifest's counts too)."""
-    found = [Damage(shard / p.name, p.text, remedy(root, p.name, p.kind)) for p in check.problems]
+def _damages(records: DatasetRecords, index: int, check: ShardCheck) -> list[Damage]:
+    """The problems of shard ``index`` as :class:`Damage` (a row count other than the manifest's too)."""
+    shard, count = store.shard_dir(records.root, index), records.manifest["shards"][index]["count"]
+    found = [Damage(shard / p.name, p.text, remedy(records, p.name, p.kind)) for p in check.problems]
     if check.rows is not None and check.rows != count:
         found.append(Damage(shard / store.INDEX, f"lists {check.rows} rows, {store.MANIFEST} {count}",
-                            store.prepare_remedy(root)))
+                            records.prepare_remedy()))
     return found
 
 
 def damaged_shards(root: Path, indices: Sequence[int], names: Iterable[str], *, workers: int | None = None
                    ) -> dict[int, list[Problem]]:
     """Sizes and checksums of the files ``names`` of shards ``indices``, checked in parallel; the
-    problems of each damaged shard (``absent`` files included)."""
+    problems of each damaged shard (``absent`` files included). For the writers' reruns, which meet shards
+    before there is a manifest: each index is read here."""
     names = tuple(names)
+
+    def check(index: int) -> ShardCheck:
+        shard = store.shard_dir(root, index)
+        return check_shard(shard, read_shard_index(shard), names, checksums=True)
+
     with ThreadPoolExecutor(_workers(workers)) as pool:
-        checks = pool.map(lambda index: check_shard(store.shard_dir(root, index), names, checksums=True), indices)
+        checks = pool.map(check, indices)
         return {index: check.problems for index, check in zip(indices, checks) if check.problems}
 
 
-def verify_dataset(root: str | Path, *, reindex: bool = False, shards: Sequence[int] | None = None,
-                   workers: int | None = None, progress: Callable[[int], None] | None = None,
+def verify_dataset(data: str | Path | DatasetRecords, *, reindex: bool = False,
+                   shards: Sequence[int] | None = None, workers: int | None = None,
+                   progress: Callable[[int], None] | None = None,
                    planned: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check every file of the dataset at ``root`` (``reglue verify``): shards in parallel (``workers``
-    threads, default one per CPU), every recorded checksum, unknown files, and the files beside the shards.
+    """Check every file of a dataset (``reglue verify``): shards in parallel (``workers`` threads, default
+    one per CPU), every recorded checksum, unknown files, and the files beside the shards.
 
-    ``reindex``: also record the checksums of legacy shards whose files are whole (under the dataset's
-    lock). ``shards``: only these, and nothing outside them (a training process's share).
-    ``planned(total bytes)`` is called once before, ``progress(bytes)`` while reading.
+    ``data``: the dataset's folder, or its records as read already
+    (:func:`~reglue.data.records.open_records`, e.g. by the training reader). ``reindex``: also record
+    the checksums of legacy shards whose files are whole, under the dataset's lock (pass the folder: its
+    records are then read under the lock too).
+    ``shards``: only these, and nothing outside them (a training process's share). ``planned(total bytes)``
+    is called once before, ``progress(bytes)`` while reading.
     """
     start = time.perf_counter()
-    root = Path(root)
-    manifest = store.read_manifest(root)
-    indices = range(len(manifest["shards"])) if shards is None else shards
-    damaged, names = _side_files(root) if shards is None else ([], required_files(root))
-    dirs = [store.shard_dir(root, index) for index in indices]
-    if planned is not None:
-        planned(sum(entry.stat().st_size for d in dirs if d.is_dir() for entry in os.scandir(d)
-                    if entry.is_file() and entry.name != store.INDEX))
-    report = _locked(progress)
+    root = data.root if isinstance(data, DatasetRecords) else Path(data)
     lock = store.lock_directory(root) if reindex else contextlib.nullcontext()
-    with lock, ThreadPoolExecutor(_workers(workers)) as pool:
-        results = list(pool.map(lambda shard: _verify_shard(shard, names, reindex=reindex, progress=report), dirs))
-    for index, shard, (check, _) in zip(indices, dirs, results):
-        damaged += _damages(root, shard, check, manifest["shards"][index]["count"])
+    with lock:
+        records = data if isinstance(data, DatasetRecords) else open_records(root)
+        indices = range(len(records.shards)) if shards is None else shards
+        damaged, names = _side_files(records) if shards is None else ([], required_files(records))
+        dirs = [store.shard_dir(root, index) for index in indices]
+        if planned is not None:
+            planned(sum(entry.stat().st_size for d in dirs if d.is_dir() for entry in os.scandir(d)
+                        if entry.is_file() and entry.name != store.INDEX))
+        report = _locked(progress)
+        with ThreadPoolExecutor(_workers(workers)) as pool:
+            results = list(pool.map(lambda index: _verify_shard(records, index, names, reindex=reindex,
+                                                                progress=report), indices))
+    for index, (check, _) in zip(indices, results):
+        damaged += _damages(records, index, check)
     if shards is None:
-        damaged += _strays(root, manifest)
+        damaged += _strays(records)
     checks = [check for check, _ in results]
     return VerifyReport(root=root, damaged=damaged, shards=len(dirs), legacy_shards=sum(c.legacy for c in checks),
                         files=sum(c.files for c in checks), bytes=sum(c.bytes for c in checks),
                         seconds=time.perf_counter() - start, reindexed_shards=sum(done for _, done in results))
 
 
-def _verify_shard(shard: Path, names: tuple[str, ...], *, reindex: bool, progress: Callable[[int], None] | None
-                  ) -> tuple[ShardCheck, bool]:
+def _verify_shard(records: DatasetRecords, index: int, names: tuple[str, ...], *, reindex: bool,
+                  progress: Callable[[int], None] | None) -> tuple[ShardCheck, bool]:
     """:func:`check_shard` in full with checksums; with ``reindex`` a legacy shard without problems gets
     the records of its files. Returns the check and whether the shard was re-indexed."""
-    index = _read_index(shard)
-    info = index[0]
-    legacy = reindex and store.FILES not in info
-    check = check_shard(shard, names, checksums=True, full=True, progress=None if legacy else progress, index=index)
+    shard, info = store.shard_dir(records.root, index), records.shards[index]
+    legacy = reindex and info.legacy
+    check = check_shard(shard, info, names, checksums=True, full=True, progress=None if legacy else progress)
     if not (legacy and not check.problems):
         return check, False
     files = sorted({entry.name for entry in os.scandir(shard) if entry.is_file()} - {store.INDEX})
-    store.write_shard_info(shard, dict(info, **{store.FILES: {name: file_record(shard / name, progress)
-                                                                for name in files}}))
+    recorded = {name: file_record(shard / name, progress) for name in files}
+    store.write_shard_info(shard, dict(info.entries, **{store.FILES: recorded}))
     return check, True
 
 
-def _side_files(root: Path) -> tuple[list[Damage], tuple[str, ...]]:
+def _side_files(records: DatasetRecords) -> tuple[list[Damage], tuple[str, ...]]:
     """The damaged files beside the shards (records that do not parse, safetensors files whose frame
     is damaged), and the files every shard must hold."""
-    damaged = []
-    for name, fix in ((store.SETTINGS, store.RECORD_REMEDY), (store.SEMANTICS_INFO, SEMANTICS_REMEDY)):
-        if (root / name).is_file() and (problem := store.parse_json(root / name)[1]):
-            damaged.append(Damage(root / name, problem, fix))
-    names = PREPARED_FILES if any(d.path.name == store.SEMANTICS_INFO for d in damaged) else required_files(root)
+    root, damaged = records.root, []
+    for name, record, fix in ((store.SETTINGS, records.settings_record, store.RECORD_REMEDY),
+                              (store.SEMANTICS_INFO, records.semantics_record, store.SEMANTICS_REMEDY)):
+        if record.problem is not None:
+            damaged.append(Damage(root / name, record.problem, fix))
+    names = PREPARED_FILES if records.semantics_record.problem is not None else required_files(records)
     for path in sorted([*root.glob("*.safetensors"), *root.glob("*/*.safetensors")]):
         if path.parent.name != store.SHARDS_DIR and (problem := safetensors_problem(path)):
             key = path.stem if path.parent == root else path.parent.name
@@ -338,15 +331,15 @@ def _side_files(root: Path) -> tuple[list[Damage], tuple[str, ...]]:
     return damaged, names
 
 
-def _strays(root: Path, manifest: dict) -> list[Damage]:
+def _strays(records: DatasetRecords) -> list[Damage]:
     """Entries of ``shards/`` that the manifest does not name."""
-    named = {entry["name"] for entry in manifest["shards"]}
+    named = {entry["name"] for entry in records.manifest["shards"]}
     found = []
-    for entry in sorted(os.scandir(root / store.SHARDS_DIR), key=lambda e: e.name):
+    for entry in sorted(os.scandir(records.root / store.SHARDS_DIR), key=lambda e: e.name):
         if entry.name not in named:
             problem = _stray(entry.name, recorded_shard=False)
             text = "a shard the manifest does not name" if problem.kind == "unknown" else problem.text
-            found.append(Damage(Path(entry.path), text, remedy(root, entry.name, problem.kind)))
+            found.append(Damage(Path(entry.path), text, remedy(records, entry.name, problem.kind)))
     return found
 
 
@@ -367,14 +360,17 @@ def _workers(workers: int | None) -> int:
     return workers or min(32, os.cpu_count() or 1)
 
 
-def dataset_fingerprint(root: Path, manifest: dict) -> str:
+def dataset_fingerprint(records: DatasetRecords) -> str:
     """BLAKE2b-128 of what a dataset holds, wherever its folder lies: the resolution and classes, and every
     shard's name, row count and file records (the bytes and checksum of each array; a shard indexed without
-    records, by an older reglue: its index). Reads the shard indexes only (≈ 0.4 s for ImageNet's 1,282)."""
-    digest = new_checksum()
+    records, by an older reglue: its index), from the records read when it was opened."""
+    manifest, digest = records.manifest, new_checksum()
     digest.update(json.dumps([manifest["resolution"], manifest["num_classes"], manifest["class_names"]]).encode())
-    for index, entry in enumerate(manifest["shards"]):
-        info = store.read_shard_info(Path(root), index)
-        contents = info.get(store.FILES) or {key: value for key, value in info.items() if key != store.INDEX_CHECKSUM}
+    for number, (entry, index) in enumerate(zip(manifest["shards"], records.shards)):
+        if index.problem is not None:  # a dataset that passed check_sizes has none
+            raise DamagedFileError(f"{store.shard_dir(records.root, number) / store.INDEX}: {index.problem}; "
+                                   f"{records.prepare_remedy()}")
+        contents = index.files or {key: value for key, value in index.entries.items()
+                                   if key != store.INDEX_CHECKSUM}
         digest.update(json.dumps([entry["name"], entry["count"], contents], sort_keys=True).encode())
     return digest.hexdigest()

@@ -52,6 +52,9 @@ INDEX = "index.json"
 FILES = "files"  # the index's records: {file name: {"bytes", "blake2b"}}
 INDEX_CHECKSUM = "index_blake2b"  # the index's checksum of its own other entries
 RECORD_REMEDY = "copy it again from where it was made: it tells a rerun whether its settings match the files written"
+SEMANTICS_REMEDY = ("copy it again from where the dataset was made; without it the cached arrays cannot be "
+                    "trusted: delete it and every shard's semantics.npy, cls.npy and repa.npy, and cache them again "
+                    "with `reglue cache-semantics`")
 
 
 def shard_name(index: int) -> str:
@@ -240,10 +243,10 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def prepared_resolution(root: str | Path, asked: int | None = None) -> int:
-    """The side R ``root`` was prepared at (its manifest); ``asked``, a ``--resolution`` given as a
-    check, must equal it (:func:`reglue.resolution.confirm_resolution`)."""
-    manifest = read_manifest(Path(root))
+def prepared_resolution(root: str | Path, asked: int | None = None, *, manifest: dict | None = None) -> int:
+    """The side R ``root`` was prepared at (its manifest; ``manifest``: the one read already); ``asked``, a
+    ``--resolution`` given as a check, must equal it (:func:`reglue.resolution.confirm_resolution`)."""
+    manifest = read_manifest(Path(root)) if manifest is None else manifest
     found = manifest["resolution"]
     source = shlex.quote(str(manifest.get("source") or "SRC"))
     return confirm_resolution(asked, found, where=f"{root} (its manifest.json)", remedy=(
@@ -256,11 +259,12 @@ PREPARE_OPTIONS = ("resolution", "vae", "vae_dtype", "shard_size", "min_size", "
 AUTOCAST_OPTIONS = {"None": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # recorded -> --precision
 
 
-def prepare_remedy(root: Path) -> str:
-    """The command that rebuilds ``root``'s shards, from the settings it recorded: a rerun keeps the
-    intact shards, redoes missing or damaged ones and writes the manifest again."""
+def prepare_remedy(root: Path, settings: dict | None = None) -> str:
+    """The command that rebuilds ``root``'s shards, from the settings it recorded (``settings``: its
+    ``settings.json`` as read already; read here when None): a rerun keeps the intact shards, redoes
+    missing or damaged ones and writes the manifest again."""
     try:
-        settings = json.loads((Path(root) / SETTINGS).read_text())
+        settings = json.loads((Path(root) / SETTINGS).read_text()) if settings is None else settings
         options = [f"--{key.replace('_', '-')} {shlex.quote(str(settings[key]))}"
                    for key in PREPARE_OPTIONS if settings.get(key) is not None]
         command = " ".join(["reglue prepare", shlex.quote(settings["source"]), shlex.quote(str(root)), *options])
@@ -269,13 +273,15 @@ def prepare_remedy(root: Path) -> str:
     return f"rerun `{command}` (the settings it was prepared with): it keeps intact shards and redoes damaged ones"
 
 
-def cache_remedy(root: Path) -> str:
+def cache_remedy(root: Path, info: dict | None = None) -> str:
     """The command that rebuilds ``root``'s cached semantics, from ``semantics.json`` (its fields, the
-    files it was made from, the VFM's precision): a rerun keeps intact shards and redoes damaged ones."""
-    try:
-        info = dict(json.loads((Path(root) / SEMANTICS_INFO).read_text()))
-    except (OSError, ValueError, TypeError):  # no readable semantics.json: the command's shape only
-        info = {}
+    files it was made from, the VFM's precision; ``info``: as read already, read here when None): a rerun
+    keeps intact shards and redoes damaged ones."""
+    if info is None:
+        try:
+            info = dict(json.loads((Path(root) / SEMANTICS_INFO).read_text()))
+        except (OSError, ValueError, TypeError):  # no readable semantics.json: the command's shape only
+            info = {}
     made_from = {key: "FILE" for key in ("compressor", "pca") if f"{key}_sha256" in info}  # before paths were kept
     paths = info.get("paths") or made_from
     options = [f"--{key.replace('_', '-')} {shlex.quote(value)}" for key, value in sorted(paths.items()) if value]

@@ -26,6 +26,7 @@ from reglue.config import ConfigError, RunConfig
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.integrity import verify_dataset
+from reglue.data.records import DatasetRecords, open_records
 from reglue.distributed import on_cpu_only, process_state
 from reglue.encoders.autoencoder import vae_fingerprint
 from reglue.encoders.norm_stats import NORM_STATS_FILE
@@ -97,7 +98,7 @@ def open_run_inputs(config: RunConfig, recorded: dict | None = None) -> RunInput
     preset = get_preset(config.model.preset)
     dataset = open_training_dataset(config, preset)
     if config.data.verify:
-        verify_training_data(dataset.root)
+        verify_training_data(dataset.records)
     rows = training_rows(dataset, config)
     if len(rows) < config.train.global_batch:
         raise ConfigError(
@@ -115,12 +116,13 @@ def open_run_inputs(config: RunConfig, recorded: dict | None = None) -> RunInput
     return RunInputs(config, dataset, rows, encoder, located)
 
 
-def verify_training_data(root: Path) -> None:
-    """``data.verify``: every file's checksum (as ``reglue verify``), each process checking its share of
-    the shards; damage anywhere stops every process with the list of damaged files and their remedies."""
-    state = process_state()
-    shards = range(state.process_index, len(store.read_manifest(root)["shards"]), state.num_processes)
-    report = verify_dataset(root, shards=shards)
+def verify_training_data(records: DatasetRecords) -> None:
+    """``data.verify``: every file's checksum (as ``reglue verify``, on the records the reader opened), each
+    process checking its share of the shards; damage anywhere stops every process with the list of damaged
+    files and their remedies."""
+    state, root = process_state(), records.root
+    shards = range(state.process_index, len(records.shards), state.num_processes)
+    report = verify_dataset(records, shards=shards)
     reports = gather_object([([str(damage) for damage in report.damaged], report.files, report.bytes, report.seconds)])
     damaged = [damage for found, *_ in reports for damage in found]
     if damaged:
@@ -274,19 +276,21 @@ def _check_token_grid(config: RunConfig, preset: Preset, dataset: PreparedDatase
 def open_training_dataset(config: RunConfig, preset: Preset) -> PreparedDataset:
     """The prepared dataset with the arrays this run reads; clear errors for what is missing.
 
-    With cached semantics and ``data.vfm`` set, the reader refuses a cache made by another VFM."""
+    With cached semantics and ``data.vfm`` set, the reader refuses a cache made by another VFM. The dataset's
+    records (manifest, shard indexes, side records) are read once, here; the checks, ``data.verify`` and the
+    run's input fingerprint take them from the dataset (:func:`~reglue.data.records.open_records`)."""
     fields = dataset_fields(config, preset)
     try:
-        store.read_manifest(config.data.dir)
+        records = open_records(config.data.dir)
     except FileNotFoundError as err:
         raise ConfigError(f"data.dir: {err}") from None
     try:
-        store.prepared_resolution(config.data.dir, config.data.resolution)
+        store.prepared_resolution(config.data.dir, config.data.resolution, manifest=records.manifest)
     except ValueError as err:
         raise ConfigError(f"data.resolution: {err}") from None
     vfm = vfm_spec(config.data.vfm).to_json() if config.data.vfm is not None else None
     try:
-        dataset = PreparedDataset(config.data.dir, fields=fields, vfm=vfm)
+        dataset = PreparedDataset(records, fields=fields, vfm=vfm)
     except FileNotFoundError as err:
         if config.data.semantics == "cached" and set(fields) & {"semantics", "cls", "repa"}:
             raise ConfigError(

@@ -76,7 +76,7 @@ def input_fingerprints(paths: dict[str, str], dataset: PreparedDataset) -> dict[
     dataset's records (:func:`reglue.data.integrity.dataset_fingerprint`), a file's sha256."""
     located = {}
     for key, path in paths.items():
-        fingerprint = integrity.dataset_fingerprint(dataset.root, dataset.manifest) if key == "data.dir" \
+        fingerprint = integrity.dataset_fingerprint(dataset.records) if key == "data.dir" \
             else file_sha256(path)
         located[key] = {"path": str(path), "fingerprint": fingerprint}
     return located

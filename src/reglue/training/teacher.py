@@ -73,6 +73,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -726,12 +727,16 @@ def open_training_images(data: str | Path, resolution: int | None = None) -> tup
     ``data``: a ``reglue prepare`` directory, whose resolution is fixed (``resolution``, when given,
     must equal it), or an image folder or ``.zip`` (class sub-folders give labels, a flat one is
     unlabelled), cropped to ``resolution`` on access (default DEFAULT_RESOLUTION, prepare's own);
-    its unreadable files are left out when it is opened (:class:`ImageSourceDataset`).
+    its unreadable files are left out when it is opened (:class:`ImageSourceDataset`): each process
+    decodes its share of the files and the unreadable ones are gathered, so every file is decoded once
+    per run, not once per process, and every process gets the same rows. Every process must call it.
     """
     data = Path(data)
     if not (data / store.MANIFEST).is_file() and not (data / store.SETTINGS).is_file():
         resolution = DEFAULT_RESOLUTION if resolution is None else resolution
-        return ImageSourceDataset(data, resolution), resolution
+        state = process_state()
+        return ImageSourceDataset(data, resolution, rank=state.process_index, world_size=state.num_processes,
+                                  gather=gather_object), resolution
     images = PreparedDataset(data, fields=("images",))  # an unfinished one: its error says how to finish it
     prepared = images.manifest["resolution"]
     if resolution is not None and resolution != prepared:
@@ -748,7 +753,7 @@ def _source_record(images: TeacherImages) -> dict:
     folder and the dataset prepared from it, so a resume over other files of the same count is refused."""
     if isinstance(images, ImageSourceDataset):
         return images.fingerprint
-    recorded = json.loads((images.root / store.SETTINGS).read_text())
+    recorded = images.records.settings  # read when the dataset was opened
     return {key: recorded.get(key) for key in ("source_files", "source_sha256")}
 
 
@@ -785,7 +790,7 @@ def train_teacher(
     accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[precision], cpu=on_cpu_only())
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
-    images, resolution = open_training_images(data_dir, resolution)  # every process checks a folder's files
+    images, resolution = open_training_images(data_dir, resolution)  # a folder's files: each checked once
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
     train_rows, held_out = split_rows(len(images), settings)
