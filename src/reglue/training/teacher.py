@@ -101,8 +101,7 @@ from reglue.encoders.vfm import (
 from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
-from reglue.precision import ACCELERATE_PRECISION, AUTO, PRECISIONS
-from reglue.precision import resolve as resolve_precision
+from reglue.precision import AUTO, autocast_dtype
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
@@ -131,6 +130,7 @@ RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--re
 FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard", "settings.precision",
                  "settings.probe_train_images", "settings.probe_held_out_images")  # the training is the same
 PATCH = 14
+TEACHER_PRECISIONS = ("fp32", "bf16", AUTO)
 LR_SCALING = (None, "sqrt_wrt_1024", "linear_wrt_1024")  # DINOv2's scaling rules (optim.scaling_rule)
 PROBE_BATCH = 64
 REPORT_TITLE = "DINOv2 teacher trained by reglue train-vfm"  # of report.md, by train-vfm and probe-vfm
@@ -163,7 +163,7 @@ class TeacherSettings:
     weight_decay: float = 0.04
     weight_decay_end: float | None = None  # cosine schedule to this value; None: constant (DINOv2: 0.04 → 0.4)
     drop_path_rate: float | None = None  # stochastic depth of the student; None: none (DINOv2 ViT-B: 0.1-0.3)
-    precision: str = "auto"  # autocast of the training step: fp32 | bf16 | fp16 | auto (bf16 on a GPU with it)
+    precision: str = "auto"  # autocast of the training step: fp32 | bf16 | auto (bf16 on a GPU with it)
     clip_grad: float = 3.0
     head_hidden_dim: int = 256  # (DINOv2: 2048)
     head_bottleneck_dim: int = 64  # (256)
@@ -220,8 +220,9 @@ class TeacherSettings:
         if not 0.0 <= (self.drop_path_rate or 0.0) < 1.0 or (self.weight_decay_end or 0.0) < 0.0:
             raise InputError(f"drop_path_rate must lie in [0, 1) and weight_decay_end be >= 0 (or None); found "
                              f"{self.drop_path_rate} and {self.weight_decay_end}.")
-        if self.precision not in (*PRECISIONS, AUTO):
-            raise InputError(f"precision must be one of {', '.join((*PRECISIONS, AUTO))}, found {self.precision!r}.")
+        if self.precision not in TEACHER_PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(TEACHER_PRECISIONS)} (fp16 would need a loss "
+                             f"scaler), found {self.precision!r}.")
         if not 0.0 < self.momentum_start <= 1.0 or not 0.0 < self.warmup_teacher_temp <= self.teacher_temp:
             raise InputError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
                              f"{self.momentum_start}, {self.warmup_teacher_temp}, {self.teacher_temp}.")
@@ -506,14 +507,22 @@ class _TeacherTrainer:
                                                    s.warmup_teacher_temp, s.teacher_temp),
         }
 
+    def autocast(self) -> torch.autocast:
+        """The forward passes' autocast at ``settings.precision`` (``auto`` decided for the device). Not
+        accelerate's mixed precision: its state is one per process, and the demo trains other networks in
+        float32 in the same process."""
+        device = self.accelerator.device
+        dtype = autocast_dtype(self.settings.precision, device)
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def losses(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
         """The DINOv2 loss terms of one batch (module doc); "total" is their weighted sum."""
         device = self.accelerator.device
         global_crops, masks, local_crops = (t.to(device, non_blocking=True) for t in _view_major(batch))
         crops = 2 + len(local_crops) // (len(global_crops) // 2)
-        with torch.no_grad(), self.accelerator.autocast():  # at settings.precision (the Accelerator's)
+        with torch.no_grad(), self.autocast():
             _, teacher_cls, teacher_masked = (t.float() for t in self.teacher(global_crops, masks, mask_input=False))
-        with self.accelerator.autocast():
+        with self.autocast():
             cls, student_cls, student_masked = (t.float() for t in self.student(global_crops, masks, local_crops))
         dino = self.dino_loss(teacher_cls.chunk(2), student_cls.chunk(crops), teacher_temp=teacher_temp)
         ibot = self.ibot_loss(teacher_masked, student_masked, masks, teacher_temp=teacher_temp)
@@ -783,11 +792,8 @@ def train_teacher(
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
     ``log`` gets a few lines (main process only); the progress bar shows the step loss.
     """
-    device = process_state().device  # the process group, with the collective timeout every command uses
-    precision = resolve_precision(settings.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise InputError("precision fp16 needs a GPU; use bf16, fp32 or auto on CPUs.")
-    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[precision], cpu=on_cpu_only())
+    process_state()  # the process group, with the collective timeout every command uses
+    accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # autocast: TeacherSettings.precision
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
     images, resolution = open_training_images(data_dir, resolution)  # a folder's files: each checked once
