@@ -110,8 +110,9 @@ def test_the_teacher_probe_extracts_features_of_at_most_its_caps_of_images(monke
 
     monkeypatch.setattr(teacher_module, "_cls_features", features)
     settings = teacher_module.TeacherSettings(probe_train_images=2_000, probe_held_out_images=500)
-    report = teacher_module._probe(SimpleNamespace(num_classes=10), list(range(900_000)),
-                                   list(range(900_000, 1_000_000)), None, None, settings)
+    features = teacher_module._probe_features(SimpleNamespace(num_classes=10), list(range(900_000)),
+                                              list(range(900_000, 1_000_000)), None, None, settings)
+    report = teacher_module._probe(features)
     assert seen == [2_000, 500]
     assert (report.train_images, report.held_out_images) == (2_000, 500)
     assert report.trained.knn > 0.95 and report.trained.linear > 0.95  # the stand-in features carry their label
@@ -123,3 +124,59 @@ def test_probe_caps_must_be_positive(name):
 
     with pytest.raises(InputError, match=f"{name} must be >= 1"):
         teacher_module.TeacherSettings(**{name: 0})
+
+
+class _Rows(torch.nn.Module):
+    """A stand-in extractor whose CLS feature is the image's row number (its pixels' value)."""
+
+    embed_dim = 1
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images):
+        return SimpleNamespace(cls=images[:, :1, 0, 0].float() * self.scale)
+
+
+class _Images:
+    """Images whose pixels hold their row number; remembers which rows were read."""
+
+    def __init__(self):
+        self.read: list[int] = []
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.read.append(i)
+        return {"images": torch.full((3, 2, 2), i, dtype=torch.uint8), "label": torch.tensor(i % 3)}
+
+
+def test_each_process_extracts_its_share_of_the_probe_rows(monkeypatch):
+    rows = [1, 4, 5, 9, 11, 20, 21, 30, 33, 39, 2]
+    images = _Images()
+    alone, labels = teacher_module._cls_features([_Rows()], images, rows)
+    assert alone[0].squeeze(1).tolist() == rows and labels.tolist() == [r % 3 for r in rows] and images.read == rows
+    monkeypatch.setattr(teacher_module, "_world", lambda: 3)
+    monkeypatch.setattr(teacher_module, "gather_strided", lambda local, total: local)  # the share, not gathered
+    for rank in range(3):
+        monkeypatch.setattr(teacher_module, "_rank", lambda rank=rank: rank)
+        images = _Images()
+        share, share_labels = teacher_module._cls_features([_Rows()], images, rows)
+        assert images.read == rows[rank::3] == share[0].squeeze(1).tolist()  # each image read by one process
+        assert share_labels.tolist() == [r % 3 for r in rows[rank::3]]
+
+
+def test_gathered_shares_come_back_in_row_order(monkeypatch):
+    from reglue import distributed
+
+    rows = torch.arange(11, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])  # (11, 2)
+    shares = [rows[rank::3] for rank in range(3)]  # 4, 4 and 3 rows
+    monkeypatch.setattr(distributed, "_several_processes", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 3)
+
+    def all_gather(parts, mine):  # what every process receives: each share padded to 4 rows
+        assert mine.shape == (4, 2)
+        for part, share in zip(parts, shares, strict=True):
+            part.zero_()[: len(share)] = share
+
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    assert torch.equal(distributed.gather_strided(shares[2], 11), rows)

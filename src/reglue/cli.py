@@ -212,7 +212,7 @@ def _cmd_train_vfm(args: argparse.Namespace) -> int:
 
     options = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads, "epochs": args.epochs,
                "global_batch": args.batch_size, "lr": args.lr, "local_crops": args.local_crops, "seed": args.seed,
-               "held_out_fraction": args.held_out_fraction, "checkpoint_every": args.checkpoint_every,
+               "max_held_out_fraction": args.max_held_out_fraction, "checkpoint_every": args.checkpoint_every,
                "num_workers": args.num_workers}
     settings = TeacherSettings(**{k: v for k, v in options.items() if v is not None}, probe=args.probe,
                                tensorboard=args.tensorboard)
@@ -490,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per step over all processes (default 32)")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
     p.add_argument("--local-crops", type=int, default=None, help="local crops per image (default 2)")
-    p.add_argument("--held-out-fraction", type=float, default=None,
-                   help="share of labelled images held out for the probe (default 0.25)")
+    p.add_argument("--max-held-out-fraction", type=float, default=None,
+                   help="the probe holds out 10,000 labelled images, class-balanced, but at most this share of "
+                        "each class (default 0.25)")
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="no k-NN / linear-probe report (unlabelled data); every image is trained on")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between resume states (default 50)")

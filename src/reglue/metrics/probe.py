@@ -68,12 +68,14 @@ def knn_accuracy(
     _check(train_features, train_labels, "training")
     _check(test_features, test_labels, "held-out")
     k = min(k, len(train_features))
+    device = train_features.device  # the similarities are computed where the features are
     train = F.normalize(train_features.double(), dim=1)
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     correct = 0
     for start in range(0, len(test_features), KNN_CHUNK):  # memory: one (chunk, N_train) block, not (M, N_train)
-        test = F.normalize(test_features[start : start + KNN_CHUNK].double(), dim=1)
+        test = F.normalize(test_features[start : start + KNN_CHUNK].to(device).double(), dim=1)
         similarity, nearest = (test @ train.T).topk(k, dim=1)  # (chunk, k) each
-        votes = torch.zeros(len(test), num_classes, dtype=torch.float64)
+        votes = torch.zeros(len(test), num_classes, dtype=torch.float64, device=device)
         votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())  # (chunk, K)
         correct += int((votes.argmax(dim=1) == test_labels[start : start + KNN_CHUNK]).sum())
     return correct / len(test_features)
