@@ -51,7 +51,8 @@ def test_the_linear_probe_is_seeded_and_only_ever_sees_minibatches(monkeypatch):
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(4, 8, generator=g)
     features, labels = _blobs(1000, g, centres)
-    first = probe.fit_linear_probe(features.double(), labels, num_classes=4, steps=50, seed=3)
+    with torch.no_grad():  # it fits under no_grad too, as the training evaluation calls it
+        first = probe.fit_linear_probe(features.double(), labels, num_classes=4, steps=50, seed=3)
     again = probe.fit_linear_probe(features.double(), labels, num_classes=4, steps=50, seed=3)
     other = probe.fit_linear_probe(features.double(), labels, num_classes=4, steps=50, seed=4)
     assert torch.equal(first.weight, again.weight) and not torch.equal(first.weight, other.weight)
@@ -180,3 +181,27 @@ def test_gathered_shares_come_back_in_row_order(monkeypatch):
 
     monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
     assert torch.equal(distributed.gather_strided(shares[2], 11), rows)
+
+
+GATHER_CHILD = r"""
+import sys, torch, torch.distributed as dist
+from reglue.distributed import gather_strided
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=int(sys.argv[2]), world_size=2)
+rows = torch.arange(7.0)[:, None] * torch.tensor([[1.0, 10.0]])  # (7, 2): rank 0 holds 4 rows, rank 1 holds 3
+assert torch.equal(gather_strided(rows[dist.get_rank()::2], 7), rows)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_gather_their_shares_in_row_order(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", GATHER_CHILD, str(tmp_path / "store"), str(rank)], env=env,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for process in ranks:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]

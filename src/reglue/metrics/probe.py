@@ -158,13 +158,15 @@ def fit_linear_probe(
     optimizer = torch.optim.Adam([probe.weight, probe.bias], lr=LINEAR_LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     labels = labels.to(device)
-    for rows in _minibatches(len(features), steps, seed):
-        rows = rows.to(device)
-        loss = F.cross_entropy(probe.logits(features[rows]), labels[rows]) + weight_decay * probe.weight.square().sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with torch.enable_grad():  # also when called under no_grad (the training evaluation)
+        for rows in _minibatches(len(features), steps, seed):
+            rows = rows.to(device)
+            loss = (F.cross_entropy(probe.logits(features[rows]), labels[rows])
+                    + weight_decay * probe.weight.square().sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     return LinearProbe(mean, std, probe.weight.detach(), probe.bias.detach())
 
 
