@@ -156,10 +156,9 @@ def test_each_process_extracts_its_share_of_the_probe_rows(monkeypatch):
     images = _Images()
     alone, labels = teacher_module._cls_features([_Rows()], images, rows)
     assert alone[0].squeeze(1).tolist() == rows and labels.tolist() == [r % 3 for r in rows] and images.read == rows
-    monkeypatch.setattr(teacher_module, "_world", lambda: 3)
     monkeypatch.setattr(teacher_module, "gather_strided", lambda local, total: local)  # the share, not gathered
     for rank in range(3):
-        monkeypatch.setattr(teacher_module, "_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(teacher_module, "rank_and_world", lambda rank=rank: (rank, 3))
         images = _Images()
         share, share_labels = teacher_module._cls_features([_Rows()], images, rows)
         assert images.read == rows[rank::3] == share[0].squeeze(1).tolist()  # each image read by one process

@@ -75,7 +75,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -91,7 +90,14 @@ from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
 from reglue.data.split import held_out_split
-from reglue.distributed import gather_strided, main_process_log, on_cpu_only, on_main, process_state
+from reglue.distributed import (
+    gather_strided,
+    main_process_log,
+    on_cpu_only,
+    on_main,
+    process_state,
+    rank_and_world,
+)
 from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -562,7 +568,8 @@ def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[in
     (``rows[rank::world]``) in batches of PROBE_BATCH, each image once; the shares are then gathered
     (:func:`reglue.distributed.gather_strided`), so every process returns all rows, in ``rows``' order."""
     device = next(extractors[0].parameters()).device
-    mine = rows[_rank() :: _world()]
+    rank, world = rank_and_world()
+    mine = rows[rank::world]
     chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
     labels = []
     for start in range(0, len(mine), PROBE_BATCH):
@@ -576,14 +583,6 @@ def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[in
     labels = torch.tensor(labels, dtype=torch.int64, device=device)
     return ([gather_strided(features, len(rows)) for features in local],
             gather_strided(labels, len(rows)))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def probe_rows(rows: list[int], cap: int, seed: int, part: int) -> list[int]:
