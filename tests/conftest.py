@@ -100,7 +100,7 @@ def demo_data(tmp_path_factory):
         kind = "redi" if preset == "redi" else "reglue"
         if kind not in made:
             settings = DemoSettings(presets=(kind,), steps=1, images_per_class=8, compressor_epochs=1,
-                                    classifier_steps=1, teacher="random")
+                                    teacher="random")
             out = tmp_path_factory.mktemp(f"demo-data-{kind}")
             paths, ledger = DemoPaths(out), Ledger(out, settings)
             data_stages(ledger, paths, settings, progress=False)

@@ -105,6 +105,7 @@ RENAMED_FLAGS = [
     (["train-vfm", "d", "--out", "o", "--batch-size", "8"], "--batch-size was renamed --global-batch."),
     (["train-vfm", "d", "--out", "o", "--no-resume"], "--no-resume was renamed --restart."),
     (["train-vfm", "d", "--out", "o", "--resume"], "--resume is gone: rerunning train-vfm resumes by default"),
+    (["train-vfm", "d", "--out", "o", "--held-out-fraction", "0.1"], "was replaced by --max-held-out-fraction"),
     (["evaluate", "--ref", "r", "--samples", "s", "--batch-size", "4"], "--batch-size was renamed --micro-batch."),
 ]
 

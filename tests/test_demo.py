@@ -17,7 +17,7 @@ from reglue.demo import report as demo_report
 from reglue.demo.settings import MODEL
 from reglue.demo.stages import STATE_FILE
 
-TINY = {"data": "shapes", "steps": 3, "images_per_class": 8, "teacher_epochs": 1, "classifier_steps": 2, "compressor_epochs": 1,
+TINY = {"data": "shapes", "steps": 3, "images_per_class": 8, "teacher_epochs": 1, "compressor_epochs": 1,
         "sample_steps": 2, "eval_samples": 4, "grid_rows": 1, "resolution": 64}
 RANDOM = "random and untrained"
 
@@ -144,8 +144,9 @@ def test_random_vfm_is_labelled_and_sit_alone_skips_the_semantic_stages(tmp_path
     settings = DemoSettings(presets=("sit",), teacher="random", **TINY)
     result = run_demo(tmp_path, settings, progress=False)
     stages = stage_names(tmp_path)
-    assert stages == ["images", "prepare data", "classifier", "train sit seed 0", "grid sit", "report"]
+    assert stages == ["images", "prepare data", "train sit seed 0", "grid sit", "report"]
     assert not (tmp_path / "data" / "norm_stats.safetensors").exists() and not (tmp_path / "teacher").exists()
+    assert len(list((tmp_path / "data" / "eval").glob("*-linear-probe.npz"))) == 1  # class_accuracy's probe
     assert RANDOM in result.report.read_text()
     assert Image.open(result.grid).size == Image.open(tmp_path / "grid_sit.png").size
 

@@ -210,7 +210,7 @@ CASES = [
     Case("train-vfm: train state", "reglue.training.teacher.save_state_file", "train_state.pt",
          lambda i, out: train_vfm(i, out, "--no-probe")),
     Case("train-vfm: export and probe", "reglue.training.teacher._probe", "exporting and probing",
-         lambda i, out: train_vfm(i, out, "--held-out-fraction", "0.25")),
+         lambda i, out: train_vfm(i, out, "--max-held-out-fraction", "0.25")),
     Case("sample: settings.json", "reglue.data.store.check_or_write_json", "settings.json", sample),
     Case("sample: samples.npz", "reglue.generate.pack_npz", "packing", sample),
     Case("train: evaluation scores", "reglue.training.evaluation.frechet_distance", "scoring the evaluation",

@@ -35,6 +35,7 @@ from reglue.data.sources import open_source
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm, dinov2_to_timm, timm_to_dinov2
+from reglue.errors import InputError
 from reglue.training.teacher import (
     INSTALL_HINT,
     SKIPPED_FILE,
@@ -44,6 +45,7 @@ from reglue.training.teacher import (
     SelfDistillation,
     TeacherSettings,
     open_training_images,
+    split_rows,
     teacher_spec,
     train_teacher,
 )
@@ -161,6 +163,33 @@ def test_probe_vfm_runs_a_finished_teachers_probe_again(learned, data, tmp_path,
     assert "is not the data the teacher" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert main(["probe-vfm", str(tmp_path), str(data)]) == 2
     assert "holds no finished teacher" in capsys.readouterr().err
+
+
+def test_the_probe_holds_out_a_class_balanced_capped_set_and_trains_on_the_rest(data):
+    images = PreparedDataset(data, fields=("images",))  # 8 classes of 48
+    labels = torch.tensor([int(images[i]["label"]) for i in range(len(images))])
+    train_rows, held_out = split_rows(images, replace(LEARNING, probe_held_out_images=20))
+    assert len(held_out) == 20 and labels[held_out].bincount(minlength=8).tolist() == [3] * 4 + [2] * 4
+    assert sorted(train_rows + held_out) == list(range(384))
+    _, capped = split_rows(images, LEARNING)  # 10,000 asked; at most a quarter of each class: 12 of each 48
+    assert labels[capped].bincount().tolist() == [12] * 8
+    assert split_rows(images, replace(LEARNING, probe=False)) == (list(range(384)), [])
+
+
+def test_a_teacher_recorded_with_held_out_fraction_is_refused_clearly(learned, data, tmp_path, capsys):
+    """Runs of an older reglue held out a quarter by another split: probing them, or resuming, is refused."""
+    from reglue.training.teacher import INFO_FILE, probe_teacher
+
+    old = tmp_path / "old"
+    shutil.copytree(learned.out_dir, old)
+    info = json.loads((old / INFO_FILE).read_text())
+    settings = info["config"]["settings"]
+    settings["held_out_fraction"] = settings.pop("max_held_out_fraction")
+    (old / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(InputError, match="trained by an older reglue, which held out held_out_fraction 0.25"):
+        probe_teacher(old, data)
+    with pytest.raises(InputError, match=r"settings.held_out_fraction: was 0.25, now absent.*--no-resume"):
+        train_teacher(data, old, LEARNING, progress=False)
 
 
 def _official_state_dict(dim=24, depth=2, grid=4, registers=4, swiglu=False, seed=0) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ DINOV2_VITB = {
 }
 # settings that are not DINOv2's (the run's own): the recipe keeps TeacherSettings' values
 RUN_OWN = {"seed", "probe", "probe_train_images", "probe_held_out_images", "checkpoint_every", "num_workers",
-           "tensorboard", "held_out_fraction"}
+           "tensorboard", "max_held_out_fraction"}
 
 
 def resolved(*argv: str) -> TeacherSettings:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -11,12 +9,14 @@ from safetensors.torch import save_file
 
 from conftest import run_processes
 from reglue.config import ConfigError, load_config
-from reglue.data.dataset import PreparedDataset
+from reglue.data.dataset import PreparedDataset, random_subset
 from reglue.encoders.autoencoder import load_vae
 from reglue.generate import SampleSettings, sample_batch
-from reglue.metrics.class_probe import train_class_probe
+from reglue.metrics.feature_space import load_feature_space
+from reglue.metrics.probe import LinearProbe, fit_linear_probe
 from reglue.models.loading import load_sampling_model
-from reglue.training.evaluation import Evaluator
+from reglue.training import evaluation
+from reglue.training.evaluation import Evaluator, feature_spec
 from reglue.training.metrics import read_metrics
 from reglue.training.trainer import train
 from test_evaluate import random_weights  # noqa: F401 (a fixture: random Inception-v3 weights)
@@ -126,39 +126,45 @@ def test_inception_fid_during_training_and_weights_that_do_not_fit(cached_data, 
 
 
 
-def test_class_accuracy_during_training_is_the_classifiers_accuracy_on_the_eval_samples(cached_data, tmp_path):
-    run = config_for(cached_data, "eval-acc", "train.max_steps=2", *EVAL, "eval.num_samples=6")
+def test_class_accuracy_is_the_reference_images_linear_probe_on_the_eval_samples_features(cached_data, monkeypatch):
+    run = config_for(cached_data, "eval-acc", "train.max_steps=2", *EVAL, "eval.num_samples=6",
+                     "eval.metrics=[fd, class_accuracy]")
     result = train(run)
-    # the evaluation's samples drawn again by hand; a classifier that memorised them with their labels
-    e = run.eval
+    logged = eval_series(result.run_dir)[2]["eval/class_accuracy"]
+    # the probe: fitted on the cached reference features and the reference images' labels, cached beside them
+    e, data_dir = run.eval, cached_data / "data"
+    space = load_feature_space(feature_spec(run))
+    stem = f"{space.network}-{space.fingerprint}-train{e.reference_images}"
+    reference = np.load(data_dir / "eval" / f"{stem}.npz")["features"]
+    rows = random_subset(PreparedDataset(data_dir, fields=()), e.reference_images, seed=0).indices
+    labels = PreparedDataset(data_dir, fields=()).read_batch(rows)["label"]
+    cached = LinearProbe.load(data_dir / "eval" / f"{stem}-linear-probe.npz")
+    refitted = fit_linear_probe(torch.from_numpy(reference), labels, num_classes=len(set(labels.tolist())), seed=0)
+    assert torch.equal(cached.weight, refitted.weight) and torch.equal(cached.bias, refitted.bias)
+    assert cached.accuracy(torch.from_numpy(reference), labels) == 1.0  # 6 images, 32-d features: separable
+    # the evaluation's samples drawn again by hand, embedded in the space and given to the probe
     settings = SampleSettings(num_samples=e.num_samples, mode=e.sampler.mode, num_steps=e.sampler.steps,
                               guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch)
     ema = load_sampling_model(result.run_dir / "ema")
-    data = PreparedDataset(cached_data / "data", fields=("images",))
-    samples, drawn = sample_batch(ema, load_vae(data.manifest["vae"]), list(range(e.num_samples)), settings,
-                                  torch.device("cpu"))
+    vae = load_vae(PreparedDataset(data_dir, fields=()).manifest["vae"])
+    samples, drawn = sample_batch(ema, vae, list(range(e.num_samples)), settings, torch.device("cpu"))
     assert len(set(drawn.tolist())) > 1, "the test needs samples of several classes"
-    rows = [data[i] for i in range(len(data))]  # real images too, so that every class has some
-    real = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()
-    real_labels = torch.stack([r["label"] for r in rows]).numpy()
-    probe = train_class_probe(np.concatenate([samples] * 4 + [real] * 2), np.concatenate([drawn] * 4 + [real_labels] * 2),
-                              data.class_names, side=16, steps=40, held_out_fraction=0.25)
-    expected = probe.accuracy(samples, drawn)
-    assert expected >= 0.5, "the probe should recognise most of the samples it was trained on"
-    path = probe.save(tmp_path / "probe.safetensors")
-    scored = replace(run, eval=replace(e, metrics=["fd", "class_accuracy"], classifier=str(path)))
-    values = Evaluator(scored, device=torch.device("cpu"))(ema, step=2)
-    assert values["eval/class_accuracy"] == pytest.approx(expected, abs=1e-12)
+    features = torch.from_numpy(space.features(samples, batch_size=e.micro_batch))
+    assert logged == cached.accuracy(features, torch.from_numpy(drawn))
+    # a later evaluation reads the cached probe instead of fitting it again
+    monkeypatch.setattr(evaluation, "fit_linear_probe", None)
+    values = Evaluator(run, device=torch.device("cpu"))(ema, step=2)
+    assert values["eval/class_accuracy"] == logged
 
 
-def test_class_accuracy_needs_a_classifier_of_the_datas_classes(cached_data, tmp_path):
-    with pytest.raises(ConfigError, match="eval.classifier"):
-        config_for(cached_data, "never", "train.max_steps=2", *EVAL, "eval.metrics=[class_accuracy]")
-    rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2
-    other = train_class_probe(images, labels, ["cats", "dogs"], side=16, steps=1, held_out_fraction=0.5)
-    path = other.save(tmp_path / "other.safetensors")
-    with pytest.raises(ConfigError, match=r"classifies \['cats', 'dogs'\], but the data's classes are"):
+def test_class_accuracy_needs_labelled_training_images_and_no_classifier_file(cached_data, tmp_path):
+    with pytest.raises(ConfigError, match="eval.classifier is no longer needed: class_accuracy is a linear probe"):
+        config_for(cached_data, "never", "train.max_steps=2", *EVAL, "eval.metrics=[class_accuracy]",
+                   f"eval.classifier={tmp_path / 'probe.safetensors'}")
+    config_for(cached_data, "never", "train.max_steps=2", *EVAL, "eval.classifier=null")  # an older run's config
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=np.zeros((8, 256, 256, 3), np.uint8))  # the data's resolution
+    with pytest.raises(ConfigError, match="class_accuracy fits its linear probe on the labelled reference images"):
         train(config_for(cached_data, "eval-acc-bad", "train.max_steps=2", *EVAL, "eval.metrics=[class_accuracy]",
-                         f"eval.classifier={path}"))
+                         f"eval.reference={reference}", "eval.num_samples=2"))
     assert not (cached_data / "eval-acc-bad").exists()

@@ -39,8 +39,12 @@ RENAMED_KEYS = {"train.mixed_precision": ("train.precision", "no is now fp32"),
                 "data.vfm_autocast": ("data.vfm_precision", "no is now fp32")}
 # fd: Fréchet distance in eval.vfm's feature space (eval/fd_dinov2 for DINOv2 ViT-L/14, else eval/fd_<network>);
 # pr: precision / recall in that space; fid: Inception FID (needs eval.inception);
-# class_accuracy: share of samples a classifier of the real images assigns their label (needs eval.classifier).
+# class_accuracy: share of samples a linear probe on that space's CLS features, fitted on the (labelled) reference
+# images, assigns their label.
 EVAL_METRICS = ("fd", "pr", "fid", "class_accuracy")
+# keys of older configs that nothing reads any more: null is dropped, a value refused with the reason
+RETIRED_KEYS = {"eval.classifier": "class_accuracy is a linear probe on eval.vfm's CLS features now, fitted on the "
+                                   "reference images and cached beside their features; no classifier file is needed"}
 SEMANTICS_SOURCES = ("cached", "online")
 SAMPLE_MODES = ("sde", "ode")
 # option -> (the package it needs, the install that brings it); checked when a config is validated
@@ -170,7 +174,6 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["fd"])  # fd | pr | fid | class_accuracy, see EVAL_METRICS
     vfm: dict | None = None  # feature network of fd/pr (VFMSpec fields); null: DINOv2 ViT-L/14 (FD_DINOv2)
     inception: str | None = None  # Inception-v3 weights file for fid
-    classifier: str | None = None  # class_accuracy's classifier (reglue.metrics.class_probe .safetensors)
     reference: str | None = None  # ADM .npz reference batch; null: the training set (statistics cached in DATA/eval)
     reference_images: int = 50_000  # training-set images behind the reference statistics (all if fewer)
     sampler: EvalSamplerConfig = field(default_factory=EvalSamplerConfig)
@@ -268,8 +271,6 @@ class RunConfig:
              f"a non-empty list from {EVAL_METRICS}"),
             (e.every == 0 or "fid" not in e.metrics or bool(e.inception), "eval.inception",
              "the Inception-v3 weights file for the fid metric (eval.inception=PATH)"),
-            (e.every == 0 or "class_accuracy" not in e.metrics or bool(e.classifier), "eval.classifier",
-             "a class-probe file for class_accuracy (eval.classifier=PATH, see reglue.metrics.class_probe)"),
             (_is_vfm_spec(e.vfm), "eval.vfm", "null (DINOv2 ViT-L/14) or a mapping of VFM fields"),
             (e.reference_images >= 2, "eval.reference_images", "at least 2 images"),
             (e.sampler.mode in SAMPLE_MODES, "eval.sampler.mode", f"one of {SAMPLE_MODES}"),
@@ -382,6 +383,12 @@ def from_dict(cls, raw: dict, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, found {raw!r}.")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(raw) - names):
+        if prefix + key in RETIRED_KEYS:
+            if raw[key] is not None:
+                raise ConfigError(f"{prefix + key} is no longer needed: {RETIRED_KEYS[prefix + key]}. "
+                                  f"Remove {prefix + key} from the config.")
+            raw = {k: v for k, v in raw.items() if k != key}  # an older run's saved config: nothing to refuse
     unknown = sorted(set(raw) - names)
     for key in unknown:
         if prefix + key in RENAMED_KEYS:

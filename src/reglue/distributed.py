@@ -133,3 +133,29 @@ def on_rank_zero(rank: int, what: str, work: Callable[[], T]) -> T | None:
     the same under a process group, whose global rank 0 runs ``work``; without one, ``work`` runs only when
     ``rank`` is 0, so that one process can play rank ``rank`` of several (as the world-size tests do)."""
     return on_main(what, work if rank == 0 else lambda: None)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of the process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every process's share of ``total`` rows, gathered on every process in row order.
+
+    Process ``rank`` of ``world`` holds rows ``rank, rank + world, …`` (``rows[rank::world]``) as ``local``
+    (n_rank, *row) on its device (its GPU under NCCL); the result is (total, *row), row i from process
+    i mod world. The shares are padded to the largest one for one ``all_gather``. Without a process group of
+    several processes, ``local`` is returned as it is."""
+    if not _several_processes():
+        return local
+    world = dist.get_world_size()
+    share = -(-total // world)  # the largest share: ceil(total / world) rows
+    padded = local.new_zeros((share, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = torch.arange(total, device=local.device)
+    return torch.cat(parts)[(rows % world) * share + rows // world]  # row i: process i mod world, place i // world

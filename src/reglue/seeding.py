@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SPLIT_STREAM = 0  # (seed, SPLIT_STREAM): the compressor's held-out images
+SPLIT_STREAM = 0  # (seed, SPLIT_STREAM): held-out images (reglue.data.split)
 SHUFFLE_STREAM = 1  # (seed, SHUFFLE_STREAM, epoch): the order of an epoch
 STEP_STREAM = 2  # (seed, STEP_STREAM, step): a training step's times, noises and label dropout
 NOISE_STREAM = 3  # (seed, NOISE_STREAM, i): sample i's initial and per-step noise
 LABEL_STREAM = 4  # (seed, LABEL_STREAM, i): sample i's random class
 PROBE_STREAM = 5  # (seed, PROBE_STREAM, part): the teacher probe's bounded subsets of rows
+LINEAR_PROBE_STREAM = 6  # (seed, LINEAR_PROBE_STREAM, epoch): the linear probe's minibatch order
 
 
 def seeded_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:

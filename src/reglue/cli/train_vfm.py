@@ -26,7 +26,7 @@ DESCRIPTION = ("DINOv2's recipe (DINO + iBOT + KoLeo, EMA teacher, multi-crop; l
 SHORTCUTS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "epochs": "epochs",
              "global_batch": "global_batch", "lr": "lr", "local_crops": "local_crops", "seed": "seed",
              "checkpoint_every": "checkpoint_every", "num_workers": "num_workers", "tensorboard": "tensorboard",
-             "probe": "probe"}
+             "probe": "probe", "max_held_out_fraction": "max_held_out_fraction"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_renamed(parser, "--batch-size", "--global-batch")
     parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
     parser.add_argument("--local-crops", type=int, default=None, help="local crops per image")
+    parser.add_argument("--max-held-out-fraction", type=float, default=None,
+                        help="the probe holds out probe_held_out_images labelled images, class-balanced, but at most "
+                        "this share of each class (default 0.25)")
+    add_retired(parser, "--held-out-fraction", "was replaced by --max-held-out-fraction: the probe holds out "
+                "probe_held_out_images (10,000) images, at most that share of each class (docs/teacher.md).")
     parser.add_argument("--no-probe", dest="probe", action="store_false", default=None,
                         help="no k-NN / linear-probe report (unlabelled data); every image is trained on")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between resume states")

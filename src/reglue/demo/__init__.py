@@ -13,13 +13,14 @@ Stages, each calling what the matching ``reglue`` command calls, all under ``DIR
   1. images       the synthetic ImageFolder (:mod:`reglue.data.synthetic`)            images/
   2. prepare      pixel-autoencoder moments (``reglue prepare``); ReDi: a copy       data/ (data-pca/)
   3. teacher      the VFM (``reglue train-vfm``), with its k-NN / linear-probe report  teacher/
-  4. classifier   a classifier of the real images (the class-accuracy metric)  classifier.safetensors
-  5. semantics    norm stats, compressor (ReDi: PCA), cached semantics/CLS/REPA      data/...
-  6. train        each preset × seed (``reglue train``), evaluating itself 4 times   runs/<preset>/seed-<s>/
-  7. grid         a class grid of each preset's first seed                           grid_<preset>.png
-  8. report       results over seeds, curves (mean ± std), grids side by side        results.json, report.md, ...
+  4. semantics    norm stats, compressor (ReDi: PCA), cached semantics/CLS/REPA      data/...
+  5. train        each preset × seed (``reglue train``), evaluating itself 4 times   runs/<preset>/seed-<s>/
+  6. grid         a class grid of each preset's first seed                           grid_<preset>.png
+  7. report       results over seeds, curves (mean ± std), grids side by side        results.json, report.md, ...
 
-Stage 5 runs only for presets that use the VFM (not ``sit`` alone); the teacher is trained
+The class-accuracy metric of the evaluations is a linear probe on the VFM's CLS features of the
+prepared images, fitted by the first run's first evaluation and cached in ``data/eval/``.
+Stage 4 runs only for presets that use the VFM (not ``sit`` alone); the teacher is trained
 whenever it is used, since every run, ``sit``'s too, is evaluated in its feature space. ``DIR/demo.json``
 records the settings and the seconds each finished stage took: a rerun skips finished stages and
 resumes an interrupted one through that stage's own resume; a rerun with other settings, or into a

@@ -22,7 +22,6 @@ from reglue.demo.settings import (
 )
 from reglue.errors import ReglueError
 from reglue.io import atomic_write
-from reglue.metrics.class_probe import ClassProbe
 from reglue.metrics.evaluate import write_results
 from reglue.metrics.feature_space import fd_key as _metric_fd_key
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD
@@ -53,7 +52,6 @@ def teacher_summary(paths: DemoPaths, settings: DemoSettings) -> dict:
 def gather_results(paths: DemoPaths, settings: DemoSettings, vfm_name: str) -> dict:
     """Every run's evaluation series and final values, and per preset their mean and spread over seeds."""
     keys = (fd_key(vfm_name), ACCURACY_KEY)
-    probe = ClassProbe.load(paths.classifier)
     presets = {}
     for preset in settings.presets:
         runs = {seed: _run_result(paths.run(preset, seed), keys) for seed in settings.run_seeds}
@@ -62,8 +60,8 @@ def gather_results(paths: DemoPaths, settings: DemoSettings, vfm_name: str) -> d
     return {
         "protocol": protocol(settings),
         "teacher": teacher_summary(paths, settings),
-        "classifier": {"held_out_accuracy": probe.held_out_accuracy, "chance": 1 / len(settings.classes),
-                       "side": probe.side},
+        "class_accuracy": {"probe": "linear probe on the VFM's CLS features, fitted on every prepared image",
+                           "chance": 1 / len(settings.classes)},
         "fd_key": keys[0],
         "presets": presets,
         "ordering": ordering(presets, keys[0]),
@@ -234,18 +232,18 @@ def _teacher_section(teacher: dict) -> list[str]:
 
 def _protocol_section(settings: DemoSettings, results: dict) -> list[str]:
     fixed = results["protocol"]["fixed"]
-    classifier = results["classifier"]
+    chance = results["class_accuracy"]["chance"]
     return [
         "## Protocol", "",
         (f"Every preset trains the same SiT ({MODEL['depth']} blocks of width {MODEL['hidden_size']}) on "
          f"{fixed['data']} for {settings.steps} steps of batch {fixed['batch']}, with training seeds "
-         f"{', '.join(map(str, settings.run_seeds))}; data, teacher, classifier and evaluation samples are the "
+         f"{', '.join(map(str, settings.run_seeds))}; data, teacher and evaluation samples are the "
          f"same for all. Each run is evaluated at steps {_evaluation_steps(settings.steps)} on the same "
          f"{settings.eval_samples} EMA samples "
          f"({fixed['sampler']}): FD of the samples' CLS features in the VFM's space against every prepared image "
-         f"(`{results['fd_key']}`, lower is better) and the share of samples a classifier trained on the real "
-         f"images assigns their conditioning class (`{ACCURACY_KEY}`, higher is better; the classifier's held-out "
-         f"accuracy on real images is {classifier['held_out_accuracy']:.3f}, chance {classifier['chance']:.3f})."),
+         f"(`{results['fd_key']}`, lower is better) and the share of samples that a linear probe on the same CLS "
+         f"features, fitted on every prepared image, assigns their conditioning class (`{ACCURACY_KEY}`, higher is "
+         f"better; chance {chance:.3f})."),
         "",
     ]
 
@@ -310,8 +308,7 @@ def _clear(compared: dict) -> str:
 
 
 def _files_section(paths: DemoPaths, settings: DemoSettings) -> list[str]:
-    lines = ["## Files", "", f"- [results.json]({RESULTS_FILE}): every series and final value per run",
-             "- [classifier.safetensors](classifier.safetensors): the classifier of the real images"]
+    lines = ["## Files", "", f"- [results.json]({RESULTS_FILE}): every series and final value per run"]
     if (paths.teacher / REPORT_MD).is_file():
         lines.append("- [teacher/](teacher/report.md): the trained VFM (`teacher.pth`, official DINOv2 layout)")
     for preset in settings.presets:

@@ -26,7 +26,6 @@ COMPRESSOR = {"channels": (64, 16), "global_batch": 32, "lr": 1e-3, "val_fractio
 PCA_RANK = 8
 SAMPLER = "sde"
 EVALUATIONS = 4  # per run, at a quarter, half, three quarters and the end of its steps
-CLASSIFIER_SIDE = 64  # the input side of the classifier of the real images (reglue.metrics.class_probe)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +41,6 @@ class DemoSettings:
     images_per_class: int = 40
     teacher: str = "trained"  # or "random" (plumbing checks)
     teacher_epochs: int = 15
-    classifier_steps: int = 300
     compressor_epochs: int = 2
     sample_steps: int = 25
     eval_samples: int = 64  # samples per evaluation during training (the same noise and labels every time)
@@ -60,7 +58,6 @@ class DemoSettings:
         if not self.presets or unknown or len(set(self.presets)) != len(self.presets):
             raise InputError(f"presets must be distinct names from {', '.join(PRESETS)}, found {list(self.presets)}.")
         counts = {"seeds": self.seeds, "steps": self.steps, "teacher_epochs": self.teacher_epochs,
-                  "classifier_steps": self.classifier_steps,
                   "compressor_epochs": self.compressor_epochs, "sample_steps": self.sample_steps,
                   "eval_samples": self.eval_samples, "grid_rows": self.grid_rows}
         for name, value in counts.items():
@@ -71,8 +68,8 @@ class DemoSettings:
         if self.teacher not in TEACHERS:
             raise InputError(f"teacher must be one of {TEACHERS}, found {self.teacher!r}.")
         if self.images_per_class < 8:
-            raise InputError(f"images_per_class must be >= 8 (the teacher, the classifier and the compressor "
-                             f"each hold some out), found {self.images_per_class}.")
+            raise InputError(f"images_per_class must be >= 8 (the teacher and the compressor each hold "
+                             f"some out), found {self.images_per_class}.")
         check_resolution(self.resolution)
 
     @property
@@ -114,7 +111,7 @@ def evaluation_every(steps: int) -> int:
 
 def quick(settings: DemoSettings) -> DemoSettings:
     """``--quick``: the same protocol at about a third of the cost (at most 400 steps, 2 seeds and 32
-    evaluation samples); data, teacher and classifier stay as they are."""
+    evaluation samples); data and teacher stay as they are."""
     return replace(settings, steps=min(settings.steps, 400), seeds=min(settings.seeds, 2),
                    eval_samples=min(settings.eval_samples, 32))
 
@@ -138,10 +135,6 @@ class DemoPaths:
     @property
     def teacher(self) -> Path:
         return self.out / "teacher"
-
-    @property
-    def classifier(self) -> Path:
-        return self.out / "classifier.safetensors"
 
     def data(self, kind: str | None = None) -> Path:
         """The prepared data; the ReDi preset's PCA semantics live in a second copy (``data-pca``)."""

@@ -1,5 +1,5 @@
 """The demo's stages, each calling what the matching ``reglue`` command calls (module doc of
-:mod:`reglue.demo`): data, teacher, classifier, semantics, training and the class grids."""
+:mod:`reglue.demo`): data, teacher, semantics, training and the class grids."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ import torch
 
 from reglue.config import RunConfig, from_dict
 from reglue.data import store
-from reglue.data.dataset import PreparedDataset
 from reglue.data.prepare import PrepareSettings, run_prepare
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.demo.settings import (
     AUTOENCODER_LABEL,
-    CLASSIFIER_SIDE,
     COMPRESSOR,
     EMA_DECAY,
     LEARNING_RATE,
@@ -39,7 +37,6 @@ from reglue.encoders.semantics import VFMSpec
 from reglue.errors import InputError, ReglueError
 from reglue.generate import SampleSettings, class_grid
 from reglue.io import atomic_write, write_json
-from reglue.metrics.class_probe import train_class_probe
 from reglue.models.loading import load_sampling_model
 from reglue.pipeline import (
     COMPRESSOR_DIR,
@@ -92,9 +89,9 @@ def check_out_dir(out: Path) -> None:
                          f"{STATE_FILE}: it is not a demo folder. Pass a new or empty --out folder.")
 
 
-# ----------------------------------------------------------------------------- data, teacher, classifier
+# ----------------------------------------------------------------------------- data and teacher
 def data_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, progress: bool) -> None:
-    """Images, the prepared data, the teacher and the classifier of the real images."""
+    """Images, the prepared data and the teacher."""
     ledger.run("images", f"{settings.num_images} synthetic images of the {settings.data!r} set, "
                f"{len(settings.classes)} classes, drawn at {settings.resolution}²",
                lambda: write_synthetic_dataset(paths.images, settings.images_per_class, settings.resolution,
@@ -109,30 +106,12 @@ def data_stages(ledger: Ledger, paths: DemoPaths, settings: DemoSettings, progre
         teacher = TeacherSettings(epochs=settings.teacher_epochs, seed=settings.seed)
         ledger.run("teacher", f"self-supervised DINOv2 teacher (`reglue train-vfm`), {settings.teacher_epochs} epochs",
                    lambda: _train_teacher(paths, teacher, progress))
-    ledger.run("classifier", f"classifier of the real images at {CLASSIFIER_SIDE}² (the class-accuracy metric)",
-               lambda: _train_classifier(paths, settings))
 
 
 def _train_teacher(paths: DemoPaths, teacher: TeacherSettings, progress: bool) -> None:
     result = train_teacher(paths.data(), paths.teacher, teacher, progress=progress)
     if result.report is not None:
         log.info("teacher: %s", result.report.verdict)
-
-
-def _train_classifier(paths: DemoPaths, settings: DemoSettings) -> None:
-    images, labels = real_images(paths.data())
-    probe = train_class_probe(images, labels, settings.classes, side=CLASSIFIER_SIDE,
-                              steps=settings.classifier_steps, seed=settings.seed)
-    probe.save(paths.classifier)
-    log.info("classifier: held-out accuracy %.3f (chance %.3f)", probe.held_out_accuracy, 1 / len(settings.classes))
-
-
-def real_images(data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every prepared image, uint8 (N, R, R, 3), and its label (N,)."""
-    dataset = PreparedDataset(data, fields=("images",))
-    rows = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([r["images"] for r in rows]).permute(0, 2, 3, 1).numpy()
-    return images, torch.stack([r["label"] for r in rows]).numpy()
 
 
 def vfm_spec(paths: DemoPaths, settings: DemoSettings) -> VFMSpec:
@@ -198,11 +177,11 @@ def demo_config(paths: DemoPaths, settings: DemoSettings, preset: str, seed: int
 
 def eval_config(paths: DemoPaths, settings: DemoSettings) -> dict:
     """Quality during training, every ``evaluation_every`` steps on the same samples: FD in the VFM's CLS
-    space against every prepared image, and the accuracy on the samples of a classifier trained on the
-    real images."""
+    space against every prepared image, and the share of samples that a linear probe on that space's CLS
+    features, fitted on every prepared image, gives the class they were drawn for (class_accuracy)."""
     spec = vfm_spec(paths, settings)
     return {"every": evaluation_every(settings.steps), "num_samples": settings.eval_samples,
-            "metrics": ["fd", "class_accuracy"], "classifier": str(paths.classifier),
+            "metrics": ["fd", "class_accuracy"],
             "vfm": {"name": spec.name, "weights": spec.weights, "arch": dict(spec.arch)},
             "reference_images": settings.num_images, "sampler": {"mode": SAMPLER, "steps": settings.sample_steps},
             "seed": settings.seed, "batch": settings.eval_samples, "micro_batch": min(settings.eval_samples, 32)}

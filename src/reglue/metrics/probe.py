@@ -9,9 +9,15 @@ are (N, D) float tensors (e.g. a ViT's final-normed CLS token), labels (N,) int6
   summed weight wins (a tie goes to the lower class index). Similarities are computed for
   :data:`KNN_CHUNK` held-out images at a time.
 - **Linear probe**: multinomial logistic regression on features standardised with the training
-  images' mean and std, weights and biases starting at zero, fitted full-batch with L-BFGS (strong
-  Wolfe line search, ``steps`` iterations) on cross-entropy + ``weight_decay``·‖W‖², in float64.
-  Nothing is random, so no seed is needed: the same features give the same accuracy.
+  images' mean and std, weights and biases starting at zero, fitted by Adam (learning rate
+  :data:`LINEAR_LR`, cosine decay to zero over :data:`LINEAR_STEPS` steps) on
+  cross-entropy + ``weight_decay``·‖W‖² over minibatches of :data:`LINEAR_BATCH` training rows, in
+  float32 on the features' device. Rows are visited in epochs, each a fresh permutation drawn from
+  (seed, LINEAR_PROBE_STREAM); standardising happens per minibatch, so memory beyond the caller's
+  features is one (LINEAR_BATCH, D) block and the (K, D) weights, whatever N. The same features and
+  seed give the same probe (on the same device). :func:`fit_linear_probe` returns the fitted
+  :class:`LinearProbe` (saved and loaded as ``.npz``: the training evaluation caches one per
+  feature space); :func:`linear_probe_accuracy` fits one and scores the held-out features.
 
 :class:`ProbeReport` compares a trained backbone with the same architecture untrained (same
 initialisation) and gives the verdict: PASSED when the trained k-NN accuracy beats the untrained
@@ -21,20 +27,25 @@ one by at least ``margin`` (:data:`PASS_MARGIN`, 0.05 absolute), else FAILED.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
+from reglue.seeding import LINEAR_PROBE_STREAM, seeded_generator
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 KNN_CHUNK = 1024  # held-out rows per similarity block: (KNN_CHUNK, N_train) float64 at a time
-LINEAR_STEPS = 300
+LINEAR_STEPS = 1000  # Adam steps of LINEAR_BATCH rows (20 epochs of 50,000 training images)
+LINEAR_BATCH = 1024  # training rows per step: the probe's memory beyond the features is one such block
+LINEAR_LR = 1e-2  # Adam's starting rate, cosine-decayed to zero
 LINEAR_WEIGHT_DECAY = 1e-4
 PASS_MARGIN = 0.05  # trained k-NN accuracy − untrained, absolute, for a PASSED verdict
 REPORT_JSON = "report.json"
@@ -57,41 +68,118 @@ def knn_accuracy(
     _check(train_features, train_labels, "training")
     _check(test_features, test_labels, "held-out")
     k = min(k, len(train_features))
+    device = train_features.device  # the similarities are computed where the features are
     train = F.normalize(train_features.double(), dim=1)
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     correct = 0
     for start in range(0, len(test_features), KNN_CHUNK):  # memory: one (chunk, N_train) block, not (M, N_train)
-        test = F.normalize(test_features[start : start + KNN_CHUNK].double(), dim=1)
+        test = F.normalize(test_features[start : start + KNN_CHUNK].to(device).double(), dim=1)
         similarity, nearest = (test @ train.T).topk(k, dim=1)  # (chunk, k) each
-        votes = torch.zeros(len(test), num_classes, dtype=torch.float64)
+        votes = torch.zeros(len(test), num_classes, dtype=torch.float64, device=device)
         votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())  # (chunk, K)
         correct += int((votes.argmax(dim=1) == test_labels[start : start + KNN_CHUNK]).sum())
     return correct / len(test_features)
 
 
+@dataclass(frozen=True)
+class LinearProbe:
+    """A fitted linear probe: logits = ((features − mean) / std) @ weight.T + bias.
+
+    ``mean``, ``std`` (D,), ``weight`` (K, D), ``bias`` (K,), all float32 on the device it was fitted on."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) any float dtype → (B, K) float32 on the probe's device."""
+        x = (features.to(self.weight.device, torch.float32) - self.mean) / self.std
+        return x @ self.weight.T + self.bias
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) → (N,) int64 classes on the probe's device, LINEAR_BATCH rows at a time."""
+        return torch.cat([self.logits(features[i : i + LINEAR_BATCH]).argmax(dim=1)
+                          for i in range(0, len(features), LINEAR_BATCH)])
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Share of the (N, D) features whose predicted class is their (N,) label."""
+        _check(features, labels, "scored")
+        return (self.predict(features).cpu() == labels.cpu()).double().mean().item()
+
+    def save(self, path: str | Path) -> Path:
+        """The four arrays as an ``.npz`` at ``path`` (written atomically)."""
+        path = Path(path)
+        with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **{name: value.cpu().numpy() for name, value in asdict(self).items()})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> LinearProbe:
+        with np.load(path) as saved:
+            return cls(**{f.name: torch.from_numpy(saved[f.name]).to(device) for f in fields(cls)})
+
+
+def _standardisation(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D,) mean and std of (N, D) features, float32, summed in float64 over LINEAR_BATCH rows at a time."""
+    blocks = [features[i : i + LINEAR_BATCH].double() for i in range(0, len(features), LINEAR_BATCH)]
+    mean = sum(block.sum(0) for block in blocks) / len(features)
+    var = sum((block - mean).square().sum(0) for block in blocks) / len(features)
+    return mean.float(), var.sqrt().float() + 1e-6
+
+
+def _minibatches(num_rows: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` (≤ LINEAR_BATCH,) int64 row blocks, epoch after epoch of seeded permutations (CPU)."""
+    batch, epoch, done = min(LINEAR_BATCH, num_rows), 0, 0
+    while done < steps:
+        order = torch.randperm(num_rows, generator=seeded_generator(seed, LINEAR_PROBE_STREAM, epoch))
+        for start in range(0, num_rows - batch + 1, batch):  # full blocks only: every step sees `batch` rows
+            if done == steps:
+                return
+            yield order[start : start + batch]
+            done += 1
+        epoch += 1
+
+
+def fit_linear_probe(
+    features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, steps: int = LINEAR_STEPS,
+    weight_decay: float = LINEAR_WEIGHT_DECAY, seed: int = 0,
+) -> LinearProbe:
+    """The logistic regression of the module doc, fitted on (N, D) features and their (N,) labels on the
+    features' device; the optimiser only ever sees (≤ LINEAR_BATCH, D) blocks."""
+    _check(features, labels, "training")
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, found {steps}.")
+    device = features.device
+    mean, std = _standardisation(features)
+    probe = LinearProbe(mean, std, torch.zeros(num_classes, features.shape[1], device=device, requires_grad=True),
+                        torch.zeros(num_classes, device=device, requires_grad=True))
+    optimizer = torch.optim.Adam([probe.weight, probe.bias], lr=LINEAR_LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    labels = labels.to(device)
+    with torch.enable_grad():  # also when called under no_grad (the training evaluation)
+        for rows in _minibatches(len(features), steps, seed):
+            rows = rows.to(device)
+            loss = (F.cross_entropy(probe.logits(features[rows]), labels[rows])
+                    + weight_decay * probe.weight.square().sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return LinearProbe(mean, std, probe.weight.detach(), probe.bias.detach())
+
+
 def linear_probe_accuracy(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
     test_labels: torch.Tensor, *, num_classes: int, steps: int = LINEAR_STEPS,
-    weight_decay: float = LINEAR_WEIGHT_DECAY,
+    weight_decay: float = LINEAR_WEIGHT_DECAY, seed: int = 0,
 ) -> float:
     """Held-out accuracy of a logistic regression fitted on the training features (module doc)."""
-    _check(train_features, train_labels, "training")
     _check(test_features, test_labels, "held-out")
-    mean, std = train_features.double().mean(0), train_features.double().std(0, unbiased=False) + 1e-6
-    train = (train_features.double() - mean) / std  # (N, D)
-    test = (test_features.double() - mean) / std  # (M, D)
-    weight = torch.zeros(num_classes, train.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(train @ weight.T + bias, train_labels) + weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return ((test @ weight.T + bias).argmax(dim=1) == test_labels).double().mean().item()
+    probe = fit_linear_probe(train_features, train_labels, num_classes=num_classes, steps=steps,
+                             weight_decay=weight_decay, seed=seed)
+    return probe.accuracy(test_features, test_labels)
 
 
 @dataclass(frozen=True)
@@ -147,8 +235,9 @@ class ProbeReport:
     def to_json(self) -> dict:
         return {**asdict(self), "knn_gain": self.knn_gain, "passed": self.passed, "verdict": self.verdict,
                 "knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE, "votes": "exp(cosine / T), summed per class"},
-                "linear": {"steps": LINEAR_STEPS, "weight_decay": LINEAR_WEIGHT_DECAY,
-                           "optimizer": "full-batch L-BFGS, zero init"}}
+                "linear": {"steps": LINEAR_STEPS, "batch": LINEAR_BATCH, "lr": LINEAR_LR,
+                           "weight_decay": LINEAR_WEIGHT_DECAY,
+                           "optimizer": "minibatch Adam, cosine schedule, zero init, float32"}}
 
 
 def write_report(out_dir: str | Path, report: ProbeReport, *, title: str, details: Mapping[str, object]) -> Path:
@@ -164,8 +253,8 @@ def write_report(out_dir: str | Path, report: ProbeReport, *, title: str, detail
         f"| trained | {report.trained.knn:.3f} | {report.trained.linear:.3f} |",
         f"| untrained (same init) | {report.untrained.knn:.3f} | {report.untrained.linear:.3f} |", "",
         (f"k-NN: k = {KNN_K}, cosine similarity, votes weighted exp(sim / {KNN_TEMPERATURE}) (DINO). Linear probe: "
-         f"logistic regression on standardised features, {LINEAR_STEPS} full-batch L-BFGS iterations, "
-         f"L2 {LINEAR_WEIGHT_DECAY}."), "",
+         f"logistic regression on standardised features, {LINEAR_STEPS} Adam steps of {LINEAR_BATCH} images "
+         f"(lr {LINEAR_LR}, cosine), L2 {LINEAR_WEIGHT_DECAY}."), "",
         "| detail | value |", "|---|---|",
         *(f"| {key} | {value} |" for key, value in details.items()), "",
     ]

@@ -65,6 +65,7 @@ from reglue.checkpoint import (
     save_state_file,
 )
 from reglue.data.dataset import PreparedDataset
+from reglue.data.split import held_out_split
 from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.vfm import VFMExtractor
@@ -73,7 +74,6 @@ from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.precision import AUTO, PRECISIONS
 from reglue.progress import progress_bar
-from reglue.seeding import SPLIT_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.training.order import per_process_batch, process_batches
 from reglue.training.plot import plot_series
@@ -181,7 +181,8 @@ def check_channels(
 
 
 def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """(train, val): a seeded random round(N·val_fraction) rows held out; val None at 0."""
+    """(train, val): a seeded random round(N·val_fraction) rows held out (:func:`reglue.data.split.held_out_split`,
+    unlabelled: validation needs no class balance); val None at 0."""
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"val_fraction must lie in [0, 1), found {val_fraction}.")
     if val_fraction == 0.0:
@@ -194,8 +195,8 @@ def split_for_validation(dataset: Dataset, val_fraction: float, seed: int) -> tu
             f"{total - num_val} for training; both must be non-empty: choose a fraction between "
             f"{1 / total:.3g} and {(total - 1) / total:.3g}, or pass val_data."
         )
-    order = torch.randperm(total, generator=seeded_generator(seed, SPLIT_STREAM)).tolist()
-    return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
+    train_rows, val_rows = held_out_split(torch.zeros(total, dtype=torch.int64), num_val, seed=seed)
+    return Subset(dataset, train_rows), Subset(dataset, val_rows)
 
 
 def _open(data: Dataset | str | Path, resolution: int) -> Dataset:

@@ -13,9 +13,11 @@ the reference cache fails there, every process stops with its cause):
   ``eval/fd_dinov2``; another network ``n``: ``eval/fd_n``), see docs/evaluation.md;
 - ``pr``: precision and recall (k = 3) in that space (``eval/precision``, ``eval/recall``);
 - ``fid``: Inception FID on the 2048-d pool features (``eval/fid``; weights in ``eval.inception``);
-- ``class_accuracy``: the share of samples that a classifier trained on the real images
-  (``eval.classifier``, :mod:`reglue.metrics.class_probe`) assigns the label they were drawn for
-  (``eval/class_accuracy``): does the model draw the class it is asked for.
+- ``class_accuracy``: the share of samples that a linear probe on that space's CLS features
+  (:func:`reglue.metrics.probe.fit_linear_probe`) assigns the label they were drawn for
+  (``eval/class_accuracy``): does the model draw the class it is asked for. The probe is fitted once
+  on the features and labels of the reference images (the training set's; an ADM ``.npz`` has no
+  labels) and cached beside their features (``DATA/eval/<space>-<fingerprint>-<n>-linear-probe.npz``).
 
 The reference is ``eval.reference`` (an ADM ``.npz`` of images) or, by default, the prepared
 training set: ``eval.reference_images`` of its images chosen by a seeded permutation. Its features
@@ -41,18 +43,20 @@ from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.semantics import VFMSpec
 from reglue.generate import SampleSettings, sample_batch
 from reglue.io import atomic_write, file_sha256
-from reglue.metrics.class_probe import ClassProbe
 from reglue.metrics.evaluate import image_batch_shape, read_images
 from reglue.metrics.feature_space import FD_DINOV2, FeatureSpace, load_feature_space
 from reglue.metrics.fid import feature_statistics, frechet_distance
 from reglue.metrics.inception import extract_features, load_inception, resolve_weights_path
 from reglue.metrics.manifold import NEIGHBOURHOOD_K, precision_recall
+from reglue.metrics.probe import LinearProbe, fit_linear_probe
 from reglue.models.sit import SiT
 from reglue.sampling import padded_rows
 from reglue.state_dict import weights_fingerprint
 
 log = logging.getLogger(__name__)
 REFERENCE_DIR = "eval"  # DATA/eval/: cached reference features of the training set
+PROBE_SUFFIX = "-linear-probe"  # class_accuracy's probe: the reference features' cache name + this
+PROBE_SEED = 0  # the probe's minibatch order: one probe per reference, whatever the run's seeds
 
 
 class InceptionSpace:
@@ -96,15 +100,17 @@ class Evaluator:
         self.manifest = self.images.manifest
         self.resolution = self.manifest["resolution"]
         self._check_reference()
+        self.class_accuracy = "class_accuracy" in e.metrics
+        if self.class_accuracy:
+            self._check_classes()
         try:
             self.spaces: list[FeatureSpace | InceptionSpace] = []
-            if {"fd", "pr"} & set(e.metrics):
+            if {"fd", "pr", "class_accuracy"} & set(e.metrics):
                 self.spaces.append(load_feature_space(feature_spec(config), device=device))
             if "fid" in e.metrics:
                 self.spaces.append(InceptionSpace(e.inception, device=device))
         except (OSError, ValueError) as err:
             raise ConfigError(f"eval.vfm/eval.inception: {err}") from None
-        self.classifier = self._classifier() if "class_accuracy" in e.metrics else None
         vae = config.data.vae or self.manifest["vae"]
         try:
             self.vae = load_vae(vae).to(device)
@@ -117,18 +123,17 @@ class Evaluator:
             guidance=e.sampler.guidance(), labels="random", seed=e.seed, micro_batch=e.micro_batch,
         )
         self._reference: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._probe: LinearProbe | None = None
 
-    def _classifier(self) -> ClassProbe:
-        """``eval.classifier``, refused unless it names the data's classes in the data's order."""
-        path = self.config.eval.classifier
-        try:
-            probe = ClassProbe.load(path)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"eval.classifier: {err}") from None
-        if list(probe.classes) != list(self.manifest["class_names"]):
-            raise ConfigError(f"eval.classifier: {path} classifies {list(probe.classes)}, but the data's classes are "
-                              f"{self.manifest['class_names']}; train the classifier on this dataset's images.")
-        return probe
+    def _check_classes(self) -> None:
+        """class_accuracy needs labelled training images as its reference (the probe fits on their labels)."""
+        if self.config.eval.reference is not None:
+            raise ConfigError(f"eval.metrics: class_accuracy fits its linear probe on the labelled reference images, "
+                              f"and eval.reference ({self.config.eval.reference}) has no labels; set "
+                              "eval.reference=null (the training set) or leave class_accuracy out.")
+        if self.images.num_classes < 2:
+            raise ConfigError(f"eval.metrics: class_accuracy needs labelled data of at least 2 classes; "
+                              f"{self.data_dir} has {self.images.num_classes}. Leave class_accuracy out.")
 
     # ------------------------------------------------------------------ reference
     def _check_reference(self) -> None:
@@ -195,8 +200,24 @@ class Evaluator:
         e = self.config.eval
         if e.reference is not None:
             return read_images(e.reference)
-        subset = random_subset(self.images, e.reference_images, seed=0)
-        return _SubsetImages(subset)
+        return _SubsetImages(self._reference_subset())
+
+    def _reference_subset(self):
+        return random_subset(self.images, self.config.eval.reference_images, seed=0)
+
+    def _linear_probe(self, space: FeatureSpace, features: np.ndarray) -> LinearProbe:
+        """class_accuracy's probe on the (N, D) reference ``features`` of ``space``: read from its cache beside
+        them, or fitted on them and their labels and cached (main process)."""
+        path = self._cache_path(space)
+        path = path.with_name(f"{path.stem}{PROBE_SUFFIX}.npz")
+        if path.is_file():
+            return LinearProbe.load(path, device=self.device)
+        labels = PreparedDataset(self.data_dir, fields=()).read_batch(self._reference_subset().indices)["label"]
+        probe = fit_linear_probe(torch.from_numpy(features).to(self.device), labels.to(self.device),
+                                 num_classes=self.images.num_classes, seed=PROBE_SEED)
+        probe.save(path)
+        log.info("cached the class_accuracy linear probe (%d reference images) in %s", len(labels), path)
+        return probe
 
     # ------------------------------------------------------------------ scoring
     def _features(self, space, images: np.ndarray) -> np.ndarray:
@@ -213,15 +234,15 @@ class Evaluator:
             self._reference = {key: (features, *feature_statistics(features))
                                for key, features in self._reference_features().items()}
         mine = list(range(self.rank, self.settings.num_samples, self.world_size))
-        keys = [space.key for space in self.spaces] + (["class_accuracy"] if self.classifier else [])
+        keys = [space.key for space in self.spaces] + (["labels"] if self.class_accuracy else [])
         local: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         for chunk_start in range(0, len(mine), self.config.eval.batch):
             indices = mine[chunk_start : chunk_start + self.config.eval.batch]
             images, labels = sample_batch(ema, self.vae, indices, self.settings, self.device)
             for space in self.spaces:
                 local[space.key].append(self._features(space, images))
-            if self.classifier:
-                local["class_accuracy"].append((self.classifier.predict(images) == labels).astype(np.float64))
+            if self.class_accuracy:
+                local["labels"].append(labels)
         merged = {key: np.concatenate(parts) if parts else None for key, parts in local.items()}
         gathered = self.gather([(mine, merged)])
 
@@ -230,12 +251,20 @@ class Evaluator:
             for space in self.spaces:
                 samples = _in_index_order(gathered, space.key)
                 values.update(self._score(space, samples, self._reference[space.key]))
-            if self.classifier:
-                values["eval/class_accuracy"] = float(_in_index_order(gathered, "class_accuracy").mean())
+            if self.class_accuracy:
+                values["eval/class_accuracy"] = self._class_accuracy(gathered)
             values["eval/seconds"] = time.perf_counter() - start
             return values
 
         return on_rank_zero(self.rank, f"scoring the evaluation of step {step}", score)
+
+    def _class_accuracy(self, gathered: list) -> float:
+        """Share of the samples whose features the reference images' linear probe gives their drawn class."""
+        space = self.spaces[0]  # the VFM's space (Inception's, when asked for, comes after it)
+        if self._probe is None:
+            self._probe = self._linear_probe(space, self._reference[space.key][0])
+        samples = torch.from_numpy(_in_index_order(gathered, space.key))
+        return self._probe.accuracy(samples, torch.from_numpy(_in_index_order(gathered, "labels")))
 
     def _score(self, space, samples: np.ndarray, reference: tuple) -> dict[str, float]:
         """``reference``: (features (N, D), mean (D,), covariance (D, D))."""
@@ -252,8 +281,9 @@ class Evaluator:
     def describe(self) -> str:
         """One line naming what is measured: networks with fingerprints, sample count, reference."""
         e = self.config.eval
-        networks = ", ".join([f"{s.network} ({s.fingerprint})" for s in self.spaces]
-                             + ([f"the classifier {e.classifier}"] if self.classifier else []))
+        networks = ", ".join(f"{s.network} ({s.fingerprint})" for s in self.spaces)
+        if self.class_accuracy:
+            networks += f" (class_accuracy: a linear probe on {self.spaces[0].network}'s CLS features)"
         reference = e.reference or f"the training set ({e.reference_images} images at most)"
         return (f"evaluating {', '.join(e.metrics)} every {e.every} steps on {e.num_samples} EMA samples "
                 f"in {networks} against {reference}")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Every config key that holds an input's path (keys under data.vfm / eval.vfm: their "weights").
 PATH_KEYS = ("data.dir", "data.norm_stats", "data.compressor", "data.pca", "data.vae", "data.vfm.weights",
-             "model.init_from", "eval.inception", "eval.classifier", "eval.reference", "eval.vfm.weights")
+             "model.init_from", "eval.inception", "eval.reference", "eval.vfm.weights")
 KEYWORDS = (RANDOM_WEIGHTS, PIXEL_AUTOENCODER)  # values of path keys that name no file
 
 

@@ -50,8 +50,11 @@ Files in ``out_dir`` (written by the main process):
   temperature of every step; ``loss_curves.png`` drawn from it;
 - ``report.json`` / ``report.md``: k-NN and linear-probe accuracy of the teacher's CLS features on
   held-out images against the same network untrained, and the PASSED/FAILED verdict
-  (:mod:`reglue.metrics.probe`). The held-out images (``held_out_fraction``, a seeded split) are
-  never trained on.
+  (:mod:`reglue.metrics.probe`). The held-out images are never trained on: a class-balanced, seeded
+  set of ``probe_held_out_images`` (10,000), at most ``max_held_out_fraction`` (a quarter) of each
+  class (:func:`split_rows`, :mod:`reglue.data.split`); every other image is trained on. Every
+  process extracts the CLS features of its share of the probe's images; the main process fits and
+  scores the probes on the gathered features.
 
 Resuming refuses other settings (:func:`reglue.settings.check_same_settings`; only
 ``checkpoint_every``, ``num_workers`` and ``tensorboard`` may change); ``resume=False`` deletes
@@ -88,7 +91,15 @@ from reglue.checkpoint import (
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.source_dataset import ImageSourceDataset
-from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
+from reglue.data.split import held_out_split
+from reglue.distributed import (
+    gather_strided,
+    main_process_log,
+    on_cpu_only,
+    on_main,
+    process_state,
+    rank_and_world,
+)
 from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -104,7 +115,7 @@ from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scor
 from reglue.precision import AUTO, autocast_dtype
 from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
-from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
+from reglue.seeding import PROBE_STREAM, STEP_STREAM, seeded_generator
 from reglue.settings import check_same_settings
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
@@ -128,7 +139,7 @@ SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
 FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.tensorboard", "settings.precision",
-                 "settings.probe_train_images", "settings.probe_held_out_images")  # the training is the same
+                 "settings.probe_train_images")  # the training is the same (probe_held_out_images decides the split)
 PATCH = 14
 TEACHER_PRECISIONS = ("fp32", "bf16", AUTO)
 LR_SCALING = (None, "sqrt_wrt_1024", "linear_wrt_1024")  # DINOv2's scaling rules (optim.scaling_rule)
@@ -183,9 +194,9 @@ class TeacherSettings:
     local_crop_scale: tuple[float, float] = (0.25, 0.6)  # (0.05, 0.32)
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     probe: bool = True  # hold out labelled images and report k-NN / linear-probe accuracy
-    held_out_fraction: float = 0.25
     probe_train_images: int = 50_000  # the probe fits on at most this many training images (a seeded subset)
-    probe_held_out_images: int = 10_000  # and scores at most this many held-out ones
+    probe_held_out_images: int = 10_000  # held out (class-balanced, never trained on) and scored
+    max_held_out_fraction: float = 0.25  # the cap on small data: at most this share of each class is held out
     seed: int = 0
     checkpoint_every: int = 50
     num_workers: int = 0
@@ -203,10 +214,12 @@ class TeacherSettings:
                 raise InputError(f"{name} must be > 0, found {getattr(self, name)}.")
         if self.embed_dim % self.num_heads:
             raise InputError(f"embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}.")
-        for name in ("warmup_fraction", "teacher_temp_warmup_fraction", "freeze_last_layer_fraction",
-                     "held_out_fraction"):
+        for name in ("warmup_fraction", "teacher_temp_warmup_fraction", "freeze_last_layer_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InputError(f"{name} must lie in [0, 1), found {getattr(self, name)}.")
+        if not 0.0 < self.max_held_out_fraction < 1.0:
+            raise InputError(f"max_held_out_fraction must lie in (0, 1), found {self.max_held_out_fraction}; "
+                             "to train on every image, train without the probe (probe=False, `--no-probe`).")
         for name in ("global_crop_scale", "local_crop_scale", "mask_ratio"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
@@ -407,13 +420,21 @@ def _view_major(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return tuple(batch[key].transpose(0, 1).flatten(0, 1) for key in ("global", "masks", "local"))
 
 
-def split_rows(num_images: int, settings: TeacherSettings) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows): a seeded round(N·held_out_fraction) held out when probing."""
-    if not settings.probe or settings.held_out_fraction == 0.0:
-        return list(range(num_images)), []
-    order = torch.randperm(num_images, generator=seeded_generator(settings.seed, SPLIT_STREAM)).tolist()
-    held_out = round(num_images * settings.held_out_fraction)
-    return sorted(order[held_out:]), sorted(order[:held_out])
+def split_rows(images: TeacherImages, settings: TeacherSettings) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows), each sorted. With the probe: ``probe_held_out_images`` rows held out,
+    class-balanced and drawn from (seed, SPLIT_STREAM), at most ``max_held_out_fraction`` of each class
+    (:func:`reglue.data.split.held_out_split`); without: every row is trained on."""
+    if not settings.probe:
+        return list(range(len(images))), []
+    return held_out_split(_labels(images), settings.probe_held_out_images, seed=settings.seed,
+                          max_fraction=settings.max_held_out_fraction)
+
+
+def _labels(images: TeacherImages) -> torch.Tensor:
+    """(N,) int64: every row's label (−1 unlabelled), read without decoding an image."""
+    if isinstance(images, ImageSourceDataset):
+        return torch.tensor([item.label for item in images.items], dtype=torch.int64)
+    return PreparedDataset(images.root, fields=()).read_batch(range(len(images)))["label"]
 
 
 # --------------------------------------------------------------------------------------
@@ -584,16 +605,25 @@ def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> N
 def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[int]
                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each extractor's (len(rows), D) final-normed CLS features of the uint8 images at ``rows`` and
-    their (len(rows),) int64 labels, each image read once, in batches of PROBE_BATCH."""
+    their (len(rows),) int64 labels, on the extractors' device. Every process reads and embeds its share
+    (``rows[rank::world]``) in batches of PROBE_BATCH, each image once; the shares are then gathered
+    (:func:`reglue.distributed.gather_strided`), so every process returns all rows, in ``rows``' order."""
+    device = next(extractors[0].parameters()).device
+    rank, world = rank_and_world()
+    mine = rows[rank::world]
     chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
     labels = []
-    for start in range(0, len(rows), PROBE_BATCH):
-        items = [images[i] for i in rows[start : start + PROBE_BATCH]]
-        batch = torch.stack([item["images"] for item in items])  # (b, 3, R, R)
+    for start in range(0, len(mine), PROBE_BATCH):
+        items = [images[i] for i in mine[start : start + PROBE_BATCH]]
+        batch = torch.stack([item["images"] for item in items]).to(device)  # (b, 3, R, R)
         labels += [int(item["label"]) for item in items]
         for extractor, found in zip(extractors, chunks, strict=True):
-            found.append(extractor(batch.to(next(extractor.parameters()).device)).cls.cpu())
-    return [torch.cat(found) for found in chunks], torch.tensor(labels)
+            found.append(extractor(batch).cls)
+    local = [torch.cat(found) if found else torch.empty(0, extractor.embed_dim, device=device)
+             for found, extractor in zip(chunks, extractors, strict=True)]
+    labels = torch.tensor(labels, dtype=torch.int64, device=device)
+    return ([gather_strided(features, len(rows)) for features in local],
+            gather_strided(labels, len(rows)))
 
 
 def probe_rows(rows: list[int], cap: int, seed: int, part: int) -> list[int]:
@@ -605,19 +635,39 @@ def probe_rows(rows: list[int], cap: int, seed: int, part: int) -> list[int]:
     return sorted(rows[i] for i in picked.tolist())
 
 
-def _probe(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
-           untrained: VFMExtractor, settings: TeacherSettings) -> ProbeReport:
-    """k-NN / linear-probe accuracy of the trained and untrained CLS features on (at most
-    ``settings.probe_held_out_images`` of) the held-out rows, fitted on at most ``settings.probe_train_images``
-    training rows: features are extracted for those rows only."""
+@dataclass(frozen=True)
+class ProbeFeatures:
+    """The probe's inputs: per backbone ("trained", "untrained") the (N, D) training and (M, D) held-out
+    CLS features, and their labels (N,) and (M,)."""
+
+    train: dict[str, torch.Tensor]
+    held_out: dict[str, torch.Tensor]
+    train_labels: torch.Tensor
+    held_out_labels: torch.Tensor
+    num_classes: int
+
+
+def _probe_features(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
+                    untrained: VFMExtractor, settings: TeacherSettings) -> ProbeFeatures:
+    """The CLS features of (at most ``settings.probe_held_out_images`` of) the held-out rows and of at most
+    ``settings.probe_train_images`` training rows, trained and untrained: features are extracted for those
+    rows only, each process its share (every process calls this, as a collective)."""
     train_rows = probe_rows(train_rows, settings.probe_train_images, settings.seed, part=0)
     held_out = probe_rows(held_out, settings.probe_held_out_images, settings.seed, part=1)
-    extractors = {"trained": trained, "untrained": untrained}
-    train_features, train_labels = _cls_features(list(extractors.values()), images, train_rows)
-    held_features, held_labels = _cls_features(list(extractors.values()), images, held_out)
-    scores = {name: probe_scores(train, train_labels, held, held_labels, num_classes=images.num_classes)
-              for name, train, held in zip(extractors, train_features, held_features, strict=True)}
-    return ProbeReport(scores["trained"], scores["untrained"], images.num_classes, len(train_rows), len(held_out))
+    names, extractors = ("trained", "untrained"), [trained, untrained]
+    train_features, train_labels = _cls_features(extractors, images, train_rows)
+    held_features, held_labels = _cls_features(extractors, images, held_out)
+    return ProbeFeatures(dict(zip(names, train_features, strict=True)), dict(zip(names, held_features, strict=True)),
+                         train_labels, held_labels, images.num_classes)
+
+
+def _probe(features: ProbeFeatures) -> ProbeReport:
+    """k-NN / linear-probe accuracy of the trained and untrained CLS features (on their device)."""
+    scores = {name: probe_scores(features.train[name], features.train_labels, features.held_out[name],
+                                 features.held_out_labels, num_classes=features.num_classes)
+              for name in features.train}
+    return ProbeReport(scores["trained"], scores["untrained"], features.num_classes, len(features.train_labels),
+                       len(features.held_out_labels))
 
 
 def _untrained_extractor(settings: TeacherSettings, resolution: int) -> VFMExtractor:
@@ -658,8 +708,10 @@ def _check_data(images: TeacherImages, train_rows: list[int], held_out: list[int
         )
     if settings.probe and not held_out:
         raise InputError(
-            f"held_out_fraction {settings.held_out_fraction} of {len(images)} images holds none out for the probe; "
-            "raise it, or train without the probe (probe=False, `--no-probe`)."
+            f"max_held_out_fraction {settings.max_held_out_fraction} of each class of the {len(images)} images "
+            f"holds none out for the probe (a class needs at least {math.ceil(1 / settings.max_held_out_fraction)} "
+            "images when the fraction is above 0); raise it (`--max-held-out-fraction`), use more images, or train "
+            "without the probe (probe=False, `--no-probe`)."
         )
     if len(train_rows) < settings.global_batch:
         raise InputError(
@@ -695,9 +747,14 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
                                 f"--out {out_dir}` makes one).")
     info = json.loads(path.read_text())
     recorded = info["config"]["settings"]
+    if "held_out_fraction" in recorded:
+        raise InputError(f"the teacher in {out_dir} was trained by an older reglue, which held out "
+                         f"held_out_fraction {recorded['held_out_fraction']} of the images by another split; this "
+                         "version cannot tell which images it was trained on. Train it again (`reglue train-vfm "
+                         "--no-resume`) to probe it.")
+    trained_with = TeacherSettings(**{f.name: recorded[f.name] for f in fields(TeacherSettings) if f.name in recorded})
     caps = {"probe_train_images": probe_train_images, "probe_held_out_images": probe_held_out_images}
-    settings = TeacherSettings(**{**{f.name: recorded[f.name] for f in fields(TeacherSettings) if f.name in recorded},
-                                  **{k: v for k, v in caps.items() if v is not None}})
+    settings = replace(trained_with, **{k: v for k, v in caps.items() if v is not None})
     images, resolution = open_training_images(data, info["resolution"])
     trained_on = {key: info["config"]["data"].get(key) for key in ("images", "source_files", "source_sha256")}
     found = {"images": len(images), **_source_record(images)}
@@ -705,14 +762,14 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
         raise InputError(f"{data} is not the data the teacher in {out_dir} was trained on ({trained_on['images']} "
                          f"images, recorded in its {INFO_FILE}; found {len(images)}): its held-out split would differ. "
                          "Pass the dataset or image folder it was trained on.")
-    train_rows, held_out = split_rows(len(images), settings)
+    train_rows, held_out = split_rows(images, trained_with)  # the split it was trained with; the caps subset it
     if not held_out:
-        raise InputError(f"the teacher in {out_dir} was trained on every image (--no-probe or held_out_fraction 0): "
-                         "no image is left to score it on. Train it with a held-out share to probe it.")
+        raise InputError(f"the teacher in {out_dir} was trained on every image (--no-probe): no image is left to "
+                         "score it on. Train it with the probe to probe it.")
     device = torch.device(device)
     trained = VFMSpec.from_teacher(out_dir).build(resolution).to(device)
-    report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device),
-                    settings)
+    report = _probe(_probe_features(images, train_rows, held_out, trained,
+                                    _untrained_extractor(settings, resolution).to(device), settings))
     out = Path(out) if out is not None else out_dir
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, report, title=REPORT_TITLE,
@@ -799,7 +856,7 @@ def train_teacher(
     images, resolution = open_training_images(data_dir, resolution)  # a folder's files: each checked once
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
-    train_rows, held_out = split_rows(len(images), settings)
+    train_rows, held_out = split_rows(images, settings)
     _check_data(images, train_rows, held_out, settings, accelerator.num_processes)
     config = {"settings": asdict(settings), "data": {
         "resolution": resolution, "images": len(images), "train_images": len(train_rows),
@@ -829,9 +886,16 @@ def train_teacher(
     on_main(f"preparing {out_dir}", make_room)
     trainer.prepare()
     _train(trainer, progress=progress, resumed_from=resumed_from, log=log)
+    on_main(f"exporting the teacher to {out_dir / WEIGHTS_FILE}",
+            lambda: save_teacher_weights(out_dir / WEIGHTS_FILE, trainer.teacher.backbone))
+    features = None
+    if settings.probe:  # every process extracts its share of the probe's features from the exported weights
+        device = accelerator.device
+        features = _probe_features(images, train_rows, held_out, _teacher_spec(out_dir, settings).build(resolution)
+                                   .to(device), _untrained_extractor(settings, resolution).to(device), settings)
     # the report and the training time are known to the main process, which writes the files
     report, train_seconds = on_main(f"exporting and probing the teacher in {out_dir}", lambda: _finish(
-        trainer, images, train_rows, held_out, resolution, log)) or (None, 0.0)
+        trainer, features, resolution, log)) or (None, 0.0)
     return TeacherResult(out_dir, out_dir / WEIGHTS_FILE, _teacher_spec(out_dir, settings), report, train_seconds,
                          resumed_from_step=resumed_from)
 
@@ -855,22 +919,20 @@ def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None
         trainer.checkpoint()
 
 
-def _finish(trainer: _TeacherTrainer, images: TeacherImages, train_rows: list[int], held_out: list[int],
-            resolution: int, log) -> tuple[ProbeReport | None, float]:
-    """Weights, loss curves, the probe report, then teacher.json (written last: the run is finished).
+def _finish(trainer: _TeacherTrainer, features: ProbeFeatures | None, resolution: int, log
+            ) -> tuple[ProbeReport | None, float]:
+    """Loss curves, the probe report (from the gathered ``features``, None without a probe), then teacher.json
+    (written last: the run is finished).
 
     Returns the report (None without a probe) and the training time in seconds."""
-    out_dir, settings, device = trainer.out_dir, trainer.settings, trainer.accelerator.device
+    out_dir, settings = trainer.out_dir, trainer.settings
     global_side, _ = crop_sizes(resolution, settings)
-    save_teacher_weights(out_dir / WEIGHTS_FILE, trainer.teacher.backbone)
     records = read_metrics(out_dir)
     train_seconds = records[-1]["wall_time_s"] if records else 0.0
     plot_run(out_dir, smoothing=max(1, trainer.total_steps // 50))
     report = None
-    if settings.probe:
-        trained = _teacher_spec(out_dir, settings).build(resolution).to(device)
-        report = _probe(images, train_rows, held_out, trained, _untrained_extractor(settings, resolution).to(device),
-                        settings)
+    if features is not None:
+        report = _probe(features)
         write_report(out_dir, report, title=REPORT_TITLE,
                      details=_report_details(trainer.config, train_seconds, trainer.total_steps, global_side))
         (log if report.passed else _logger.warning)(f"teacher probe {report.verdict}")
