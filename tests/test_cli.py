@@ -159,3 +159,35 @@ def test_commands_with_settings_take_a_config_file_and_key_values(tmp_path):
     assert (settings.vae_dtype, settings.shard_size) == ("bf16", 7)
     args = parse_args(["demo", "--steps", "9", "teacher_epochs=2"])
     assert load_command_settings(DemoSettings, args, {"steps": args.steps}) == DemoSettings(steps=9, teacher_epochs=2)
+
+
+def test_the_feature_commands_and_evaluate_take_settings_too(tmp_path):
+    """norm-stats, fit-pca, cache-semantics, evaluate and grid: --config, flag shortcuts and KEY=VALUE; the VFM
+    flags are the keys vfm.name / vfm.weights / vfm.layers / vfm.arch."""
+    from reglue.cli import parse_args
+    from reglue.cli.options import load_command_settings, vfm_values
+    from reglue.encoders.semantics import VFMSpec
+    from reglue.metrics.evaluate import EvaluateSettings
+    from reglue.pipeline import CacheSettings, NormStatsSettings, PCASettings
+
+    config = tmp_path / "features.yaml"
+    config.write_text("num_images: 500\nvfm: {name: dinov2_vits14_reg, weights: random}\n")
+    args = parse_args(["norm-stats", "d", "--config", str(config), "--vfm-arch", "embed_dim=32,depth=2,num_heads=2",
+                       "--vfm-layers", "0,1", "micro_batch=8"])
+    settings = load_command_settings(NormStatsSettings, args, {"num_images": args.num_images, **vfm_values(args)})
+    assert (settings.num_images, settings.micro_batch, settings.precision) == (500, 8, "auto")
+    assert settings.spec(required=True) == VFMSpec("dinov2_vits14_reg", "random", (0, 1),
+                                                   {"embed_dim": 32, "depth": 2, "num_heads": 2})
+    args = parse_args(["fit-pca", "d", "--rank", "4", "precision=fp32"])
+    settings = load_command_settings(PCASettings, args, {"rank": args.rank, **vfm_values(args)})
+    assert (settings.rank, settings.precision, settings.spec(required=False)) == (4, "fp32", None)
+    args = parse_args(["cache-semantics", "d", "--repa-targets"])
+    assert load_command_settings(CacheSettings, args, {"repa_targets": args.repa_targets}).repa_targets
+    args = parse_args(["evaluate", "--ref", "r", "--samples", "s", "--metrics", "fid,fd_dinov2", "micro_batch=10"])
+    settings = load_command_settings(EvaluateSettings, args, {"metrics": args.metrics.split(","), **vfm_values(args)})
+    assert settings.metrics == ["fid", "fd_dinov2"] and settings.micro_batch == 10
+    assert settings.spec().name == "dinov2_vitl14"  # FD_DINOv2's network unless another is named
+    with pytest.raises(InputError, match="a VFM is given by the keys"):
+        NormStatsSettings(vfm={"nmae": "x"}).spec(required=True)
+    with pytest.raises(InputError, match="rank must be >= 1"):
+        PCASettings(rank=0)

@@ -12,6 +12,7 @@ and recorded in the stats file's metadata; later steps rebuild the same VFM from
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ from reglue.encoders.semantics import (
     build_semantic_encoder,
     load_norm_stats_and_spec,
 )
+from reglue.errors import InputError
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
-from reglue.precision import autocast_dtype
+from reglue.precision import AUTO, PRECISIONS, autocast_dtype
 from reglue.progress import progress_bar
 from reglue.training.compressor import CompressorSettings, train_compressor
 
@@ -38,6 +40,49 @@ PCA_FILE = "pca.safetensors"
 COMPRESSOR_DIR = "compressor"
 OFFICIAL_NORM_STATS_IMAGES = 300 * 256
 NORM_STATS_SEED = 0  # the seeded subset of images behind the norm stats
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureSettings:
+    """How a command runs the frozen VFM over a prepared dataset (norm-stats, fit-pca, cache-semantics).
+
+    ``vfm``: VFMSpec fields ``{name, weights, layers, arch}`` (``--vfm``, ``--vfm-weights``, ...); None: the
+    VFM the norm stats record (norm-stats itself needs one). ``micro_batch``: images per VFM call (memory
+    only). ``precision``: the VFM's autocast, fp32 | bf16 | fp16 | auto.
+    """
+
+    vfm: dict | None = None
+    micro_batch: int = 64
+    precision: str = AUTO
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "num_images", "rank"):  # the counts a subclass has
+            if getattr(self, name, 1) < 1:
+                raise InputError(f"{name} must be >= 1, found {getattr(self, name)}.")
+        if self.precision not in (*PRECISIONS, AUTO):
+            raise InputError(f"precision must be one of {', '.join((*PRECISIONS, AUTO))}, found {self.precision!r}.")
+
+    def spec(self, *, required: bool, default_name: str = "dinov2_vitb14_reg") -> VFMSpec | None:
+        """The VFM (resolved), or None when none is given and none is ``required``."""
+        if self.vfm is None and not required:
+            return None
+        return VFMSpec.from_mapping(self.vfm or {}, default_name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormStatsSettings(FeatureSettings):
+    num_images: int = OFFICIAL_NORM_STATS_IMAGES  # the seeded random subset
+
+
+@dataclass(frozen=True, kw_only=True)
+class PCASettings(FeatureSettings):
+    rank: int = 8
+    num_images: int = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings(FeatureSettings):
+    repa_targets: bool = False  # also cache the REPA targets (≈386 KiB per 256² image)
 
 
 def run_norm_stats(
@@ -101,7 +146,7 @@ def run_fit_pca(
 
 def run_train_compressor(
     data: str | Path, norm_stats: str | Path, out_dir: str | Path | None = None, *,
-    settings: CompressorSettings = CompressorSettings(), spec: VFMSpec | None = None, **options,
+    settings: CompressorSettings = CompressorSettings(), **options,
 ):
     """Train the semantic compressor on ``data`` with the VFM recorded in ``norm_stats``.
 
@@ -109,6 +154,7 @@ def run_train_compressor(
     resume, progress) go to :func:`reglue.training.compressor.train_compressor`. Returns its ``CompressorRun``.
     """
     resolution = read_manifest(data)["resolution"]
+    spec = VFMSpec.from_mapping(settings.vfm) if settings.vfm is not None else None
     stats, spec = load_norm_stats_and_spec(norm_stats, spec, resolution=resolution)
     device = process_state().device
     extractor = spec.build(resolution, autocast_dtype(settings.vfm_precision, device)).to(device)

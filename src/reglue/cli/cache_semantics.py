@@ -9,10 +9,12 @@ from reglue.cli.options import (
     add_micro_batch,
     add_precision,
     add_resolution_check,
+    add_settings,
     add_vfm_options,
     autocast,
     confirm_data_resolution,
-    vfm_spec,
+    load_command_settings,
+    vfm_values,
 )
 
 NAME = "cache-semantics"
@@ -24,22 +26,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressor", default=None, help="compressor .safetensors (REGLUE)")
     parser.add_argument("--pca", default=None, help="PCA .safetensors (ReDi)")
     parser.add_argument("--norm-stats", default=None, help="default DATA/norm_stats.safetensors")
-    parser.add_argument("--repa-targets", action="store_true", help="also cache REPA targets (≈386 KiB/image)")
-    add_micro_batch(parser, 64, "VFM")
-    add_precision(parser, default="auto", what="the VFM's autocast")
+    add_settings(parser, "the CacheSettings (reglue.pipeline)", "repa_targets=true")
+    parser.add_argument("--repa-targets", action="store_true", default=None,
+                        help="also cache REPA targets (≈386 KiB/image)")
+    add_micro_batch(parser, None, "VFM", default_shown=64)
+    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
     parser.add_argument("--quiet", action="store_true")
     add_vfm_options(parser, "optional: defaults to the VFM recorded in the norm stats")
     add_resolution_check(parser, "DATA was prepared")
 
 
 def run(args: argparse.Namespace) -> int:
-    from reglue.pipeline import NORM_STATS_FILE, run_cache_semantics
+    from reglue.pipeline import NORM_STATS_FILE, CacheSettings, run_cache_semantics
 
     confirm_data_resolution(args)
+    settings = load_command_settings(CacheSettings, args, {
+        "repa_targets": args.repa_targets, "micro_batch": args.micro_batch, "precision": args.precision,
+        **vfm_values(args)})
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     written = run_cache_semantics(args.data, norm_stats, compressor=args.compressor, pca=args.pca,
-                                  repa_targets=args.repa_targets, batch_size=args.micro_batch,
-                                  spec=vfm_spec(args, required=False), autocast_dtype=autocast(args.precision),
+                                  repa_targets=settings.repa_targets, batch_size=settings.micro_batch,
+                                  spec=settings.spec(required=False), autocast_dtype=autocast(settings.precision),
                                   show_progress=not args.quiet)
     print(f"cached semantics in {args.data}: {written} shard(s) written, the rest already cached")
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from reglue.cli.options import add_micro_batch, add_resolution_check, vfm_spec
+from reglue.cli.options import (
+    add_micro_batch,
+    add_resolution_check,
+    add_settings,
+    load_command_settings,
+    vfm_values,
+)
 
 NAME = "evaluate"
 HELP = ("ADM suite (FID, sFID, IS, precision, recall) and FD_DINOv2; only the metrics asked for "
@@ -14,6 +20,7 @@ HELP = ("ADM suite (FID, sFID, IS, precision, recall) and FD_DINOv2; only the me
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
     parser.add_argument("--samples", required=True, help="samples .npz from `reglue sample`")
+    add_settings(parser, "the EvaluateSettings (reglue.metrics.evaluate)", "metrics=[fid,fd_dinov2]")
     parser.add_argument("--metrics", default=None,
                         help="comma-separated: fid,sfid,is,pr (Inception), fd_dinov2,pr_dinov2 (fd_NAME,pr_NAME "
                         "with --vfm NAME); default: the ADM suite if --inception is given, plus fd_dinov2 if "
@@ -30,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vfm-arch", default=None,
                        help="architecture overrides for small test models, e.g. embed_dim=32,depth=4,num_heads=2")
     parser.set_defaults(vfm_layers=None)  # the feature space uses the final CLS token only
-    add_micro_batch(parser, 250, "feature network")
+    add_micro_batch(parser, None, "feature network", default_shown=250)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--cache-dir", default=None, help="where computed reference statistics are cached")
     parser.add_argument("--out", default=None, help="JSON results (default SAMPLES.metrics.json)")
@@ -41,14 +48,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reglue.metrics.evaluate import evaluate, format_table, write_results
+    from reglue.metrics.evaluate import EvaluateSettings, evaluate, format_table, write_results
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    vfm = vfm_spec(args, required=True, default_name="dinov2_vitl14")  # FD_DINOv2's network by default
-    results = evaluate(args.ref, args.samples, metrics=metrics, inception_weights=args.inception, vfm=vfm,
-                       batch_size=args.micro_batch, device=device, cache_dir=args.cache_dir,
-                       resolution=args.resolution, progress=not args.quiet)
+    given = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    settings = load_command_settings(EvaluateSettings, args, {
+        "metrics": given, "micro_batch": args.micro_batch, **vfm_values(args)})
+    results = evaluate(args.ref, args.samples, metrics=settings.metrics, inception_weights=args.inception,
+                       vfm=settings.spec(), batch_size=settings.micro_batch, device=device,
+                       cache_dir=args.cache_dir, resolution=args.resolution, progress=not args.quiet)
     out = args.out or str(args.samples).removesuffix(".npz") + ".metrics.json"
     write_results(results, out)
     print(format_table(results))

@@ -7,8 +7,10 @@ import argparse
 from reglue.cli.options import (
     add_guidance_options,
     add_resolution_check,
+    add_settings,
     confirm_model_resolution,
     guidance_values,
+    load_command_settings,
 )
 
 NAME = "grid"
@@ -20,18 +22,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default="207,360,387,974,88,979,417,279")
     parser.add_argument("--per-class", type=int, default=2)
     parser.add_argument("--out", default="grid.png")
-    parser.add_argument("--mode", choices=("sde", "ode"), default="sde")
-    parser.add_argument("--steps", type=int, default=250)
+    add_settings(parser, "the SampleSettings (reglue.generate) of the grid's sampler", "num_steps=100")
+    parser.add_argument("--mode", choices=("sde", "ode"), default=None, help="default sde")
+    parser.add_argument("--steps", type=int, default=None, help="default 250 (key num_steps)")
     add_guidance_options(parser, "scale 4 on [0, 0.9]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                         help="local diffusers folder, cached hub id, or 'pixel' (the weight-free demo autoencoder)")
     add_resolution_check(parser, "the model was trained")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     import torch
     from PIL import Image
 
@@ -44,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_sampling_model(args.ckpt).to(device)
     confirm_model_resolution(args, model)
     classes = [int(c) for c in args.classes.split(",")]
-    given = {key.removeprefix("guidance."): value for key, value in guidance_values(args).items() if value is not None}
-    settings = SampleSettings(num_samples=len(classes) * args.per_class, mode=args.mode, num_steps=args.steps,
-                              guidance=replace(GRID_GUIDANCE, **given), seed=args.seed)
+    base = SampleSettings(num_samples=len(classes) * args.per_class, guidance=GRID_GUIDANCE)
+    settings = load_command_settings(SampleSettings, args, {
+        "mode": args.mode, "num_steps": args.steps, **guidance_values(args), "seed": args.seed}, base=base)
     grid = class_grid(model, load_vae(args.vae).to(device), classes, settings, per_class=args.per_class,
                       device=device)
     with atomic_write(args.out) as tmp:

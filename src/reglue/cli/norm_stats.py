@@ -8,10 +8,12 @@ from reglue.cli.options import (
     add_micro_batch,
     add_precision,
     add_resolution_check,
+    add_settings,
     add_vfm_options,
     autocast,
     confirm_data_resolution,
-    vfm_spec,
+    load_command_settings,
+    vfm_values,
 )
 
 NAME = "norm-stats"
@@ -20,21 +22,26 @@ HELP = "per-channel mean/std of the VFM layer maps"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="a prepared dataset directory")
-    parser.add_argument("--out", default=None, help="output file (default DATA/norm_stats.safetensors)")
-    parser.add_argument("--num-images", type=int, default=300 * 256, help="images in the random subset")
-    add_micro_batch(parser, 64, "VFM")
-    add_precision(parser, default="auto", what="the VFM's autocast")
+    parser.add_argument("--out", default=None, help="output file (default DATA/norm_stats.safetensors; it records "
+                        "the VFM for the later steps)")
+    add_settings(parser, "the NormStatsSettings (reglue.pipeline)", "num_images=10000")
+    parser.add_argument("--num-images", type=int, default=None, help="images in the random subset (default 76,800)")
+    add_micro_batch(parser, None, "VFM", default_shown=64)
+    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
     parser.add_argument("--quiet", action="store_true")
     add_vfm_options(parser, "required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
     add_resolution_check(parser, "DATA was prepared")
 
 
 def run(args: argparse.Namespace) -> int:
-    from reglue.pipeline import run_norm_stats
+    from reglue.pipeline import NormStatsSettings, run_norm_stats
 
     confirm_data_resolution(args)
-    out = run_norm_stats(args.data, vfm_spec(args, required=True), out=args.out, num_images=args.num_images,
-                         batch_size=args.micro_batch, autocast_dtype=autocast(args.precision),
+    settings = load_command_settings(NormStatsSettings, args, {
+        "num_images": args.num_images, "micro_batch": args.micro_batch, "precision": args.precision,
+        **vfm_values(args)})
+    out = run_norm_stats(args.data, settings.spec(required=True), out=args.out, num_images=settings.num_images,
+                         batch_size=settings.micro_batch, autocast_dtype=autocast(settings.precision),
                          show_progress=not args.quiet)
     print(f"wrote norm stats to {out}")
     return 0

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from reglue.errors import InputError
 from reglue.resolution import check_resolution, confirm_resolution
@@ -90,9 +89,11 @@ def autocast(word: str):
     return autocast_dtype(word, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def add_micro_batch(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+def add_micro_batch(parser: argparse.ArgumentParser, default: int | None, what: str, *,
+                    default_shown: int | None = None) -> None:
+    """``--micro-batch``; ``default`` None: a settings field's shortcut, whose default is ``default_shown``."""
     parser.add_argument("--micro-batch", type=int, default=default,
-                        help=f"rows per {what} call (memory only; default {default})")
+                        help=f"rows per {what} call (memory only; default {default or default_shown})")
     add_renamed(parser, "--batch-size", "--micro-batch")
 
 
@@ -149,27 +150,18 @@ def add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> None
                        help="architecture overrides for small models, e.g. embed_dim=64,depth=12,num_heads=2")
 
 
-def vfm_spec(args: argparse.Namespace, required: bool, default_name: str = "dinov2_vitb14_reg"):
-    """The VFM the options name; a `reglue train-vfm` folder as --vfm-weights names its own VFM and
-    architecture (VFMSpec.resolved), so --vfm and --vfm-arch are then left out."""
-    from dataclasses import replace
-
-    from reglue.encoders.semantics import VFMSpec
-
-    given = any(getattr(args, k) is not None for k in ("vfm", "vfm_weights", "vfm_layers", "vfm_arch"))
-    if not (given or required):
-        return None
-    layers = tuple(int(v) for v in args.vfm_layers.split(",")) if args.vfm_layers else None
+def vfm_values(args: argparse.Namespace) -> dict[str, object]:
+    """The VFM flags as the settings keys ``vfm.name``, ``vfm.weights``, ``vfm.layers``, ``vfm.arch`` (None:
+    not given); the settings resolve them (``VFMSpec.from_mapping``: a `reglue train-vfm` folder as
+    --vfm-weights names its own VFM and architecture)."""
+    layers = [int(v) for v in args.vfm_layers.split(",")] if args.vfm_layers else None
     arch = {}
     for item in filter(None, (args.vfm_arch or "").split(",")):
         key, _, value = item.partition("=")
         if not value.isdigit():
             raise InputError(f"--vfm-arch expects key=integer pairs like depth=12, found {item!r}.")
         arch[key.strip()] = int(value)
-    spec = VFMSpec(args.vfm or default_name, args.vfm_weights, layers, arch)
-    if args.vfm is None and spec.weights and os.path.isdir(spec.weights):  # the folder's teacher.json names it
-        spec = replace(spec, name=VFMSpec.from_teacher(spec.weights).name)
-    return spec.resolved()
+    return {"vfm.name": args.vfm, "vfm.weights": args.vfm_weights, "vfm.layers": layers, "vfm.arch": arch or None}
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -13,7 +13,7 @@ from reglue.cli.options import (
     confirm_data_resolution,
     load_command_settings,
     save_resolved,
-    vfm_spec,
+    vfm_values,
 )
 
 NAME = "train-compressor"
@@ -54,12 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from reglue.training.compressor import CompressorSettings
 
     confirm_data_resolution(args)
-    settings = load_command_settings(CompressorSettings, args, {field: getattr(args, flag)
-                                                                for flag, field in SHORTCUTS.items()})
+    settings = load_command_settings(CompressorSettings, args, {
+        **{field: getattr(args, flag) for flag, field in SHORTCUTS.items()}, **vfm_values(args)})
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     out = args.out or os.path.join(args.data, COMPRESSOR_DIR)
-    run = run_train_compressor(args.data, norm_stats, out, settings=settings, spec=vfm_spec(args, required=False),
-                               val_data=args.val, resume=not args.restart, progress=not args.quiet)
+    run = run_train_compressor(args.data, norm_stats, out, settings=settings, val_data=args.val, resume=not args.restart, progress=not args.quiet)
     save_resolved(settings, out)
     print(f"compressor: best epoch {run.best_epoch}; weights {run.best_path} (best) and {run.final_path} (final)")
     return 0

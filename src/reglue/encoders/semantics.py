@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,6 +103,20 @@ class VFMSpec:
         raw = json.loads(text)
         layers = tuple(raw["layers"]) if raw.get("layers") is not None else None
         return cls(raw["name"], raw.get("weights"), layers, dict(raw.get("arch", {})))
+
+    @classmethod
+    def from_mapping(cls, value: Mapping, default_name: str = "dinov2_vitb14_reg") -> VFMSpec:
+        """A settings mapping of VFMSpec fields (``data.vfm``, a command's ``vfm``; missing ones take the
+        defaults), resolved (:meth:`resolved`): a ``reglue train-vfm`` folder as ``weights`` names its own
+        VFM and architecture when ``name`` is left out."""
+        known = {f.name for f in fields(cls)}
+        if not set(value) <= known:
+            raise InputError(f"a VFM is given by the keys {sorted(known)}, found {sorted(set(value) - known)}.")
+        weights = value.get("weights")
+        name = value.get("name") or (cls.from_teacher(weights).name if weights and Path(weights).is_dir()
+                                     else default_name)
+        layers = tuple(value["layers"]) if value.get("layers") is not None else None
+        return cls(name, weights, layers, dict(value.get("arch") or {})).resolved()
 
 
 class SemanticTargets(NamedTuple):

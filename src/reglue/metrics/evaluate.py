@@ -34,6 +34,7 @@ import hashlib
 import logging
 import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,29 @@ def space_reference(
     identity = {"network": np.array(space.network), "fingerprint": np.array(space.fingerprint)}
     _write_cache(cache, result | identity, f"{space.key} features")
     return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings:
+    """What ``reglue evaluate`` computes (``--config`` / ``KEY=VALUE``; paths stay arguments).
+
+    ``metrics``: the names ``--metrics`` takes (fid, sfid, is, pr, fd_dinov2, pr_dinov2, ...; None: what the
+    given weights allow); ``vfm``: VFMSpec fields of
+    the fd/pr feature space (None: DINOv2 ViT-L/14, FD_DINOv2's network); ``micro_batch``: images per
+    network call (memory only).
+    """
+
+    metrics: list | None = None
+    vfm: dict | None = None
+    micro_batch: int = 250
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise InputError(f"micro_batch must be >= 1, found {self.micro_batch}.")
+
+    def spec(self) -> VFMSpec:
+        """The feature space's network (resolved; a ``reglue train-vfm`` folder names its own)."""
+        return VFMSpec.from_mapping(self.vfm or {}, FD_DINOV2.name)
 
 
 def evaluate(

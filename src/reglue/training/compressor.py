@@ -94,7 +94,8 @@ class CompressorSettings:
     """What ``reglue train-compressor`` trains with (``--config`` / ``KEY=VALUE``; the paper's defaults).
 
     ``vfm_precision``: autocast of the frozen VFM that makes the features (fp32 | bf16 | fp16 | auto);
-    the compressor itself trains in float32.
+    the compressor itself trains in float32. ``vfm``: VFMSpec fields of that VFM (``--vfm-weights`` ...);
+    None: the one the norm stats record.
     """
 
     epochs: int = 25
@@ -107,6 +108,7 @@ class CompressorSettings:
     num_workers: int = 0
     checkpoint_every: int = 100  # steps between resume states
     vfm_precision: str = "auto"
+    vfm: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "global_batch", "cosine_t_max", "checkpoint_every"):
@@ -121,7 +123,7 @@ class CompressorSettings:
 
     def training_options(self) -> dict[str, object]:
         """The keyword arguments of :func:`train_compressor` these settings give."""
-        return {key: value for key, value in asdict(self).items() if key != "vfm_precision"}
+        return {key: value for key, value in asdict(self).items() if key not in ("vfm_precision", "vfm")}
 
 
 @dataclass

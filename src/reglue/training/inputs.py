@@ -12,7 +12,6 @@ the data and this machine before the run creates anything (see its docstring).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -136,7 +135,7 @@ def verify_training_data(records: DatasetRecords) -> None:
 def vfm_spec(value: dict) -> VFMSpec:
     """``data.vfm`` (VFMSpec fields; missing ones take VFMSpec's defaults) as a :class:`VFMSpec`; a
     ``reglue train-vfm`` folder as ``weights`` gives the name and architecture it records."""
-    return VFMSpec.from_json(json.dumps({**asdict(VFMSpec()), **value})).resolved()
+    return VFMSpec.from_mapping(value)
 
 
 def vfm_record(spec: VFMSpec) -> dict:
