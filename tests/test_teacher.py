@@ -188,7 +188,7 @@ def test_a_teacher_recorded_with_held_out_fraction_is_refused_clearly(learned, d
     (old / INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(InputError, match="trained by an older reglue, which held out held_out_fraction 0.25"):
         probe_teacher(old, data)
-    with pytest.raises(InputError, match=r"settings.held_out_fraction: was 0.25, now absent.*--no-resume"):
+    with pytest.raises(InputError, match=r"settings.held_out_fraction: was 0.25, now absent.*--restart"):
         train_teacher(data, old, LEARNING, progress=False)
 
 
