@@ -175,11 +175,14 @@ def test_paper_markers_only_on_request_and_only_for_sit_b2_runs(tmp_path, record
         plot_runs(runs, out, x="time", paper=True)
 
 
-def test_paper_markers_get_an_fid_panel_when_no_run_logged_fid(tmp_path):
+def test_paper_markers_get_an_fid_panel_when_no_run_logged_fid(tmp_path, caplog):
+    """Markers go only into the eval/fid panel; a run that logged another metric is told it is not comparable."""
     run = fake_run(tmp_path / "run", eval_metrics=("fd_dinov2",))
     drawn = plot_run(run, paper=True)
     assert list(drawn.panels)[3:6] == ["eval/fd_dinov2", "eval/fid", "grad_norm"]
     assert drawn.panels["eval/fid"].lines == {} and len(drawn.panels["eval/fid"].paper) == 2
+    assert not drawn.panels["eval/fd_dinov2"].paper
+    assert "no run logged eval/fid" in caplog.text and "eval/fd_dinov2 measure(s) another quantity" in caplog.text
 
 
 # ----------------------------------------------------------------------------- bad input

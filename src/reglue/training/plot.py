@@ -23,6 +23,7 @@ only by seed (the demo's comparison). Each returns a :class:`Plot`: the PNG's pa
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))  # the largest of which 
 DEFAULT_EVAL_NETWORK = "DINOv2 ViT-L/14"  # eval.vfm null (reglue.config.EvalConfig)
 PAPER_LABEL = "paper, FID-50K"
 PANEL_COLUMNS = 3
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,11 @@ def _with_paper(panels: list[Panel], marks: tuple[PaperMark, ...]) -> list[Panel
     logged eval/fid)."""
     key = f"{EVAL_PREFIX}fid"
     if not any(p.key == key for p in panels):
+        others = [p.key for p in panels if p.points]
+        _logger.warning(
+            "no run logged %s (Inception FID, the paper's metric): the paper's markers get a panel of their own%s. "
+            "To compare, evaluate with eval.metrics=[fid] against the reference batch (docs/reproduce.md).", key,
+            f"; {', '.join(others)} measure(s) another quantity and are not comparable to them" if others else "")
         after_evals = max((i + 1 for i, p in enumerate(panels) if p.points or p.key.startswith(LOSS_PREFIX)),
                           default=0)
         panels = [*panels[:after_evals], Panel(key, {}, points=True), *panels[after_evals:]]
