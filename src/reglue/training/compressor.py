@@ -67,7 +67,7 @@ from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.seeding import SPLIT_STREAM, seeded_generator
-from reglue.training.order import per_process_batch, process_batches
+from reglue.training.order import per_process_batch
 from reglue.training.plot import plot_series
 from reglue.training.run import TRAIN_STATE, Position, ResumableRun
 
@@ -301,10 +301,8 @@ class _CompressorTrainer:
 
     def train_epoch(self, bar) -> None:
         p, acc = self.progress, self.accelerator
-        self.train_batches[:] = process_batches(
-            len(self.train_set), self.config["global_batch"], seed=self.config["seed"], epoch=p.epoch,
-            rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch,
-        )
+        self.train_batches[:] = self.run.epoch_batches(p, len(self.train_set), self.config["global_batch"],
+                                                       self.config["seed"])
         self.model.train()
         for batch in self.train_loader:
             target = self.features(batch["images"])  # (B, C, h, w)

@@ -37,6 +37,7 @@ from reglue.errors import InputError, ReglueError
 from reglue.progress import progress_bar
 from reglue.settings import SettingsError, check_same_settings
 from reglue.training.metrics import MetricsLogger
+from reglue.training.order import process_batches
 
 TRAIN_STATE = "train_state.pt"
 
@@ -167,6 +168,13 @@ class ResumableRun:
         if self.acc.num_processes == 1:
             return raised
         return bool(self.acc.reduce(torch.tensor(float(raised), device=self.acc.device), "sum") > 0)
+
+    def epoch_batches(self, position: Position, num_rows: int, global_batch: int, seed: int) -> list[list[int]]:
+        """This process's batches (indices into ``num_rows`` rows) for the rest of ``position``'s epoch, in the
+        index-addressed order of :func:`reglue.training.order.process_batches`: a resumed epoch skips the
+        batches it finished."""
+        return process_batches(num_rows, global_batch, seed=seed, epoch=position.epoch, rank=self.acc.process_index,
+                               num_processes=self.acc.num_processes, start_step=position.step_in_epoch)
 
     def stop_requested(self) -> bool:
         """Whether a process got SIGINT/SIGTERM (a collective: every process at the same step)."""

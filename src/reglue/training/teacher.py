@@ -97,7 +97,7 @@ from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scor
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, SPLIT_STREAM, STEP_STREAM, seeded_generator
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
-from reglue.training.order import per_process_batch, process_batches
+from reglue.training.order import per_process_batch
 from reglue.training.plot import PLOT_FILE, plot_run
 from reglue.training.run import TRAIN_STATE, Position, ResumableRun
 
@@ -494,9 +494,8 @@ class _TeacherTrainer:
         return values[0]
 
     def train_epoch(self, bar, metrics: MetricsLogger) -> None:
-        p, acc = self.progress, self.accelerator
-        rows = process_batches(len(self.rows), self.settings.global_batch, seed=self.settings.seed, epoch=p.epoch,
-                               rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch)
+        p = self.progress
+        rows = self.run.epoch_batches(p, len(self.rows), self.settings.global_batch, self.settings.seed)
         self.batches[:] = [[(p.epoch, self.rows[i]) for i in batch] for batch in rows]
         self.student.train()
         for batch in self.loader:
