@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -22,8 +24,10 @@ from reglue.encoders.vfm import build_dinov2
 from reglue.io import write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.training import compressor as training
+from reglue.training import run as run_module
 from reglue.training.compressor import train_compressor
 from reglue.training.order import per_process_batch, process_batches
+from reglue.training.run import RunStopped
 
 RESOLUTION = 256
 CHANNELS = (64, 16, 4)  # 2 layers × 32 wide tiny DINOv2
@@ -99,16 +103,16 @@ class Interrupted(Exception):
 
 def interrupt_after_checkpoints(monkeypatch, count: int) -> None:
     """Let ``count`` training-state checkpoints land, then 'kill' the run."""
-    save = training._save_train_state
+    save = run_module.save_state_file
     saved = []
 
-    def save_then_maybe_die(path, state):
-        save(path, state)
+    def save_then_maybe_die(path, step, state):
+        save(path, step, state)
         saved.append((state["progress"]["epoch"], state["progress"]["step_in_epoch"]))
         if len(saved) == count:
             raise Interrupted(saved[-1])
 
-    monkeypatch.setattr(training, "_save_train_state", save_then_maybe_die)
+    monkeypatch.setattr(run_module, "save_state_file", save_then_maybe_die)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,6 +282,34 @@ def test_interrupted_run_resumes_to_bit_identical_weights(train, tmp_path, monke
     assert not (tmp_path / training.FINAL_WEIGHTS).exists()
     run = train(tmp_path, epochs=3, checkpoint_every=3)
     assert run.trained and run.resumed_from == where
+    final, history = uninterrupted
+    assert_same_weights(load_weights(run.final_path), final)
+    assert run.history == history
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """SIGTERM to this process once ``step`` is counted, as a scheduler stops a job."""
+    after_step = run_module.ResumableRun.after_step
+
+    def signalled(self, position, *args, **kwargs):
+        if position.global_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, position, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.ResumableRun, "after_step", signalled)
+
+
+def test_a_stop_signal_checkpoints_stops_and_resumes_to_bit_identical_weights(train, tmp_path, monkeypatch,
+                                                                              uninterrupted):
+    previous = signal.getsignal(signal.SIGTERM)
+    signal_at_step(monkeypatch, 3)  # mid-epoch 2, no checkpoint due
+    with pytest.raises(RunStopped, match=r"the compressor stopped at step 3 on a stop signal"):
+        train(tmp_path, epochs=3, checkpoint_every=4)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert load_checkpoint(tmp_path / training.TRAIN_STATE)["step"] == 3
+    run = train(tmp_path, epochs=3, checkpoint_every=3)
+    assert run.resumed_from == (1, 1)
     final, history = uninterrupted
     assert_same_weights(load_weights(run.final_path), final)
     assert run.history == history

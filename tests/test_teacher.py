@@ -36,6 +36,8 @@ from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
 from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm, dinov2_to_timm, timm_to_dinov2
 from reglue.errors import InputError
+from reglue.training import run as run_module
+from reglue.training.run import RunStopped
 from reglue.training.teacher import (
     INSTALL_HINT,
     SKIPPED_FILE,
@@ -280,6 +282,34 @@ def test_a_run_killed_mid_way_resumes_bit_identically(data, tmp_path):
     assert steps == list(range(1, 49))  # the replayed steps logged once
     # rerun: the finished run is found, not retrained (checkpoint_every may change)
     assert not train_teacher(data, killed, replace(settings, checkpoint_every=7), progress=False).trained
+
+
+def test_a_stop_signal_checkpoints_stops_and_resumes_bit_identically(data, tmp_path, monkeypatch):
+    """SIGTERM to this process at step 5 (of 12): the run checkpoints there and stops; resumed, it ends
+    as the uninterrupted run, each step logged once."""
+    settings = TeacherSettings(embed_dim=32, depth=1, num_heads=2, epochs=1, global_batch=32, checkpoint_every=3,
+                               probe=False)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train_teacher(data, straight, settings, progress=False)
+    after_step = run_module.ResumableRun.after_step
+
+    def signalled(self, position, *args, **kwargs):
+        if position.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, position, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.ResumableRun, "after_step", signalled)
+    with pytest.raises(RunStopped, match="the teacher stopped at step 5 on a stop signal"):
+        train_teacher(data, stopped, settings, progress=False)
+    monkeypatch.undo()
+    assert torch.load(stopped / TRAIN_STATE, weights_only=True)["step"] == 5 and not (stopped / WEIGHTS_FILE).exists()
+    assert train_teacher(data, stopped, settings, progress=False).resumed_from_step == 5
+    (a_state, a_weights), (b_state, b_weights) = _weights(straight), _weights(stopped)
+    for part in ("student", "teacher", "dino_loss", "ibot_loss"):
+        assert all(torch.equal(a_state[part][key], b_state[part][key]) for key in a_state[part]), part
+    assert all(torch.equal(a_weights[k], b_weights[k]) for k in a_weights)
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
 
 
 def test_bad_input_fails_with_one_clear_line(data, tmp_path, capsys, monkeypatch):

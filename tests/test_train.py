@@ -383,9 +383,9 @@ def test_a_failing_preview_is_logged_and_training_goes_on(cached_data, monkeypat
 def test_second_ctrl_c_aborts_at_once():
     import signal
 
-    from reglue.training.trainer import _StopFlag
+    from reglue.training.run import StopFlag
 
-    flag = _StopFlag()
+    flag = StopFlag()
     flag(signal.SIGTERM, None)
     assert flag.raised
     flag(signal.SIGTERM, None)  # a repeated SIGTERM still waits for the checkpoint

@@ -260,11 +260,11 @@ def training_loader(dataset: PreparedDataset, batch_sampler: Iterable[Sequence[i
     rows, order and values of ``DataLoader(dataset, batch_sampler=...)``, read a batch at a time
     (:meth:`PreparedDataset.read_batch`) instead of a row at a time and stacked."""
     return DataLoader(_Batches(dataset), sampler=batch_sampler, batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, worker_init_fn=_worker_signals,
+                      pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator())  # fixed worker seeds, global RNG untouched
 
 
-def _worker_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """A worker ignores SIGTERM and SIGINT. Launchers and schedulers signal every process of a job (torchrun
     its workers' process groups, SLURM the whole step, a terminal its foreground group): a worker that died
     of the signal would make the main process fail ("DataLoader worker killed") before the checkpoint the

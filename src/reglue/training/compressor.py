@@ -24,9 +24,10 @@ Files in ``out_dir`` (only the main process writes):
 - ``loss_curve.png``: train and val MSE per epoch (drawn by :func:`reglue.training.plot.plot_series`);
 - ``train_state.pt``: the resume state, a training checkpoint of :mod:`reglue.checkpoint`
   (format, version, step, completion marker; tensors and plain values, ``weights_only``
-  loadable; written atomically) kept under one name, every ``checkpoint_every`` steps and at each
-  epoch end: weights, Adam, the cosine, the epoch and step within it, the running epoch loss,
-  best-so-far, history and every process's RNG states (:func:`capture_rng_state`; restored
+  loadable; written atomically by :class:`reglue.training.run.ResumableRun`) kept under one name,
+  every ``checkpoint_every`` steps, at each epoch end and on SIGINT/SIGTERM (the run then stops with
+  :class:`~reglue.training.run.RunStopped`): weights, Adam, the cosine, the epoch and step within
+  it, the running epoch loss, best-so-far, history and every process's RNG states (:func:`capture_rng_state`; restored
   when the number of processes is unchanged). Resuming refuses a state whose run settings differ
   (channels, batch, lr, schedule, seed, data sizes, VFM: :func:`reglue.settings.check_same_settings`);
   the number of processes may change. A ``train_state.pt`` that is not a valid checkpoint, e.g.
@@ -58,13 +59,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from reglue.checkpoint import (
-    capture_rng_state,
-    load_state_file,
-    restore_process_rng_state,
-    save_state_file,
-)
-from reglue.data.dataset import PreparedDataset
+from reglue.data.dataset import PreparedDataset, ignore_stop_signals
 from reglue.data.split import held_out_split
 from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.norm_stats import NormStats
@@ -73,18 +68,17 @@ from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
 from reglue.precision import AUTO, PRECISIONS
-from reglue.progress import progress_bar
-from reglue.settings import check_same_settings
-from reglue.training.order import per_process_batch, process_batches
+from reglue.training.order import per_process_batch
 from reglue.training.plot import plot_series
+from reglue.training.run import TRAIN_STATE, Position, ResumableRun
 
 FINAL_WEIGHTS = "compressor_final.safetensors"
 BEST_WEIGHTS = "compressor_best.safetensors"
 HISTORY = "history.json"
 LOSS_CURVE = "loss_curve.png"
-TRAIN_STATE = "train_state.pt"
 STATE_KIND = "semantic-compressor"  # the "kind" entry of train_state.pt: whose training state it is
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
+_RUN_FILES = (FINAL_WEIGHTS, BEST_WEIGHTS, HISTORY, LOSS_CURVE, TRAIN_STATE)
 
 _logger = logging.getLogger(__name__)
 
@@ -234,11 +228,6 @@ def _save_weights(path: Path, model: SemanticCompressor, metadata: dict) -> None
         safetensors.torch.save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
-def _save_train_state(path: Path, state: dict) -> None:
-    """``state`` (:meth:`_CompressorTrainer.state_dict`) as a training checkpoint at ``path``."""
-    save_state_file(path, state["progress"]["global_step"], state)
-
-
 def _plot_loss_curve(path: Path, history: list[dict]) -> None:
     """Train and val MSE per epoch (val left out without held-out images)."""
     epochs = [h["epoch"] for h in history]
@@ -248,33 +237,20 @@ def _plot_loss_curve(path: Path, history: list[dict]) -> None:
                 log_y=True)
 
 
-def _check_same_run(saved: dict, config: dict, where: Path) -> None:
-    check_same_settings(saved, config, what=f"the compressor run in {where.parent}", fix=RESTART_FIX)
-
-
-def _finished_run(out_dir: Path, config: dict, epochs: int) -> CompressorRun | None:
+def _finished_run(run: ResumableRun, epochs: int) -> CompressorRun | None:
     """The run already in ``out_dir`` if it finished with these settings and ``epochs``."""
-    path = out_dir / HISTORY
-    if not (path.is_file() and (out_dir / FINAL_WEIGHTS).is_file()):
+    saved = run.finished(HISTORY, outputs=(FINAL_WEIGHTS,))
+    if saved is None or not saved["finished"] or saved["epochs_done"] != epochs:
         return None
-    saved = json.loads(path.read_text())
-    _check_same_run(saved["config"], config, path)
-    if not saved["finished"] or saved["epochs_done"] != epochs:
-        return None
-    return CompressorRun(out_dir, saved["history"], saved["best_epoch"], trained=False)
+    return CompressorRun(run.out_dir, saved["history"], saved["best_epoch"], trained=False)
 
 
-def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
-    """The checkpoint at ``path`` if there is one; refuses an invalid one (see the module doc)."""
-    state = load_state_file(path, kind=STATE_KIND, resuming="the compressor", owner="the semantic compressor",
-                            fix=RESTART_FIX)
-    if state is None:
-        return None
-    _check_same_run(state["config"], config, path)
-    done = state["progress"]["epoch"]
-    if done > epochs:
+def _load_train_state(run: ResumableRun, epochs: int) -> dict | None:
+    """``train_state.pt`` if there is one; refuses an invalid one (see the module doc)."""
+    state = run.load_state()
+    if state is not None and (done := state["progress"]["epoch"]) > epochs:
         raise InputError(
-            f"{path} has already trained {done} epochs, more than the {epochs} asked for; "
+            f"{run.state_path} has already trained {done} epochs, more than the {epochs} asked for; "
             f"ask for epochs >= {done} or use a new out_dir."
         )
     return state
@@ -286,12 +262,9 @@ def _load_train_state(path: Path, config: dict, epochs: int) -> dict | None:
 
 
 @dataclass
-class _Progress:
+class _Progress(Position):
     """Everything about where the run stands that a resume must restore besides the weights."""
 
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0  # optimizer steps finished in the current epoch
-    global_step: int = 0
     epoch_loss_sum: float = 0.0  # sum of this epoch's per-step train MSEs so far
     best_epoch: int = 0  # 1-based, 0 before the first epoch ends
     best_mse: float = math.inf
@@ -301,10 +274,11 @@ class _Progress:
 class _CompressorTrainer:
     """One training run: builds the model, optimizer and schedule, then runs epochs."""
 
-    def __init__(self, accelerator: Accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path,
-                 config: dict, *, num_workers: int, checkpoint_every: int, log: Callable[[str], object]):
-        self.accelerator, self.extractor, self.norm_stats = accelerator, extractor, norm_stats
-        self.train_set, self.val_set, self.out_dir, self.config = train_set, val_set, out_dir, config
+    def __init__(self, run: ResumableRun, extractor, norm_stats, train_set, val_set, *, num_workers: int,
+                 checkpoint_every: int, log: Callable[[str], object]):
+        self.run, self.accelerator, self.extractor, self.norm_stats = run, run.acc, extractor, norm_stats
+        accelerator, config = run.acc, run.config
+        self.train_set, self.val_set, self.out_dir, self.config = train_set, val_set, run.out_dir, config
         self.num_workers, self.checkpoint_every, self.log = num_workers, checkpoint_every, log
         self.batch = per_process_batch(config["global_batch"], accelerator.num_processes)
         self.steps_per_epoch = len(train_set) // config["global_batch"]
@@ -335,32 +309,21 @@ class _CompressorTrainer:
         self.optimizer.load_state_dict(state["optimizer"])  # after the scheduler set its lr
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
-        restore_process_rng_state(state["rng"], self.accelerator.process_index, self.accelerator.num_processes)
+        self.run.restore_rng(state["rng"])
 
     def prepare(self) -> None:
         """Hand model and optimizer to accelerate (DDP on several GPUs). The loaders are ours:
         they shard each global batch by rank themselves, so accelerate must not re-shard them."""
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
-    def state_dict(self, rng: list[dict]) -> dict:
-        """The payload of ``train_state.pt``; ``rng``: one :func:`capture_rng_state` per process."""
-        return {
-            "kind": STATE_KIND,
-            "config": self.config,
+    def checkpoint(self) -> None:
+        """Write ``train_state.pt`` (:meth:`ResumableRun.save_state`); every process must call it."""
+        self.run.save_state(self.progress.global_step, {
             "compressor": {k: v.detach().cpu() for k, v in self.compressor.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "progress": dict(vars(self.progress)),
-            "rng": rng,
-        }
-
-    def checkpoint(self) -> None:
-        """Write ``train_state.pt`` (main process); every process must call it (gathers RNG states)."""
-        from accelerate.utils import gather_object
-
-        rng = gather_object([capture_rng_state()])
-        path = self.out_dir / TRAIN_STATE
-        on_main(f"saving {path}", lambda: _save_train_state(path, self.state_dict(rng)))
+        })
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, R, R) -> normalised VFM maps (B, C, h, w), float32."""
@@ -373,14 +336,12 @@ class _CompressorTrainer:
         Its own generator: worker seeds never draw from (or shift) the global RNG."""
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator(),
-                          pin_memory=self.accelerator.device.type == "cuda")
+                          pin_memory=self.accelerator.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
     def train_epoch(self, bar) -> None:
         p, acc = self.progress, self.accelerator
-        self.train_batches[:] = process_batches(
-            len(self.train_set), self.config["global_batch"], seed=self.config["seed"], epoch=p.epoch,
-            rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch,
-        )
+        self.train_batches[:] = self.run.epoch_batches(p, len(self.train_set), self.config["global_batch"],
+                                                       self.config["seed"])
         self.model.train()
         for batch in self.train_loader:
             target = self.features(batch["images"])  # (B, C, h, w)
@@ -389,13 +350,9 @@ class _CompressorTrainer:
             acc.backward(loss)
             self.optimizer.step()
             loss = acc.reduce(loss.detach(), "mean").item()
-            p.step_in_epoch += 1
-            p.global_step += 1
+            p.advance()
             p.epoch_loss_sum += loss
-            bar.update(1)
-            bar.set_postfix(epoch=p.epoch + 1, loss=f"{loss:.4f}")
-            if p.global_step % self.checkpoint_every == 0:
-                self.checkpoint()
+            self.run.after_step(p, loss, bar, checkpoint_every=self.checkpoint_every, checkpoint=self.checkpoint)
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -419,7 +376,8 @@ class _CompressorTrainer:
                   "val_mse": self.validate(), "lr": self.scheduler.get_last_lr()[0]}
         self.scheduler.step()
         p.history.append(record)
-        p.epoch, p.step_in_epoch, p.epoch_loss_sum = p.epoch + 1, 0, 0.0
+        p.next_epoch()
+        p.epoch_loss_sum = 0.0
         score = record["train_mse"] if record["val_mse"] is None else record["val_mse"]
         if score < p.best_mse:
             p.best_epoch, p.best_mse = p.epoch, score
@@ -514,21 +472,22 @@ def train_compressor(
         "resolution": extractor.resolution, "vfm_autocast": str(extractor.autocast_dtype),
         **(inputs or {}),
     }
-    out_dir = Path(out_dir)
+    run = ResumableRun(out_dir, config, accelerator, name="the compressor", owner="the semantic compressor",
+                       kind=STATE_KIND, fix=RESTART_FIX)
     log = main_process_log(log, accelerator.is_main_process)
-    if resume and (done := _finished_run(out_dir, config, epochs)) is not None:
-        log(f"{out_dir} already holds this compressor run ({epochs} epochs); not retraining.")
+    if resume and (done := _finished_run(run, epochs)) is not None:
+        log(f"{run.out_dir} already holds this compressor run ({epochs} epochs); not retraining.")
         return done
-    return _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config, epochs=epochs,
-                num_workers=num_workers, checkpoint_every=checkpoint_every, resume=resume,
-                progress=progress, log=log)
+    return _run(run, extractor, norm_stats, train_set, val_set, epochs=epochs, num_workers=num_workers,
+                checkpoint_every=checkpoint_every, resume=resume, progress=progress, log=log)
 
 
-def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, config: dict, *, epochs: int,
-         num_workers: int, checkpoint_every: int, resume: bool, progress: bool, log) -> CompressorRun:
-    trainer = _CompressorTrainer(accelerator, extractor, norm_stats, train_set, val_set, out_dir, config,
-                                 num_workers=num_workers, checkpoint_every=checkpoint_every, log=log)
-    state = _load_train_state(out_dir / TRAIN_STATE, config, epochs) if resume else None
+def _run(run: ResumableRun, extractor, norm_stats, train_set, val_set, *, epochs: int, num_workers: int,
+         checkpoint_every: int, resume: bool, progress: bool, log) -> CompressorRun:
+    out_dir, config, accelerator = run.out_dir, run.config, run.acc
+    trainer = _CompressorTrainer(run, extractor, norm_stats, train_set, val_set, num_workers=num_workers,
+                                 checkpoint_every=checkpoint_every, log=log)
+    state = _load_train_state(run, epochs) if resume else None
     resumed_from = None
     if state is not None:
         trainer.restore(state)
@@ -537,19 +496,14 @@ def _run(accelerator, extractor, norm_stats, train_set, val_set, out_dir: Path, 
             f"step {resumed_from[1]}")
     trainer.prepare()
 
-    def make_room() -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if state is None:  # starting over: no file of an earlier run may pass for this one's
-            for name in (FINAL_WEIGHTS, BEST_WEIGHTS, HISTORY, LOSS_CURVE, TRAIN_STATE):
-                (out_dir / name).unlink(missing_ok=True)
-
-    on_main(f"preparing {out_dir}", make_room)
+    fresh = state is None  # starting over: no file of an earlier run may pass for this one's
+    on_main(f"preparing {out_dir}", lambda: run.start_over(_RUN_FILES if fresh else ()))
     log(f"training compressor {config['channels']} on {config['train_images']} images "
         f"({config['val_images']} held out), {epochs} epochs × {trainer.steps_per_epoch} steps of "
         f"{config['global_batch']} ({trainer.batch} per process × {accelerator.num_processes})")
-    bar = progress_bar(total=epochs * trainer.steps_per_epoch, initial=trainer.progress.global_step, unit="step",
-                       desc="compressor", enabled=progress and accelerator.is_main_process)
-    with bar:
+    bar = run.progress_bar(total=epochs * trainer.steps_per_epoch, initial=trainer.progress.global_step,
+                           desc="compressor", enabled=progress)
+    with run.stop.installed(), bar:
         while trainer.progress.epoch < epochs:
             trainer.train_epoch(bar)
             trainer.end_epoch()

@@ -44,7 +44,8 @@ Files in ``out_dir`` (written by the main process):
   num_heads=...)``); :func:`teacher_spec` gives the matching :class:`VFMSpec`;
 - ``teacher.json``: {"vfm", "arch", "resolution", "weights", "settings", "data", "train_seconds", ...};
 - ``train_state.pt``: the resume state (student, teacher, head centres, AdamW, position, RNG), a
-  training checkpoint of :mod:`reglue.checkpoint`, every ``checkpoint_every`` steps and at the end;
+  training checkpoint of :mod:`reglue.checkpoint`, every ``checkpoint_every`` steps, at the end and on
+  SIGINT/SIGTERM, after which the run stops (:class:`reglue.training.run.RunStopped`);
 - ``skipped.tsv`` (image folders only): the files left out as unreadable, with prepare's reasons;
 - ``metrics.jsonl`` (+ ``tensorboard/`` when asked): the loss terms, lr, momentum and teacher
   temperature of every step; ``loss_curves.png`` drawn from it;
@@ -82,14 +83,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 
-from reglue.checkpoint import (
-    capture_rng_state,
-    load_state_file,
-    restore_process_rng_state,
-    save_state_file,
-)
 from reglue.data import store
-from reglue.data.dataset import PreparedDataset
+from reglue.data.dataset import PreparedDataset, ignore_stop_signals
 from reglue.data.source_dataset import ImageSourceDataset
 from reglue.data.split import held_out_split
 from reglue.distributed import (
@@ -113,13 +108,12 @@ from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
 from reglue.precision import AUTO, autocast_dtype
-from reglue.progress import progress_bar
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, STEP_STREAM, seeded_generator
-from reglue.settings import check_same_settings
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
-from reglue.training.order import per_process_batch, process_batches
+from reglue.training.order import per_process_batch
 from reglue.training.plot import PLOT_FILE, plot_run
+from reglue.training.run import TRAIN_STATE, Position, ResumableRun
 
 INSTALL_HINT = 'pip install "reglue[teacher]"'
 try:  # the optional extra "teacher"
@@ -134,7 +128,6 @@ except ImportError as err:
 VFM_NAME = "dinov2_vitb14_reg"  # the registry entry whose layout the teacher has (4 registers, patch 14)
 WEIGHTS_FILE = "teacher.pth"
 INFO_FILE = TEACHER_INFO  # {"vfm", "weights", "arch", ...}: what VFMSpec.from_teacher reads
-TRAIN_STATE = "train_state.pt"
 SKIPPED_FILE = store.SKIPPED  # the skip report of an image folder, as prepare's
 STATE_KIND = "dinov2-teacher"  # the "kind" entry of train_state.pt
 RESTART_FIX = "use a new out_dir, or start over in this one (resume=False; `--restart` on the command line)."
@@ -442,13 +435,6 @@ def _labels(images: TeacherImages) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Progress:
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -456,14 +442,15 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 class _TeacherTrainer:
     """One run: student, EMA teacher, losses, AdamW, the index-addressed loader; then steps."""
 
-    def __init__(self, accelerator: Accelerator, images: Dataset, rows: list[int], settings: TeacherSettings,
-                 resolution: int, out_dir: Path, config: dict):
-        self.accelerator, self.rows, self.settings, self.out_dir, self.config = accelerator, rows, settings, out_dir, config
+    def __init__(self, run: ResumableRun, images: Dataset, rows: list[int], settings: TeacherSettings,
+                 resolution: int):
+        self.run, self.accelerator, self.rows, self.settings = run, run.acc, rows, settings
+        self.out_dir, self.config = run.out_dir, run.config
         self.steps_per_epoch = len(rows) // settings.global_batch
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.freeze_steps = math.floor(settings.freeze_last_layer_fraction * self.total_steps)
-        self.progress = _Progress()
-        device = accelerator.device
+        self.progress = Position()
+        device = run.acc.device
         self.student = SelfDistillation(settings, freeze_last_layer_steps=self.freeze_steps).to(device)
         self.teacher = SelfDistillation(settings).to(device).requires_grad_(False)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -481,7 +468,8 @@ class _TeacherTrainer:
         self.batches: list[list[tuple[int, int]]] = []  # each epoch's order, replaced in place
         self.loader = DataLoader(CropViews(images, settings, resolution), batch_sampler=self.batches,
                                  num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
-                                 generator=torch.Generator(), pin_memory=device.type == "cuda")
+                                 generator=torch.Generator(), pin_memory=device.type == "cuda",
+                                 worker_init_fn=ignore_stop_signals)
 
     @property
     def student_module(self) -> SelfDistillation:
@@ -494,25 +482,20 @@ class _TeacherTrainer:
         self.dino_loss.load_state_dict(state["dino_loss"])
         self.ibot_loss.load_state_dict(state["ibot_loss"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = _Progress(**state["progress"])
-        restore_process_rng_state(state["rng"], self.accelerator.process_index, self.accelerator.num_processes)
+        self.progress = Position(**state["progress"])
+        self.run.restore_rng(state["rng"])
 
     def prepare(self) -> None:
         """DDP for the student on several processes; the loader shards its batches itself."""
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
 
     def checkpoint(self) -> None:
-        """Write train_state.pt (main process); every process must call it (gathers RNG states)."""
-        from accelerate.utils import gather_object
-
-        rng = gather_object([capture_rng_state()])
-        path = self.out_dir / TRAIN_STATE
-        on_main(f"saving {path}", lambda: save_state_file(path, self.progress.global_step, {
-            "kind": STATE_KIND, "config": self.config, "student": _cpu_state(self.student_module),
-            "teacher": _cpu_state(self.teacher), "dino_loss": _cpu_state(self.dino_loss),
-            "ibot_loss": _cpu_state(self.ibot_loss),
-            "optimizer": self.optimizer.state_dict(), "progress": dict(vars(self.progress)), "rng": rng,
-        }))
+        """Write train_state.pt (:meth:`ResumableRun.save_state`); every process must call it."""
+        self.run.save_state(self.progress.global_step, {
+            "student": _cpu_state(self.student_module), "teacher": _cpu_state(self.teacher),
+            "dino_loss": _cpu_state(self.dino_loss), "ibot_loss": _cpu_state(self.ibot_loss),
+            "optimizer": self.optimizer.state_dict(), "progress": dict(vars(self.progress)),
+        })
 
     def schedules(self, step: int) -> dict[str, float]:
         """lr (warmup + cosine to the peak of ``lr_scaling``), weight decay (cosine to ``weight_decay_end``,
@@ -568,24 +551,20 @@ class _TeacherTrainer:
         with torch.no_grad():
             update_momentum(self.student_module, self.teacher, schedule["momentum"])
         values = acc.reduce(torch.stack([t.detach() for t in terms.values()]), "mean").tolist()
-        p.step_in_epoch += 1
-        p.global_step += 1
+        p.advance()
         metrics.log(p.global_step, {**{f"loss/{k}": v for k, v in zip(terms, values)}, **schedule})
         return values[0]
 
     def train_epoch(self, bar, metrics: MetricsLogger) -> None:
-        p, acc = self.progress, self.accelerator
-        rows = process_batches(len(self.rows), self.settings.global_batch, seed=self.settings.seed, epoch=p.epoch,
-                               rank=acc.process_index, num_processes=acc.num_processes, start_step=p.step_in_epoch)
+        p = self.progress
+        rows = self.run.epoch_batches(p, len(self.rows), self.settings.global_batch, self.settings.seed)
         self.batches[:] = [[(p.epoch, self.rows[i]) for i in batch] for batch in rows]
         self.student.train()
         for batch in self.loader:
             loss = self.train_step(batch, metrics)
-            bar.update(1)
-            bar.set_postfix(epoch=p.epoch + 1, loss=f"{loss:.4f}")
-            if p.global_step % self.settings.checkpoint_every == 0:
-                self.checkpoint()
-        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+            self.run.after_step(p, loss, bar, checkpoint_every=self.settings.checkpoint_every,
+                                checkpoint=self.checkpoint)
+        p.next_epoch()
 
 
 # --------------------------------------------------------------------------------------
@@ -721,13 +700,11 @@ def _check_data(images: TeacherImages, train_rows: list[int], held_out: list[int
         )
 
 
-def _finished_run(out_dir: Path, config: dict) -> TeacherResult | None:
+def _finished_run(run: ResumableRun) -> TeacherResult | None:
     """The run in ``out_dir`` if it finished (its teacher.json exists); refuses other settings."""
-    path = out_dir / INFO_FILE
-    if not path.is_file():
+    out_dir, saved = run.out_dir, run.finished(INFO_FILE)
+    if saved is None:
         return None
-    saved = json.loads(path.read_text())
-    check_same_settings(saved["config"], config, what=f"the teacher in {out_dir}", fix=RESTART_FIX, free=FREE_SETTINGS)
     report_path = out_dir / REPORT_JSON
     report = ProbeReport.from_json(json.loads(report_path.read_text())) if report_path.is_file() else None
     return TeacherResult(out_dir, out_dir / saved["weights"], VFMSpec.from_teacher(out_dir), report,
@@ -751,7 +728,7 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
         raise InputError(f"the teacher in {out_dir} was trained by an older reglue, which held out "
                          f"held_out_fraction {recorded['held_out_fraction']} of the images by another split; this "
                          "version cannot tell which images it was trained on. Train it again (`reglue train-vfm "
-                         "--no-resume`) to probe it.")
+                         "--restart`) to probe it.")
     trained_with = TeacherSettings(**{f.name: recorded[f.name] for f in fields(TeacherSettings) if f.name in recorded})
     caps = {"probe_train_images": probe_train_images, "probe_held_out_images": probe_held_out_images}
     settings = replace(trained_with, **{k: v for k, v in caps.items() if v is not None})
@@ -775,16 +752,6 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
     write_report(out, report, title=REPORT_TITLE,
                  details=_report_details(info["config"], info["train_seconds"], info["steps"], info["input_size"]))
     return report
-
-
-def _load_train_state(path: Path, config: dict) -> dict | None:
-    """The state at ``path`` if there is one, checked to be a teacher run with these settings."""
-    state = load_state_file(path, kind=STATE_KIND, resuming="the teacher", owner="a teacher", fix=RESTART_FIX)
-    if state is None:
-        return None
-    check_same_settings(state["config"], config, what=f"the teacher run in {path.parent}", fix=RESTART_FIX,
-                        free=FREE_SETTINGS)
-    return state
 
 
 def open_training_images(data: str | Path, resolution: int | None = None) -> tuple[TeacherImages, int]:
@@ -861,12 +828,14 @@ def train_teacher(
     config = {"settings": asdict(settings), "data": {
         "resolution": resolution, "images": len(images), "train_images": len(train_rows),
         "held_out_images": len(held_out), "num_classes": images.num_classes, **_source_record(images)}}
-    out_dir = Path(out_dir)
-    if resume and (done := _finished_run(out_dir, config)) is not None:
+    run = ResumableRun(out_dir, config, accelerator, name="the teacher", owner="a teacher", kind=STATE_KIND,
+                       fix=RESTART_FIX, free=FREE_SETTINGS)
+    out_dir = run.out_dir
+    if resume and (done := _finished_run(run)) is not None:
         log(f"{out_dir} already holds this teacher; not retraining.")
         return done
-    state = _load_train_state(out_dir / TRAIN_STATE, config) if resume else None
-    trainer = _TeacherTrainer(accelerator, images, train_rows, settings, resolution, out_dir, config)
+    state = run.load_state() if resume else None
+    trainer = _TeacherTrainer(run, images, train_rows, settings, resolution)
     resumed_from = None
     if state is not None:
         trainer.restore(state)
@@ -874,11 +843,8 @@ def train_teacher(
         log(f"resuming the teacher run in {out_dir} at step {resumed_from}")
 
     def make_room() -> None:
-        if state is None:  # starting over: no file of an earlier run may pass for this one's
-            for name in _RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
+        run.start_over(_RUN_FILES if state is None else ())  # starting over: no earlier file may pass for ours
         if isinstance(images, ImageSourceDataset):
-            out_dir.mkdir(parents=True, exist_ok=True)
             store.write_skipped(out_dir / SKIPPED_FILE, images.skipped)
             if images.skipped:
                 log(f"the {len(images.skipped)} skipped file(s) and why: {out_dir / SKIPPED_FILE}")
@@ -901,18 +867,12 @@ def train_teacher(
 
 
 def _train(trainer: _TeacherTrainer, *, progress: bool, resumed_from: int | None, log) -> None:
-    acc, s, p = trainer.accelerator, trainer.settings, trainer.progress
+    run, s, p = trainer.run, trainer.settings, trainer.progress
     log(f"training a DINOv2 teacher (embed {s.embed_dim}, depth {s.depth}, {s.num_heads} heads) on "
         f"{len(trainer.rows)} images: {s.epochs} epochs × {trainer.steps_per_epoch} steps of {s.global_batch}")
-
-    def metrics_log(enabled: bool) -> MetricsLogger:
-        return MetricsLogger(trainer.out_dir, tensorboard=s.tensorboard, config=trainer.config,
-                             resume_step=resumed_from, enabled=enabled)
-
-    metrics = on_main(f"opening the metrics log in {trainer.out_dir}", lambda: metrics_log(True)) or metrics_log(False)
-    bar = progress_bar(total=trainer.total_steps, initial=p.global_step, unit="step", desc="teacher",
-                       enabled=progress and acc.is_main_process)
-    with metrics, bar:
+    metrics = run.open_metrics(resume_step=resumed_from, tensorboard=s.tensorboard)
+    bar = run.progress_bar(total=trainer.total_steps, initial=p.global_step, desc="teacher", enabled=progress)
+    with run.stop.installed(), metrics, bar:
         while p.epoch < s.epochs:
             trainer.train_epoch(bar, metrics)
     if p.global_step % s.checkpoint_every:

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,16 +38,15 @@ from reglue.models.official import config_values_from_authors_args, load_authors
 from reglue.models.sit import SiT, SiTConfig, build_sit
 from reglue.precision import ACCELERATE_PRECISION
 from reglue.presets import get_preset
-from reglue.progress import progress_bar
 from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.sampling import sample_ode, sample_sde
-from reglue.settings import check_same_settings
 from reglue.state_dict import load_state_dict_strict, strip_module_prefix
 from reglue.training.evaluation import Evaluator, eval_due
 from reglue.training.inputs import InputBuilder, RunInputs, open_run_inputs
 from reglue.training.locations import absolute_paths, moved_inputs
 from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
+from reglue.training.run import ResumableRun
 from reglue.training.step_noise import StepNoise
 from reglue.transport import JointLoss
 
@@ -65,31 +63,6 @@ class TrainResult:
 
 class TrainingError(ReglueError):
     """The run cannot go on (e.g. too many non-finite updates); the message says what to do."""
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM: the run stops with a checkpoint at most two steps later, every process at the
-    same step (the flag travels in a step's status, which is read one step late, see ``Trainer.train_step``).
-
-    A second Ctrl-C aborts at once; checkpoints are written atomically, so the last one stays whole."""
-
-    def __init__(self) -> None:
-        self.raised = False
-
-    def __call__(self, signum, frame) -> None:
-        if self.raised and signum == signal.SIGINT:
-            raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint (the last one is intact)")
-        self.raised = True
-        log.warning("stop requested: checkpointing within two steps (press Ctrl-C again to abort without one)")
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 @dataclass
@@ -180,6 +153,10 @@ class Trainer:
         self.acc = accelerator
         self.preset = get_preset(config.model.preset)
         self.run_dir = Path(config.run_dir)
+        # the run's skeleton: settings checks, RNG states, signals, progress bar, metrics
+        self.resumable = ResumableRun(self.run_dir, config.to_dict(), accelerator, name="the SiT", error=ConfigError,
+                                      free=RESUME_FREE, what="the checkpoint", fix="use the checkpoint's config "
+                                      "(RUN_DIR/config.yaml) or start a new run directory.")
         self.per_device = per_process_batch(config.train.global_batch, accelerator.num_processes)
         if self.per_device % config.train.grad_accum:
             raise ConfigError(
@@ -216,7 +193,6 @@ class Trainer:
         self.resumed = False
         self.skipped = 0
         self.nonfinite_in_row = 0
-        self.stop_signal = _StopFlag()
         self.stop_requested = False
         self._pending: _Update | None = None  # the last queued update, until _settle reads it
         if accelerator.device.type == "cuda":  # where the steps' statuses reach the host (Trainer._to_host)
@@ -230,9 +206,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
-        from accelerate.utils import gather_object
-
-        rng = gather_object([ckpt.capture_rng_state()])
+        rng = self.resumable.rng_states()
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else {}
         return {
             "model": self.core.state_dict(),
@@ -252,10 +226,7 @@ class Trainer:
         # has already checked against the data, so the new key is not a change of settings.
         adopted = ("data.vfm",) if "vfm" not in payload["config"].get("data", {}) else ()
         moved = moved_inputs(payload.get("inputs"), self.located)  # the same content at a new path
-        check_same_settings(absolute_paths(upgrade_recorded(payload["config"])), self.config.to_dict(),
-                            free=RESUME_FREE + adopted + moved, error=ConfigError,
-                            what="the checkpoint", fix="use the checkpoint's config (RUN_DIR/config.yaml) "
-                            "or start a new run directory.")
+        self.resumable.check_settings(absolute_paths(upgrade_recorded(payload["config"])), free=adopted + moved)
         self._check_same_model(payload["sit_config"])
         self.core.load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
@@ -268,7 +239,7 @@ class Trainer:
         self.resumed = True
         self.skipped = int(payload["skipped_updates"])
         self.nonfinite_in_row = int(payload["nonfinite_in_row"])
-        ckpt.restore_process_rng_state(payload["rng"], self.acc.process_index, self.acc.num_processes)
+        self.resumable.restore_rng(payload["rng"])
 
     def _check_same_model(self, saved: dict) -> None:
         """The checkpoint's SiT must be the one this run builds from its config and data.dir: the
@@ -413,7 +384,7 @@ class Trainer:
         """(2,) float32 on the device, summed over processes: [processes whose loss or gradient norm
         is non-finite, processes asked to stop]. A collective on the device; nothing is read here."""
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        stop = torch.full((), float(self.stop_signal.raised), device=self.acc.device)
+        stop = torch.full((), float(self.resumable.stop.raised), device=self.acc.device)
         status = torch.stack([nonfinite.float(), stop])
         return self.acc.reduce(status, "sum") if self.acc.num_processes > 1 else status
 
@@ -464,11 +435,13 @@ class Trainer:
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         cfg = self.config
-        metrics = self._open_logs()
-        bar = progress_bar(total=cfg.train.max_steps, initial=self.step, unit="step", desc="train",
-                           enabled=self.acc.is_main_process)
+        log_config = cfg.log
+        metrics = self.resumable.open_metrics(resume_step=self.step if self.resumed else None,
+                                              tensorboard=log_config.tensorboard, wandb=log_config.wandb,
+                                              wandb_project=log_config.wandb_project)
+        bar = self.resumable.progress_bar(total=cfg.train.max_steps, initial=self.step, desc="train")
         done_here, stopped = 0, False
-        with self.stop_signal.installed(), metrics, bar, contextlib.closing(self.batches()) as batches, \
+        with self.resumable.stop.installed(), metrics, bar, contextlib.closing(self.batches()) as batches, \
                 self._writes_finished():  # loader workers exit; a checkpoint being written is finished
             if self._evaluation_pending():  # stopped at an evaluation step before evaluating: do it now
                 self.evaluate(metrics)
@@ -510,16 +483,6 @@ class Trainer:
                 self._writer.finish()
             raise
 
-    def _open_logs(self) -> MetricsLogger:
-        """The run's metrics logger, opened by the main process (its failure stops every process with
-        the cause); a logger that writes nothing on the others."""
-        log_config = self.config.log
-        opened = on_main("opening the run's logs", lambda: MetricsLogger(
-            self.run_dir, tensorboard=log_config.tensorboard, wandb=log_config.wandb,
-            wandb_project=log_config.wandb_project, config=self.config.to_dict(),
-            resume_step=self.step if self.resumed else None))
-        return opened or MetricsLogger(self.run_dir, enabled=False)
-
     def _log(self, metrics: MetricsLogger, bar, update: _Update) -> None:
         """Log a settled update's loss terms (mean over processes) and the throughput since the last log."""
         names = list(update.losses)
@@ -559,7 +522,7 @@ class Trainer:
         missing = on_main("reading metrics.jsonl", lambda: not any(
             row["step"] == self.step and any(k.startswith("eval/") for k in row) for row in read_metrics(self.run_dir)
         ))
-        return self._any_rank(bool(missing))
+        return self.resumable.any_process(bool(missing))
 
     def preview(self, metrics) -> None:
         """Save an EMA sample grid (fixed noise and labels) as PNG and log it; main process only.
@@ -584,12 +547,6 @@ class Trainer:
             with atomic_write(path) as tmp:
                 Image.fromarray(grid).save(tmp, format="PNG")
             metrics.log_image(self.step, "samples/ema", grid)
-
-    def _any_rank(self, raised: bool) -> bool:
-        """Whether ``raised`` holds on any process (every process must call it at the same point)."""
-        if self.acc.num_processes == 1:
-            return raised
-        return bool(self.acc.reduce(torch.tensor(float(raised), device=self.acc.device), "sum") > 0)
 
     def _count_skipped(self, step: int) -> None:
         self.skipped += 1
