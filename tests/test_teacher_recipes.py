@@ -106,6 +106,7 @@ def test_the_recipe_settings_reach_the_training(tmp_path):
 
     from reglue.data.source_dataset import ImageSourceDataset
     from reglue.data.synthetic import write_synthetic_dataset
+    from reglue.training.run import ResumableRun
     from reglue.training.teacher import CropViews, _TeacherTrainer, build_backbone
 
     small = dict(embed_dim=32, depth=2, num_heads=2, global_batch=4, epochs=2, head_prototypes=16,
@@ -116,13 +117,15 @@ def test_the_recipe_settings_reach_the_training(tmp_path):
                                weight_decay_end=0.4, warmup_fraction=0.0, precision="bf16")
     images = ImageSourceDataset(write_synthetic_dataset(tmp_path / "src", images_per_class=2, size=64,
                                                         num_classes=2), resolution=64)
-    trainer = _TeacherTrainer(Accelerator(cpu=True), images, list(range(len(images))),
-                              settings, 64, tmp_path / "out", {})
+    def trainer_of(settings, out):
+        run = ResumableRun(tmp_path / out, {}, Accelerator(cpu=True), name="the teacher", fix="")
+        return _TeacherTrainer(run, images, list(range(len(images))), settings, 64)
+
+    trainer = trainer_of(settings, "out")
     first, last = trainer.schedules(0), trainer.schedules(trainer.total_steps - 1)
     assert first["lr"] == pytest.approx(1e-3 * 4 / 1024)  # linear rule at batch 4
     assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.4)
-    assert "weight_decay" not in _TeacherTrainer(Accelerator(cpu=True), images, list(range(len(images))),
-                                                 TeacherSettings(**small), 64, tmp_path / "o2", {}).schedules(0)
+    assert "weight_decay" not in trainer_of(TeacherSettings(**small), "o2").schedules(0)
     seen = []
     trainer.student.backbone.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     views = CropViews(images, settings, 64)
