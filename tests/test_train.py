@@ -60,10 +60,13 @@ def test_resume_after_a_kill_is_bit_identical(cached_data):
 
 
 def test_a_run_reads_its_datas_manifest_and_indexes_once(cached_data, monkeypatch):
-    """The reader, the size check, data.verify and the run's input fingerprint share the records read at opening;
-    reading rows reads no record (a damaged row's remedy is worked out only when one is found)."""
+    """The reader, the size check, data.verify, the evaluation and the run's input fingerprint share the records
+    read at opening; reading rows reads no record (a damaged row's remedy is worked out only when one is found)."""
     reads = record_reads(monkeypatch, cached_data / "data")
-    result = train(config_for(cached_data, "reads", "train.max_steps=2", "data.verify=true"))
+    evaluation = ["eval.every=2", "eval.num_samples=2", "eval.batch=2", "eval.micro_batch=2", "eval.sampler.steps=2",
+                  "eval.metrics=[fd]", "eval.vfm={name: dinov2_vits14, weights: random, arch: {embed_dim: 32, "
+                  "depth: 2, num_heads: 2}}"]
+    result = train(config_for(cached_data, "reads", "train.max_steps=2", "data.verify=true", *evaluation))
     assert result.step == 2
     assert dict(reads) == each_record_once(cached_data / "data") and "manifest.json" in reads
 

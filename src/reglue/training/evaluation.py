@@ -38,6 +38,7 @@ from accelerate.utils import gather_object
 
 from reglue.config import ConfigError, RunConfig
 from reglue.data.dataset import PreparedDataset, random_subset
+from reglue.data.records import DatasetRecords
 from reglue.distributed import on_rank_zero
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.semantics import VFMSpec
@@ -91,12 +92,13 @@ class Evaluator:
     """Scores the EMA at a step; built (and every setting checked) before the run writes a file."""
 
     def __init__(self, config: RunConfig, *, device: torch.device, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[list], list] = gather_object):
+                 gather: Callable[[list], list] = gather_object, records: DatasetRecords | None = None):
+        """``records``: the training data as the run opened it (read once); None: opened here."""
         e = config.eval
         self.config, self.device = config, device
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.data_dir = Path(config.data.dir)
-        self.images = PreparedDataset(self.data_dir, fields=("images",))  # the training set's pixels
+        self.images = PreparedDataset(records or self.data_dir, fields=("images",))  # the training set's pixels
         self.manifest = self.images.manifest
         self.resolution = self.manifest["resolution"]
         self._check_reference()
@@ -212,7 +214,7 @@ class Evaluator:
         path = path.with_name(f"{path.stem}{PROBE_SUFFIX}.npz")
         if path.is_file():
             return LinearProbe.load(path, device=self.device)
-        labels = PreparedDataset(self.data_dir, fields=()).read_batch(self._reference_subset().indices)["label"]
+        labels = PreparedDataset(self.images.records, fields=()).read_batch(self._reference_subset().indices)["label"]
         probe = fit_linear_probe(torch.from_numpy(features).to(self.device), labels.to(self.device),
                                  num_classes=self.images.num_classes, seed=PROBE_SEED)
         probe.save(path)

@@ -201,7 +201,7 @@ class Trainer:
         self.evaluator = None  # built, and its settings checked, before the run writes a file
         if config.eval.every:
             self.evaluator = Evaluator(config, device=accelerator.device, rank=accelerator.process_index,
-                                       world_size=accelerator.num_processes)
+                                       world_size=accelerator.num_processes, records=inputs.dataset.records)
             log.info(self.evaluator.describe())
 
     # ------------------------------------------------------------------ state
