@@ -163,14 +163,16 @@ def test_paper_markers_only_on_request_and_only_for_sit_b2_runs(tmp_path, record
     assert main(["plot", *map(str, runs), "--out", out, "--paper"]) == 0
     marks = recorded["plots"][-1].panels["eval/fid"].paper
     assert [(m.preset, m.step, m.fid, m.x, m.colour) for m in marks] == [
-        ("reglue", 300_000, 14.5, 300_000, "C0"), ("reglue", 400_000, 12.9, 400_000, "C0"),  # not again for XL/2
-        ("sit", 400_000, 33.0, 400_000, "C1")]
+        ("reglue", 300_000, 14.5, 300_000, "C0"), ("reglue", 400_000, 12.9, 400_000, "C0"),
+        ("sit", 400_000, 33.0, 400_000, "C1"),
+        *[("reglue", step, fid, step, "C2") for step, fid in (  # REGLUE SiT-XL/2's unguided curve, its own colour
+            (50_000, 20.0), (100_000, 7.8), (200_000, 4.6), (400_000, 3.2), (700_000, 2.7), (1_000_000, 2.5))]]
     legend = [text.get_text() for text in recorded["axes"]["eval/fid"].get_legend().get_texts()]
     assert legend == ["reglue_b2", "sit_b2", "reglue_xl2", "paper, FID-50K"]
     images = plot_runs(runs, out, x="images", paper=True).panels["eval/fid"].paper
-    assert [m.x for m in images] == [300_000 * 256, 400_000 * 256, 400_000 * 256]  # at the paper's batch
+    assert [m.x for m in images][:3] == [300_000 * 256, 400_000 * 256, 400_000 * 256]  # at the paper's batch
     with pytest.raises(ValueError, match="drop --paper"):
-        plot_runs(runs[2:], out, paper=True)
+        plot_runs([fake_run(tmp_path / "sit_xl2", model="SiT-XL/2", preset="sit")], out, paper=True)
     with pytest.raises(ValueError, match="not wall time"):
         plot_runs(runs, out, x="time", paper=True)
 

@@ -12,7 +12,8 @@ loss and the samplers read these fields instead of branching on the method's nam
 | reglue   | yes    | compressor, last 4 layers, 16 | yes          | [CLS; patches] | 12.9            |
 
 The FIDs are the paper's Table 1 (FID-50K, no guidance, SiT-B/2 at batch 256); REGLUE's 14.5 at
-300K steps is the one earlier point it reports. ``reglue plot --paper`` draws them as markers.
+300K steps is the one earlier point it reports for B/2, and REGLUE SiT-XL/2's unguided curve (50K to 1M
+steps) is kept as ``paper_fids_xl2``. ``reglue plot --paper`` draws them as markers (docs/reproduce.md).
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ class Preset:
     lambda_rep: float
     paper_fid: float  # SiT-B/2 at 400K steps, no guidance (paper)
     paper_fid_earlier: tuple[tuple[int, float], ...] = ()  # (step, FID) the paper also reports for SiT-B/2
+    paper_fids_xl2: tuple[tuple[int, float], ...] = ()  # (step, FID) of SiT-XL/2 without guidance (paper)
 
-    def paper_fids(self) -> tuple[tuple[int, float], ...]:
-        """(step, FID-50K) of this method's SiT-B/2 without guidance, as the paper reports them."""
-        return (*self.paper_fid_earlier, (PAPER_STEPS, self.paper_fid))
+    def paper_fids(self, model: str = PAPER_MODEL) -> tuple[tuple[int, float], ...]:
+        """(step, FID-50K) of this method at ``model`` without guidance, as the paper reports them (none for
+        a size it does not report)."""
+        if model == PAPER_MODEL:
+            return (*self.paper_fid_earlier, (PAPER_STEPS, self.paper_fid))
+        return self.paper_fids_xl2 if model == "SiT-XL/2" else ()
 
     @property
     def repa_target(self) -> str | None:
@@ -84,7 +89,9 @@ PRESETS: dict[str, Preset] = {
                lambda_sem=0.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=15.2),
         Preset(name="reglue", semantics="compressor", semantic_channels=16, semantic_layers=4, cls_token=True,
                repa=True, lambda_sem=1.0, lambda_cls=0.03, lambda_rep=0.5, paper_fid=12.9,
-               paper_fid_earlier=((300_000, 14.5),)),
+               paper_fid_earlier=((300_000, 14.5),),
+               paper_fids_xl2=((50_000, 20.0), (100_000, 7.8), (200_000, 4.6), (400_000, 3.2), (700_000, 2.7),
+                               (1_000_000, 2.5))),
     )
 }
 

@@ -20,7 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="logarithmic y axes (panels whose values are all positive)")
     parser.add_argument("--smoothing", type=int, default=20, help="moving-average window in logged points (1: none)")
     parser.add_argument("--paper", action="store_true",
-                        help="mark the paper's SiT-B/2 FID-50K (Table 1) in the eval/fid panel of SiT-B/2 runs")
+                        help="mark the paper's unguided FID-50K (Table 1's SiT-B/2 presets, REGLUE SiT-XL/2's curve) "
+                        "in the eval/fid panel (comparable to eval.metrics=[fid], docs/reproduce.md)")
 
 
 def run(args: argparse.Namespace) -> int:

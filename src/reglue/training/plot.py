@@ -11,9 +11,9 @@ x is the training step, the images seen (step × ``train.global_batch`` of the r
 or the training wall time (``wall_time_s``, written by :class:`~reglue.training.metrics.MetricsLogger`).
 Either axis may be logarithmic; a log y axis applies to the panels whose values are all positive
 (a REPA loss is negative). When runs logged evaluations, the title names the feature network and
-sample count of their ``eval`` config. ``paper=True`` marks the paper's SiT-B/2 FIDs
-(:meth:`~reglue.presets.Preset.paper_fids`) in the eval/fid panel, in the colour of each SiT-B/2
-run of that preset.
+sample count of their ``eval`` config. ``paper=True`` marks the paper's unguided FID-50K values
+(:meth:`~reglue.presets.Preset.paper_fids`: the five SiT-B/2 presets, REGLUE SiT-XL/2) in the eval/fid
+panel only, in the colour of the first run of that size and preset; it says so when no run logged eval/fid.
 
 :func:`plot_runs` draws several runs, :func:`plot_run` one run (to ``RUN_DIR/loss_curves.png`` by
 default), :func:`plot_series` named series against any x the same way (the semantic
@@ -219,20 +219,23 @@ def _panels(runs: dict[str | None, list[tuple[float, dict]]]) -> list[Panel]:
 
 
 def _paper_marks(runs: list[_Run], x: str, colours: Mapping[str | None, str]) -> tuple[PaperMark, ...]:
-    """The paper's FIDs of the preset of every SiT-B/2 run (once per preset, the first run's colour)."""
+    """The paper's FIDs of the size and preset of every run it reports (once per size and preset, the first such
+    run's colour): the five SiT-B/2 presets, REGLUE SiT-XL/2."""
     if x == "time":
         raise InputError("the paper's FIDs are given at training steps, not wall time; draw paper markers "
                          "against steps (--x step) or images seen (--x images).")
     marks = {}
     for run in runs:
         info = run.info
-        if info and info.model == PAPER_MODEL and info.preset in PRESETS and info.preset not in marks:
+        key = (info.model, info.preset) if info else None
+        if info and info.preset in PRESETS and PRESETS[info.preset].paper_fids(info.model) and key not in marks:
             per_step = PAPER_BATCH if x == "images" else 1
-            marks[info.preset] = [PaperMark(info.preset, step, fid, float(step * per_step), colours[run.label])
-                                  for step, fid in PRESETS[info.preset].paper_fids()]
+            marks[key] = [PaperMark(info.preset, step, fid, float(step * per_step), colours[run.label])
+                          for step, fid in PRESETS[info.preset].paper_fids(info.model)]
     if not marks:
         raise InputError(
-            f"the paper's FIDs are for {PAPER_MODEL} runs of a paper preset ({', '.join(PRESETS)}), and by "
+            f"the paper's FIDs are for {PAPER_MODEL} runs of a paper preset ({', '.join(PRESETS)}) and REGLUE "
+            "SiT-XL/2 runs, and by "
             f"model.name and model.preset in their {RUN_CONFIG_FILE} none of "
             f"{', '.join(str(r.run_dir) for r in runs)} is one; plot without paper markers (drop --paper).")
     return tuple(mark for preset_marks in marks.values() for mark in preset_marks)
