@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_processes
-from reglue.cli import main
+from reglue.cli import main, parse_args
 from reglue.data import store
 from reglue.data.dataset import PreparedDataset
 from reglue.data.integrity import verify_dataset
@@ -131,6 +133,8 @@ def test_a_truncated_file_is_refused_at_open_and_a_rerun_repairs_exactly_its_sha
     assert f"{images}: {size // 2:,} bytes, expected {size:,} (truncated)" in message
     assert f"rerun `reglue prepare {made['src']} {data} --resolution 64 --vae pixel" in message
     assert "--shard-size 2" in message and "keeps intact shards and redoes damaged ones" in message
+    remedy = shlex.split(re.search(r"rerun `reglue ([^`]*)`", message).group(1))
+    assert parse_args(remedy).precision == "fp32"  # today's command line takes it as written
     assert prepare_again(made, data) == 0
     assert tree_bytes(data) == before  # the shard is back, byte for byte
     after = files_state(data)

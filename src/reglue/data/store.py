@@ -255,7 +255,9 @@ def prepared_resolution(root: str | Path, asked: int | None = None, *, manifest:
 
 
 # ----------------------------------------------------------------------------- remedies
-PREPARE_OPTIONS = ("resolution", "vae", "vae_dtype", "shard_size", "min_size", "max_images")
+# prepare's recorded settings -> the flag that sets each on the command line
+PREPARE_OPTIONS = {"resolution": "--resolution", "vae": "--vae", "vae_dtype": "--precision",
+                   "shard_size": "--shard-size", "min_size": "--min-size", "max_images": "--max-images"}
 AUTOCAST_OPTIONS = {"None": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # recorded -> --precision
 
 
@@ -265,8 +267,8 @@ def prepare_remedy(root: Path, settings: dict | None = None) -> str:
     missing or damaged ones and writes the manifest again."""
     try:
         settings = json.loads((Path(root) / SETTINGS).read_text()) if settings is None else settings
-        options = [f"--{key.replace('_', '-')} {shlex.quote(str(settings[key]))}"
-                   for key in PREPARE_OPTIONS if settings.get(key) is not None]
+        options = [f"{flag} {shlex.quote(str(settings[key]))}"
+                   for key, flag in PREPARE_OPTIONS.items() if settings.get(key) is not None]
         command = " ".join(["reglue prepare", shlex.quote(settings["source"]), shlex.quote(str(root)), *options])
     except (OSError, ValueError, KeyError, TypeError):  # no readable settings.json: the command's shape only
         command = f"reglue prepare SRC {shlex.quote(str(root))} OPTIONS"
