@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,3 +167,21 @@ def test_cache_semantics_refuses_targets_float16_cannot_hold(tmp_path, value, fo
     assert not (store.shard_dir(root, 0) / "cls.npy").exists()
     assert cache_semantics(root, ConstantTargets(65504.0), {"vfm": "stand-in"}) == 2  # float16's largest: kept
     assert PreparedDataset(root, fields=("cls",))[4]["cls"].tolist() == [65504.0] * 4
+
+
+LOADER_LEFT_ALIVE = """
+from torch.utils.data import DataLoader
+from reglue.data.dataset import ignore_stop_signals
+loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True,
+                    worker_init_fn=ignore_stop_signals)
+batches = iter(loader)
+next(batches)
+KEPT = [loader, batches]  # as the traceback of a run that raised keeps them
+"""
+
+
+def test_the_interpreter_exits_with_loader_workers_that_ignore_sigterm_still_alive():
+    """multiprocessing ends daemonic children at exit with SIGTERM, which these workers ignore: without the
+    exit handler that kills them first, a process whose run raised would wait for them forever."""
+    done = subprocess.run([sys.executable, "-c", LOADER_LEFT_ALIVE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -14,10 +14,12 @@ benchmarks/data_loading.py).
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import itertools
 import json
 import math
+import multiprocessing.util  # its exit handler is registered before this module's (see _kill_workers_left_at_exit)
 import os
 import signal
 from collections.abc import Iterable, Sequence
@@ -268,6 +270,26 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A worker ignores SIGTERM and SIGINT. Launchers and schedulers signal every process of a job (torchrun
     its workers' process groups, SLURM the whole step, a terminal its foreground group): a worker that died
     of the signal would make the main process fail ("DataLoader worker killed") before the checkpoint the
-    signal asks for. The loader ends its workers itself, and a worker whose parent is gone exits."""
+    signal asks for. The loader ends its workers itself, and a worker whose parent is gone exits; one still
+    alive when the interpreter exits is killed (:func:`_kill_workers_left_at_exit`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_workers_left_at_exit() -> None:
+    """At interpreter exit multiprocessing ends its daemonic children with SIGTERM and waits for them. Workers
+    that ignore SIGTERM (:func:`ignore_stop_signals`) and are still alive then — a loader kept by the traceback
+    of a run that raised, its persistent workers never shut down — would make the exit wait forever; they are
+    killed first. Registered after multiprocessing's own handler, so it runs before it (atexit is last-in,
+    first-out)."""
+    left = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in left:
+        child.kill()
+    for child in left:
+        try:
+            child.join(timeout=5)
+        except RuntimeError:  # torch's SIGCHLD handler reports each killed loader worker: expected here
+            pass
+
+
+atexit.register(_kill_workers_left_at_exit)
