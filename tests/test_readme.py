@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from conftest import REPO
 
 
@@ -20,3 +24,13 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_readme_scripts_exist():
     assert (REPO / "scripts" / "setup.sh").is_file()
+
+
+def test_the_readme_states_the_size_of_the_suite(request):
+    """Every "about N tests" in the README is within 10 % of what pytest collects (checked when the whole suite
+    is collected, as CI does)."""
+    collected = len(request.session.items)
+    if collected < 500:
+        pytest.skip(f"only part of the suite was collected ({collected} tests)")
+    stated = [int(n.replace(",", "")) for n in re.findall(r"(?:about|≈) ([\d,]+) tests", (REPO / "README.md").read_text())]
+    assert len(stated) >= 2 and all(abs(n - collected) <= 0.1 * collected for n in stated), (stated, collected)
