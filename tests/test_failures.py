@@ -10,7 +10,8 @@ rank 0 printing its own error, rank 1 "the main process failed while ..." and th
 
 The two processes run every case one after the other (``reglue.cli.main``, whose status is the
 command's exit status), so torch is imported once instead of once per case; they exit once all cases
-have ended. Each case has its own folders, its injection is undone after it, and both processes start
+have ended, meeting first and tearing the group down (``end_process_group``, as the CLI does after a
+command that succeeded; without it the first process to exit can make gloo abort the other). Each case has its own folders, its injection is undone after it, and both processes start
 it together (a barrier), so the cases stay independent. A case in which a process does not end leaves
 the pair stuck: the test stops both processes after CASE_LIMIT_S, and that case and those after it fail.
 """
@@ -54,7 +55,7 @@ import torch.distributed as dist
 
 import reglue.generate, reglue.pipeline, reglue.training.teacher, reglue.training.trainer  # imported before the clock
 from reglue.cli import main
-from reglue.distributed import process_state
+from reglue.distributed import end_process_group, process_state
 
 
 def no_space(*args, **kwargs):
@@ -90,6 +91,7 @@ with results.open("a") as out:
         record = {"case": case["name"], "status": status, "stderr": stderr.getvalue(), "seconds": time.monotonic() - start}
         out.write(json.dumps(record) + "\n")
         out.flush()
+end_process_group()  # as the CLI after a command: the first process out would make gloo abort the other
 '''
 
 
