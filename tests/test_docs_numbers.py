@@ -1,6 +1,7 @@
-"""A time or rate the docs state about this project says where it comes from.
+"""A time, rate or size the docs state about this project says where it comes from.
 
-Every number with a unit of time or throughput (s, min, h, images/s, GB/s, "N× faster", ...) in README.md
+Every number with a unit of time, throughput, size or compute (s, min, h, images/s, GB/s, "N× faster", B, KiB,
+GB, GFLOP, ...) in README.md
 and docs/ outside docs/benchmarks.md must either be marked as an estimate, a bound or a default on its line
 (≈, about, estimated, at most, up to, under, modelled, expected, default), or sit in a section that names the
 command producing it (a `benchmarks/*.py` script, a `reglue` command, a test file) or points to
@@ -11,13 +12,19 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from conftest import REPO
+from reglue.cli import main
+from reglue.data.synthetic import write_synthetic_dataset
+
+IMAGENET = 1_281_167
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:ms|s|min|minutes|h|hours|seconds|× (?:faster|slower|the)|"
-                    r"images/s|img/s|rows/s|GB/s|it/s|step/s)(?![\w/])")
-MARKED = re.compile(r"≈|~|\babout\b|estimat|\broughly\b|\bat most\b|\bup to\b|\bunder\b|\bmodelled\b|\bexpected\b|"
-                    r"\bdefault\b|\bpaper\b", re.IGNORECASE)
+                    r"images/s|img/s|rows/s|GB/s|it/s|step/s|B|KiB|MiB|GiB|KB|MB|GB|TB|GFLOP|TFLOP|EFLOP)(?![\w/])")
+MARKED = re.compile(r"≈|~|≥|≤|\babout\b|estimat|\broughly\b|\bat most\b|\bup to\b|\bunder\b|\bmodelled\b|"
+                    r"\bexpected\b|\bdefault\b|\bpaper\b", re.IGNORECASE)
 SOURCE = re.compile(r"benchmarks/\w+\.py|benchmarks\.md|python benchmarks/|\bmeasured\b|`reglue [a-z-]+|"
                     r"tests/test_\w+\.py", re.IGNORECASE)
 
@@ -59,3 +66,22 @@ def test_every_benchmarks_section_names_its_command():
     for section in re.split(r"\n(?=## )", text)[1:]:
         heading = section.splitlines()[0]
         assert re.search(r"benchmarks/\w+\.(?:py|sh)|`reglue [a-z-]+|reglue [a-z-]+", section), heading
+
+
+def test_the_size_per_image_table_is_what_prepare_writes(tmp_path):
+    """docs/data-format.md's bytes per image at each resolution are the arrays `reglue prepare` writes, and
+    its ImageNet column is them × 1,281,167."""
+    text = (REPO / "docs" / "data-format.md").read_text().split("## Size per image", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+)² \| ([\d,]+) B \| ([\d,]+) B \| ([\d,]+) B \| ([\d,]+) B .*\| ([\d.]+) (GB|TB) \|$",
+                      text, flags=re.MULTILINE)
+    assert len(rows) == 4
+    source = write_synthetic_dataset(tmp_path / "src", images_per_class=1, size=512, num_classes=2)
+    for side, images, moments, label, total, imagenet, unit in rows:
+        data = tmp_path / f"data{side}"
+        assert main(["prepare", str(source), str(data), "--resolution", side, "--vae", "pixel", "--quiet"]) == 0
+        shard = next((data / "shards").iterdir())
+        written = [np.load(shard / f"{name}.npy", mmap_mode="r").nbytes // 2 for name in ("images", "moments", "labels")]
+        stated = [int(v.replace(",", "")) for v in (images, moments, label)]
+        assert written == stated and sum(written) == int(total.replace(",", "")), side
+        scale = 1e9 if unit == "GB" else 1e12
+        assert f"{sum(written) * IMAGENET / scale:.{len(imagenet.partition('.')[2])}f}" == imagenet, side
