@@ -1,7 +1,7 @@
 """A time, rate or size the docs state about this project says where it comes from.
 
-Every number with a unit of time, throughput, size or compute (s, min, h, images/s, GB/s, "N× faster", B, KiB,
-GB, GFLOP, ...) in README.md
+Every number with a unit of time, throughput, size or compute, or a count of the project's things (s, min, h,
+images/s, GB/s, "N× faster", B, KiB, GB, GFLOP, tests, files, tensors, parameters, shards, ...) in README.md
 and docs/ outside docs/benchmarks.md must either be marked as an estimate, a bound or a default on its line
 (≈, about, estimated, at most, up to, under, modelled, expected, default), or sit in a section that names the
 command producing it (a `benchmarks/*.py` script, a `reglue` command, a test file) or points to
@@ -22,7 +22,8 @@ IMAGENET = 1_281_167
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:ms|s|min|minutes|h|hours|seconds|× (?:faster|slower|the)|"
-                    r"images/s|img/s|rows/s|GB/s|it/s|step/s|B|KiB|MiB|GiB|KB|MB|GB|TB|GFLOP|TFLOP|EFLOP)(?![\w/])")
+                    r"images/s|img/s|rows/s|GB/s|it/s|step/s|B|KiB|MiB|GiB|KB|MB|GB|TB|GFLOP|TFLOP|EFLOP|"
+                    r"tests|files|commands|tensors|parameters|lines|checks|cases|modules|shards)(?![\w/])")
 MARKED = re.compile(r"≈|~|≥|≤|\babout\b|estimat|\broughly\b|\bat most\b|\bup to\b|\bunder\b|\bmodelled\b|"
                     r"\bexpected\b|\bdefault\b|\bpaper\b", re.IGNORECASE)
 SOURCE = re.compile(r"benchmarks/\w+\.py|benchmarks\.md|python benchmarks/|\bmeasured\b|`reglue [a-z-]+|"
