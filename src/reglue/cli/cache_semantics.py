@@ -6,15 +6,12 @@ import argparse
 import os
 
 from reglue.cli.options import (
-    add_micro_batch,
-    add_precision,
-    add_resolution_check,
+    add_feature_options,
     add_settings,
-    add_vfm_options,
     autocast,
     confirm_data_resolution,
+    feature_values,
     load_command_settings,
-    vfm_values,
 )
 
 NAME = "cache-semantics"
@@ -29,11 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "the CacheSettings (reglue.pipeline)", "repa_targets=true")
     parser.add_argument("--repa-targets", action="store_true", default=None,
                         help="also cache REPA targets (≈386 KiB/image)")
-    add_micro_batch(parser, None, "VFM", default_shown=64)
-    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
-    parser.add_argument("--quiet", action="store_true")
-    add_vfm_options(parser, "optional: defaults to the VFM recorded in the norm stats")
-    add_resolution_check(parser, "DATA was prepared")
+    add_feature_options(parser, vfm_note="optional: defaults to the VFM recorded in the norm stats")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     confirm_data_resolution(args)
     settings = load_command_settings(CacheSettings, args, {
-        "repa_targets": args.repa_targets, "micro_batch": args.micro_batch, "precision": args.precision,
-        **vfm_values(args)})
+        "repa_targets": args.repa_targets, **feature_values(args)})
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     written = run_cache_semantics(args.data, norm_stats, compressor=args.compressor, pca=args.pca,
                                   repa_targets=settings.repa_targets, batch_size=settings.micro_batch,

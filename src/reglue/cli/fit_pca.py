@@ -6,15 +6,12 @@ import argparse
 import os
 
 from reglue.cli.options import (
-    add_micro_batch,
-    add_precision,
-    add_resolution_check,
+    add_feature_options,
     add_settings,
-    add_vfm_options,
     autocast,
     confirm_data_resolution,
+    feature_values,
     load_command_settings,
-    vfm_values,
 )
 
 NAME = "fit-pca"
@@ -28,11 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "the PCASettings (reglue.pipeline)", "rank=8 num_images=20000")
     parser.add_argument("--rank", type=int, default=None, help="default 8")
     parser.add_argument("--num-images", type=int, default=None, help="default 10,000")
-    add_micro_batch(parser, None, "VFM", default_shown=64)
-    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
-    parser.add_argument("--quiet", action="store_true")
-    add_vfm_options(parser, "optional: defaults to the VFM recorded in the norm stats")
-    add_resolution_check(parser, "DATA was prepared")
+    add_feature_options(parser, vfm_note="optional: defaults to the VFM recorded in the norm stats")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     confirm_data_resolution(args)
     settings = load_command_settings(PCASettings, args, {
-        "rank": args.rank, "num_images": args.num_images, "micro_batch": args.micro_batch,
-        "precision": args.precision, **vfm_values(args)})
+        "rank": args.rank, "num_images": args.num_images, **feature_values(args)})
     norm_stats = args.norm_stats or os.path.join(args.data, NORM_STATS_FILE)
     out = run_fit_pca(args.data, norm_stats, rank=settings.rank, out=args.out, num_images=settings.num_images,
                       batch_size=settings.micro_batch, spec=settings.spec(required=False),

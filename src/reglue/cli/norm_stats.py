@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 
 from reglue.cli.options import (
-    add_micro_batch,
-    add_precision,
-    add_resolution_check,
+    add_feature_options,
     add_settings,
-    add_vfm_options,
     autocast,
     confirm_data_resolution,
+    feature_values,
     load_command_settings,
-    vfm_values,
 )
 
 NAME = "norm-stats"
@@ -26,11 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "the VFM for the later steps)")
     add_settings(parser, "the NormStatsSettings (reglue.pipeline)", "num_images=10000")
     parser.add_argument("--num-images", type=int, default=None, help="images in the random subset (default 76,800)")
-    add_micro_batch(parser, None, "VFM", default_shown=64)
-    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
-    parser.add_argument("--quiet", action="store_true")
-    add_vfm_options(parser, "required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
-    add_resolution_check(parser, "DATA was prepared")
+    add_feature_options(parser, vfm_note="required: --vfm-weights (the VFM is recorded in the stats file for later steps)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     confirm_data_resolution(args)
     settings = load_command_settings(NormStatsSettings, args, {
-        "num_images": args.num_images, "micro_batch": args.micro_batch, "precision": args.precision,
-        **vfm_values(args)})
+        "num_images": args.num_images, **feature_values(args)})
     out = run_norm_stats(args.data, settings.spec(required=True), out=args.out, num_images=settings.num_images,
                          batch_size=settings.micro_batch, autocast_dtype=autocast(settings.precision),
                          show_progress=not args.quiet)

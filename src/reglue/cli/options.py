@@ -164,6 +164,22 @@ def vfm_values(args: argparse.Namespace) -> dict[str, object]:
     return {"vfm.name": args.vfm, "vfm.weights": args.vfm_weights, "vfm.layers": layers, "vfm.arch": arch or None}
 
 
+def add_feature_options(parser: argparse.ArgumentParser, *, vfm_note: str) -> None:
+    """The options of a command that runs the frozen VFM over DATA (norm-stats, fit-pca, cache-semantics):
+    the shortcuts of ``reglue.pipeline.FeatureSettings`` (:func:`feature_values`), --quiet, and --resolution
+    as a check."""
+    add_micro_batch(parser, None, "VFM", default_shown=64)
+    add_precision(parser, default=None, what="the VFM's autocast (default auto)")
+    parser.add_argument("--quiet", action="store_true")
+    add_vfm_options(parser, vfm_note)
+    add_resolution_check(parser, "DATA was prepared")
+
+
+def feature_values(args: argparse.Namespace) -> dict[str, object]:
+    """The FeatureSettings keys the command line gave (micro_batch, precision, the VFM's); None: not given."""
+    return {"micro_batch": args.micro_batch, "precision": args.precision, **vfm_values(args)}
+
+
 # ----------------------------------------------------------------------------- guidance
 def add_guidance_options(parser: argparse.ArgumentParser, defaults: str) -> None:
     group = parser.add_argument_group("classifier-free guidance", f"defaults: {defaults} (docs/sampling.md)")
