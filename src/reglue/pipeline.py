@@ -30,7 +30,8 @@ from reglue.encoders.semantics import (
 from reglue.errors import InputError
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
-from reglue.precision import AUTO, PRECISIONS, autocast_dtype
+from reglue.precision import AUTO, autocast_dtype
+from reglue.precision import check as check_precision
 from reglue.progress import progress_bar
 from reglue.training.compressor import CompressorSettings, train_compressor
 
@@ -59,8 +60,7 @@ class FeatureSettings:
         for name in ("micro_batch", "num_images", "rank"):  # the counts a subclass has
             if getattr(self, name, 1) < 1:
                 raise InputError(f"{name} must be >= 1, found {getattr(self, name)}.")
-        if self.precision not in (*PRECISIONS, AUTO):
-            raise InputError(f"precision must be one of {', '.join((*PRECISIONS, AUTO))}, found {self.precision!r}.")
+        check_precision(self.precision)
 
     def spec(self, *, required: bool, default_name: str = "dinov2_vitb14_reg") -> VFMSpec | None:
         """The VFM (resolved), or None when none is given and none is ``required``."""

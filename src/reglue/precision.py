@@ -16,11 +16,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision words
 
 
+def check(word: str, *, key: str = "precision", allowed: tuple[str, ...] = (*PRECISIONS, AUTO),
+          why: str = "") -> str:
+    """``word`` if it is one of ``allowed``, else an InputError naming ``key`` (and ``why`` the others are not)."""
+    if word not in allowed:
+        raise InputError(f"{key} must be one of {', '.join(allowed)}{why}, found {word!r}.")
+    return word
+
+
 def resolve(word: str, device: torch.device) -> str:
     """``word`` with ``auto`` decided for ``device``: bf16 on a bf16-capable GPU, fp32 elsewhere."""
-    if word not in (*PRECISIONS, AUTO):
-        raise InputError(f"precision must be one of {', '.join((*PRECISIONS, AUTO))}, found {word!r}.")
-    if word != AUTO:
+    if check(word) != AUTO:
         return word
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 

@@ -67,7 +67,7 @@ from reglue.encoders.vfm import VFMExtractor
 from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
 from reglue.models.compressor import SemanticCompressor
-from reglue.precision import AUTO, PRECISIONS
+from reglue.precision import check as check_precision
 from reglue.training.order import per_process_batch
 from reglue.training.plot import plot_series
 from reglue.training.run import TRAIN_STATE, Position, ResumableRun
@@ -111,9 +111,7 @@ class CompressorSettings:
         if not 0.0 <= self.val_fraction < 1.0 or self.lr <= 0 or self.num_workers < 0:
             raise InputError(f"val_fraction must lie in [0, 1), lr be > 0 and num_workers >= 0; found "
                              f"{self.val_fraction}, {self.lr} and {self.num_workers}.")
-        if self.vfm_precision not in (*PRECISIONS, AUTO):
-            raise InputError(f"vfm_precision must be one of {', '.join((*PRECISIONS, AUTO))}, "
-                             f"found {self.vfm_precision!r}.")
+        check_precision(self.vfm_precision, key="vfm_precision")
 
     def training_options(self) -> dict[str, object]:
         """The keyword arguments of :func:`train_compressor` these settings give."""

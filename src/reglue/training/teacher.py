@@ -108,6 +108,7 @@ from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
 from reglue.precision import AUTO, autocast_dtype
+from reglue.precision import check as check_precision
 from reglue.resolution import DEFAULT_RESOLUTION
 from reglue.seeding import PROBE_STREAM, STEP_STREAM, seeded_generator
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
@@ -226,9 +227,7 @@ class TeacherSettings:
         if not 0.0 <= (self.drop_path_rate or 0.0) < 1.0 or (self.weight_decay_end or 0.0) < 0.0:
             raise InputError(f"drop_path_rate must lie in [0, 1) and weight_decay_end be >= 0 (or None); found "
                              f"{self.drop_path_rate} and {self.weight_decay_end}.")
-        if self.precision not in TEACHER_PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(TEACHER_PRECISIONS)} (fp16 would need a loss "
-                             f"scaler), found {self.precision!r}.")
+        check_precision(self.precision, allowed=TEACHER_PRECISIONS, why=" (fp16 would need a loss scaler)")
         if not 0.0 < self.momentum_start <= 1.0 or not 0.0 < self.warmup_teacher_temp <= self.teacher_temp:
             raise InputError("momentum_start must lie in (0, 1] and 0 < warmup_teacher_temp <= teacher_temp; found "
                              f"{self.momentum_start}, {self.warmup_teacher_temp}, {self.teacher_temp}.")
