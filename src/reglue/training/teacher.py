@@ -450,6 +450,7 @@ class _TeacherTrainer:
         self.freeze_steps = math.floor(settings.freeze_last_layer_fraction * self.total_steps)
         self.progress = Position()
         device = run.acc.device
+        self.autocast_dtype = autocast_dtype(settings.precision, device)  # None: fp32
         self.student = SelfDistillation(settings, freeze_last_layer_steps=self.freeze_steps).to(device)
         self.teacher = SelfDistillation(settings).to(device).requires_grad_(False)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -511,12 +512,11 @@ class _TeacherTrainer:
         }
 
     def autocast(self) -> torch.autocast:
-        """The forward passes' autocast at ``settings.precision`` (``auto`` decided for the device). Not
-        accelerate's mixed precision: its state is one per process, and the demo trains other networks in
-        float32 in the same process."""
-        device = self.accelerator.device
-        dtype = autocast_dtype(self.settings.precision, device)
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        """The forward passes' autocast at ``settings.precision`` (``auto`` decided for the device once, when
+        the trainer is built). Not accelerate's mixed precision: its state is one per process, and the demo
+        trains other networks in float32 in the same process."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.accelerator.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def losses(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
         """The DINOv2 loss terms of one batch (module doc); "total" is their weighted sum."""
