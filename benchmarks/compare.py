@@ -40,7 +40,7 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,6 +262,13 @@ def training_flops_per_image(name: str, args, encoder: SemanticEncoder | None, d
     with torch.device("meta"):
         model = build_sit(name, **PRESET.model_kwargs(vfm_dim=vfm_dim(args)), **args.sit_overrides)
     return sit_training_flops(model, encoder, device)
+
+
+def flops_of(run: Callable[[], object]) -> float:
+    """FLOPs ``run()`` executes, counted by ``FlopCounterMode`` (meta tensors count without computing)."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
 
 
 def sit_training_flops(model: SiT, encoder: SemanticEncoder | None = None,

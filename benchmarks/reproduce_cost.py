@@ -17,17 +17,21 @@ Estimates, not measurements: no GPU ran them here.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from torch.utils.flop_counter import FlopCounterMode
 
 from reglue.encoders.vfm import build_vfm
 from reglue.models.sit import build_sit
 from reglue.presets import get_preset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks
+from compare import PEAK_TFLOPS, flops_of, sit_training_flops  # noqa: E402
+
 IMAGENET = 1_281_167
-GPUS, PEAK = 8, 989e12  # one node of H100 SXM, dense bf16
+GPUS, PEAK = 8, PEAK_TFLOPS["H100"] * 1e12  # one node of H100 SXM, dense bf16
 GiB = 1024**3
 SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32)
@@ -38,35 +42,23 @@ PCA_SEMANTICS = 8 * 16 * 16 * 2 + 1_536  # ReDi's rank-8 float16 maps and the CL
 NORM_STATS_IMAGES, PCA_IMAGES, COMPRESSOR_EPOCHS, SAMPLES = 76_800, 10_000, 25, 50_000
 
 
-def counted(run) -> float:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return float(counter.get_total_flops())
-
-
 def per_image() -> dict[str, float]:
     """FLOPs per 256² image of every network the recipe runs."""
     with torch.device("meta"):
         vae = AutoencoderKL(**SD_VAE)
         image, latent = torch.zeros(1, 3, 256, 256), torch.zeros(1, 4, 32, 32)
-        flops = {"vae_encode": counted(lambda: vae.encode(image)), "vae_decode": counted(lambda: vae.decode(latent))}
+        flops = {"vae_encode": flops_of(lambda: vae.encode(image)), "vae_decode": flops_of(lambda: vae.decode(latent))}
         for name in ("SiT-B/2", "SiT-XL/2"):
             model = build_sit(name, **get_preset("reglue").model_kwargs(vfm_dim=768))
-            model.check_inputs = False
+            flops[f"{name} train"] = sit_training_flops(model)  # forward + backward, one image
             c = model.config
             x, t, y, z = (torch.zeros(1, c.in_channels, c.input_size, c.input_size), torch.zeros(1),
                           torch.zeros(1, dtype=torch.long), torch.zeros(1, c.z_dim))
-
-            def step(m=model, x=x, t=t, y=y, z=z):
-                velocity, repa, cls = m(x, t, y, z)
-                (velocity.sum() + repa.sum() + cls.sum()).backward()
-
-            flops[f"{name} train"] = counted(step)
             with torch.no_grad():
-                flops[f"{name} forward"] = counted(lambda m=model: m(x, t, y, z))
+                flops[f"{name} forward"] = flops_of(lambda m=model: m(x, t, y, z))
     vfm = build_vfm("dinov2_vitb14_reg", weights=None, resolution=256)  # on the CPU: autocast has no meta device
     with torch.no_grad():
-        flops["dinov2_b"] = counted(lambda: vfm(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)))
+        flops["dinov2_b"] = flops_of(lambda: vfm(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)))
     return flops
 
 

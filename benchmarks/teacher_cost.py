@@ -13,23 +13,21 @@ FLOPs / (8 × 989 TFLOP/s dense bf16 × MFU), printed for several MFUs.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from reglue.config import load_settings
 from reglue.training.teacher import SelfDistillation, TeacherSettings, crop_sizes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks
+from compare import PEAK_TFLOPS, flops_of  # noqa: E402
+
 IMAGENET_TRAIN = 1_281_167
-H100_BF16 = 989e12  # dense bf16 FLOP/s of one H100 SXM
+H100_BF16 = PEAK_TFLOPS["H100"] * 1e12  # dense bf16 FLOP/s of one H100 SXM
 GPUS = 8
 MFUS = (0.3, 0.4, 0.5)
-
-
-def _counted(run) -> int:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops()
 
 
 def image_flops(settings: TeacherSettings, resolution: int) -> dict[str, float]:
@@ -59,9 +57,9 @@ def image_flops(settings: TeacherSettings, resolution: int) -> dict[str, float]:
             teacher(global_crops, masks, mask_input=False)
 
     with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
-        counted = {"student": _counted(student_step), "teacher": _counted(teacher_step)}
-    head_forward = _counted(lambda: teacher.head(row))
-    head_step = _counted(lambda: student.head(row.requires_grad_()).sum().backward())
+        counted = {"student": flops_of(student_step), "teacher": flops_of(teacher_step)}
+    head_forward = flops_of(lambda: teacher.head(row))
+    head_step = flops_of(lambda: student.head(row.requires_grad_()).sum().backward())
     counted["student"] -= unmasked * head_step
     counted["teacher"] -= unmasked * head_forward
     counted["total"] = counted["student"] + counted["teacher"]
