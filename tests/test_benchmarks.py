@@ -205,3 +205,18 @@ def test_host_overhead_benchmark_tiny(tmp_path, capsys):
     assert all(w["adamw_ms"] > 0 and w["ema_ms"] > 0 and w["clip_ms"] > 0 for w in result["per_tensor"])
     assert "| 8 | 4 | 2 |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the datasets are gone
+
+
+def test_the_cost_estimates_in_the_docs_are_what_the_scripts_count(capsys):
+    """docs/teacher.md's and docs/reproduce.md's figures come from these two scripts (FLOPs counted on meta
+    tensors over the real modules); a change to a network or a recipe shows here."""
+    load_benchmark("teacher_cost").main(["--config", str(REPO / "configs" / "teacher" / "vitb.yaml")])
+    teacher = capsys.readouterr().out
+    assert "615 GFLOPs per image (student fwd+bwd 517, teacher fwd 98)" in teacher
+    assert "| 40% | 4.2 min | 6.9 h |" in teacher
+    load_benchmark("reproduce_cost").main([])
+    recipe = capsys.readouterr().out
+    assert "| **total** | **82.0** | **7.2** | **14.4** | **1,162 GB** |" in recipe
+    assert "| **total** | **156.9** | **13.8** | **27.5** | **822 GB** |" in recipe
+    assert ": 2.2 GB" in recipe.splitlines()[1] and ": 11.0 GB" in recipe.splitlines()[2]  # the checkpoints
+    assert "vae_encode 272.7, vae_decode 622.2, SiT-B/2 train 150.0, SiT-B/2 forward 50.0, SiT-XL/2 train 727.3" in recipe
