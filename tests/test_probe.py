@@ -158,7 +158,8 @@ def test_each_process_extracts_its_share_of_the_probe_rows(monkeypatch):
     assert alone[0].squeeze(1).tolist() == rows and labels.tolist() == [r % 3 for r in rows] and images.read == rows
     monkeypatch.setattr(teacher_module, "gather_strided", lambda local, total: local)  # the share, not gathered
     for rank in range(3):
-        monkeypatch.setattr(teacher_module, "rank_and_world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(teacher_module, "process_state",
+                            lambda rank=rank: SimpleNamespace(process_index=rank, num_processes=3))
         images = _Images()
         share, share_labels = teacher_module._cls_features([_Rows()], images, rows)
         assert images.read == rows[rank::3] == share[0].squeeze(1).tolist()  # each image read by one process

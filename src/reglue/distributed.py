@@ -135,13 +135,6 @@ def on_rank_zero(rank: int, what: str, work: Callable[[], T]) -> T | None:
     return on_main(what, work if rank == 0 else lambda: None)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(global rank, world size) of the process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
     """Every process's share of ``total`` rows, gathered on every process in row order.
 

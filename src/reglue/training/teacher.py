@@ -93,7 +93,6 @@ from reglue.distributed import (
     on_cpu_only,
     on_main,
     process_state,
-    rank_and_world,
 )
 from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.encoders.vfm import (
@@ -587,8 +586,8 @@ def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[in
     (``rows[rank::world]``) in batches of PROBE_BATCH, each image once; the shares are then gathered
     (:func:`reglue.distributed.gather_strided`), so every process returns all rows, in ``rows``' order."""
     device = next(extractors[0].parameters()).device
-    rank, world = rank_and_world()
-    mine = rows[rank::world]
+    state = process_state()
+    mine = rows[state.process_index::state.num_processes]
     chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
     labels = []
     for start in range(0, len(mine), PROBE_BATCH):
