@@ -85,7 +85,7 @@ def feature_spec(config: RunConfig) -> VFMSpec:
     """``eval.vfm`` as a :class:`VFMSpec`; null is FD_DINOv2's DINOv2 ViT-L/14 (weights required)."""
     if config.eval.vfm is None:
         return FD_DINOV2
-    return VFMSpec(**{**config.eval.vfm, "layers": None}).resolved()  # a train-vfm folder names its VFM
+    return VFMSpec.from_mapping({**config.eval.vfm, "layers": None})  # a train-vfm folder names its VFM
 
 
 class Evaluator:
