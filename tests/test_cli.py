@@ -191,3 +191,11 @@ def test_the_feature_commands_and_evaluate_take_settings_too(tmp_path):
         NormStatsSettings(vfm={"nmae": "x"}).spec(required=True)
     with pytest.raises(InputError, match="rank must be >= 1"):
         PCASettings(rank=0)
+
+
+def test_the_demo_help_states_the_demo_settings_resolution():
+    """reglue.cli.demo names the default side without importing the demo (start-up time); they stay equal."""
+    from reglue.cli.demo import DEMO_RESOLUTION
+    from reglue.demo import DemoSettings
+
+    assert DEMO_RESOLUTION == DemoSettings().resolution
