@@ -4,6 +4,7 @@ tests/fixtures (copies of ../shared/compat and ../shared/testdata, checked again
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,12 +88,15 @@ def tiny_sit(preset: str = "reglue", perturb: bool = True, seed: int = 0, **over
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """``prepared(preset)``: the data folder a tiny ``reglue demo --preset PRESET --random-vfm``
-    prepares (pixel autoencoder, random tiny DINOv2, 8 classes × 8 images at 128²), made by the
-    demo's own data and semantic stages once per session: the redi demo's ``data-pca`` (PCA
-    semantics) for redi, the reglue demo's ``data`` (compressor semantics, CLS, REPA targets) for
-    every other preset."""
+    trains on (pixel autoencoder, random tiny DINOv2, 8 classes × 8 images at 128²), made by the
+    demo's own data stages and the comparison's cache stages once per session: the redi demo's
+    ``datasets/pca`` (PCA semantics) for redi, the reglue demo's ``datasets/compressor`` (compressor
+    semantics, CLS, REPA targets) for every other preset, with the norm stats (and the compressor)
+    copied in as `reglue norm-stats DATA` (and `reglue train-compressor DATA`) leave them."""
+    from reglue.compare.settings import ComparePaths
+    from reglue.compare.stages import Ledger, cache_stages
     from reglue.demo.settings import DemoPaths, DemoSettings
-    from reglue.demo.stages import Ledger, data_stages, semantic_stages
+    from reglue.demo.stages import compare_settings, data_stages
 
     made: dict[str, Path] = {}
 
@@ -102,10 +106,15 @@ def demo_data(tmp_path_factory):
             settings = DemoSettings(presets=(kind,), steps=1, images_per_class=8, compressor_epochs=1,
                                     teacher="random")
             out = tmp_path_factory.mktemp(f"demo-data-{kind}")
-            paths, ledger = DemoPaths(out), Ledger(out, settings)
+            paths, ledger = DemoPaths(out), Ledger(out, settings.to_json())
             data_stages(ledger, paths, settings, progress=False)
-            semantic_stages(ledger, paths, settings, progress=False)
-            made[kind] = paths.data("pca" if kind == "redi" else None)
+            cache_stages(ledger, ComparePaths(out), paths.data, compare_settings(paths, settings), progress=False)
+            compared = ComparePaths(out)
+            made[kind] = compared.copy("pca" if kind == "redi" else "compressor")
+            # where `reglue norm-stats DATA` / `train-compressor DATA` put them: online runs find them there
+            shutil.copy2(compared.norm_stats, made[kind] / compared.norm_stats.name)
+            if kind == "reglue":
+                shutil.copytree(compared.compressor, made[kind] / compared.compressor.name)
         return made[kind]
 
     return prepared

@@ -12,8 +12,9 @@ import yaml
 from PIL import Image
 
 from reglue.cli import build_parser, main
+from reglue.compare import report as demo_report
+from reglue.compare.settings import CompareSettings, copy_of
 from reglue.demo import ALL_PRESETS, DemoSettings, quick, run_demo
-from reglue.demo import report as demo_report
 from reglue.demo.settings import MODEL
 from reglue.demo.stages import STATE_FILE
 
@@ -78,7 +79,7 @@ def test_every_preset_and_seed_is_trained_evaluated_and_summarised(finished):
     assert sorted(results["ordering"]["paper_best_first"]) == sorted(ALL_PRESETS)
     assert set(results["ordering"]["repa_vs_sit"]) == {fd, "eval/class_accuracy"}
     config = yaml.safe_load((out / "runs" / "redi" / "seed-1" / "config.yaml").read_text())
-    assert config["train"]["seed"] == 1 and config["eval"]["seed"] == 0 and config["data"]["dir"].endswith("data-pca")
+    assert config["train"]["seed"] == 1 and config["eval"]["seed"] == 0 and config["data"]["dir"].endswith("datasets/pca")
     assert config["eval"]["vfm"]["weights"].endswith("teacher/teacher.pth")
     exported = json.loads((out / "runs" / "reglue" / "seed-0" / "ema" / "config.json").read_text())
     assert exported["projector_dim"] == MODEL["projector_dim"]
@@ -90,7 +91,7 @@ def test_the_teacher_is_the_vfm_of_every_stage_and_nothing_says_random(finished)
     assert (out / "teacher" / "teacher.pth").is_file() and teacher["arch"]["embed_dim"] > 0
     from safetensors import safe_open
 
-    with safe_open(str(out / "data" / "norm_stats.safetensors"), "pt") as handle:
+    with safe_open(str(out / "semantics" / "norm_stats.safetensors"), "pt") as handle:
         assert "teacher.pth" in handle.metadata()["vfm"]
     report = (out / "report.md").read_text()
     assert RANDOM not in report and "random, untrained" not in report
@@ -144,9 +145,10 @@ def test_random_vfm_is_labelled_and_sit_alone_skips_the_semantic_stages(tmp_path
     settings = DemoSettings(presets=("sit",), teacher="random", **TINY)
     result = run_demo(tmp_path, settings, progress=False)
     stages = stage_names(tmp_path)
-    assert stages == ["images", "prepare data", "train sit seed 0", "grid sit", "report"]
-    assert not (tmp_path / "data" / "norm_stats.safetensors").exists() and not (tmp_path / "teacher").exists()
-    assert len(list((tmp_path / "data" / "eval").glob("*-linear-probe.npz"))) == 1  # class_accuracy's probe
+    assert stages == ["images", "prepare data", "copy plain", "train sit seed 0", "grid sit", "report"]
+    assert not (tmp_path / "semantics").exists() and not (tmp_path / "teacher").exists()
+    assert not (tmp_path / "data" / "eval").exists()  # nothing is written into the prepared data
+    assert len(list((tmp_path / "datasets" / "plain" / "eval").glob("*-linear-probe.npz"))) == 1  # class_accuracy
     assert RANDOM in result.report.read_text()
     assert Image.open(result.grid).size == Image.open(tmp_path / "grid_sit.png").size
 
@@ -181,20 +183,22 @@ def test_the_cli_passes_the_demo_defaults_and_only_what_it_is_given(tmp_path, mo
         build_parser().parse_args(["demo", "--preset", "sit", "--presets", "sit,repa"])
 
 
-def test_semantic_kinds_cover_every_preset_that_uses_the_vfm():
-    kinds = {presets: DemoSettings(presets=presets).semantic_kinds for presets in [
+def test_the_data_copies_cover_every_preset_that_uses_the_vfm():
+    copies = {presets: CompareSettings(presets=presets, vfm={"weights": "random"}).copies for presets in [
         ("sit",), ("repa",), ("reglue",), ("redi",), ("redi", "repa"), ("sit", "redi", "reg", "reglue"), ALL_PRESETS]}
-    assert kinds == {("sit",): (), ("repa",): (None,), ("reglue",): ("compressor",), ("redi",): ("pca",),
-                     ("redi", "repa"): (None, "pca"), ("sit", "redi", "reg", "reglue"): ("compressor", "pca"),
-                     ALL_PRESETS: ("compressor", "pca")}
+    assert copies == {("sit",): ("plain",), ("repa",): ("targets",), ("reglue",): ("compressor",),
+                      ("redi",): ("pca",), ("redi", "repa"): ("targets", "pca"),
+                      ("sit", "redi", "reg", "reglue"): ("compressor", "pca"), ALL_PRESETS: ("compressor", "pca")}
+    assert copy_of("sit", ("sit", "redi")) == "pca" and copy_of("reg", ALL_PRESETS) == "compressor"
 
 
 def test_redi_with_repa_alone_caches_both_data_copies(tmp_path):
-    """ReDi's PCA copy and REPA's CLS/REPA targets in data/, with no compressor preset to make them."""
+    """ReDi's PCA copy and REPA's CLS/REPA targets in their own copy, with no compressor preset to make them."""
     run_demo(tmp_path, DemoSettings(presets=("redi", "repa"), teacher="random", **TINY), progress=False)
-    assert "semantics (data)" in stage_names(tmp_path) and "semantics (data-pca)" in stage_names(tmp_path)
-    assert (tmp_path / "data" / "shards" / "shard-00000" / "repa.npy").is_file()
-    assert not (tmp_path / "data" / "compressor").exists()
+    assert "semantics targets" in stage_names(tmp_path) and "semantics pca" in stage_names(tmp_path)
+    assert (tmp_path / "datasets" / "targets" / "shards" / "shard-00000" / "repa.npy").is_file()
+    assert not (tmp_path / "datasets" / "pca" / "shards" / "shard-00000" / "repa.npy").exists()  # redi: no REPA
+    assert not (tmp_path / "semantics" / "compressor").exists()
 
 
 def test_difference_of_spreads_compares_only_what_seeds_allow():

@@ -25,6 +25,7 @@ import sys
 from reglue import __version__
 from reglue.cli import (
     cache_semantics,
+    compare,
     demo,
     evaluate,
     fit_pca,
@@ -44,7 +45,7 @@ from reglue.errors import ReglueError
 
 # in the order `reglue --help` lists them: the pipeline's order, then the tools
 COMMANDS = (models, prepare, norm_stats, train_compressor, train_vfm, probe_vfm, train, sample, grid, evaluate, plot,
-            fit_pca, cache_semantics, verify, demo)
+            fit_pca, cache_semantics, verify, compare, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

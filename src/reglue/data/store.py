@@ -23,6 +23,7 @@ whole. Each file's record is taken while it is written (:class:`reglue.io.Record
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -197,6 +198,45 @@ def read_json(path: Path, remedy: str | Callable[[], str]) -> dict:
     if problem is not None:
         raise DamagedFileError(f"{path} {problem}; {remedy() if callable(remedy) else remedy}")
     return value
+
+
+def link_prepared(source: Path, dest: Path) -> int:
+    """A copy at ``dest`` of what ``reglue prepare`` wrote into ``source``: the shard arrays
+    (:data:`SHARD_ARRAYS`) hard-linked (copied where ``dest`` is on another file system), the manifest and
+    settings copied, each shard's index naming those arrays only (a cache in ``source`` is not carried).
+    Every writer in reglue replaces a file (write, then rename) and never writes into one, so what is
+    later written into the copy — a semantic cache, evaluation statistics — never reaches ``source``.
+    Built in a temporary folder renamed into place; returns the number of arrays linked."""
+    source, dest = Path(source), Path(dest)
+    manifest = read_manifest(source)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    linked = 0
+    for index in range(len(manifest["shards"])):
+        info = read_shard_info(source, index)
+        (tmp / SHARDS_DIR / shard_name(index)).mkdir(parents=True)
+        for name in SHARD_ARRAYS:
+            _link_or_copy(shard_dir(source, index) / f"{name}.npy", shard_dir(tmp, index) / f"{name}.npy")
+            linked += 1
+        if FILES in info:
+            kept = {f"{name}.npy" for name in SHARD_ARRAYS}
+            info = {key: value for key, value in info.items() if key != INDEX_CHECKSUM}
+            info[FILES] = {name: record for name, record in info[FILES].items() if name in kept}
+        write_shard_info(shard_dir(tmp, index), info)
+    for name in (SETTINGS, SKIPPED, MANIFEST):
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    os.replace(tmp, dest)
+    return linked
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError as err:  # EXDEV: another file system; EPERM: one that has no hard links
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(source, dest)
 
 
 def read_shard_info(root: Path, index: int) -> dict:

@@ -11,32 +11,35 @@ There are no pretrained weights here, so the demo makes or swaps the two frozen 
 Stages, each calling what the matching ``reglue`` command calls, all under ``DIR``:
 
   1. images       the synthetic ImageFolder (:mod:`reglue.data.synthetic`)            images/
-  2. prepare      pixel-autoencoder moments (``reglue prepare``); ReDi: a copy       data/ (data-pca/)
+  2. prepare      pixel-autoencoder moments (``reglue prepare``)                     data/
   3. teacher      the VFM (``reglue train-vfm``), with its k-NN / linear-probe report  teacher/
-  4. semantics    norm stats, compressor (ReDi: PCA), cached semantics/CLS/REPA      data/...
-  5. train        each preset × seed (``reglue train``), evaluating itself 4 times   runs/<preset>/seed-<s>/
-  6. grid         a class grid of each preset's first seed                           grid_<preset>.png
-  7. report       results over seeds, curves (mean ± std), grids side by side        results.json, report.md, ...
+  4–8.            the stages of ``reglue compare data/`` (:mod:`reglue.compare`) with the demo's tiny
+                  SiT and budget: data copies, semantic caches, training of each preset × seed
+                  (evaluated 4 times), class grids, the report             datasets/, semantics/, runs/,
+                                                                           grid_<preset>.png, report.md, ...
 
-The class-accuracy metric of the evaluations is a linear probe on the VFM's CLS features of the
-prepared images, fitted by the first run's first evaluation and cached in ``data/eval/``.
-Stage 4 runs only for presets that use the VFM (not ``sit`` alone); the teacher is trained
-whenever it is used, since every run, ``sit``'s too, is evaluated in its feature space. ``DIR/demo.json``
-records the settings and the seconds each finished stage took: a rerun skips finished stages and
-resumes an interrupted one through that stage's own resume; a rerun with other settings, or into a
-non-empty folder that is no demo, is refused. Every file is written atomically.
+The evaluations score FD in the teacher's CLS space and class accuracy (a linear probe on those
+features of the prepared images, cached in ``datasets/<kind>/eval/``). The semantic stages run only
+for presets that use the VFM (not ``sit`` alone); the teacher is trained whenever it is used, since
+every run, ``sit``'s too, is evaluated in its feature space. ``DIR/demo.json`` records the settings and
+the seconds each finished stage took: a rerun skips finished stages and resumes an interrupted one
+through that stage's own resume; a rerun with other settings, or into a non-empty folder that is no
+demo, is refused. Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from reglue.compare import run_stages
+from reglue.compare.report import CURVES_FILE, LOSS_CURVES_FILE, RESULTS_FILE, ReportText
+from reglue.compare.settings import ALL_PRESETS, ComparePaths
+from reglue.compare.stages import Ledger, check_out_dir
 from reglue.data import store
-from reglue.demo.report import CURVES_FILE, LOSS_CURVES_FILE, RESULTS_FILE, write_report
 from reglue.demo.settings import (
-    ALL_PRESETS,
     AUTOENCODER_LABEL,
     RANDOM_VFM_LABEL,
     SAMPLER,
@@ -45,15 +48,8 @@ from reglue.demo.settings import (
     quick,
     uses_vfm,
 )
-from reglue.demo.stages import (
-    Ledger,
-    check_out_dir,
-    data_stages,
-    grid_stages,
-    semantic_stages,
-    train_stages,
-    vfm_spec,
-)
+from reglue.demo.stages import STATE_FILE, compare_settings, data_stages
+from reglue.metrics.probe import REPORT_JSON
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +71,23 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     """Run (or resume) every stage into ``out`` (``settings`` None: the defaults); see the module docstring."""
     settings = DemoSettings() if settings is None else settings
     paths = DemoPaths(Path(out).resolve())
-    check_out_dir(paths.out)
+    check_out_dir(paths.out, STATE_FILE, "a demo")
     with store.lock_directory(paths.out):
-        ledger = Ledger(paths.out, settings)
+        ledger = Ledger(paths.out, settings.to_json(), state_file=STATE_FILE)
         log.info("demo of %s × %d seed(s) in %s; VFM: %s; autoencoder: %s", ", ".join(settings.presets),
                  settings.seeds, paths.out, _vfm_label(settings), AUTOENCODER_LABEL)
         data_stages(ledger, paths, settings, progress)
-        semantic_stages(ledger, paths, settings, progress)
-        train_stages(ledger, paths, settings)
-        vfm_name = vfm_spec(paths, settings).name
-        grid_stages(ledger, paths, settings, caption=lambda preset: _caption(preset, settings))
-        ledger.run("report", "results over seeds, curves, grids and report.md",
-                   lambda: write_report(paths, settings, vfm_name, ledger.stages))
+        text = ReportText(
+            title="reglue demo",
+            intro=("Tiny models, a synthetic data set and CPU minutes: the numbers compare methods under one protocol "
+                   "at toy scale; none is comparable with the paper's ImageNet FIDs."),
+            vfm_lines=_vfm_lines(paths, settings),
+            data_line=(f"the {settings.data!r} synthetic set, {len(settings.classes)} classes × "
+                       f"{settings.images_per_class} images at {settings.resolution}²"),
+            columns=list(settings.classes))
+        run_stages(ledger, ComparePaths(paths.out), paths.data, compare_settings(paths, settings), text,
+                   progress=progress, caption=lambda preset: _caption(preset, settings),
+                   extra={"teacher": _teacher_summary(paths, settings)})
     return DemoResult(paths.out, paths.out / "report.md", paths.out / RESULTS_FILE, paths.out / "grid.png",
                       paths.out / CURVES_FILE, paths.out / LOSS_CURVES_FILE, dict(ledger.stages))
 
@@ -95,6 +96,22 @@ def _vfm_label(settings: DemoSettings) -> str:
     if not settings.uses_vfm:
         return "not used"
     return "trained here (train-vfm)" if settings.teacher == "trained" else RANDOM_VFM_LABEL
+
+
+def _teacher_summary(paths: DemoPaths, settings: DemoSettings) -> dict:
+    """The teacher's probe report (report.json of ``reglue train-vfm``), or the random VFM's label."""
+    if settings.teacher == "random":
+        return {"label": RANDOM_VFM_LABEL}
+    report = json.loads((paths.teacher / REPORT_JSON).read_text())
+    return {"label": "tiny DINOv2-with-registers trained here by `reglue train-vfm`", **report}
+
+
+def _vfm_lines(paths: DemoPaths, settings: DemoSettings) -> list[str]:
+    summary = _teacher_summary(paths, settings)
+    lines = [f"- {summary['label']}; autoencoder: {AUTOENCODER_LABEL}."]
+    if "verdict" in summary:
+        lines.append(f"- Teacher quality on held-out images ([report](teacher/report.md)): {summary['verdict']}")
+    return lines
 
 
 def _caption(preset: str, settings: DemoSettings) -> list[str]:

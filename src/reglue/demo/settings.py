@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from reglue.compare.settings import uses_vfm
 from reglue.data.synthetic import SYNTHETIC_SETS, class_names
 from reglue.encoders.semantics import VFMSpec
 from reglue.errors import InputError
-from reglue.presets import PRESETS, get_preset
+from reglue.presets import PRESETS
 from reglue.resolution import check_resolution
 
-ALL_PRESETS = ("sit", "repa", "redi", "reg", "reglue")  # the paper's Table 1 order
 TEACHERS = ("trained", "random")  # --random-vfm selects "random": plumbing checks only
 RANDOM_VFM = VFMSpec("dinov2_vitb14_reg", "random", None, {"embed_dim": 32, "depth": 4, "num_heads": 2})
 RANDOM_VFM_LABEL = "tiny DINOv2-with-registers (embed 32, depth 4, 2 heads), random and untrained"
@@ -22,10 +22,8 @@ MODEL = {"name": "SiT-S/2", "depth": 4, "hidden_size": 64, "num_heads": 4, "enco
 TRAIN_BATCH = 8  # on a CPU, more small steps beat fewer large ones at equal cost (tried 16 × 900 vs 8 × 1800)
 LEARNING_RATE = 2e-3
 EMA_DECAY = 0.995
-COMPRESSOR = {"channels": (64, 16), "global_batch": 32, "lr": 1e-3, "val_fraction": 0.125}  # after the VFM width
-PCA_RANK = 8
+COMPRESSOR = {"widths": (64, 16), "global_batch": 32, "lr": 1e-3, "val_fraction": 0.125}  # widths after the VFM's
 SAMPLER = "sde"
-EVALUATIONS = 4  # per run, at a quarter, half, three quarters and the end of its steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,16 +84,6 @@ class DemoSettings:
         return tuple(self.seed + k for k in range(self.seeds))
 
     @property
-    def semantic_kinds(self) -> tuple[str | None, ...]:
-        """The semantic caches the presets that use the VFM need, in this order: "compressor" (in
-        ``data/``: compressed semantics, CLS, REPA targets), None (``data/`` with CLS and REPA targets
-        only, for repa / reg when no preset needs the compressor) and "pca" (``data-pca/``)."""
-        kinds = {get_preset(p).semantics for p in self.presets if uses_vfm(p)}
-        if "compressor" in kinds:
-            kinds.discard(None)  # the compressor's cache in data/ holds the CLS and REPA targets too
-        return tuple(k for k in ("compressor", None, "pca") if k in kinds)
-
-    @property
     def uses_vfm(self) -> bool:
         return any(map(uses_vfm, self.presets))
 
@@ -103,23 +91,11 @@ class DemoSettings:
         return {**asdict(self), "presets": list(self.presets)}
 
 
-def evaluation_every(steps: int) -> int:
-    """The ``eval.every`` of a run of ``steps`` steps: EVALUATIONS evaluations when 4 divides ``steps``
-    (the trainer also evaluates at the last step)."""
-    return max(1, steps // EVALUATIONS)
-
-
 def quick(settings: DemoSettings) -> DemoSettings:
     """``--quick``: the same protocol at about a third of the cost (at most 400 steps, 2 seeds and 32
     evaluation samples); data and teacher stay as they are."""
     return replace(settings, steps=min(settings.steps, 400), seeds=min(settings.seeds, 2),
                    eval_samples=min(settings.eval_samples, 32))
-
-
-def uses_vfm(preset: str) -> bool:
-    """Whether ``preset`` reads anything from the VFM (semantics, CLS or REPA targets)."""
-    p = get_preset(preset)
-    return bool(p.semantics or p.cls_token or p.repa)
 
 
 @dataclass(frozen=True)
@@ -136,12 +112,7 @@ class DemoPaths:
     def teacher(self) -> Path:
         return self.out / "teacher"
 
-    def data(self, kind: str | None = None) -> Path:
-        """The prepared data; the ReDi preset's PCA semantics live in a second copy (``data-pca``)."""
-        return self.out / ("data-pca" if kind == "pca" else "data")
-
-    def run(self, preset: str, seed: int) -> Path:
-        return self.out / "runs" / preset / f"seed-{seed}"
-
-    def grid(self, preset: str) -> Path:
-        return self.out / f"grid_{preset}.png"
+    @property
+    def data(self) -> Path:
+        """The prepared data (the comparison's stages link it into ``datasets/<kind>`` for their caches)."""
+        return self.out / "data"
