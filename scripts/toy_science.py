@@ -87,8 +87,8 @@ def main() -> int:
     parser.add_argument("--tables-only", action="store_true", help="write the tables of the finished arms")
     args = parser.parse_args()
     demo, out = args.demo.resolve(), args.out.resolve()
-    if not (demo / "results.json").is_file():
-        sys.exit(f"{demo} holds no finished demo (results.json); run `reglue demo --compare --out {demo}` first.")
+    if not (demo / "teacher" / "teacher.json").is_file():
+        sys.exit(f"{demo} holds no demo with a trained teacher; run `reglue demo --compare --out {demo}` first.")
     out.mkdir(parents=True, exist_ok=True)
     if not args.tables_only:
         names = args.arms.split(",") if args.arms else [a for a in ARMS if a != DEMO_ARM]

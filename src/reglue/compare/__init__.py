@@ -24,6 +24,7 @@ followed by these stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -37,13 +38,16 @@ from reglue.compare.stages import (
     Ledger,
     cache_stages,
     check_out_dir,
+    compressor_settings,
+    compressor_widths,
     grid_stages,
     run_config,
     train_stages,
     vfm_spec,
 )
+from reglue.config import RunConfig
 from reglue.data import store
-from reglue.distributed import on_main
+from reglue.distributed import on_main, process_state
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD
 
 log = logging.getLogger(__name__)
@@ -61,13 +65,20 @@ class CompareResult:
 
 def run_compare(data: str | Path, out: str | Path, settings: CompareSettings | None = None,
                 progress: bool = True) -> CompareResult:
-    """Run (or resume) every stage on the prepared ``data`` into ``out``; see the module docstring."""
+    """Run (or resume) every stage on the prepared ``data`` into ``out``; see the module docstring.
+    Every setting is checked (each run's config built and validated) before anything is written."""
     settings = CompareSettings() if settings is None else settings
     data, paths = Path(data).resolve(), ComparePaths(Path(out).resolve())
-    manifest = store.read_manifest(data)  # a clear error before anything is written
-    check_out_dir(paths.out, STATE_FILE, "a comparison")
-    paths.out.mkdir(parents=True, exist_ok=True)
-    with store.lock_directory(paths.out):
+    manifest = store.read_manifest(data)
+    check_settings(paths, settings)
+    process_state()  # under torchrun / accelerate launch: the process group every stage shares
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # the main process holds the folder's lock, as cache-semantics holds a dataset's
+            check_out_dir(paths.out, STATE_FILE, "a comparison")
+            held.enter_context(store.lock_directory(paths.out))
+
+        on_main(f"locking {paths.out}", claim)
         ledger = Ledger(paths.out, {"data": str(data), **settings.to_json()})
         log.info("comparing %s × %d seed(s) on %s in %s", ", ".join(settings.presets), settings.seeds, data, paths.out)
         text = ReportText(
@@ -86,7 +97,7 @@ def run_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Compar
     """The comparison's stages under ``ledger`` (a demo passes its own): caches, training, grids, report.
     ``extra``: entries results.json adds (the VFM); ``caption(preset)``: the lines under a preset's grid
     (default: the preset, steps and seed)."""
-    config = run_config(paths, settings, settings.presets[0], settings.seed)  # every config is checked here too
+    config = check_settings(paths, settings)
     cache_stages(ledger, paths, data, settings, progress)
     train_stages(ledger, paths, settings)
     steps = config.train.max_steps
@@ -95,6 +106,18 @@ def run_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Compar
     grid_stages(ledger, paths, settings, classes=list(range(len(text.columns))), caption=caption)
     ledger.run("report", "results over seeds, curves, grids and report.md", lambda: on_main(
         "writing the report", lambda: write_report(paths, settings, config, text, ledger.stages, extra=extra)))
+
+
+def check_settings(paths: ComparePaths, settings: CompareSettings) -> RunConfig:
+    """Every run's validated config, the VFM and the compressor's settings, built once to refuse what
+    cannot work before any file is written; returns the first run's config (the shared protocol)."""
+    configs = [run_config(paths, settings, p, s) for p in settings.presets for s in settings.run_seeds]
+    if settings.vfm is not None:
+        vfm_spec(settings)
+    if "compressor" in settings.copies:
+        compressor_settings(settings)
+        compressor_widths(settings)
+    return configs[0]
 
 
 def vfm_lines(settings: CompareSettings) -> list[str]:
