@@ -37,6 +37,8 @@ from reglue.transport import lambda_sem_milestones
 # keys of older configs -> (the key now, how the values changed); an old key is refused naming the new one
 RENAMED_KEYS = {"train.mixed_precision": ("train.precision", "no is now fp32"),
                 "data.vfm_autocast": ("data.vfm_precision", "no is now fp32")}
+# keys added later whose default is not None -> what a run recorded before them did (upgrade_recorded)
+ADDED_KEYS = {"loss.semantic_norm": False}
 # fd: Fréchet distance in eval.vfm's feature space (eval/fd_dinov2 for DINOv2 ViT-L/14, else eval/fd_<network>);
 # pr: precision / recall in that space; fid: Inception FID (needs eval.inception);
 # class_accuracy: share of samples a linear probe on that space's CLS features, fitted on the (labelled) reference
@@ -98,6 +100,9 @@ class LossConfig:
     lambda_cls: float | None = None
     lambda_rep: float | None = None
     lambda_sem_schedule: list = field(default_factory=list)  # [[step, factor], ...]
+    # standardise the semantic channels and CLS targets per channel with statistics measured at the start of a
+    # fresh run and saved with the model (reglue.models.semantic_norm); false: the authors' targets
+    semantic_norm: bool = False
 
 
 @dataclass
@@ -245,6 +250,11 @@ class RunConfig:
               "({embed_dim, depth, num_heads}), e.g. {name: dinov2_vitb14_reg, weights: path/to/dinov2.pth}")),
         ]
         self._refuse_first_broken(rules)
+        if self.loss.semantic_norm and self.model.init_from:
+            raise ConfigError(
+                "loss.semantic_norm=true with model.init_from: the authors' model was trained on "
+                "un-normalised semantics and CLS; set loss.semantic_norm=false to start from it, or drop "
+                "model.init_from to train a normalised model from scratch.")
         try:
             lambda_sem_milestones(self.loss.lambda_sem_schedule)
         except ValueError as err:
@@ -469,9 +479,14 @@ def save_settings(settings, path: str | Path) -> Path:
 
 
 def upgrade_recorded(raw: Mapping) -> dict:
-    """A run config recorded by an older reglue, in today's keys and words (:data:`RENAMED_KEYS`), so a
-    run started before a rename resumes."""
+    """A run config recorded by an older reglue, in today's keys and words (:data:`RENAMED_KEYS`, and the
+    :data:`ADDED_KEYS` it lacks as it ran without them), so a run started before a rename or a new key
+    resumes."""
     upgraded = copy.deepcopy(dict(raw))
+    for key, value in ADDED_KEYS.items():
+        section, _, name = key.partition(".")
+        if section in upgraded:
+            upgraded[section].setdefault(name, value)
     for old, (new, _) in RENAMED_KEYS.items():
         section, _, key = old.partition(".")
         if key in upgraded.get(section, {}):

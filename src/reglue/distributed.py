@@ -152,3 +152,12 @@ def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
     dist.all_gather(parts, padded)
     rows = torch.arange(total, device=local.device)
     return torch.cat(parts)[(rows % world) * share + rows // world]  # row i: process i mod world, place i // world
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (on this process's device: its GPU under NCCL) summed over every process, in place, and
+    returned; the same values on each (one ``all_reduce``). Without a process group of several processes,
+    ``tensor`` as it is."""
+    if _several_processes():
+        dist.all_reduce(tensor)
+    return tensor

@@ -26,6 +26,7 @@ from torch import nn
 
 from reglue.errors import DamagedFileError, InputError
 from reglue.io import atomic_write, read_tensor_file
+from reglue.models.semantic_norm import LATENT_CHANNELS, SemanticNorm
 from reglue.resolution import LATENT_DOWNSAMPLE
 from reglue.state_dict import load_state_dict_strict
 from reglue.transport import PATHS
@@ -39,7 +40,9 @@ class SiTConfig:
     """Everything needed to rebuild a :class:`SiT` (stored as ``config.json``).
 
     ``path`` is not used by the network; it travels with the weights so samplers compute the
-    score of the interpolant the model was trained on (configs without it: linear).
+    score of the interpolant the model was trained on (configs without it: linear). Nor is
+    ``semantic_norm``: it adds the :class:`~reglue.models.semantic_norm.SemanticNorm` whose statistics
+    standardised the semantic and CLS targets the model was trained on (``loss.semantic_norm``).
     """
 
     input_size: int = 32
@@ -57,6 +60,7 @@ class SiTConfig:
     use_cls_token: bool = True
     qk_norm: bool = False
     path: str = "linear"  # the interpolant it was trained on (linear | cosine); the SDE's score needs it
+    semantic_norm: bool = False  # carries the statistics its semantic and CLS targets were standardised with
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -310,6 +314,9 @@ class SiT(nn.Module):
         if config.use_cls_token:
             self.cls_projectors2 = nn.Linear(config.z_dim, D)  # CLS input embedding
             self.wg_norm = nn.LayerNorm(D, eps=1e-6)  # its LayerNorm
+        # the statistics its semantic and CLS targets were standardised with; forward does not use them
+        widths = (config.in_channels - LATENT_CHANNELS, config.z_dim if config.use_cls_token else 0)
+        self.semantic_norm = SemanticNorm(*widths) if config.semantic_norm else None
         self.initialize_weights()
 
     # ---------------------------------------------------------------- construction

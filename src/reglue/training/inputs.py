@@ -40,6 +40,7 @@ from reglue.encoders.vae import latents_from_moments
 from reglue.errors import DamagedFileError
 from reglue.io import file_sha256
 from reglue.models.compressor import PCAProjection
+from reglue.models.semantic_norm import SemanticNorm
 from reglue.models.sit import PATCH_SIZES, sit_config
 from reglue.precision import autocast_dtype
 from reglue.presets import Preset, get_preset
@@ -328,15 +329,19 @@ def training_rows(dataset: PreparedDataset, config: RunConfig) -> np.ndarray:
 
 
 class InputBuilder:
-    """Turns a batch of dataset rows into :class:`JointInputs` on a device."""
+    """Turns a batch of dataset rows into :class:`JointInputs` on a device.
+
+    ``norm``: the model's :class:`~reglue.models.semantic_norm.SemanticNorm` (``loss.semantic_norm``), which
+    standardises the semantic channels and the CLS target with the statistics it holds when called."""
 
     def __init__(self, preset: Preset, dataset: PreparedDataset, latent_size: int, null_label: int,
-                 unconditional: bool, encoder: SemanticEncoder | None):
+                 unconditional: bool, encoder: SemanticEncoder | None, *, norm: SemanticNorm | None = None):
         self.preset = preset
         self.latent_size = latent_size
         self.null_label = null_label
         self.unconditional = unconditional or dataset.num_classes == 0
         self.encoder = encoder
+        self.norm = norm
 
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device,
                  latent_noise: torch.Tensor | None = None) -> JointInputs:
@@ -344,17 +349,34 @@ class InputBuilder:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
         z = latents_from_moments(batch["moments"].float(), noise=latent_noise)  # (B, 4, h, w)
         targets = self._targets(batch)
-        parts = [z]
-        if self.preset.semantic_channels:
-            parts.append(upsample_semantics(targets["semantics"].float(), self.latent_size))  # (B, S, h, w)
+        semantics, cls = self._semantic_targets(targets)
+        if self.norm is not None:
+            semantics, cls = self.norm(semantics, cls)
+        parts = [z] if semantics is None else [z, semantics]
         y = batch["label"]
         if self.unconditional:
             y = torch.full_like(y, self.null_label)
-        cls = targets["cls"].float() if self.preset.cls_token else None
         repa = targets["repa"].float() if self.preset.repa else None
         if repa is not None and not self.preset.cls_token:
             repa = repa[:, 1:]  # REPA without a CLS slot aligns the patch tokens only
         return JointInputs(torch.cat(parts, dim=1), y, cls, repa)
+
+    def semantic_targets(self, batch: dict[str, torch.Tensor], device: torch.device
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The semantic channels (B, S, h, w) on the latent grid and the CLS target (B, D) of ``batch``,
+        before ``norm``; None for a part the preset lacks. ``batch`` needs only the arrays they come from
+        (cached semantics / cls, or the images of ``data.semantics=online``)."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return self._semantic_targets(self._targets(batch))
+
+    def _semantic_targets(self, targets: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        semantics = cls = None
+        if self.preset.semantic_channels:
+            semantics = upsample_semantics(targets["semantics"].float(), self.latent_size)  # (B, S, h, w)
+        if self.preset.cls_token:
+            cls = targets["cls"].float()  # (B, D)
+        return semantics, cls
 
     def _targets(self, batch) -> dict[str, torch.Tensor]:
         if self.encoder is None:

@@ -48,6 +48,7 @@ from reglue.training.metrics import MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch, process_batches
 from reglue.training.run import ResumableRun
 from reglue.training.step_noise import StepNoise
+from reglue.training.target_stats import measure_target_stats
 from reglue.transport import JointLoss
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _build_model(config: RunConfig, latent_size: int, num_classes: int, vfm_dim:
         return build_sit(
             config.model.name, input_size=latent_size, num_classes=num_classes, qk_norm=config.model.qk_norm,
             class_dropout_prob=config.model.class_dropout_prob, path=config.loss.path,
-            **preset.model_kwargs(vfm_dim=vfm_dim),
+            semantic_norm=config.loss.semantic_norm, **preset.model_kwargs(vfm_dim=vfm_dim),
             **overrides,
         ).set_attention(config.model.attention)
 
@@ -176,7 +177,7 @@ class Trainer:
         self.model.check_inputs = accelerator.device.type == "cpu"  # no host syncs on accelerators
         self.ema = copy.deepcopy(self.model).requires_grad_(False).to(accelerator.device)
         self.inputs = InputBuilder(self.preset, self.dataset, self.latent_size, num_classes,
-                                   config.data.unconditional, encoder)
+                                   config.data.unconditional, encoder, norm=self.model.semantic_norm)
         self.loss_fn = _loss(config)
         if config.train.compile:
             for block in self.model.blocks:
@@ -287,6 +288,30 @@ class Trainer:
             if config[section][name] != theirs:
                 log.warning("authors' checkpoint has %s=%r, this run uses %r", key, theirs, config[section][name])
         log.info("initialised model and EMA from %s (their step %s)", path, checkpoint.get("steps"))
+
+    def measure_semantic_norm(self) -> None:
+        """A fresh run with ``loss.semantic_norm``: measure the targets' statistics (:func:`~reglue.training.
+        target_stats.measure_target_stats`) and write them into the model, whose buffers the inputs read, and
+        the EMA; a resumed run restores them from its checkpoint instead.
+
+        After ``accelerator.prepare``: every process computes the same statistics (summed over processes),
+        and DDP broadcasts the main process's buffers at every forward besides; the EMA copies the model's
+        buffers at every update."""
+        norm = self.core.semantic_norm
+        if norm is None:
+            return
+        if norm.widths == (0, 0):
+            log.info("loss.semantic_norm: the %s preset models no semantic channels and no CLS; nothing to "
+                     "normalise", self.preset.name)
+            return
+        cfg = self.config
+        stats = measure_target_stats(self.inputs, self.dataset, self.rows, widths=norm.widths,
+                                     seed=cfg.train.seed, micro_batch=self.per_device // cfg.train.grad_accum,
+                                     num_workers=cfg.data.num_workers, device=self.acc.device)
+        for module in (norm, self.ema.semantic_norm):
+            module.set_statistics(**stats.tensors())
+        if self.acc.is_main_process:
+            log.info(stats.describe())
 
     def save(self, *, wait: bool) -> None:
         """Checkpoint this step. The processes compare parameter sums and gather their RNG states; the
@@ -667,8 +692,10 @@ def train(config: RunConfig, resume: str | None = None, stop_after_steps: int | 
         trainer.restore(payload)
         found = payload = None  # its tensors map the checkpoint file: released, a pruned file's space is freed
         log.info("resumed from %s at step %d", path, trainer.step)
-    elif config.model.init_from:
-        trainer.init_from_authors(config.model.init_from)
+    else:
+        if config.model.init_from:
+            trainer.init_from_authors(config.model.init_from)
+        trainer.measure_semantic_norm()  # loss.semantic_norm: a resumed run has them from its checkpoint
 
     def write_config() -> None:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
