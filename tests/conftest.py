@@ -109,10 +109,10 @@ def demo_data(tmp_path_factory):
             paths, ledger = DemoPaths(out), Ledger(out, settings.to_json())
             data_stages(ledger, paths, settings, progress=False)
             cache_stages(ledger, ComparePaths(out), paths.data, compare_settings(paths, settings), progress=False)
-            compared = ComparePaths(out)
-            made[kind] = compared.copy("pca" if kind == "redi" else "compressor")
+            compared, copy = ComparePaths(out), "pca" if kind == "redi" else "compressor"
+            made[kind] = compared.copy(copy)
             # where `reglue norm-stats DATA` / `train-compressor DATA` put them: online runs find them there
-            shutil.copy2(compared.norm_stats, made[kind] / compared.norm_stats.name)
+            shutil.copy2(compared.norm_stats(copy), made[kind] / "norm_stats.safetensors")
             if kind == "reglue":
                 shutil.copytree(compared.compressor, made[kind] / compared.compressor.name)
         return made[kind]

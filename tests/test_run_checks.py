@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def test_demo_config_trains_every_preset_on_demo_data(demo_data, tmp_path, capsy
     assert [row["step"] for row in rows] == [1, 2]
     assert ("lambda/sem" in rows[-1]) == (preset in SEMANTIC_PRESETS)  # only presets with a semantic term
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["vfm"]
-    assert recorded == (None if preset == "sit" else vfm_record(RANDOM_VFM))  # null resolved to the cache's VFM
+    made_with = replace(RANDOM_VFM, layers=(3,)) if preset == "redi" else RANDOM_VFM  # ReDi: the last block only
+    assert recorded == (None if preset == "sit" else vfm_record(made_with))  # null resolved to the cache's VFM
 
 
 @pytest.mark.parametrize("semantics", ["cached", "online"])
@@ -108,8 +110,8 @@ def test_online_semantics_without_a_usable_compressor_or_pca_are_refused_before_
         train(demo_config(reglue, tmp_path / "run", *FAST, f"data.compressor={narrow}", *online))
     assert not (tmp_path / "run").exists()
     low_rank = tmp_path / "rank4.safetensors"
-    PCAProjection(128, 4).save(low_rank)
-    assert_refused(redi, tmp_path / "run", r"data.pca: .* maps 128 VFM channels to 4, .* redi preset models 8",
+    PCAProjection(32, 4).save(low_rank)  # ReDi: the last of the demo VFM's blocks, 32 channels
+    assert_refused(redi, tmp_path / "run", r"data.pca: .* maps 32 VFM channels to 4, .* redi preset models 8",
                    "model.preset=redi", f"data.pca={low_rank}", *online)
     assert_refused(reglue, tmp_path / "run", r"data.norm_stats: .*absent.safetensors not found",
                    f"data.norm_stats={tmp_path / 'absent.safetensors'}",

@@ -129,9 +129,9 @@ class ComparePaths:
         """Norm stats, the compressor's folder and the PCA file, fitted on the data once."""
         return self.out / "semantics"
 
-    @property
-    def norm_stats(self) -> Path:
-        return self.semantics / "norm_stats.safetensors"
+    def norm_stats(self, kind: str) -> Path:
+        """The norm stats behind the copy ``kind``'s cache: ReDi's (``pca``) are of its own VFM blocks."""
+        return self.semantics / ("norm_stats-pca.safetensors" if kind == "pca" else "norm_stats.safetensors")
 
     @property
     def compressor(self) -> Path:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from reglue.distributed import on_main, process_state
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import VFMSpec
+from reglue.encoders.vfm import VFM_MODELS
 from reglue.errors import InputError, ReglueError
 from reglue.generate import SampleSettings, class_grid
 from reglue.io import atomic_write, write_json
@@ -80,35 +82,38 @@ def check_out_dir(out: Path, state_file: str, what: str, *, allowed: tuple[str, 
 # ----------------------------------------------------------------------------- semantic caches
 def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: CompareSettings, progress: bool) -> None:
     """The data copies, then (for presets that read the VFM) norm stats, compressor / PCA and each copy's
-    cached semantics, CLS and REPA targets. Norm stats, compressor and PCA are fitted on ``data`` once."""
+    cached semantics, CLS and REPA targets. Norm stats, compressor and PCA are fitted on ``data`` once;
+    ReDi's norm stats and PCA are of its own blocks (:func:`preset_vfm`)."""
     for kind in settings.copies:
         ledger.run(f"copy {kind}", f"link the prepared data into {paths.copy(kind)}",
                    lambda k=kind: on_main(f"linking {data} into {paths.copy(k)}",
                                           lambda: store.link_prepared(data, paths.copy(k))))
-    if not settings.uses_vfm:
+    cached = [kind for kind in settings.copies if kind != "plain"]
+    if not cached:
         return
-    spec, device = vfm_spec(settings), process_state().device
-    dtype = autocast_dtype(settings.vfm_precision, device)
+    dtype = autocast_dtype(settings.vfm_precision, process_state().device)
     paths.semantics.mkdir(parents=True, exist_ok=True)
-    ledger.run("norm-stats", "channel statistics of the VFM's layer maps",
-               lambda: run_norm_stats(data, spec, out=paths.norm_stats, num_images=settings.norm_stats_images,
-                                      autocast_dtype=dtype, show_progress=progress))
-    kinds = {get_preset(p).semantics for p in settings.presets}
-    if "compressor" in kinds:
+    for norm_stats, kind in {paths.norm_stats(kind): kind for kind in cached}.items():  # pca's, or the others'
+        ledger.run("norm-stats" + (" pca" if kind == "pca" else ""),
+                   f"channel statistics of the VFM's blocks {_blocks(settings, kind)}",
+                   lambda k=kind, n=norm_stats: run_norm_stats(
+                       data, copy_spec(settings, k), out=n, num_images=settings.norm_stats_images, autocast_dtype=dtype,
+                       show_progress=progress))
+    if "compressor" in cached:
         compressor = compressor_settings(settings)
+        stats = paths.norm_stats("compressor")
         ledger.run("compressor", f"{compressor.epochs} epochs of the semantic compressor",
-                   lambda: run_train_compressor(data, paths.norm_stats, paths.compressor, settings=compressor,
-                                                progress=progress, channels=(NormStats.load(paths.norm_stats).channels,
-                                                                             *compressor_widths(settings))))
-    if "pca" in kinds:
+                   lambda: run_train_compressor(data, stats, paths.compressor, settings=compressor, progress=progress,
+                                                channels=(NormStats.load(stats).channels, *compressor_widths(settings))))
+    if "pca" in cached:
         rank = get_preset("redi").semantic_channels
-        ledger.run("pca", f"rank-{rank} PCA of the VFM's layer maps",
-                   lambda: run_fit_pca(data, paths.norm_stats, rank=rank, out=paths.pca, num_images=settings.pca_images,
-                                       autocast_dtype=dtype, show_progress=progress))
-    for kind in (k for k in settings.copies if k != "plain"):
+        ledger.run("pca", f"rank-{rank} PCA of the VFM's blocks {_blocks(settings, 'pca')}",
+                   lambda: run_fit_pca(data, paths.norm_stats("pca"), rank=rank, out=paths.pca,
+                                       num_images=settings.pca_images, autocast_dtype=dtype, show_progress=progress))
+    for kind in cached:
         ledger.run(f"semantics {kind}", "cache semantics, CLS and REPA targets",
                    lambda k=kind: run_cache_semantics(
-                       paths.copy(k), paths.norm_stats, compressor=paths.compressor / BEST_WEIGHTS if k == "compressor"
+                       paths.copy(k), paths.norm_stats(k), compressor=paths.compressor / BEST_WEIGHTS if k == "compressor"
                        else None, pca=paths.pca if k == "pca" else None, repa_targets=_needs_repa(k, settings),
                        autocast_dtype=dtype, show_progress=progress))
 
@@ -116,6 +121,23 @@ def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Comp
 def vfm_spec(settings: CompareSettings) -> VFMSpec:
     """The compared VFM (a ``reglue train-vfm`` folder names its own architecture)."""
     return VFMSpec.from_mapping(settings.vfm)
+
+
+def copy_spec(settings: CompareSettings, kind: str) -> VFMSpec:
+    """The VFM of the copy ``kind``'s cache: ``settings.vfm``; for ReDi's (``pca``) the same network on the
+    last block only (the preset's ``semantic_layers``, as the paper's ReDi: PCA of the last layer)."""
+    spec = vfm_spec(settings)
+    if kind != "pca":
+        return spec
+    arch = replace(VFM_MODELS[spec.name], **{k: v for k, v in spec.arch.items() if k in ("embed_dim", "depth",
+                                                                                      "num_heads")})
+    blocks = spec.layers if spec.layers is not None else tuple(range(arch.depth))
+    return replace(spec, layers=tuple(blocks[-get_preset("redi").semantic_layers :]))
+
+
+def _blocks(settings: CompareSettings, kind: str) -> str:
+    layers = copy_spec(settings, kind).layers
+    return "(the last four)" if layers is None else str(list(layers))
 
 
 def compressor_settings(settings: CompareSettings) -> CompressorSettings:
