@@ -157,6 +157,12 @@ def test_settings_that_cannot_work_are_refused_before_any_file(data, tmp_path):
     with pytest.raises(ValueError, match="compressor.widths must end in 16"):
         run_compare(data, tmp_path / "b", CompareSettings(**{**TINY, "compressor": {"widths": [32, 8]}}),
                     progress=False)
+    weights = {**TINY, "vfm": {"name": "dinov2_vitb14_reg", "weights": str(tmp_path / "dinov2.pth")}}
+    with pytest.raises(ValueError, match=r"vfm.weights: .*dinov2.pth not found; give the VFM dinov2_vitb14_reg's"):
+        run_compare(data, tmp_path / "d", CompareSettings(**weights), progress=False)
+    scored = {**TINY, "eval": {**TINY["eval"], "vfm": {"name": "dinov2_vitl14", "weights": None}}}
+    with pytest.raises(ValueError, match=r"eval.vfm.weights: not set; give the evaluation space dinov2_vitl14"):
+        run_compare(data, tmp_path / "e", CompareSettings(**scored), progress=False)
     with pytest.raises(FileNotFoundError, match="not a finished reglue dataset"):
         run_compare(tmp_path / "nothing", tmp_path / "c", CompareSettings(**TINY), progress=False)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
@@ -209,3 +215,21 @@ def test_two_processes_run_every_stage_and_agree(data, tmp_path):
     assert list(results["presets"]) == ["sit", "reglue"]
     stages = [stage for stage, _ in json.loads((tmp_path / "out" / STATE_FILE).read_text())["stages"]]
     assert stages[-1] == "report" and stages.count("train reglue seed 0") == 1
+
+
+def test_the_shipped_imagenet_subset_config_resolves_and_asks_for_its_weights(data, tmp_path, capsys):
+    from reglue.compare import check_settings
+    from reglue.config import load_settings
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "compare" / "imagenet_subset_b2.yaml"
+    weights = {name: tmp_path / name for name in ("dinov2_vitb14_reg4_pretrain.pth", "dinov2_vitl14_pretrain.pth")}
+    for file in weights.values():
+        file.write_bytes(b"")
+    settings = load_settings(CompareSettings, path, [f"vfm.weights={weights['dinov2_vitb14_reg4_pretrain.pth']}",
+                                                      f"eval.vfm.weights={weights['dinov2_vitl14_pretrain.pth']}"])
+    config = check_settings(ComparePaths(tmp_path / "out"), settings)
+    assert settings.presets == ("sit", "repa", "redi", "reg", "reglue") and settings.seeds == 2
+    assert (config.model.name, config.train.global_batch, config.optim.lr) == ("SiT-B/2", 256, 1e-4)
+    assert config.eval.vfm["name"] == "dinov2_vitl14" and config.eval.every == 10_000
+    assert main(["compare", str(data), "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
+    assert "vfm.weights: not set" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -48,7 +48,10 @@ from reglue.compare.stages import (
 from reglue.config import RunConfig
 from reglue.data import store
 from reglue.distributed import on_main, process_state
+from reglue.encoders.semantics import RANDOM_WEIGHTS
+from reglue.errors import InputError
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD
+from reglue.training.evaluation import feature_spec
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,29 @@ def check_settings(paths: ComparePaths, settings: CompareSettings) -> RunConfig:
     cannot work before any file is written; returns the first run's config (the shared protocol)."""
     configs = [run_config(paths, settings, p, s) for p in settings.presets for s in settings.run_seeds]
     if settings.vfm is not None:
-        vfm_spec(settings)
+        spec = vfm_spec(settings)
+        _check_weights("vfm.weights", spec.weights, f"the VFM {spec.name}'s weights (official DINOv2 .pth, timm "
+                       ".safetensors or a `reglue train-vfm` folder): --vfm-weights PATH")
     if "compressor" in settings.copies:
         compressor_settings(settings)
         compressor_widths(settings)
+    evaluated = configs[0].eval
+    if evaluated.every and {"fd", "pr", "class_accuracy"} & set(evaluated.metrics):
+        space = feature_spec(configs[0])
+        _check_weights("eval.vfm.weights", space.weights, f"the evaluation space {space.name}'s weights "
+                       "(docs/evaluation.md): eval.vfm.weights=PATH, or leave eval.vfm out to score in the "
+                       "compared VFM's space")
+    if evaluated.every and "fid" in evaluated.metrics:
+        _check_weights("eval.inception", evaluated.inception, "the Inception-v3 weights (docs/evaluation.md)")
     return configs[0]
+
+
+def _check_weights(key: str, path: str | None, what: str) -> None:
+    """Refuse a weights setting that is unset or names no file, before hours of caching are spent."""
+    if path is None:
+        raise InputError(f"{key}: not set; give {what}.")
+    if path != RANDOM_WEIGHTS and not Path(path).exists():
+        raise InputError(f"{key}: {path} not found; give {what}.")
 
 
 def vfm_lines(settings: CompareSettings) -> list[str]:
