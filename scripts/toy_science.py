@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from reglue.compare import CompareSettings
 from reglue.compare.report import ACCURACY_KEY, difference
 from reglue.config import save_settings
 from reglue.data.prepare import PrepareSettings, run_prepare
@@ -120,13 +121,18 @@ def prepare_large_data(demo: Path, out: Path) -> Path:
     return data
 
 
-def run_arm(arm: Arm, demo: Path, out: Path, large: Path | None) -> float:
-    """``reglue compare`` with the demo's settings and the arm's changes (one thread); returns seconds."""
+def arm_settings(arm: Arm, demo: Path) -> CompareSettings:
+    """The demo's comparison settings with the arm's presets, data size and run-config change."""
     base = demo_settings(demo)
     if arm.large_data:
         base = replace(base, images_per_class=LARGE_IMAGES_PER_CLASS)
     settings = compare_settings(DemoPaths(demo), replace(base, presets=arm.presets))
-    settings = replace(settings, run=merged(settings.run, arm.run))
+    return replace(settings, run=merged(settings.run, arm.run))
+
+
+def run_arm(arm: Arm, demo: Path, out: Path, large: Path | None) -> float:
+    """``reglue compare`` with :func:`arm_settings` (one thread); returns seconds."""
+    settings = arm_settings(arm, demo)
     config = out / f"{arm.name}.yaml"
     save_settings(settings, config)
     data = large if arm.large_data else DemoPaths(demo).data

@@ -233,3 +233,39 @@ def test_the_shipped_imagenet_subset_config_resolves_and_asks_for_its_weights(da
     assert config.eval.vfm["name"] == "dinov2_vitl14" and config.eval.every == 10_000
     assert main(["compare", str(data), "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
     assert "vfm.weights: not set" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_every_experiment_arm_is_the_demo_comparison_with_its_one_change(tmp_path, monkeypatch):
+    """scripts/toy_science.py (docs/science.md): each arm resolves to valid compare settings that differ from
+    the demo's comparison only in the arm's presets, its one run-config change and (data arms) the data size."""
+    import importlib.util
+    from dataclasses import asdict
+
+    from reglue.compare import check_settings
+    from reglue.demo.settings import DemoPaths, DemoSettings
+    from reglue.demo.stages import compare_settings
+
+    spec = importlib.util.spec_from_file_location("toy_science", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "toy_science.py")
+    science = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "toy_science", science)  # its dataclasses look their module up there
+    spec.loader.exec_module(science)
+    demo = tmp_path / "demo"
+    (demo / "teacher").mkdir(parents=True)
+    (demo / "teacher" / "teacher.pth").write_bytes(b"")
+    (demo / "teacher" / "teacher.json").write_text(json.dumps(
+        {"vfm": "dinov2_vitb14_reg", "arch": {"embed_dim": 96, "depth": 4, "num_heads": 3}, "weights": "teacher.pth"}))
+    (demo / "demo.json").write_text(json.dumps({**DemoSettings(presets=("sit", "reglue")).to_json(), "stages": []}))
+    reference = asdict(compare_settings(DemoPaths(demo), DemoSettings(presets=("sit", "reglue"))))
+    for experiment in science.EXPERIMENTS:
+        assert set(experiment.presets) <= {p for arm in experiment.arms for p in science.ARMS[arm].presets}
+    for name, arm in science.ARMS.items():
+        settings = science.arm_settings(arm, demo)
+        check_settings(ComparePaths(tmp_path / name), settings)
+        changed = {key for key, value in asdict(settings).items() if value != reference[key]}
+        expected = {"presets", "run"} | ({"eval", "compressor", "norm_stats_images", "pca_images"} if arm.large_data
+                                         else set())
+        assert changed <= expected, name
+        assert science.merged(reference["run"], arm.run) == settings.run, name
+        if arm.large_data:
+            assert settings.eval["reference_images"] == 8 * science.LARGE_IMAGES_PER_CLASS
