@@ -20,7 +20,7 @@ from conftest import run_processes
 from reglue.cli import main
 from reglue.compare import CompareSettings, run_compare
 from reglue.compare.settings import ComparePaths
-from reglue.compare.stages import STATE_FILE
+from reglue.compare.stages import STATE_FILE, _link
 from reglue.data import store
 from reglue.data.prepare import PrepareSettings, run_prepare
 from reglue.data.synthetic import write_synthetic_dataset
@@ -203,6 +203,14 @@ def test_link_prepared_keeps_only_what_prepare_wrote_and_verifies(data, tmp_path
     assert not verify_dataset(open_records(copy)).damaged
     np.testing.assert_array_equal(store.open_array(copy, 1, "labels"), store.open_array(data, 1, "labels"))
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    with pytest.raises(ValueError, match="copy exists; link a prepared dataset into a new folder"):
+        store.link_prepared(data, copy)
+    # the compare stage redoes a copy its ledger does not record (interrupted): the leftovers go first
+    (copy / "half-written").write_text("")
+    (tmp_path / ".copy.tmp-123" / "shards").mkdir(parents=True)
+    _link(data, copy)
+    assert not (copy / "half-written").exists() and not (tmp_path / ".copy.tmp-123").exists()
+    assert not verify_dataset(open_records(copy)).damaged
 
 
 def test_two_processes_run_every_stage_and_agree(data, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -86,8 +87,7 @@ def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Comp
     ReDi's norm stats and PCA are of its own blocks (:func:`preset_vfm`)."""
     for kind in settings.copies:
         ledger.run(f"copy {kind}", f"link the prepared data into {paths.copy(kind)}",
-                   lambda k=kind: on_main(f"linking {data} into {paths.copy(k)}",
-                                          lambda: store.link_prepared(data, paths.copy(k))))
+                   lambda k=kind: on_main(f"linking {data} into {paths.copy(k)}", lambda: _link(data, paths.copy(k))))
     cached = [kind for kind in settings.copies if kind != "plain"]
     if not cached:
         return
@@ -116,6 +116,16 @@ def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Comp
                        paths.copy(k), paths.norm_stats(k), compressor=paths.compressor / BEST_WEIGHTS if k == "compressor"
                        else None, pca=paths.pca if k == "pca" else None, repa_targets=_needs_repa(k, settings),
                        autocast_dtype=dtype, show_progress=progress))
+
+
+def _link(data: Path, copy: Path) -> None:
+    """Link ``data`` into ``copy`` afresh: what an interrupted copy stage left there (its ledger entry is
+    missing, so no later stage used it) is this comparison's own and is removed first."""
+    for leftover in [copy, *copy.parent.glob(f".{copy.name}.tmp-*")]:
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    store.link_prepared(data, copy)
 
 
 def vfm_spec(settings: CompareSettings) -> VFMSpec:

@@ -209,8 +209,11 @@ def link_prepared(source: Path, dest: Path) -> int:
     Built in a temporary folder renamed into place; returns the number of arrays linked."""
     source, dest = Path(source), Path(dest)
     manifest = read_manifest(source)
+    if dest.exists():
+        raise InputError(f"{dest} exists; link a prepared dataset into a new folder.")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     linked = 0
     for index in range(len(manifest["shards"])):
         info = read_shard_info(source, index)
