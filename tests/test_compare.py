@@ -163,6 +163,9 @@ def test_settings_that_cannot_work_are_refused_before_any_file(data, tmp_path):
     scored = {**TINY, "eval": {**TINY["eval"], "vfm": {"name": "dinov2_vitl14", "weights": None}}}
     with pytest.raises(ValueError, match=r"eval.vfm.weights: not set; give the evaluation space dinov2_vitl14"):
         run_compare(data, tmp_path / "e", CompareSettings(**scored), progress=False)
+    with pytest.raises(ValueError, match="a comparison needs class labels"):
+        run_compare(data, tmp_path / "f", CompareSettings(**{**TINY, "run": {**RUN, "data": {"unconditional": True}}}),
+                    progress=False)
     with pytest.raises(FileNotFoundError, match="not a finished reglue dataset"):
         run_compare(tmp_path / "nothing", tmp_path / "c", CompareSettings(**TINY), progress=False)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]

@@ -73,7 +73,11 @@ def run_compare(data: str | Path, out: str | Path, settings: CompareSettings | N
     settings = CompareSettings() if settings is None else settings
     data, paths = Path(data).resolve(), ComparePaths(Path(out).resolve())
     manifest = store.read_manifest(data)
-    check_settings(paths, settings)
+    config = check_settings(paths, settings)
+    if not manifest["num_classes"] or config.data.unconditional:
+        raise InputError(f"{data}: a comparison needs class labels (its class grids and class accuracy are per "
+                         "class) and conditional runs; prepare an image folder of class folders, and leave "
+                         "run.data.unconditional out.")
     process_state()  # under torchrun / accelerate launch: the process group every stage shares
     with contextlib.ExitStack() as held:
 
@@ -90,7 +94,7 @@ def run_compare(data: str | Path, out: str | Path, settings: CompareSettings | N
                    "over training seeds. Compare these numbers with each other, not with the paper's ImageNet FIDs "
                    "unless the protocol is the paper's."),
             vfm_lines=vfm_lines(settings), data_line=data_line(data, manifest),
-            columns=list(manifest["class_names"][: settings.grid_classes]) or ["unconditional"])
+            columns=list(manifest["class_names"][: settings.grid_classes]))
         run_stages(ledger, paths, data, settings, text, progress=progress, extra={"vfm": {"lines": text.vfm_lines}})
     return CompareResult(paths.out, paths.out / "report.md", paths.out / RESULTS_FILE, dict(ledger.stages))
 
