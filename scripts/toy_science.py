@@ -56,6 +56,8 @@ class Experiment:
     question: str
     arms: tuple[str, ...]  # the first is the reference of the Welch tests
     presets: tuple[str, ...]
+    # the question's contrasts: (preset, arm) − (preset, arm), e.g. REGLUE − REG within each data size
+    contrasts: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = ()
 
 
 ARMS = {arm.name: arm for arm in (
@@ -69,13 +71,19 @@ ARMS = {arm.name: arm for arm in (
 EXPERIMENTS = (
     Experiment("semantic-norm", "Does standardising the semantic channels and the CLS token per channel (loss."
                "semantic_norm) close the gap of the presets that generate semantic channels?",
-               (DEMO_ARM, "semantic-norm"), ("sit", "redi", "reglue")),
+               (DEMO_ARM, "semantic-norm"), ("sit", "redi", "reglue"),
+               contrasts=tuple(((p, arm), ("sit", DEMO_ARM)) for p in ("redi", "reglue")
+                               for arm in (DEMO_ARM, "semantic-norm"))),
     Experiment("capacity", "Does a larger SiT (width 64 → 128, depth 4 → 6) change the ordering?",
-               (DEMO_ARM, "width-128"), ("sit", "repa", "reglue")),
+               (DEMO_ARM, "width-128"), ("sit", "repa", "reglue"),
+               contrasts=tuple(((p, arm), ("sit", arm)) for p in ("repa", "reglue") for arm in (DEMO_ARM, "width-128"))),
     Experiment("data-size", "Does REGLUE's gain over REG grow as the data shrink (160 → 40 images per class)?",
-               ("data-160", "data-40"), ("sit", "reg", "reglue")),
+               ("data-160", "data-40"), ("sit", "reg", "reglue"),
+               contrasts=tuple(((p, arm), (q, arm)) for p, q in (("reglue", "reg"), ("reglue", "sit"))
+                               for arm in ("data-160", "data-40"))),
     Experiment("lambda-sem", "Does a lower semantic loss weight λ_s (1 → 0.25) help REGLUE here?",
-               (DEMO_ARM, "lambda-sem-0.25"), ("reglue",)),
+               (DEMO_ARM, "lambda-sem-0.25"), ("reglue",),
+               contrasts=tuple((("reglue", arm), ("sit", DEMO_ARM)) for arm in (DEMO_ARM, "lambda-sem-0.25"))),
 )
 
 
@@ -185,6 +193,12 @@ def experiment_table(experiment: Experiment, demo: Path, out: Path) -> list[str]
             lines.append(f"| {preset} | {arm} | {pm(final[fd])} | {pm(final[ACCURACY_KEY])} | "
                          f"{pm(final['loss/latent'])} | {tests[0]} | {tests[1]} | "
                          f"{train_minutes(arm_dir(arm, demo, out), preset):.1f} min |")
+    if experiment.contrasts:
+        lines += ["", "| contrast | FD difference | class-accuracy difference |", "|---|---|---|"]
+        for (a, arm_a), (b, arm_b) in experiment.contrasts:
+            first, second = (results[arm]["presets"][p]["final"] for p, arm in ((a, arm_a), (b, arm_b)))
+            lines.append(f"| {a} ({arm_a}) − {b} ({arm_b}) | {welch(difference(first[fd], second[fd]))} | "
+                         f"{welch(difference(first[ACCURACY_KEY], second[ACCURACY_KEY]))} |")
     curves = out / f"{experiment.name}.png"
     runs = {f"{preset} ({arm})": [arm_dir(arm, demo, out) / "runs" / preset / f"seed-{s}"
                                   for s in seeds(results[arm])]

@@ -270,6 +270,8 @@ def test_every_experiment_arm_is_the_demo_comparison_with_its_one_change(tmp_pat
     reference = asdict(compare_settings(DemoPaths(demo), DemoSettings(presets=("sit", "reglue"))))
     for experiment in science.EXPERIMENTS:
         assert set(experiment.presets) <= {p for arm in experiment.arms for p in science.ARMS[arm].presets}
+        for pair in experiment.contrasts:  # each side is a preset its arm trains
+            assert all(arm in experiment.arms and preset in science.ARMS[arm].presets for preset, arm in pair), pair
     for name, arm in science.ARMS.items():
         settings = science.arm_settings(arm, demo)
         check_settings(ComparePaths(tmp_path / name), settings)
