@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO
 from reglue.cli import main
 from reglue.data.dataset import PreparedDataset
 from reglue.data.split import held_out_split
@@ -101,3 +105,12 @@ def test_unlabelled_or_small_data_and_mixed_forms_are_refused_in_one_line(source
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "no").exists()
+
+
+def test_probing_a_vfm_needs_no_lightly():
+    """Only the teacher needs the `teacher` extra: the VFM probe and its command import nothing of lightly."""
+    code = ("import sys; sys.modules['lightly'] = None; import reglue.metrics.vfm_probe, reglue.cli.probe_vfm; "
+            "assert 'reglue.training.teacher' not in sys.modules")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert run.returncode == 0, run.stderr

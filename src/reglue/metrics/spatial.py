@@ -1,10 +1,11 @@
 """Spatial structure of a VFM's patch tokens: LDS and CDS, iREPA's measures.
 
-Definitions: Singh et al., "What matters for representation alignment: global information or spatial
-structure?" (iREPA, arXiv 2512.10794), the section on spatial structure metrics, and their metrics module
-(``metric_lds``, ``metric_cds``). Across 27 encoders they found that these measures of a teacher's patch
-tokens, not its classification accuracy, predict the FID of the REPA-trained generator (Pearson |r| > 0.85,
-against 0.26 for linear-probe accuracy). Higher means more spatial structure.
+Definitions: Singh et al., "What matters for Representation Alignment: Global Information or Spatial
+Structure?" (iREPA, arXiv 2512.10794, 2025), its spatial-structure metrics, as their released code computes
+them (``metric_lds``, ``metric_cds``; github.com/end2end-diffusion/irepa). Across 27 encoders they found that
+these measures of a teacher's patch tokens, not its classification accuracy, predict the FID of the
+REPA-trained generator (Pearson |r| > 0.85, against 0.26 for linear-probe accuracy; project page
+end2end-diffusion.github.io/irepa). Higher means more spatial structure.
 
 Per image: its h×w patch tokens x_t (prefix tokens — CLS, registers — excluded), each L2-normalised;
 K(t, t') = ⟨x_t, x_t'⟩ their cosine similarity; d(t, t') = |Δrow| + |Δcolumn| their Manhattan distance in
