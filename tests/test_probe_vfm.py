@@ -91,6 +91,9 @@ def test_unlabelled_or_small_data_and_mixed_forms_are_refused_in_one_line(source
         path.rename(flat_only / f"{path.parent.name}-{path.name}")
     few = write_synthetic_dataset(tmp_path / "few", images_per_class=3, size=RESOLUTION, seed=0)
     out = ["--out", str(tmp_path / "no")]
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "teacher.json").write_text("{}")
     folder = ["--resolution", str(RESOLUTION)]
     cases = [
         ([str(flat_only), *RANDOM_VFM, *folder, *out], "class(es) of labels; the probes need at least two"),
@@ -99,12 +102,13 @@ def test_unlabelled_or_small_data_and_mixed_forms_are_refused_in_one_line(source
         ([str(data), *RANDOM_VFM], "needs --vfm-weights and --out"),
         ([str(tmp_path), str(data), *RANDOM_VFM, *out], "--vfm* cannot go with TEACHER"),
         ([str(data), *RANDOM_VFM, "--resolution", "128", *out], "prepared at resolution 64"),
+        ([str(data), *RANDOM_VFM, "--out", str(teacher)], "whose report.json this report would replace"),
     ]
     for argv, message in cases:
         assert main(["probe-vfm", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
-    assert not (tmp_path / "no").exists()
+    assert not (tmp_path / "no").exists() and sorted(p.name for p in teacher.iterdir()) == ["teacher.json"]
 
 
 def test_probing_a_vfm_needs_no_lightly():

@@ -35,7 +35,7 @@ from torch import nn
 from reglue.data.image_rows import Images, image_labels, open_images
 from reglue.data.split import held_out_split
 from reglue.distributed import gather_strided, process_state
-from reglue.encoders.semantics import VFMSpec
+from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.errors import InputError
 from reglue.metrics.probe import ProbeScores, VFMReport, probe_scores, write_report
 from reglue.metrics.spatial import patch_grid, spatial_scores
@@ -167,8 +167,12 @@ def probe_vfm(spec: VFMSpec, data: str | Path, out: str | Path, *, resolution: i
               device: str | torch.device = "cpu") -> VFMReport:
     """k-NN, linear probe, LDS and CDS of the VFM ``spec`` on the labelled images of ``data`` (a prepared
     dataset, or an image folder or zip cropped to ``resolution``; module doc); writes ``out/report.json`` and
-    ``out/report.md``. The data is checked before the VFM is loaded."""
+    ``out/report.md`` (a teacher folder's own report is never replaced). The data is checked before the VFM
+    is loaded."""
     _check_counts(train_images, held_out_images, max_held_out_fraction)
+    if (Path(out) / TEACHER_INFO).is_file():
+        raise InputError(f"{out} holds a `reglue train-vfm` teacher, whose report.json this report would replace; "
+                         f"pass another --out (`reglue probe-vfm {out} DATA` probes it against its untrained self).")
     images, resolution = open_images(data, resolution, command="probe-vfm")
     train_rows, held_out = held_out_split(image_labels(images), held_out_images, seed=seed,
                                           max_fraction=max_held_out_fraction)
