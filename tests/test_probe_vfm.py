@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_processes
 from reglue.cli import main
 from reglue.data.dataset import PreparedDataset
 from reglue.data.split import held_out_split
@@ -73,13 +73,19 @@ def test_a_named_vfm_gets_both_accuracies_and_its_spatial_structure_on_held_out_
     assert scores["cds"] == pytest.approx(expected.cds.double().mean().item(), abs=1e-6)
 
 
-def test_an_image_folder_gives_the_numbers_of_the_data_prepared_from_it(source, data, tmp_path):
-    """The same pixels, row for row, so the same split and scores; --seed draws another split."""
+def test_an_image_folder_and_two_processes_give_the_numbers_of_one_process_on_prepared_data(source, data, tmp_path):
+    """The same pixels, row for row, so the same split and scores; two processes embed a share each and gather
+    them; --seed draws another split."""
     reports = {}
     for name, location, extra in (("prepared", data, []), ("folder", source, ["--resolution", str(RESOLUTION)]),
                                   ("seed", data, ["--seed", "1"])):
         assert main(["probe-vfm", str(location), *RANDOM_VFM, "--out", str(tmp_path / name), *extra]) == 0
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())["scores"]
+    run_processes(["probe-vfm", str(data), *RANDOM_VFM, "--out", str(tmp_path / "two")], processes=2)
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["details"]["processes"] == 2
+    for key in ("knn", "linear", "lds", "cds"):
+        assert two["scores"][key] == pytest.approx(reports["prepared"][key], abs=1e-6), key
     assert reports["folder"] == reports["prepared"] and reports["seed"] != reports["prepared"]
 
 

@@ -37,19 +37,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "default teacher's, so its held-out images are the same ones)")
     parser.add_argument("--seed", type=int, default=None, help="with --vfm-weights: the held-out split's seed (default 0)")
     add_resolution(parser, None, "with --vfm-weights, an image folder's crop", extra=" (default 256)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available (with --vfm-weights, each "
+                        "process's own GPU under torchrun / accelerate launch), else cpu")
     add_vfm_options(parser, "with DATA alone, required: --vfm-weights (and --vfm, --vfm-arch where it is not DINOv2-B "
                     "or a teacher folder)")
 
 
 def run(args: argparse.Namespace) -> int:
+    return _teacher(args) if args.teacher else _vfm(args)
+
+
+def _teacher(args: argparse.Namespace) -> int:
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return _teacher(args, device) if args.teacher else _vfm(args, device)
-
-
-def _teacher(args: argparse.Namespace, device: str) -> int:
     from reglue.training.teacher import probe_teacher
 
     given = [flag for flag, value in (("--vfm*", any(v is not None for v in vfm_values(args).values())),
@@ -60,14 +60,16 @@ def _teacher(args: argparse.Namespace, device: str) -> int:
         raise InputError(f"{', '.join(given)} cannot go with TEACHER (its held-out split and VFM are its own); "
                          f"{MODE_FIX}.")
     report = probe_teacher(args.teacher, args.data, out=args.out, probe_train_images=args.probe_train_images,
-                           probe_held_out_images=args.probe_held_out_images, device=device)
+                           probe_held_out_images=args.probe_held_out_images,
+                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"{report.verdict}; linear probe {report.trained.linear:.3f} trained vs {report.untrained.linear:.3f} "
           f"untrained; LDS {report.trained.lds:.3f} trained vs {report.untrained.lds:.3f} untrained; report in "
           f"{args.out or args.teacher}")
     return 0
 
 
-def _vfm(args: argparse.Namespace, device: str) -> int:
+def _vfm(args: argparse.Namespace) -> int:
+    from reglue.distributed import process_state
     from reglue.encoders.semantics import VFMSpec
     from reglue.metrics.vfm_probe import probe_vfm
 
@@ -76,7 +78,8 @@ def _vfm(args: argparse.Namespace, device: str) -> int:
         raise InputError(f"probing a VFM needs --vfm-weights and --out; {MODE_FIX}.")
     caps = {"train_images": args.probe_train_images, "held_out_images": args.probe_held_out_images,
             "max_held_out_fraction": args.max_held_out_fraction, "seed": args.seed}
-    report = probe_vfm(VFMSpec.from_mapping(vfm), args.data, args.out, resolution=args.resolution, device=device,
-                       **{key: value for key, value in caps.items() if value is not None})
-    print(f"{report.headline}; report in {args.out}")
+    report = probe_vfm(VFMSpec.from_mapping(vfm), args.data, args.out, resolution=args.resolution,
+                       device=args.device, **{key: value for key, value in caps.items() if value is not None})
+    if process_state().is_main_process:
+        print(f"{report.headline}; report in {args.out}")
     return 0

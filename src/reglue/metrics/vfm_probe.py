@@ -34,7 +34,7 @@ from torch import nn
 
 from reglue.data.image_rows import Images, image_labels, open_images
 from reglue.data.split import held_out_split
-from reglue.distributed import gather_strided, process_state
+from reglue.distributed import gather_strided, on_main, process_state
 from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.errors import InputError
 from reglue.metrics.probe import ProbeScores, VFMReport, probe_scores, write_report
@@ -164,11 +164,12 @@ def _check_counts(train_images: int, held_out_images: int, max_held_out_fraction
 def probe_vfm(spec: VFMSpec, data: str | Path, out: str | Path, *, resolution: int | None = None,
               train_images: int = PROBE_TRAIN_IMAGES, held_out_images: int = PROBE_HELD_OUT_IMAGES,
               max_held_out_fraction: float = MAX_HELD_OUT_FRACTION, seed: int = 0,
-              device: str | torch.device = "cpu") -> VFMReport:
+              device: str | torch.device | None = None) -> VFMReport:
     """k-NN, linear probe, LDS and CDS of the VFM ``spec`` on the labelled images of ``data`` (a prepared
-    dataset, or an image folder or zip cropped to ``resolution``; module doc); writes ``out/report.json`` and
-    ``out/report.md`` (a teacher folder's own report is never replaced). The data is checked before the VFM
-    is loaded."""
+    dataset, or an image folder or zip cropped to ``resolution``; module doc); the main process writes
+    ``out/report.json`` and ``out/report.md`` (a teacher folder's own report is never replaced). The data is
+    checked before the VFM is loaded. ``device`` None: this process's own (its GPU under torchrun, else the
+    CPU). Every process of a run calls it and returns the report."""
     _check_counts(train_images, held_out_images, max_held_out_fraction)
     if (Path(out) / TEACHER_INFO).is_file():
         raise InputError(f"{out} holds a `reglue train-vfm` teacher, whose report.json this report would replace; "
@@ -178,19 +179,24 @@ def probe_vfm(spec: VFMSpec, data: str | Path, out: str | Path, *, resolution: i
                                           max_fraction=max_held_out_fraction)
     _check_data(images, held_out, max_held_out_fraction)
     start = time.perf_counter()
-    extractor = spec.build(resolution).to(device)
+    extractor = spec.build(resolution).to(process_state().device if device is None else device)
     features = probe_features(images, train_rows, held_out, {"vfm": extractor}, train_images=train_images,
                               held_out_images=held_out_images, seed=seed)
     name = f"{spec.name} ({spec.weights})"
     report = VFMReport(name, score(features)["vfm"], features.num_classes, len(features.train_labels),
                        len(features.held_out_labels), features.grid)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_report(out, report, title=REPORT_TITLE, details={
+    details = {
         "vfm": spec.to_json(), "data": f"{images.root}: {len(images)} images at {resolution}², "
                                        f"{images.num_classes} classes",
         "vfm input": f"{extractor.input_size}² → {extractor.grid_size}×{extractor.grid_size} patches of "
                      f"{extractor.embed_dim} channels",
         "held-out split": f"held_out_split(labels, {held_out_images}, seed={seed}, max_fraction="
                           f"{max_held_out_fraction}); probes fit on at most {train_images} other images",
-        "time": f"{time.perf_counter() - start:.1f} s", "seed": seed})
+        "time": f"{time.perf_counter() - start:.1f} s", "seed": seed, "processes": process_state().num_processes}
+    on_main(f"writing the report to {out}", lambda: _write(out, report, details))
     return report
+
+
+def _write(out: str | Path, report: VFMReport, details: dict[str, object]) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_report(out, report, title=REPORT_TITLE, details=details)
