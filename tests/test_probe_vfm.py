@@ -25,7 +25,8 @@ from reglue.metrics.spatial import patch_grid, spatial_scores
 from reglue.metrics.vfm_probe import MAX_HELD_OUT_FRACTION, PROBE_HELD_OUT_IMAGES
 
 RESOLUTION = 64
-RANDOM_VFM = ["--vfm", "dinov2_vitb14_reg", "--vfm-weights", "random", "--vfm-arch", "embed_dim=32,depth=4,num_heads=2"]
+RANDOM_VFM = ["--vfm", "dinov2_vitb14_reg", "--vfm-weights", "random", "--vfm-arch",
+              "embed_dim=32,depth=4,num_heads=2"]
 SPEC = VFMSpec("dinov2_vitb14_reg", "random", None, {"embed_dim": 32, "depth": 4, "num_heads": 2})
 
 
@@ -58,7 +59,8 @@ def test_a_named_vfm_gets_both_accuracies_and_its_spatial_structure_on_held_out_
     report = json.loads((out / "report.json").read_text())
     scores = report["scores"]
     assert all(math.isfinite(scores[key]) for key in ("knn", "linear", "lds", "cds")), scores
-    assert (report["num_classes"], report["train_images"], report["held_out_images"], report["grid"]) == (8, 48, 16, 4)
+    counts = (report["num_classes"], report["train_images"], report["held_out_images"], report["grid"])
+    assert counts == (8, 48, 16, 4)
     assert report["spatial"]["d_far"] == 2 and "2512.10794" in report["spatial"]["definition"]
     md = (out / "report.md").read_text()
     assert "| LDS | CDS |" in md and f"{scores['lds']:.3f}" in md and "untrained" not in md

@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-held-out-fraction", type=float, default=None,
                         help="with --vfm-weights: at most this share of each class is held out (default 0.25, a "
                         "default teacher's, so its held-out images are the same ones)")
-    parser.add_argument("--seed", type=int, default=None, help="with --vfm-weights: the held-out split's seed (default 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --vfm-weights: the held-out split's seed (default 0)")
     add_resolution(parser, None, "with --vfm-weights, an image folder's crop", extra=" (default 256)")
     parser.add_argument("--device", default=None, help="default: cuda if available (with --vfm-weights, each "
                         "process's own GPU under torchrun / accelerate launch), else cpu")
@@ -52,10 +53,10 @@ def _teacher(args: argparse.Namespace) -> int:
 
     from reglue.training.teacher import probe_teacher
 
-    given = [flag for flag, value in (("--vfm*", any(v is not None for v in vfm_values(args).values())),
-                                      ("--max-held-out-fraction", args.max_held_out_fraction is not None),
-                                      ("--seed", args.seed is not None), ("--resolution", args.resolution is not None))
-             if value]
+    options = {"--vfm*": any(v is not None for v in vfm_values(args).values()),
+               "--max-held-out-fraction": args.max_held_out_fraction is not None, "--seed": args.seed is not None,
+               "--resolution": args.resolution is not None}
+    given = [flag for flag, value in options.items() if value]
     if given:
         raise InputError(f"{', '.join(given)} cannot go with TEACHER (its held-out split and VFM are its own); "
                          f"{MODE_FIX}.")

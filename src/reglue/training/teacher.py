@@ -572,8 +572,8 @@ def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> N
 
 def _probe_features(images: Images, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
                     untrained: VFMExtractor, settings: TeacherSettings) -> ProbeFeatures:
-    """The probe's features of the trained and the untrained network (:func:`reglue.metrics.vfm_probe.probe_features`,
-    capped by ``settings``; every process calls this, as a collective)."""
+    """The probe's features of the trained and the untrained network, capped by ``settings``
+    (:func:`reglue.metrics.vfm_probe.probe_features`; every process calls this, as a collective)."""
     return probe_features(images, train_rows, held_out, {"trained": trained, "untrained": untrained},
                           train_images=settings.probe_train_images, held_out_images=settings.probe_held_out_images,
                           seed=settings.seed)
@@ -730,7 +730,7 @@ def train_teacher(
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # autocast: TeacherSettings.precision
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
-    images, resolution = open_images(data_dir, resolution, command="train-vfm")  # a folder's files: each checked once
+    images, resolution = open_images(data_dir, resolution, command="train-vfm")  # a folder's files: checked once
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
     train_rows, held_out = split_rows(images, settings)
