@@ -1,4 +1,4 @@
-"""The k-NN / linear probes of reglue.metrics.probe and the teacher probe's bounded subsets."""
+"""The k-NN / linear probes of reglue.metrics.probe and the bounded subsets of reglue.metrics.vfm_probe."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reglue.metrics import probe
+from reglue.metrics import probe, vfm_probe
 from reglue.training import teacher as teacher_module
 
 
@@ -90,11 +90,11 @@ def test_the_linear_probe_fits_on_the_features_device_and_agrees_with_the_cpu():
 
 def test_probe_rows_keep_all_rows_that_fit_and_a_seeded_subset_of_the_rest():
     rows = list(range(10, 1010))
-    assert teacher_module.probe_rows(rows, 1000, seed=0, part=0) is rows
-    subset = teacher_module.probe_rows(rows, 100, seed=0, part=0)
+    assert vfm_probe.probe_rows(rows, 1000, seed=0, part=0) is rows
+    subset = vfm_probe.probe_rows(rows, 100, seed=0, part=0)
     assert len(subset) == 100 and subset == sorted(subset) and set(subset) <= set(rows)
-    assert subset == teacher_module.probe_rows(rows, 100, seed=0, part=0)
-    assert subset != teacher_module.probe_rows(rows, 100, seed=0, part=1)
+    assert subset == vfm_probe.probe_rows(rows, 100, seed=0, part=0)
+    assert subset != vfm_probe.probe_rows(rows, 100, seed=0, part=1)
 
 
 def test_the_teacher_probe_extracts_features_of_at_most_its_caps_of_images(monkeypatch):
@@ -102,21 +102,25 @@ def test_the_teacher_probe_extracts_features_of_at_most_its_caps_of_images(monke
     bounded by the caps (and the k-NN's similarity blocks by KNN_CHUNK), not by the data."""
     seen: list[int] = []
 
-    def features(extractors, images, rows):  # stands in for the teacher's forward over the rows read
+    def features(extractors, images, rows, spatial=False):  # stands in for the teacher's forward over the rows read
         seen.append(len(rows))
         g = torch.Generator().manual_seed(len(rows))
         labels = torch.tensor(rows) % images.num_classes
         signal = torch.nn.functional.one_hot(labels, 16).float() * 8  # a direction per class
-        return [torch.randn(len(rows), 16, generator=g) + signal for _ in extractors], labels
+        structure = torch.full((len(rows), 2), 0.5) if spatial else None
+        return [vfm_probe.Embedded(torch.randn(len(rows), 16, generator=g) + signal, structure)
+                for _ in extractors], labels
 
-    monkeypatch.setattr(teacher_module, "_cls_features", features)
+    monkeypatch.setattr(vfm_probe, "embed", features)
     settings = teacher_module.TeacherSettings(probe_train_images=2_000, probe_held_out_images=500)
+    network = SimpleNamespace(grid_size=4)
     features = teacher_module._probe_features(SimpleNamespace(num_classes=10), list(range(900_000)),
-                                              list(range(900_000, 1_000_000)), None, None, settings)
+                                              list(range(900_000, 1_000_000)), network, network, settings)
     report = teacher_module._probe(features)
     assert seen == [2_000, 500]
     assert (report.train_images, report.held_out_images) == (2_000, 500)
     assert report.trained.knn > 0.95 and report.trained.linear > 0.95  # the stand-in features carry their label
+    assert report.trained.lds == report.trained.cds == 0.5 and report.grid == 4
 
 
 @pytest.mark.parametrize("name", ["probe_train_images", "probe_held_out_images"])
@@ -154,15 +158,16 @@ class _Images:
 def test_each_process_extracts_its_share_of_the_probe_rows(monkeypatch):
     rows = [1, 4, 5, 9, 11, 20, 21, 30, 33, 39, 2]
     images = _Images()
-    alone, labels = teacher_module._cls_features([_Rows()], images, rows)
-    assert alone[0].squeeze(1).tolist() == rows and labels.tolist() == [r % 3 for r in rows] and images.read == rows
-    monkeypatch.setattr(teacher_module, "gather_strided", lambda local, total: local)  # the share, not gathered
+    alone, labels = vfm_probe.embed([_Rows()], images, rows)
+    assert alone[0].cls.squeeze(1).tolist() == rows and alone[0].spatial is None
+    assert labels.tolist() == [r % 3 for r in rows] and images.read == rows
+    monkeypatch.setattr(vfm_probe, "gather_strided", lambda local, total: local)  # the share, not gathered
     for rank in range(3):
-        monkeypatch.setattr(teacher_module, "process_state",
+        monkeypatch.setattr(vfm_probe, "process_state",
                             lambda rank=rank: SimpleNamespace(process_index=rank, num_processes=3))
         images = _Images()
-        share, share_labels = teacher_module._cls_features([_Rows()], images, rows)
-        assert images.read == rows[rank::3] == share[0].squeeze(1).tolist()  # each image read by one process
+        share, share_labels = vfm_probe.embed([_Rows()], images, rows)
+        assert images.read == rows[rank::3] == share[0].cls.squeeze(1).tolist()  # each image read by one process
         assert share_labels.tolist() == [r % 3 for r in rows[rank::3]]
 
 

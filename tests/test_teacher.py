@@ -29,6 +29,7 @@ from conftest import run_processes
 from reglue.cli import main
 from reglue.data import source_dataset
 from reglue.data.dataset import PreparedDataset
+from reglue.data.image_rows import open_images
 from reglue.data.prepare import PrepareSettings
 from reglue.data.source_dataset import ImageSourceDataset, unreadable_files
 from reglue.data.sources import open_source
@@ -46,7 +47,6 @@ from reglue.training.teacher import (
     WEIGHTS_FILE,
     SelfDistillation,
     TeacherSettings,
-    open_training_images,
     split_rows,
     teacher_spec,
     train_teacher,
@@ -147,15 +147,20 @@ def test_a_teacher_folder_names_its_own_vfm_and_architecture(learned, data, tmp_
 
 
 def test_probe_vfm_runs_a_finished_teachers_probe_again(learned, data, tmp_path, capsys):
-    import json
-
-    from reglue.metrics.probe import ProbeReport
+    from reglue.metrics.probe import ProbeReport, ProbeScores
     from reglue.training.teacher import probe_teacher
 
     again = tmp_path / "again"
     assert main(["probe-vfm", str(learned.out_dir), str(data), "--out", str(again)]) == 0
-    assert "PASSED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "LDS" in out
     assert ProbeReport.from_json(json.loads((again / "report.json").read_text())) == learned.report  # the same split
+    report = learned.report
+    assert report.grid == 4 and "| LDS | CDS |" in (again / "report.md").read_text()
+    assert all(isinstance(s.lds, float) and isinstance(s.cds, float) for s in (report.trained, report.untrained))
+    # the folder as any VFM: a default teacher holds out the rows `probe-vfm DATA` holds out, so the same scores
+    assert main(["probe-vfm", str(data), "--vfm-weights", str(learned.out_dir), "--out", str(tmp_path / "vfm")]) == 0
+    assert ProbeScores(**json.loads((tmp_path / "vfm" / "report.json").read_text())["scores"]) == report.trained
     capped = probe_teacher(learned.out_dir, data, out=tmp_path / "capped", probe_train_images=50,
                            probe_held_out_images=20)
     assert (capped.train_images, capped.held_out_images) == (50, 20)
@@ -468,9 +473,10 @@ def test_the_resolution_of_prepared_data_is_fixed_and_a_folder_defaults_to_prepa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prepared at resolution 64" in err and "fixed" in err
     assert f"reglue train-vfm {source.resolve()} --resolution 128" in err and not out.exists()
-    assert open_training_images(data, RESOLUTION)[1] == open_training_images(data)[1] == RESOLUTION
+    opened = [open_images(data, resolution, command="train-vfm")[1] for resolution in (RESOLUTION, None)]
+    assert opened == [RESOLUTION, RESOLUTION]
 
-    images, resolution = open_training_images(source)  # no --resolution: prepare's default
+    images, resolution = open_images(source, command="train-vfm")  # no --resolution: prepare's default
     assert resolution == images.resolution == PrepareSettings(source="a").resolution == 256
     assert images[0]["images"].shape == (3, 256, 256)
     with pytest.raises(SystemExit):  # argparse: a usage error naming the supported sides

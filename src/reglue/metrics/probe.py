@@ -19,10 +19,12 @@ are (N, D) float tensors (e.g. a ViT's final-normed CLS token), labels (N,) int6
   :class:`LinearProbe` (saved and loaded as ``.npz``: the training evaluation caches one per
   feature space); :func:`linear_probe_accuracy` fits one and scores the held-out features.
 
+:class:`ProbeScores` holds one backbone's two accuracies and, beside them, the spatial structure of
+its patch tokens on the same held-out images (LDS and CDS, :mod:`reglue.metrics.spatial`).
 :class:`ProbeReport` compares a trained backbone with the same architecture untrained (same
 initialisation) and gives the verdict: PASSED when the trained k-NN accuracy beats the untrained
-one by at least ``margin`` (:data:`PASS_MARGIN`, 0.05 absolute), else FAILED.
-:func:`write_report` writes it as ``report.json`` and ``report.md``.
+one by at least ``margin`` (:data:`PASS_MARGIN`, 0.05 absolute), else FAILED; :class:`VFMReport`
+holds one VFM's scores alone. :func:`write_report` writes either as ``report.json`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 from reglue.errors import InputError
 from reglue.io import atomic_write, write_json
+from reglue.metrics.spatial import decay_distance, far_distance
 from reglue.seeding import LINEAR_PROBE_STREAM, seeded_generator
 
 KNN_K = 20
@@ -184,10 +187,13 @@ def linear_probe_accuracy(
 
 @dataclass(frozen=True)
 class ProbeScores:
-    """Held-out accuracies of one backbone's features."""
+    """Held-out accuracies of one backbone's CLS features, and the mean LDS / CDS of its patch tokens on the
+    same images (None in reports of versions without them)."""
 
     knn: float
     linear: float
+    lds: float | None = None
+    cds: float | None = None
 
 
 def probe_scores(
@@ -200,9 +206,25 @@ def probe_scores(
                        linear=linear_probe_accuracy(*args, num_classes=num_classes))
 
 
+def _methods(grid: int | None) -> dict:
+    """How the numbers were made, for report.json."""
+    methods = {"knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE, "votes": "exp(cosine / T), summed per class"},
+               "linear": {"steps": LINEAR_STEPS, "batch": LINEAR_BATCH, "lr": LINEAR_LR,
+                          "weight_decay": LINEAR_WEIGHT_DECAY,
+                          "optimizer": "minibatch Adam, cosine schedule, zero init, float32"}}
+    if grid is not None:
+        methods["spatial"] = {
+            "grid": grid, "d_far": far_distance(grid), "d_max": decay_distance(grid),
+            "definition": "iREPA (arXiv 2512.10794): LDS = mean cosine of 4-neighbour patch tokens - mean cosine at "
+                          "Manhattan distance >= d_far; CDS = -slope of mean cosine vs distance (in 1/16 of the "
+                          "image side) over d = 1..d_max; means over the held-out images"}
+    return methods
+
+
 @dataclass(frozen=True)
 class ProbeReport:
-    """A trained backbone's probe scores next to the untrained one's, and the verdict."""
+    """A trained backbone's probe scores next to the untrained one's, and the verdict; ``grid`` is the side
+    of the patch grid LDS / CDS were measured on (None in reports of versions without them)."""
 
     trained: ProbeScores
     untrained: ProbeScores
@@ -210,6 +232,7 @@ class ProbeReport:
     train_images: int
     held_out_images: int
     margin: float = PASS_MARGIN
+    grid: int | None = None
 
     @property
     def knn_gain(self) -> float:
@@ -226,35 +249,79 @@ class ProbeReport:
         return (f"{word}: k-NN accuracy {self.trained.knn:.3f} trained vs {self.untrained.knn:.3f} untrained "
                 f"({self.knn_gain:+.3f}; a pass needs at least +{self.margin:.2f})")
 
+    @property
+    def headline(self) -> str:
+        """report.md's first line: the verdict."""
+        return self.verdict
+
+    @property
+    def rows(self) -> dict[str, ProbeScores]:
+        return {"trained": self.trained, "untrained (same init)": self.untrained}
+
     @classmethod
     def from_json(cls, raw: Mapping) -> ProbeReport:
         """The report :meth:`to_json` wrote (extra keys ignored)."""
         return cls(ProbeScores(**raw["trained"]), ProbeScores(**raw["untrained"]), raw["num_classes"],
-                   raw["train_images"], raw["held_out_images"], raw["margin"])
+                   raw["train_images"], raw["held_out_images"], raw["margin"], raw.get("grid"))
 
     def to_json(self) -> dict:
         return {**asdict(self), "knn_gain": self.knn_gain, "passed": self.passed, "verdict": self.verdict,
-                "knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE, "votes": "exp(cosine / T), summed per class"},
-                "linear": {"steps": LINEAR_STEPS, "batch": LINEAR_BATCH, "lr": LINEAR_LR,
-                           "weight_decay": LINEAR_WEIGHT_DECAY,
-                           "optimizer": "minibatch Adam, cosine schedule, zero init, float32"}}
+                **_methods(self.grid)}
 
 
-def write_report(out_dir: str | Path, report: ProbeReport, *, title: str, details: Mapping[str, object]) -> Path:
+@dataclass(frozen=True)
+class VFMReport:
+    """One VFM's probe scores (``reglue probe-vfm DATA --vfm-weights ...``): no verdict, numbers to rank by."""
+
+    vfm: str  # the VFM as the report names it: registry name and weights
+    scores: ProbeScores
+    num_classes: int
+    train_images: int
+    held_out_images: int
+    grid: int
+
+    @property
+    def headline(self) -> str:
+        """One line: the four numbers and what they were measured on."""
+        s = self.scores
+        return (f"{self.vfm}: k-NN {s.knn:.3f}, linear probe {s.linear:.3f} ({self.num_classes} classes, chance "
+                f"{1 / self.num_classes:.3f}); LDS {s.lds:.3f}, CDS {s.cds:.3f} ({self.grid}×{self.grid} patches); "
+                f"{self.held_out_images} held-out images")
+
+    @property
+    def rows(self) -> dict[str, ProbeScores]:
+        return {self.vfm: self.scores}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "headline": self.headline, **_methods(self.grid)}
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def write_report(out_dir: str | Path, report: ProbeReport | VFMReport, *, title: str,
+                 details: Mapping[str, object]) -> Path:
     """``out_dir/report.json`` (the report and ``details``) and ``out_dir/report.md``; returns the .md path."""
     out_dir = Path(out_dir)
     write_json(out_dir / REPORT_JSON, {**report.to_json(), "details": dict(details)})
     chance = 1 / report.num_classes
+    grid = report.grid
+    spatial = "" if grid is None else (
+        f" LDS / CDS (iREPA, arXiv 2512.10794; higher = more spatial structure): the held-out images' {grid}×{grid} "
+        f"final-normed patch tokens, mean cosine of 4-neighbours minus that of pairs at Manhattan distance ≥ "
+        f"{far_distance(grid)}; minus the slope of mean cosine against distance (in sixteenths of the image side) "
+        f"over distances 1 to {decay_distance(grid)} (reglue.metrics.spatial).")
     lines = [
-        f"# {title}", "", f"**{report.verdict}**", "",
+        f"# {title}", "", f"**{report.headline}**", "",
         (f"Held-out accuracy on {report.held_out_images} images ({report.num_classes} classes, chance "
          f"{chance:.3f}); the probes fit on {report.train_images} training images' CLS features."), "",
-        "| backbone | k-NN | linear probe |", "|---|---|---|",
-        f"| trained | {report.trained.knn:.3f} | {report.trained.linear:.3f} |",
-        f"| untrained (same init) | {report.untrained.knn:.3f} | {report.untrained.linear:.3f} |", "",
+        "| backbone | k-NN | linear probe | LDS | CDS |", "|---|---|---|---|---|",
+        *(f"| {name} | {scores.knn:.3f} | {scores.linear:.3f} | {_number(scores.lds)} | {_number(scores.cds)} |"
+          for name, scores in report.rows.items()), "",
         (f"k-NN: k = {KNN_K}, cosine similarity, votes weighted exp(sim / {KNN_TEMPERATURE}) (DINO). Linear probe: "
          f"logistic regression on standardised features, {LINEAR_STEPS} Adam steps of {LINEAR_BATCH} images "
-         f"(lr {LINEAR_LR}, cosine), L2 {LINEAR_WEIGHT_DECAY}."), "",
+         f"(lr {LINEAR_LR}, cosine), L2 {LINEAR_WEIGHT_DECAY}.{spatial}"), "",
         "| detail | value |", "|---|---|",
         *(f"| {key} | {value} |" for key, value in details.items()), "",
     ]

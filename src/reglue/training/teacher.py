@@ -1,7 +1,7 @@
 """Training a DINOv2-with-registers teacher from scratch, self-supervised (``reglue train-vfm``).
 
 The images come from a ``reglue prepare`` directory or straight from an image folder or ``.zip``
-(:func:`open_training_images`; :class:`reglue.data.source_dataset.ImageSourceDataset` crops them on
+(:func:`reglue.data.image_rows.open_images`; :class:`reglue.data.source_dataset.ImageSourceDataset` crops them on
 access exactly as prepare does, so both give the same pixels and the same teacher).
 
 The backbone is :class:`reglue.encoders.vfm.DINOv2ViT` (patch 14, 4 registers, the official
@@ -50,11 +50,12 @@ Files in ``out_dir`` (written by the main process):
 - ``metrics.jsonl`` (+ ``tensorboard/`` when asked): the loss terms, lr, momentum and teacher
   temperature of every step; ``loss_curves.png`` drawn from it;
 - ``report.json`` / ``report.md``: k-NN and linear-probe accuracy of the teacher's CLS features on
-  held-out images against the same network untrained, and the PASSED/FAILED verdict
-  (:mod:`reglue.metrics.probe`). The held-out images are never trained on: a class-balanced, seeded
+  held-out images and the spatial structure (LDS, CDS) of its patch tokens on the same images, against
+  the same network untrained, and the PASSED/FAILED verdict (:mod:`reglue.metrics.probe`,
+  :mod:`reglue.metrics.vfm_probe`). The held-out images are never trained on: a class-balanced, seeded
   set of ``probe_held_out_images`` (10,000), at most ``max_held_out_fraction`` (a quarter) of each
   class (:func:`split_rows`, :mod:`reglue.data.split`); every other image is trained on. Every
-  process extracts the CLS features of its share of the probe's images; the main process fits and
+  process extracts the features of its share of the probe's images; the main process fits and
   scores the probes on the gathered features.
 
 Resuming refuses other settings (:func:`reglue.settings.check_same_settings`; only
@@ -77,23 +78,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 
 from reglue.data import store
-from reglue.data.dataset import PreparedDataset, ignore_stop_signals
+from reglue.data.dataset import ignore_stop_signals
+from reglue.data.image_rows import Images, image_labels, open_images
 from reglue.data.source_dataset import ImageSourceDataset
 from reglue.data.split import held_out_split
-from reglue.distributed import (
-    gather_strided,
-    main_process_log,
-    on_cpu_only,
-    on_main,
-    process_state,
-)
+from reglue.distributed import main_process_log, on_cpu_only, on_main, process_state
 from reglue.encoders.semantics import TEACHER_INFO, VFMSpec
 from reglue.encoders.vfm import (
     VFM_MODELS,
@@ -105,11 +100,18 @@ from reglue.encoders.vfm import (
 )
 from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
-from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, probe_scores, write_report
+from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, write_report
+from reglue.metrics.vfm_probe import (
+    MAX_HELD_OUT_FRACTION,
+    PROBE_HELD_OUT_IMAGES,
+    PROBE_TRAIN_IMAGES,
+    ProbeFeatures,
+    probe_features,
+    score,
+)
 from reglue.precision import AUTO, autocast_dtype
 from reglue.precision import check as check_precision
-from reglue.resolution import DEFAULT_RESOLUTION
-from reglue.seeding import PROBE_STREAM, STEP_STREAM, seeded_generator
+from reglue.seeding import STEP_STREAM, seeded_generator
 from reglue.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from reglue.training.order import per_process_batch
 from reglue.training.plot import PLOT_FILE, plot_run
@@ -136,12 +138,9 @@ FREE_SETTINGS = ("settings.checkpoint_every", "settings.num_workers", "settings.
 PATCH = 14
 TEACHER_PRECISIONS = ("fp32", "bf16", AUTO)
 LR_SCALING = (None, "sqrt_wrt_1024", "linear_wrt_1024")  # DINOv2's scaling rules (optim.scaling_rule)
-PROBE_BATCH = 64
 REPORT_TITLE = "DINOv2 teacher trained by reglue train-vfm"  # of report.md, by train-vfm and probe-vfm
 _RUN_FILES = (WEIGHTS_FILE, INFO_FILE, TRAIN_STATE, METRICS_FILE, PLOT_FILE, REPORT_JSON, REPORT_MD, SKIPPED_FILE)
 SHOWN_SKIPS = 3  # skipped files named in the log line (all of them are in skipped.tsv)
-
-TeacherImages = PreparedDataset | ImageSourceDataset  # item i → {"images": uint8 (3, R, R), "label": int64}
 
 _logger = logging.getLogger(__name__)
 
@@ -187,9 +186,9 @@ class TeacherSettings:
     local_crop_scale: tuple[float, float] = (0.25, 0.6)  # (0.05, 0.32)
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     probe: bool = True  # hold out labelled images and report k-NN / linear-probe accuracy
-    probe_train_images: int = 50_000  # the probe fits on at most this many training images (a seeded subset)
-    probe_held_out_images: int = 10_000  # held out (class-balanced, never trained on) and scored
-    max_held_out_fraction: float = 0.25  # the cap on small data: at most this share of each class is held out
+    probe_train_images: int = PROBE_TRAIN_IMAGES  # the probe fits on at most this many training images (a subset)
+    probe_held_out_images: int = PROBE_HELD_OUT_IMAGES  # held out (class-balanced, never trained on) and scored
+    max_held_out_fraction: float = MAX_HELD_OUT_FRACTION  # on small data: at most this share of each class held out
     seed: int = 0
     checkpoint_every: int = 50
     num_workers: int = 0
@@ -411,21 +410,14 @@ def _view_major(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return tuple(batch[key].transpose(0, 1).flatten(0, 1) for key in ("global", "masks", "local"))
 
 
-def split_rows(images: TeacherImages, settings: TeacherSettings) -> tuple[list[int], list[int]]:
+def split_rows(images: Images, settings: TeacherSettings) -> tuple[list[int], list[int]]:
     """(training rows, held-out rows), each sorted. With the probe: ``probe_held_out_images`` rows held out,
     class-balanced and drawn from (seed, SPLIT_STREAM), at most ``max_held_out_fraction`` of each class
     (:func:`reglue.data.split.held_out_split`); without: every row is trained on."""
     if not settings.probe:
         return list(range(len(images))), []
-    return held_out_split(_labels(images), settings.probe_held_out_images, seed=settings.seed,
+    return held_out_split(image_labels(images), settings.probe_held_out_images, seed=settings.seed,
                           max_fraction=settings.max_held_out_fraction)
-
-
-def _labels(images: TeacherImages) -> torch.Tensor:
-    """(N,) int64: every row's label (−1 unlabelled), read without decoding an image."""
-    if isinstance(images, ImageSourceDataset):
-        return torch.tensor([item.label for item in images.items], dtype=torch.int64)
-    return PreparedDataset(images.root, fields=()).read_batch(range(len(images)))["label"]
 
 
 # --------------------------------------------------------------------------------------
@@ -578,73 +570,20 @@ def save_teacher_weights(path: Path, backbone: MaskedVisionTransformerTIMM) -> N
         torch.save(official, tmp)
 
 
-@torch.no_grad()
-def _cls_features(extractors: list[VFMExtractor], images: Dataset, rows: list[int]
-                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each extractor's (len(rows), D) final-normed CLS features of the uint8 images at ``rows`` and
-    their (len(rows),) int64 labels, on the extractors' device. Every process reads and embeds its share
-    (``rows[rank::world]``) in batches of PROBE_BATCH, each image once; the shares are then gathered
-    (:func:`reglue.distributed.gather_strided`), so every process returns all rows, in ``rows``' order."""
-    device = next(extractors[0].parameters()).device
-    state = process_state()
-    mine = rows[state.process_index::state.num_processes]
-    chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
-    labels = []
-    for start in range(0, len(mine), PROBE_BATCH):
-        items = [images[i] for i in mine[start : start + PROBE_BATCH]]
-        batch = torch.stack([item["images"] for item in items]).to(device)  # (b, 3, R, R)
-        labels += [int(item["label"]) for item in items]
-        for extractor, found in zip(extractors, chunks, strict=True):
-            found.append(extractor(batch).cls)
-    local = [torch.cat(found) if found else torch.empty(0, extractor.embed_dim, device=device)
-             for found, extractor in zip(chunks, extractors, strict=True)]
-    labels = torch.tensor(labels, dtype=torch.int64, device=device)
-    return ([gather_strided(features, len(rows)) for features in local],
-            gather_strided(labels, len(rows)))
-
-
-def probe_rows(rows: list[int], cap: int, seed: int, part: int) -> list[int]:
-    """At most ``cap`` of ``rows``: all of them when they fit, else a subset drawn from (seed, PROBE_STREAM,
-    part), in row order. It bounds the probe's features and similarity blocks whatever the data's size."""
-    if len(rows) <= cap:
-        return rows
-    picked = torch.randperm(len(rows), generator=seeded_generator(seed, PROBE_STREAM, part))[:cap]
-    return sorted(rows[i] for i in picked.tolist())
-
-
-@dataclass(frozen=True)
-class ProbeFeatures:
-    """The probe's inputs: per backbone ("trained", "untrained") the (N, D) training and (M, D) held-out
-    CLS features, and their labels (N,) and (M,)."""
-
-    train: dict[str, torch.Tensor]
-    held_out: dict[str, torch.Tensor]
-    train_labels: torch.Tensor
-    held_out_labels: torch.Tensor
-    num_classes: int
-
-
-def _probe_features(images: TeacherImages, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
+def _probe_features(images: Images, train_rows: list[int], held_out: list[int], trained: VFMExtractor,
                     untrained: VFMExtractor, settings: TeacherSettings) -> ProbeFeatures:
-    """The CLS features of (at most ``settings.probe_held_out_images`` of) the held-out rows and of at most
-    ``settings.probe_train_images`` training rows, trained and untrained: features are extracted for those
-    rows only, each process its share (every process calls this, as a collective)."""
-    train_rows = probe_rows(train_rows, settings.probe_train_images, settings.seed, part=0)
-    held_out = probe_rows(held_out, settings.probe_held_out_images, settings.seed, part=1)
-    names, extractors = ("trained", "untrained"), [trained, untrained]
-    train_features, train_labels = _cls_features(extractors, images, train_rows)
-    held_features, held_labels = _cls_features(extractors, images, held_out)
-    return ProbeFeatures(dict(zip(names, train_features, strict=True)), dict(zip(names, held_features, strict=True)),
-                         train_labels, held_labels, images.num_classes)
+    """The probe's features of the trained and the untrained network, capped by ``settings``
+    (:func:`reglue.metrics.vfm_probe.probe_features`; every process calls this, as a collective)."""
+    return probe_features(images, train_rows, held_out, {"trained": trained, "untrained": untrained},
+                          train_images=settings.probe_train_images, held_out_images=settings.probe_held_out_images,
+                          seed=settings.seed)
 
 
 def _probe(features: ProbeFeatures) -> ProbeReport:
-    """k-NN / linear-probe accuracy of the trained and untrained CLS features (on their device)."""
-    scores = {name: probe_scores(features.train[name], features.train_labels, features.held_out[name],
-                                 features.held_out_labels, num_classes=features.num_classes)
-              for name in features.train}
+    """k-NN / linear-probe accuracy and LDS / CDS of the trained and untrained networks (on their device)."""
+    scores = score(features)
     return ProbeReport(scores["trained"], scores["untrained"], features.num_classes, len(features.train_labels),
-                       len(features.held_out_labels))
+                       len(features.held_out_labels), grid=features.grid)
 
 
 def _untrained_extractor(settings: TeacherSettings, resolution: int) -> VFMExtractor:
@@ -676,7 +615,7 @@ def _report_details(config: dict, train_seconds: float, steps: int, global_side:
 # --------------------------------------------------------------------------------------
 
 
-def _check_data(images: TeacherImages, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
+def _check_data(images: Images, train_rows: list[int], held_out: list[int], settings: TeacherSettings,
                 num_processes: int) -> None:
     if settings.probe and images.num_classes < 2:
         raise InputError(
@@ -730,7 +669,7 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
     trained_with = TeacherSettings(**{f.name: recorded[f.name] for f in fields(TeacherSettings) if f.name in recorded})
     caps = {"probe_train_images": probe_train_images, "probe_held_out_images": probe_held_out_images}
     settings = replace(trained_with, **{k: v for k, v in caps.items() if v is not None})
-    images, resolution = open_training_images(data, info["resolution"])
+    images, resolution = open_images(data, info["resolution"], command="train-vfm")
     trained_on = {key: info["config"]["data"].get(key) for key in ("images", "source_files", "source_sha256")}
     found = {"images": len(images), **_source_record(images)}
     if found != trained_on:
@@ -752,34 +691,7 @@ def probe_teacher(out_dir: str | Path, data: str | Path, *, out: str | Path | No
     return report
 
 
-def open_training_images(data: str | Path, resolution: int | None = None) -> tuple[TeacherImages, int]:
-    """The teacher's images and their side R.
-
-    ``data``: a ``reglue prepare`` directory, whose resolution is fixed (``resolution``, when given,
-    must equal it), or an image folder or ``.zip`` (class sub-folders give labels, a flat one is
-    unlabelled), cropped to ``resolution`` on access (default DEFAULT_RESOLUTION, prepare's own);
-    its unreadable files are left out when it is opened (:class:`ImageSourceDataset`): each process
-    decodes its share of the files and the unreadable ones are gathered, so every file is decoded once
-    per run, not once per process, and every process gets the same rows. Every process must call it.
-    """
-    data = Path(data)
-    if not (data / store.MANIFEST).is_file() and not (data / store.SETTINGS).is_file():
-        resolution = DEFAULT_RESOLUTION if resolution is None else resolution
-        state = process_state()
-        return ImageSourceDataset(data, resolution, rank=state.process_index, world_size=state.num_processes,
-                                  gather=gather_object), resolution
-    images = PreparedDataset(data, fields=("images",))  # an unfinished one: its error says how to finish it
-    prepared = images.manifest["resolution"]
-    if resolution is not None and resolution != prepared:
-        raise InputError(
-            f"{data} was prepared at resolution {prepared}, and a prepared dataset's resolution is fixed; leave out "
-            f"--resolution to train at {prepared}, or train on its source images at {resolution}: `reglue train-vfm "
-            f"{images.manifest['source']} --resolution {resolution} --out ...`."
-        )
-    return images, prepared
-
-
-def _source_record(images: TeacherImages) -> dict:
+def _source_record(images: Images) -> dict:
     """Which source files the images come from (``source_files``, ``source_sha256``), the same for an image
     folder and the dataset prepared from it, so a resume over other files of the same count is refused."""
     if isinstance(images, ImageSourceDataset):
@@ -808,7 +720,7 @@ def train_teacher(
     log: Callable[[str], object] = _logger.info,
 ) -> TeacherResult:
     """Train a DINOv2-with-registers teacher on a ``reglue prepare`` directory or an image folder or zip
-    (see the module doc; ``resolution`` as in :func:`open_training_images`).
+    (see the module doc; ``resolution`` as in :func:`reglue.data.image_rows.open_images`).
 
     ``resume`` continues from ``out_dir/train_state.pt`` or returns a finished run unchanged (other
     settings are refused); ``resume=False`` deletes this run's files in ``out_dir`` and starts over.
@@ -818,7 +730,7 @@ def train_teacher(
     accelerator = Accelerator(mixed_precision="no", cpu=on_cpu_only())  # autocast: TeacherSettings.precision
     per_process_batch(settings.global_batch, accelerator.num_processes)
     log = main_process_log(log, accelerator.is_main_process)
-    images, resolution = open_training_images(data_dir, resolution)  # a folder's files: each checked once
+    images, resolution = open_images(data_dir, resolution, command="train-vfm")  # a folder's files: checked once
     if isinstance(images, ImageSourceDataset):
         log(_describe_source(images))
     train_rows, held_out = split_rows(images, settings)
