@@ -199,12 +199,34 @@ def experiment_table(experiment: Experiment, demo: Path, out: Path) -> list[str]
             first, second = (results[arm]["presets"][p]["final"] for p, arm in ((a, arm_a), (b, arm_b)))
             lines.append(f"| {a} ({arm_a}) − {b} ({arm_b}) | {welch(difference(first[fd], second[fd]))} | "
                          f"{welch(difference(first[ACCURACY_KEY], second[ACCURACY_KEY]))} |")
+    lines += ["", *curve_table(experiment, results, fd)]
     curves = out / f"{experiment.name}.png"
     runs = {f"{preset} ({arm})": [arm_dir(arm, demo, out) / "runs" / preset / f"seed-{s}"
                                   for s in seeds(results[arm])]
             for preset in experiment.presets for arm in experiment.arms if preset in results[arm]["presets"]}
     plot_seed_bands(runs, curves, keys=[fd, ACCURACY_KEY], title=f"{experiment.name}: mean ± 1 std over seeds")
     return [*lines, "", f"![{experiment.name}]({curves.name})", ""]
+
+
+def curve_table(experiment: Experiment, results: dict, fd: str) -> list[str]:
+    """The curves as numbers: per preset and arm, the mean over seeds of FD and class accuracy at every
+    evaluated step (the PNG beside the tables draws them with their ± 1 std bands)."""
+    first = results[experiment.arms[0]]["presets"][experiment.presets[0]]["runs"]
+    steps = sorted(next(iter(first.values()))["series"][fd], key=int)
+    lines = ["| preset | arm | " + " | ".join(f"step {int(s):,}" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for preset in experiment.presets:
+        for arm in experiment.arms:
+            entry = results[arm]["presets"].get(preset)
+            if entry is None:
+                continue
+            cells = []
+            for step in steps:
+                fds = [run["series"][fd][step] for run in entry["runs"].values()]
+                accuracies = [run["series"][ACCURACY_KEY][step] for run in entry["runs"].values()]
+                cells.append(f"{sum(fds) / len(fds):.3g} / {sum(accuracies) / len(accuracies):.2f}")
+            lines.append(f"| {preset} | {arm} | " + " | ".join(cells) + " |")
+    return ["FD / class accuracy during training (mean over seeds):", "", *lines]
 
 
 def seeds(results: dict) -> list[str]:
