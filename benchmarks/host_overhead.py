@@ -105,6 +105,7 @@ class StubSiT(nn.Module):
         self.config = config
         self.in_channels, self.num_classes, self.use_cls_token = config.in_channels, config.num_classes, True
         self.check_inputs = False
+        self.semantic_norm = None  # loss.semantic_norm off: the targets go in as they are (the trainer reads it)
         self.tokens = 1 + (config.input_size // config.patch_size) ** 2
         self.scale = nn.Parameter(torch.ones(()))
 
