@@ -117,25 +117,25 @@ def load_vfm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], wha
 
 
 def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """What architecture the weights describe, to pick the matching builder arguments."""
+    """What architecture the weights describe, to pick the matching registered model(s)."""
     proj = state_dict.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4:
         return "The weights have no patch_embed.proj.weight; are they a ViT backbone?"
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     width, registers = proj.shape[0], state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
-    found = (width, depth, registers, proj.shape[-1])
-    registered = [
-        name for name, arch in VFM_MODELS.items()
-        if (arch.embed_dim, arch.depth, arch.num_register_tokens, VFM_FAMILIES[arch.family].patch_size)
-        == found
-    ]
+    class_token = "cls_token" in state_dict
+    found = (width, depth, registers, proj.shape[-1], class_token)
+    registered = [name for name, arch in VFM_MODELS.items() if found == (
+        arch.embed_dim, arch.depth, arch.num_register_tokens, VFM_FAMILIES[arch.family].patch_size,
+        VFM_FAMILIES[arch.family].global_pool == "token")]
     build = (
-        f"build_vfm('{registered[0]}', ...), --vfm {registered[0]}" if registered
+        f"build_vfm('{registered[0]}', ...), --vfm {' or --vfm '.join(registered)}" if registered
         else f"a registered name with embed_dim={width}, depth={depth} (--vfm-arch for small models)"
     )
     return (
         f"They describe a ViT of width {width}, patch {proj.shape[-1]}, {depth} blocks, {registers} register "
-        f"tokens; build that model ({build}) or pass the weights made for this one."
+        f"tokens, {'a' if class_token else 'no'} class token; build that model ({build}) or pass the weights made "
+        "for this one."
     )
 
 
