@@ -61,6 +61,7 @@ as ``"timm/vit_base_patch14_reg4_dinov2.lvd142m"`` fails at once, saying where t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -287,8 +288,9 @@ class VFMExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> VFMFeatures:
         """uint8 images (B, 3, res, res) → local (B, L·D, h, w), cls (B, D), repa (B, 1+h·w, D)."""
         x = self.preprocess(images).to(self.vit.patch_embed.proj.weight.dtype)
-        autocast = self.autocast_dtype is not None
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=autocast):
+        autocast = contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
+            x.device.type, dtype=self.autocast_dtype)  # none asked: nothing entered (a meta device has no autocast)
+        with autocast:
             tokens, per_block = self.vit.forward_intermediates(
                 x, indices=list(self.layers), norm=True, output_fmt="NCHW"
             )  # tokens (B, P + h·w, D) after the final norm, P prefix tokens; per_block L × (B, D, h, w)
