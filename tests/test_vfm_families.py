@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from timm.layers import QuickGELU
 from torch import nn
 
+from conftest import REPO
 from reglue.cli import main
 from reglue.data.prepare import PrepareSettings, run_prepare
 from reglue.data.synthetic import write_synthetic_dataset
@@ -29,6 +30,7 @@ from reglue.pipeline import run_cache_semantics, run_norm_stats, run_train_compr
 from reglue.resolution import RESOLUTIONS
 from reglue.training.compressor import BEST_WEIGHTS, CompressorSettings
 from reglue.training.metrics import read_metrics
+from test_benchmarks import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -355,3 +357,13 @@ def test_reglue_and_repa_train_on_semantics_cached_with_the_teacher(name, prepar
         assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
         recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["vfm"]
         assert recorded["name"] == name and recorded["arch"] == TINY
+
+
+def test_the_cost_table_in_the_docs_is_what_the_script_counts(capsys):
+    """docs/vfm.md's FLOPs per teacher come from benchmarks/vfm_cost.py (meta tensors, the real full-size
+    extractors); a change to a teacher's network shows here."""
+    load_benchmark("vfm_cost").main([])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    documented = (REPO / "docs" / "vfm.md").read_text()
+    assert len(rows) == 7 and all(row in documented for row in rows), rows
+    assert "| `ijepa_vith14` | `vit_huge_patch14_gap_224.in1k_ijepa` | 224² | 16² | 1280 | 5,120 | 631 M |" in rows[-1]
