@@ -13,7 +13,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import save_file
-from timm.layers import QuickGELU
+from timm.layers import QuickGELU, resample_abs_pos_embed
 from torch import nn
 
 from conftest import REPO
@@ -110,6 +110,16 @@ def test_patch_tokens_leave_out_every_prefix_token_and_cls_is_the_familys_global
         torch.testing.assert_close(out.cls, reference(extractor.vit, tokens, patches))
     torch.testing.assert_close(out.repa[:, 0], out.cls)
     assert not torch.allclose(out.cls, patches[:, 0])  # not the first patch (what token 0 is without a class token)
+
+
+def test_mae_resizes_its_14x14_position_table_to_the_16x16_grid_as_repas_release_does():
+    vit = tiny("mae_vitb16", resolution=256).vit
+    assert vit.pos_embed.shape == (1, 1 + 14 * 14, 32)  # pretrained at 224²: the class slot and 14² patches
+    with torch.no_grad():
+        patches = vit.patch_embed(torch.randn(1, 3, 256, 256))  # (1, 16, 16, 32)
+        table = resample_abs_pos_embed(vit.pos_embed, [16, 16])  # REPA's call: 1 prefix token, bicubic, antialias
+        expected = torch.cat([vit.cls_token, patches.reshape(1, 256, 32)], dim=1) + table
+        torch.testing.assert_close(vit._pos_embed(patches), expected)
 
 
 def test_clip_has_openais_quickgelu_pre_norm_and_bias_free_patch_embedding():
