@@ -35,7 +35,8 @@ from reglue.data.source_dataset import ImageSourceDataset, unreadable_files
 from reglue.data.sources import open_source
 from reglue.data.synthetic import write_synthetic_dataset
 from reglue.encoders.semantics import VFMSpec
-from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm, dinov2_to_timm, timm_to_dinov2
+from reglue.encoders.vfm import DINOv2ViT, build_dinov2, build_vfm
+from reglue.encoders.vfm_weights import dinov2_to_timm, timm_to_dinov2
 from reglue.errors import InputError
 from reglue.training import run as run_module
 from reglue.training.run import RunStopped

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import shared_file
 from reglue.encoders import vfm
-from reglue.encoders.vfm import VFM_MODELS, build_dinov2, build_vfm, dinov2_to_timm
+from reglue.encoders.vfm import VFM_MODELS, build_dinov2, build_vfm
+from reglue.encoders.vfm_weights import dinov2_to_timm
 from reglue.resolution import RESOLUTIONS
 
 HAS_DINOV3 = "vit_small_patch16_dinov3" in timm.list_models("*dinov3*")

@@ -141,10 +141,12 @@ def confirm_model_resolution(args: argparse.Namespace, model) -> None:
 # ----------------------------------------------------------------------------- the VFM
 def add_vfm_options(parser: argparse.ArgumentParser, required_note: str) -> None:
     group = parser.add_argument_group("vision foundation model", required_note)
-    group.add_argument("--vfm", default=None, help="registry name (default dinov2_vitb14_reg)")
+    group.add_argument("--vfm", default=None, help="registry name (default dinov2_vitb14_reg; also DINOv3, "
+                       "clip_vitl14, siglip_vitb16, mae_vitb16, mae_vitl16, ijepa_vith14: docs/vfm.md)")
     group.add_argument("--vfm-weights", default=None,
-                       help="official DINOv2 .pth or timm .safetensors file, a `reglue train-vfm` folder (its "
-                            "teacher.json gives name and architecture), or 'random' for a weight-free demo")
+                       help="the VFM's weights file (official layout or timm's .safetensors; docs/vfm.md lists "
+                            "each teacher's), a `reglue train-vfm` folder (its teacher.json gives name and "
+                            "architecture), or 'random' for a weight-free demo")
     group.add_argument("--vfm-layers", default=None, help="0-based blocks, e.g. 8,9,10,11 (default: last four)")
     group.add_argument("--vfm-arch", default=None,
                        help="architecture overrides for small models, e.g. embed_dim=64,depth=12,num_heads=2")

@@ -63,6 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="delete the run in OUT and start over (default: rerunning resumes it)")
     add_renamed(parser, "--no-resume", "--restart")
     add_retired(parser, "--resume", "is gone: rerunning train-vfm resumes by default; --restart starts over.")
+    add_retired(parser, "--vfm", "is not an option of train-vfm: it trains a DINOv2 ViT with registers "
+                "(dinov2_vitb14_reg's layout, sized by --embed-dim/--depth/--num-heads) and no other teacher. CLIP, "
+                "SigLIP, MAE, I-JEPA and DINOv3 are used with their released weights: `reglue norm-stats DATA --vfm NAME "
+                "--vfm-weights FILE` (docs/vfm.md).")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reglue.encoders.norm_stats import NormStats
-from reglue.encoders.vfm import VFMExtractor, build_vfm
+from reglue.encoders.vfm import VFMExtractor, build_vfm, vfm_family
 from reglue.errors import InputError
 from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
 from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX, PCAProjection, SemanticCompressor
@@ -51,8 +51,8 @@ class VFMSpec:
             raise InputError(f"unknown VFM architecture key(s) {sorted(set(self.arch) - allowed)}; use {sorted(allowed)}.")
         if self.weights is None:
             raise InputError(
-                f"no weights given for VFM {self.name}: pass --vfm-weights PATH (official DINOv2 .pth or "
-                f"timm .safetensors), or --vfm-weights {RANDOM_WEIGHTS} for a weight-free demo."
+                f"no weights given for VFM {self.name}: pass --vfm-weights PATH "
+                f"({vfm_family(self.name).accepts}), or --vfm-weights {RANDOM_WEIGHTS} for a weight-free demo."
             )
         weights = None if self.is_random else self.weights
         if self.is_random:
@@ -121,7 +121,7 @@ class VFMSpec:
 
 class SemanticTargets(NamedTuple):
     semantics: torch.Tensor | None  # (B, S, h, w) compressed local semantics, None without a compressor
-    cls: torch.Tensor  # (B, D) VFM [CLS] of the last block
+    cls: torch.Tensor  # (B, D) VFM [CLS] of the last block (or its family's stand-in, docs/vfm.md)
     repa: torch.Tensor  # (B, 1 + h·w, D) REPA target tokens
 
 

@@ -1,4 +1,4 @@
-"""Vision foundation model features (SPEC §4): DINOv2 with registers, DINOv3 as an option.
+"""Vision foundation model features (SPEC §4): DINOv2 with registers, and the other teachers of docs/vfm.md.
 
 A :class:`VFMExtractor` is a frozen timm ViT that turns uint8 images (B, 3, res, res) into
 the three things REGLUE needs (:class:`VFMFeatures`):
@@ -6,15 +6,20 @@ the three things REGLUE needs (:class:`VFMFeatures`):
 - ``local`` (B, L·D, h, w): patch tokens of each requested block (0-based, strictly increasing)
   after the model's final LayerNorm, concatenated on channels in block order, tokens row-major;
   the input of the semantic compressor (3072×16×16 for DINOv2-B, blocks 8-11, 256²);
-- ``cls`` (B, D): the CLS token of the last block after the final norm (REG/REGLUE's cls);
-- ``repa`` (B, 1 + h·w, D): [CLS; patch tokens] of the last block after the final norm, the
-  REPA target. Register tokens are always dropped.
+- ``cls`` (B, D): the model's own global token of the last block after the final norm (REG/REGLUE's
+  cls): the class token where the model has one, else its stand-in (:class:`VFMFamily` ``global_pool``:
+  SigLIP's attention-pool head, I-JEPA's mean patch token);
+- ``repa`` (B, 1 + h·w, D): [cls; patch tokens] of the last block after the final norm, the
+  REPA target. Every prefix token (class token, registers) is left out of the patch tokens.
+
+Every teacher sees an input of side patch·R/16 (:func:`input_side`), so its patch grid is (R/16)²
+for any R of :mod:`reglue.resolution`: 224·R/256 for patch 14, R for patch 16. The image is
+normalised with its family's mean/std, then resized with ``F.interpolate(mode="bicubic")`` (no
+antialias, align_corners False), as the authors' and REPA's pipelines do.
 
 DINOv2 with registers (``dinov2_vit{s,b,l,g}14_reg``, REGLUE's VFM), exactly as the authors' pipeline:
 
-- preprocessing: uint8 → float/255 → ImageNet mean/std → ``F.interpolate(size=224·res/256,
-  mode="bicubic")`` (no antialias, align_corners False), i.e. res/16 patch tokens per side
-  (16×16 at 256², 8×8 at 128²; any res of :mod:`reglue.resolution`);
+- preprocessing: ImageNet mean/std, bicubic resize to 224·res/256 (16×16 at 256², 8×8 at 128²);
 - position embeddings: the pretraining grid (37×37 for img_size 518) is resized to the input
   grid with bicubic interpolation, antialias=True, output size given; computed once per grid and
   cached (recomputed only when the grid, device or weights change);
@@ -30,27 +35,35 @@ the reg models' ones) and ``interpolate_antialias=False``. :class:`VFMArch` reco
 - ViT-g's fused SwiGLU MLP (official ``mlp.w12``/``mlp.w3``) is timm's ``SwiGLUPacked``
   (``mlp.fc1``/``mlp.fc2``, act(first half)·second half), hidden width (⌊8D/3⌋+7)//8·8.
 
-DINOv3 (``dinov3_vit{s,b,l}16``, timm's ``vit_*_patch16_dinov3``, an option): the same
-normalisation, but the image is not resized (input side res), so patch 16 gives the same
-res/16 grid; positions are RoPE, so nothing is resized. Weights must be in timm's layout
-(the ``timm/vit_*_patch16_dinov3.lvd1689m`` files); the official DINOv3 layout is not mapped.
+The other teachers are timm's own models (``timm_name``), built with ``dynamic_img_size`` so timm
+resizes their learned position table to the input grid in every forward (bicubic, antialias, the
+class-token slot kept), and the image at their family's side:
+
+- DINOv3 (``dinov3_vit{s,b,l}16``): RoPE positions, nothing resized; timm's layout only;
+- OpenAI CLIP ViT-L/14 (``clip_vitl14``, timm's QuickGELU variant, as OpenAI's blocks), CLIP mean/std,
+  224·R/256; its ``proj`` to the text space is not used (cls = the final-normed class token, D = 1024);
+- SigLIP ViT-B/16 (``siglip_vitb16``), mean/std 0.5, R; no class token: cls = its attention-pool head;
+- MAE ViT-B/16, ViT-L/16 (``mae_vitb16``, ``mae_vitl16``), ImageNet mean/std, R (the 14×14 table resized);
+- I-JEPA ViT-H/14 (``ijepa_vith14``), ImageNet mean/std, 224·R/256; no class token: cls = the mean of
+  the final-normed patch tokens (timm's ``avg`` pool of these weights).
 
 Weights (``weights=``, always explicit): ``None`` (random init, for tests and demos), a state
-dict, or a local file: official DINOv2 ``.pth`` or timm ``.safetensors``/``.pth``/``.bin``.
-Every state dict goes through :func:`dinov2_to_timm` and a strict load whose failure lists
-missing, unexpected and mis-shaped keys; :func:`timm_to_dinov2` writes a timm-layout backbone back
-in the official layout (how ``reglue train-vfm`` saves its teacher). reglue never downloads: a hub id such as
-``"timm/vit_base_patch14_reg4_dinov2.lvd142m"`` fails at once, saying where to put the file.
+dict, or a local file (``.safetensors``, or a ``torch.save`` of tensors, read with ``weights_only``).
+Each family has one key map (:class:`VFMFamily` ``to_timm``) that turns each layout it accepts into
+timm's names — timm's own layout passes unchanged — then a strict load whose failure lists missing,
+unexpected and mis-shaped keys: :func:`dinov2_to_timm` (official DINOv2 ``.pth``),
+:func:`openai_clip_to_timm` (OpenAI's state dict; its TorchScript ``.pt`` is refused, naming the
+one-line conversion), :func:`mae_to_timm` (``{"model": ...}``), :func:`ijepa_to_timm`
+(``{"encoder": {"module.…"}}``). :func:`timm_to_dinov2` writes a timm-layout DINOv2 back in the
+official layout (how ``reglue train-vfm`` saves its teacher). reglue never downloads: a hub id such
+as ``"timm/vit_base_patch14_reg4_dinov2.lvd142m"`` fails at once, saying where to put the file.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import timm
@@ -60,152 +73,43 @@ from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from reglue.encoders.vfm_weights import (
+    KeyMap,
+    Weights,
+    dinov2_to_timm,
+    ijepa_to_timm,
+    mae_to_timm,
+    openai_clip_to_timm,
+    read_weights,
+    swiglu_hidden_features,
+)
 from reglue.errors import InputError
-from reglue.io import read_tensor_file
 from reglue.resolution import check_resolution
 from reglue.state_dict import describe_state_dict_mismatch, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# Network input side per 256 image pixels: 224 (16 tokens of 14 px) for DINOv2, 256 for DINOv3
-# (exact for every resolution of reglue.resolution: multiples of 64).
-INPUT_SIDE_PER_256 = {"dinov2": 224, "dinov3": 256}
-
-Weights = Mapping[str, torch.Tensor] | str | os.PathLike | None
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (openai/CLIP clip/clip.py, timm's cfg)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # SigLIP's mean and std: pixels to [-1, 1]
 
 
 class VFMFeatures(NamedTuple):
     """What :class:`VFMExtractor` returns, all float32 (h = w = res/16: 16 at 256², 32 at 512²)."""
 
     local: torch.Tensor  # (B, L·D, h, w): requested blocks' patch tokens after the final norm
-    cls: torch.Tensor  # (B, D): last block's CLS after the final norm
-    repa: torch.Tensor  # (B, 1 + h·w, D): last block's [CLS; patches] after the final norm
+    cls: torch.Tensor  # (B, D): last block's CLS (or the family's stand-in) after the final norm
+    repa: torch.Tensor  # (B, 1 + h·w, D): last block's [cls; patches] after the final norm
 
 
 # --------------------------------------------------------------------------------------
-# Weights: one key map, one strict load
+# Weights: the strict load (files and key maps: reglue.encoders.vfm_weights)
 # --------------------------------------------------------------------------------------
-
-
-def _has_cls_slot(num_positions: int) -> bool:
-    """True for 1 + g² positions (official layout), False for g² (timm's, patches only)."""
-    patches = num_positions - 1
-    return math.isqrt(patches) ** 2 == patches and math.isqrt(num_positions) ** 2 != num_positions
-
-
-def dinov2_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an official DINOv2 state dict onto timm's names; timm-layout input passes unchanged.
-
-    - ``module.`` / ``_orig_mod.`` prefixes are stripped;
-    - ``mask_token`` is dropped (masked-image pretraining only, never used at inference);
-    - ``register_tokens`` (1, R, D) → ``reg_token``;
-    - ``pos_embed`` (1, 1 + g², D) → (1, g², D), its CLS slot added into ``cls_token`` (1, 1, D);
-    - ViT-g's SwiGLU ``blocks.i.mlp.w12`` / ``mlp.w3`` → ``mlp.fc1`` / ``mlp.fc2``.
-    """
-    source = strip_module_prefix(state_dict)
-    source.pop("mask_token", None)
-    out = {}
-    for key, value in source.items():
-        key = "reg_token" if key == "register_tokens" else key
-        key = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", key)
-        key = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", key)
-        out[key] = value
-    pos_embed = out.get("pos_embed")
-    if pos_embed is not None and "cls_token" in out and _has_cls_slot(pos_embed.shape[1]):
-        out["cls_token"] = out["cls_token"] + pos_embed[:, :1]
-        out["pos_embed"] = pos_embed[:, 1:]
-    return out
-
-
-def timm_to_dinov2(
-    state_dict: Mapping[str, torch.Tensor], *, mask_token: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """A timm-layout DINOv2 state dict in the official layout: the inverse of :func:`dinov2_to_timm`.
-
-    - ``reg_token`` → ``register_tokens``; a model without registers writes none;
-    - ``pos_embed`` (1, g², D) → (1, 1 + g², D) with a zero CLS slot, ``cls_token`` unchanged (timm
-      keeps the CLS position folded into ``cls_token``; the split is not recorded, so the canonical
-      one is written: the forward is the same, and mapped back every tensor is bit-identical);
-    - ``mask_token`` (1, D): the given one (official (1, D) or lightly's (1, 1, D)), else zeros (the
-      official initial value; inference never uses it);
-    - ViT-g's SwiGLU ``mlp.fc1`` / ``mlp.fc2`` → ``mlp.w12`` / ``mlp.w3`` (recognised by fc1's width
-      2·(⌊8D/3⌋ + 7)//8·8).
-
-    Keys come in the official order (``cls_token, pos_embed, register_tokens, mask_token``, patch
-    embed, blocks, norm). ``dinov2_to_timm(timm_to_dinov2(sd)) == sd`` for every timm-layout ``sd``,
-    and ``timm_to_dinov2(dinov2_to_timm(official), mask_token=official["mask_token"]) == official``
-    for an official dict whose CLS position slot is zero.
-    """
-    source = strip_module_prefix(state_dict)
-    cls_token, pos_embed = source.pop("cls_token"), source.pop("pos_embed")
-    dim = cls_token.shape[-1]
-    slot = torch.zeros_like(pos_embed[:, :1])  # (1, 1, D)
-    out = {"cls_token": cls_token, "pos_embed": torch.cat([slot, pos_embed], dim=1)}  # (1, 1 + g², D)
-    if "reg_token" in source:
-        out["register_tokens"] = source.pop("reg_token")
-    out["mask_token"] = torch.zeros(1, dim, dtype=cls_token.dtype) if mask_token is None else mask_token.reshape(1, dim)
-    fc1 = source.get("blocks.0.mlp.fc1.weight")
-    swiglu = fc1 is not None and fc1.shape[0] == 2 * swiglu_hidden_features(dim)
-    for key, value in source.items():
-        if swiglu:
-            key = re.sub(r"^(blocks\.\d+\.mlp)\.fc1\.", r"\1.w12.", key)
-            key = re.sub(r"^(blocks\.\d+\.mlp)\.fc2\.", r"\1.w3.", key)
-        out[key] = value
-    return out
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    """``org/name`` or ``hf-hub:org/name`` without a weights-file suffix."""
-    return (
-        re.fullmatch(r"(hf[-_]hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
-        and Path(text).suffix not in WEIGHT_SUFFIXES
-    )
-
-
-def _hub_id_error(hub_id: str) -> FileNotFoundError:
-    repo = re.sub(r"^hf[-_]hub:", "", hub_id)
-    local = f"weights/{repo.split('/')[-1]}/model.safetensors"
-    return FileNotFoundError(
-        f"weights={hub_id!r} looks like a hub id, but reglue never downloads weights (runs are "
-        f"offline). On a machine with internet run `huggingface-cli download {repo} "
-        f"model.safetensors --local-dir {Path(local).parent}`, copy the file to {local} here and "
-        f"pass weights={local!r}. The official DINOv2 .pth (e.g. dinov2_vitb14_reg4_pretrain.pth "
-        "from https://dl.fbaipublicfiles.com/dinov2/) works as well."
-    )
-
-
-def read_weights_file(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save``d ``.pth``/``.bin`` (tensors only)."""
-    path = Path(source)
-    if not path.is_file():
-        if _looks_like_hub_id(str(source)):
-            raise _hub_id_error(str(source))
-        raise FileNotFoundError(
-            f"VFM weights file {path} not found; pass the path of an official DINOv2 .pth or a "
-            "timm .safetensors/.pth/.bin file, or weights=None for a random model."
-        )
-    state_dict = read_tensor_file(path, "VFM weights")
-    if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        found = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise InputError(
-            f"{path} is not a state dict of tensors (found {found}); save the backbone weights "
-            "alone, e.g. torch.save(model.state_dict(), path)."
-        )
-    return dict(state_dict)
-
-
-def read_weights(weights: Weights) -> tuple[Mapping[str, torch.Tensor] | None, str]:
-    """(state dict or None, its name for errors); builders call it before building the model,
-    so a missing file or a hub id fails at once."""
-    if weights is None or isinstance(weights, Mapping):
-        return weights, "the given state dict"
-    return read_weights_file(weights), str(weights)
 
 
 def load_vfm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Key-map ``state_dict`` with :func:`dinov2_to_timm`, then load it strictly into ``vit``."""
-    state_dict = dinov2_to_timm(state_dict)
+    """Load a timm-layout ``state_dict`` (a family's key map applied) strictly into ``vit``; a mismatch
+    lists missing, unexpected and mis-shaped keys and the registered model the weights look like."""
     problem = describe_state_dict_mismatch(vit, state_dict)
     if problem is not None:
         hint = _arch_hint(state_dict)
@@ -214,34 +118,31 @@ def load_vfm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], wha
 
 
 def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """What architecture the weights describe, to pick the matching builder arguments."""
+    """What architecture the weights describe, to pick the matching registered model(s)."""
     proj = state_dict.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4:
         return "The weights have no patch_embed.proj.weight; are they a ViT backbone?"
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     width, registers = proj.shape[0], state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
-    registered = [
-        name for name, arch in VFM_MODELS.items()
-        if (arch.embed_dim, arch.depth, arch.num_register_tokens) == (width, depth, registers)
-    ]
+    class_token = "cls_token" in state_dict
+    found = (width, depth, registers, proj.shape[-1], class_token)
+    registered = [name for name, arch in VFM_MODELS.items() if found == (
+        arch.embed_dim, arch.depth, arch.num_register_tokens, VFM_FAMILIES[arch.family].patch_size,
+        VFM_FAMILIES[arch.family].global_pool == "token")]
     build = (
-        f"build_vfm('{registered[0]}', ...), --vfm {registered[0]}" if registered
+        f"build_vfm('{registered[0]}', ...), --vfm {' or --vfm '.join(registered)}" if registered
         else f"a registered name with embed_dim={width}, depth={depth} (--vfm-arch for small models)"
     )
     return (
         f"They describe a ViT of width {width}, patch {proj.shape[-1]}, {depth} blocks, {registers} register "
-        f"tokens; build that model ({build}) or pass the weights made for this one."
+        f"tokens, {'a' if class_token else 'no'} class token; build that model ({build}) or pass the weights made "
+        "for this one."
     )
 
 
 # --------------------------------------------------------------------------------------
 # DINOv2 as a timm VisionTransformer with the official position-embedding resize
 # --------------------------------------------------------------------------------------
-
-
-def swiglu_hidden_features(embed_dim: int) -> int:
-    """The official ViT-g SwiGLU hidden width (⌊8D/3⌋ + 7)//8·8 (4096 for D = 1536)."""
-    return (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
 
 
 class DINOv2ViT(VisionTransformer):
@@ -335,14 +236,17 @@ def _resize_pos_embed_by_scale(
 class VFMExtractor(nn.Module):
     """Frozen ViT: uint8 images (B, 3, res, res) → :class:`VFMFeatures` (SPEC §4).
 
-    ``vit`` is a timm model with ``forward_intermediates`` (DINOv2ViT, or timm's Eva for DINOv3);
-    ``input_size`` is the side the images are resized to before the ViT (224·res/256 for DINOv2).
+    ``vit`` is a timm model with ``forward_intermediates`` and ``forward_head`` (DINOv2ViT, timm's
+    VisionTransformer, or timm's Eva for DINOv3), whose pooling gives ``cls``; ``input_size`` is the side
+    the images are resized to before the ViT (patch·res/16: 224·res/256 for patch 14), after ``mean`` /
+    ``std`` normalised them.
     ``autocast_dtype`` (torch.bfloat16 / torch.float16) runs the ViT under autocast; the outputs
     are float32 either way. The module stays in eval mode with no trainable parameter.
     """
 
     def __init__(
         self, vit: nn.Module, *, layers: Sequence[int], resolution: int, input_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -360,6 +264,7 @@ class VFMExtractor(nn.Module):
         self.layers = _check_layers(layers, len(vit.blocks))
         self.resolution = resolution
         self.input_size = input_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.grid_size = input_size // patch
         self.embed_dim = vit.embed_dim
         self.feature_width = len(self.layers) * self.embed_dim  # L·D channels of the local maps
@@ -374,8 +279,8 @@ class VFMExtractor(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, res, res) → normalised float32 (B, 3, input_size, input_size)."""
         self._check_images(images)
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         x = (images.float() / 255.0 - mean) / std
         return F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
 
@@ -383,16 +288,17 @@ class VFMExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> VFMFeatures:
         """uint8 images (B, 3, res, res) → local (B, L·D, h, w), cls (B, D), repa (B, 1+h·w, D)."""
         x = self.preprocess(images).to(self.vit.patch_embed.proj.weight.dtype)
-        autocast = self.autocast_dtype is not None
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=autocast):
+        autocast = contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
+            x.device.type, dtype=self.autocast_dtype)  # none asked: nothing entered (a meta device has no autocast)
+        with autocast:
             tokens, per_block = self.vit.forward_intermediates(
                 x, indices=list(self.layers), norm=True, output_fmt="NCHW"
-            )  # tokens (B, 1 + R + h·w, D) after the final norm; per_block L × (B, D, h, w)
-        tokens = tokens.float()
+            )  # tokens (B, P + h·w, D) after the final norm, P prefix tokens; per_block L × (B, D, h, w)
+            cls = self.vit.forward_head(tokens, pre_logits=True).float()  # (B, D): class token or stand-in
         local = torch.cat(per_block, dim=1).float()  # (B, L·D, h, w)
-        patches = tokens[:, self.vit.num_prefix_tokens:]  # registers dropped: (B, h·w, D)
-        repa = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + h·w, D)
-        return VFMFeatures(local=local, cls=tokens[:, 0], repa=repa)
+        patches = tokens[:, self.vit.num_prefix_tokens:].float()  # (B, h·w, D): no class token, no register
+        repa = torch.cat([cls[:, None], patches], dim=1)  # (B, 1 + h·w, D)
+        return VFMFeatures(local=local, cls=cls, repa=repa)
 
     def _check_images(self, images: torch.Tensor) -> None:
         expected = f"uint8 (B, 3, {self.resolution}, {self.resolution})"
@@ -416,14 +322,160 @@ def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     return layers
 
 
-def input_side(resolution: int, family: Literal["dinov2", "dinov3"]) -> int:
-    """The ViT's input side for R² images: 224·R/256 (DINOv2), R (DINOv3); R/16 patches per side."""
-    return INPUT_SIDE_PER_256[family] * check_resolution(resolution) // 256
+def input_side(resolution: int, family: str) -> int:
+    """The ViT's input side for R² images: patch·R/16, so R/16 patches per side (:class:`VFMFamily`)."""
+    return VFM_FAMILIES[family].input_side(resolution)
 
 
 # --------------------------------------------------------------------------------------
-# Builders and the registry
+# Families, the registry and the one build path
 # --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VFMArch:
+    """A registered VFM: its family (a key of :data:`VFM_FAMILIES`), official size, timm model, and
+    DINOv2's switches (the official hub builder's)."""
+
+    family: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_name: str = ""  # timm's registry entry (every family but DINOv2, which is DINOv2ViT)
+    num_register_tokens: int = 0  # 4 for DINOv2 *_reg and DINOv3
+    swiglu: bool = False  # DINOv2-g's fused SwiGLU MLP
+    interpolate_offset: float = 0.0  # DINOv2 position-embedding resize (DINOv2ViT): 0.1 without registers
+    interpolate_antialias: bool = True  # ... and no antialias without registers
+
+
+@dataclass(frozen=True)
+class VFMFamily:
+    """What the teachers of one family share (docs/vfm.md has them side by side).
+
+    ``patch_size`` sets the input side patch·R/16 (:meth:`input_side`); ``mean`` / ``std`` normalise
+    pixels in [0, 1]; ``global_pool`` is timm's pooling that gives ``cls``: ``"token"`` the class token,
+    ``"map"`` SigLIP's attention-pool head, ``"avg"`` the mean patch token; ``to_timm`` is the key map of
+    the weight layouts it loads (:mod:`reglue.encoders.vfm_weights`), ``accepts`` those files in words
+    (for errors); ``build`` makes the ViT of a :class:`VFMArch`.
+    """
+
+    label: str
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    global_pool: Literal["token", "map", "avg"]
+    to_timm: KeyMap
+    accepts: str
+    build: Callable[[VFMArch], nn.Module]
+
+    def input_side(self, resolution: int) -> int:
+        """patch·R/16 for R² images (224·R/256 for patch 14, R for 16): R/16 patches per side, exact for
+        every resolution of :mod:`reglue.resolution` (multiples of 64)."""
+        return self.patch_size * check_resolution(resolution) // 16
+
+
+def _dinov2_vit(arch: VFMArch) -> DINOv2ViT:
+    """The official DINOv2 at ``arch``'s size: patch 14, pretrained at 518² (a 37×37 position grid)."""
+    return DINOv2ViT(
+        img_size=518, patch_size=14, embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
+        num_register_tokens=arch.num_register_tokens, swiglu=arch.swiglu,
+        interpolate_offset=arch.interpolate_offset, interpolate_antialias=arch.interpolate_antialias,
+    )
+
+
+def _timm_vit(arch: VFMArch) -> nn.Module:
+    """timm's ``arch.timm_name`` at ``arch``'s size, without classifier, pooled as its family says, with
+    ``dynamic_img_size``: a learned position table is resized to each input's grid in the forward
+    (timm's ``resample_abs_pos_embed``: bicubic, antialias, class-token slot kept)."""
+    return timm.create_model(
+        arch.timm_name, pretrained=False, num_classes=0, global_pool=VFM_FAMILIES[arch.family].global_pool,
+        dynamic_img_size=True, embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
+    )
+
+
+VFM_FAMILIES: dict[str, VFMFamily] = {
+    "dinov2": VFMFamily(
+        "DINOv2", 14, IMAGENET_MEAN, IMAGENET_STD, "token", dinov2_to_timm,
+        "an official DINOv2 .pth (e.g. dinov2_vitb14_reg4_pretrain.pth from "
+        "https://dl.fbaipublicfiles.com/dinov2/) or a timm .safetensors/.pth/.bin file", _dinov2_vit,
+    ),
+    "dinov3": VFMFamily(
+        "DINOv3", 16, IMAGENET_MEAN, IMAGENET_STD, "token", strip_module_prefix,
+        "timm's model.safetensors (timm/vit_*_patch16_dinov3.lvd1689m; the official layout is not mapped)",
+        _timm_vit,
+    ),
+    "clip": VFMFamily(
+        "CLIP", 14, CLIP_MEAN, CLIP_STD, "token", openai_clip_to_timm,
+        "OpenAI's CLIP state dict (ViT-L-14.pt converted once, docs/vfm.md) or timm's model.safetensors "
+        "(timm/vit_large_patch14_clip_224.openai)", _timm_vit,
+    ),
+    # cls = the MAP head's output: SigLIP's own image embedding, trained by its loss (docs/vfm.md)
+    "siglip": VFMFamily(
+        "SigLIP", 16, HALF, HALF, "map", strip_module_prefix,
+        "timm's model.safetensors (timm/vit_base_patch16_siglip_256.webli; big_vision's .npz is not mapped)",
+        _timm_vit,
+    ),
+    "mae": VFMFamily(
+        "MAE", 16, IMAGENET_MEAN, IMAGENET_STD, "token", mae_to_timm,
+        "the official mae_pretrain_vit_{base,large}.pth (https://dl.fbaipublicfiles.com/mae/pretrain/) or "
+        "timm's model.safetensors (timm/vit_{base,large}_patch16_224.mae)", _timm_vit,
+    ),
+    # no class token: cls = the mean of the final-normed patch tokens (timm's "avg" for these weights)
+    "ijepa": VFMFamily(
+        "I-JEPA", 14, IMAGENET_MEAN, IMAGENET_STD, "avg", ijepa_to_timm,
+        "the official IN1K-vit.h.14-300e.pth.tar (https://dl.fbaipublicfiles.com/ijepa/; its context "
+        "encoder) or a timm-layout state dict", _timm_vit,
+    ),
+}
+
+# DINOv2 with registers; without: the official hub builder's defaults (offset 0.1, no antialias).
+_REGISTERS = {"num_register_tokens": 4}
+_NO_REGISTERS = {"num_register_tokens": 0, "interpolate_offset": 0.1, "interpolate_antialias": False}
+
+VFM_MODELS: dict[str, VFMArch] = {
+    "dinov2_vits14_reg": VFMArch("dinov2", 384, 12, 6, **_REGISTERS),
+    "dinov2_vitb14_reg": VFMArch("dinov2", 768, 12, 12, **_REGISTERS),
+    "dinov2_vitl14_reg": VFMArch("dinov2", 1024, 24, 16, **_REGISTERS),
+    "dinov2_vitg14_reg": VFMArch("dinov2", 1536, 40, 24, swiglu=True, **_REGISTERS),
+    "dinov2_vits14": VFMArch("dinov2", 384, 12, 6, **_NO_REGISTERS),
+    "dinov2_vitb14": VFMArch("dinov2", 768, 12, 12, **_NO_REGISTERS),
+    "dinov2_vitl14": VFMArch("dinov2", 1024, 24, 16, **_NO_REGISTERS),  # FD_DINOv2's network
+    "dinov2_vitg14": VFMArch("dinov2", 1536, 40, 24, swiglu=True, **_NO_REGISTERS),
+    "dinov3_vits16": VFMArch("dinov3", 384, 12, 6, "vit_small_patch16_dinov3", **_REGISTERS),
+    "dinov3_vitb16": VFMArch("dinov3", 768, 12, 12, "vit_base_patch16_dinov3", **_REGISTERS),
+    "dinov3_vitl16": VFMArch("dinov3", 1024, 24, 16, "vit_large_patch16_dinov3", **_REGISTERS),
+    # OpenAI's blocks use QuickGELU, x·σ(1.702x): timm's _quickgelu_ variant, not the GELU one, of the same weights
+    "clip_vitl14": VFMArch("clip", 1024, 24, 16, "vit_large_patch14_clip_quickgelu_224.openai"),
+    "siglip_vitb16": VFMArch("siglip", 768, 12, 12, "vit_base_patch16_siglip_256.webli"),
+    "mae_vitb16": VFMArch("mae", 768, 12, 12, "vit_base_patch16_224.mae"),
+    "mae_vitl16": VFMArch("mae", 1024, 24, 16, "vit_large_patch16_224.mae"),
+    "ijepa_vith14": VFMArch("ijepa", 1280, 32, 16, "vit_huge_patch14_gap_224.in1k_ijepa"),
+}
+
+
+def vfm_family(name: str) -> VFMFamily:
+    """The family of the registered VFM ``name``; an unknown name is an error listing the registered ones."""
+    if name not in VFM_MODELS:
+        raise InputError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_MODELS)}.")
+    return VFM_FAMILIES[VFM_MODELS[name].family]
+
+
+def build_vfm(
+    name: str, *, weights: Weights, layers: Sequence[int] | None = None, resolution: int = 256,
+    autocast_dtype: torch.dtype | None = None, **overrides,
+) -> VFMExtractor:
+    """Build a registered VFM, e.g. ``build_vfm("dinov2_vitb14_reg", weights="dinov2.pth")``.
+
+    ``layers`` defaults to the last four blocks ((8, 9, 10, 11) for S/B, SPEC §4); ``overrides``
+    replace :class:`VFMArch` fields (embed_dim, depth, num_heads) for tiny test models.
+    """
+    family = vfm_family(name)
+    arch = replace(VFM_MODELS[name], **overrides)
+    layers = tuple(range(max(arch.depth - 4, 0), arch.depth)) if layers is None else layers
+    input_size = family.input_side(resolution)
+    state_dict, what = read_weights(weights, family.to_timm, accepts=family.accepts)
+    return _extractor(family.build(arch), family, state_dict, what, layers=layers, resolution=resolution,
+                      input_size=input_size, autocast_dtype=autocast_dtype)
 
 
 def build_dinov2(
@@ -436,90 +488,25 @@ def build_dinov2(
     """A DINOv2 extractor of any size. ``img_size`` is the pretraining size (its grid is
     ``pos_embed``'s); ``swiglu`` selects ViT-g's MLP; ``interpolate_*`` the position-embedding
     resize (:class:`DINOv2ViT`); ``weights`` see the module docstring."""
-    input_size = input_side(resolution, "dinov2")
-    state_dict, what = read_weights(weights)
+    family = VFM_FAMILIES["dinov2"]
+    input_size = family.input_side(resolution)
+    state_dict, what = read_weights(weights, family.to_timm, accepts=family.accepts)
     vit = DINOv2ViT(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, num_register_tokens=num_register_tokens, swiglu=swiglu,
         interpolate_offset=interpolate_offset, interpolate_antialias=interpolate_antialias,
     )
-    return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)
+    return _extractor(vit, family, state_dict, what, layers=layers, resolution=resolution,
+                      input_size=input_size, autocast_dtype=autocast_dtype)
 
 
-def build_dinov3(
-    timm_name: str, *, weights: Weights, layers: Sequence[int], resolution: int = 256,
-    autocast_dtype: torch.dtype | None = None, **timm_kwargs,
+def _extractor(
+    vit: nn.Module, family: VFMFamily, state_dict: Mapping[str, torch.Tensor] | None, what: str, *,
+    layers: Sequence[int], resolution: int, input_size: int, autocast_dtype: torch.dtype | None,
 ) -> VFMExtractor:
-    """A DINOv3 extractor from timm's registry (``vit_base_patch16_dinov3`` ...), weights in
-    timm's layout; ``timm_kwargs`` go to ``timm.create_model`` (embed_dim, depth, ...)."""
-    input_size = input_side(resolution, "dinov3")
-    state_dict, what = read_weights(weights)
-    vit = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
-    return _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype)
-
-
-def _extractor(vit, state_dict, what, layers, resolution, input_size, autocast_dtype) -> VFMExtractor:
-    """Wrap ``vit`` as a frozen extractor and load ``state_dict`` into it (strict) when given."""
+    """Wrap ``vit`` as a frozen extractor with its family's normalisation and load ``state_dict`` (strict)."""
     extractor = VFMExtractor(vit, layers=layers, resolution=resolution, input_size=input_size,
-                             autocast_dtype=autocast_dtype)
+                             mean=family.mean, std=family.std, autocast_dtype=autocast_dtype)
     if state_dict is not None:
         load_vfm_weights(extractor.vit, state_dict, what)
     return extractor
-
-
-@dataclass(frozen=True)
-class VFMArch:
-    """A registered VFM's architecture (official sizes and the official hub builder's switches)."""
-
-    family: Literal["dinov2", "dinov3"]
-    embed_dim: int
-    depth: int
-    num_heads: int
-    swiglu: bool = False  # DINOv2-g's fused SwiGLU MLP
-    timm_name: str = ""  # DINOv3: timm's registry entry
-    num_register_tokens: int = 4  # DINOv2: 4 for the *_reg models, 0 for the others
-    interpolate_offset: float = 0.0  # DINOv2 position-embedding resize (DINOv2ViT): 0.1 without registers
-    interpolate_antialias: bool = True  # ... and no antialias without registers
-
-
-# DINOv2 without registers: the official hub builder's defaults (no registers, offset 0.1, no antialias).
-_NO_REGISTERS = {"num_register_tokens": 0, "interpolate_offset": 0.1, "interpolate_antialias": False}
-
-VFM_MODELS: dict[str, VFMArch] = {
-    "dinov2_vits14_reg": VFMArch("dinov2", 384, 12, 6),
-    "dinov2_vitb14_reg": VFMArch("dinov2", 768, 12, 12),
-    "dinov2_vitl14_reg": VFMArch("dinov2", 1024, 24, 16),
-    "dinov2_vitg14_reg": VFMArch("dinov2", 1536, 40, 24, swiglu=True),
-    "dinov2_vits14": VFMArch("dinov2", 384, 12, 6, **_NO_REGISTERS),
-    "dinov2_vitb14": VFMArch("dinov2", 768, 12, 12, **_NO_REGISTERS),
-    "dinov2_vitl14": VFMArch("dinov2", 1024, 24, 16, **_NO_REGISTERS),  # FD_DINOv2's network
-    "dinov2_vitg14": VFMArch("dinov2", 1536, 40, 24, swiglu=True, **_NO_REGISTERS),
-    "dinov3_vits16": VFMArch("dinov3", 384, 12, 6, timm_name="vit_small_patch16_dinov3"),
-    "dinov3_vitb16": VFMArch("dinov3", 768, 12, 12, timm_name="vit_base_patch16_dinov3"),
-    "dinov3_vitl16": VFMArch("dinov3", 1024, 24, 16, timm_name="vit_large_patch16_dinov3"),
-}
-
-
-def build_vfm(
-    name: str, *, weights: Weights, layers: Sequence[int] | None = None, resolution: int = 256,
-    autocast_dtype: torch.dtype | None = None, **overrides,
-) -> VFMExtractor:
-    """Build a registered VFM, e.g. ``build_vfm("dinov2_vitb14_reg", weights="dinov2.pth")``.
-
-    ``layers`` defaults to the last four blocks ((8, 9, 10, 11) for S/B, SPEC §4); ``overrides``
-    replace :class:`VFMArch` fields (embed_dim, depth, num_heads) for tiny test models.
-    """
-    if name not in VFM_MODELS:
-        raise InputError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_MODELS)}.")
-    arch = replace(VFM_MODELS[name], **overrides)
-    layers = tuple(range(max(arch.depth - 4, 0), arch.depth)) if layers is None else layers
-    common = {
-        "weights": weights, "layers": layers, "resolution": resolution, "autocast_dtype": autocast_dtype,
-    }
-    dims = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
-    if arch.family == "dinov3":
-        return build_dinov3(arch.timm_name, **dims, **common)
-    return build_dinov2(
-        **dims, swiglu=arch.swiglu, num_register_tokens=arch.num_register_tokens,
-        interpolate_offset=arch.interpolate_offset, interpolate_antialias=arch.interpolate_antialias, **common,
-    )

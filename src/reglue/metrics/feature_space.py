@@ -1,4 +1,5 @@
-"""Feature spaces for the Fréchet distance and precision/recall: a frozen ViT's final-normed CLS token.
+"""Feature spaces for the Fréchet distance and precision/recall: a frozen ViT's final-normed CLS token
+(or, for a teacher without one, its family's stand-in: docs/vfm.md).
 
 **FD_DINOv2** (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics"; EDM2's
 ``calculate_metrics.py``; layer6ai-labs/dgm-eval) is the Fréchet distance between Gaussians fitted
@@ -18,15 +19,17 @@ dgm-eval (and EDM2's ``resize_mode='pil'``) resize the uint8 image with PIL's bi
 which rounds and clips to uint8 after each of its two 1-D passes; docs/evaluation.md gives the
 measured size of that difference.
 
-Any registered VFM can serve as the space (:func:`load_feature_space` with a :class:`VFMSpec`):
-DINOv2 networks see 224², DINOv3 ones 256² (their training side; patch 16 gives 16×16 tokens).
+Any registered VFM can serve as the space (:func:`load_feature_space` with a :class:`VFMSpec`): it sees
+its 256² input side (224² for patch 14, 256² for patch 16: 16×16 tokens), resized as in step 2, normalised
+with its family's mean/std, and gives its ``cls`` (the class token, SigLIP's attention-pool head, I-JEPA's
+mean patch token).
 The metric is then called ``fd_<network>`` (:func:`fd_key`). Every space carries its network name
 and the fingerprint of its weights, so results and cached reference statistics name both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reglue.encoders.semantics import RANDOM_WEIGHTS, VFMSpec
-from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD, VFM_MODELS
+from reglue.encoders.vfm import IMAGENET_MEAN, IMAGENET_STD, VFM_MODELS, vfm_family
 from reglue.errors import InputError
 from reglue.state_dict import weights_fingerprint
 
@@ -53,27 +56,31 @@ def fd_key(network: str) -> str:
     return FD_DINOV2_KEY if network == FD_DINOV2.name else f"fd_{network}"
 
 
-def preprocess(images: torch.Tensor, *, size: int = FD_INPUT_SIDE) -> torch.Tensor:
+def preprocess(images: torch.Tensor, *, size: int = FD_INPUT_SIDE, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """uint8 (B, 3, H, W) → float32 (B, 3, size, size): bicubic antialias resize of the 0–255
-    values (no rounding, no clamping), ÷ 255, ImageNet mean/std (EDM2's FD_DINOv2 preprocessing)."""
+    values (no rounding, no clamping), ÷ 255, ``mean``/``std`` (ImageNet's: EDM2's FD_DINOv2 preprocessing)."""
     x = images.float()  # (B, 3, H, W), 0..255
     x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
 
 
 class FeatureSpace:
-    """A frozen ViT as a feature space: uint8 images → final-normed CLS features.
+    """A frozen ViT as a feature space: uint8 images → final-normed CLS features (or the stand-in its pooling
+    gives: timm's ``forward_head``).
 
     ``key`` is the metric name (``"fd_dinov2"`` or ``f"fd_{network}"``), ``network`` the registry
     name, ``fingerprint`` :func:`reglue.state_dict.weights_fingerprint` of the ViT (16 hex), ``dim``
     the feature width, ``weights`` where the weights came from (a path or ``"random"``),
-    ``input_size`` the side images are resized to. Build one with :func:`load_feature_space`.
+    ``input_size`` the side images are resized to, ``mean``/``std`` the network's normalisation. Build one
+    with :func:`load_feature_space`.
     """
 
     def __init__(
         self, vit: nn.Module, *, network: str, weights: str, input_size: int = FD_INPUT_SIDE,
+        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
         device: str | torch.device = "cpu",
     ):
         self.network = network
@@ -82,6 +89,7 @@ class FeatureSpace:
         self.fingerprint = weights_fingerprint(vit)  # on the CPU copy, before any move
         self.dim = int(vit.embed_dim)
         self.input_size = input_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.device = torch.device(device)
         self.vit = vit.to(self.device).eval().requires_grad_(False)
 
@@ -99,9 +107,9 @@ class FeatureSpace:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on any device → float32 (B, dim) CLS features on the space's device."""
-        x = preprocess(images.to(self.device), size=self.input_size)  # (B, 3, 224, 224)
-        tokens = self.vit.forward_features(x)  # (B, 1 + R + h·w, dim) after the final norm
-        return tokens[:, 0].float()
+        x = preprocess(images.to(self.device), size=self.input_size, mean=self.mean, std=self.std)  # (B, 3, 224, 224)
+        tokens = self.vit.forward_features(x)  # (B, P + h·w, dim) after the final norm, P prefix tokens
+        return self.vit.forward_head(tokens, pre_logits=True).float()  # the class token, or the stand-in
 
     def features(self, images: np.ndarray, *, batch_size: int = 64, progress: Progress = None) -> np.ndarray:
         """uint8 images (N, H, W, 3) numpy (any H = W) -> float64 (N, dim): final-normed CLS token.
@@ -135,26 +143,25 @@ def load_feature_space(spec: VFMSpec | None = None, *, device: str | torch.devic
         raise InputError(f"unknown VFM {spec.name!r} for the feature space; choose one of {', '.join(VFM_MODELS)}.")
     if spec.weights is None or not (spec.is_random or Path(spec.weights).is_file()):
         raise FileNotFoundError(_missing_weights_message(spec))
-    extractor = spec.build(resolution=256)  # the ViT and its input side (224 DINOv2, 256 DINOv3); not its preprocessing
+    extractor = spec.build(resolution=256)  # the ViT, its input side (224 for patch 14, 256 for 16) and mean/std
     return FeatureSpace(extractor.vit, network=spec.name, weights=spec.weights, input_size=extractor.input_size,
-                        device=device)
+                        mean=extractor.mean, std=extractor.std, device=device)
 
 
 def _missing_weights_message(spec: VFMSpec) -> str:
     """Which file the space needs, where to get it and how to pass it."""
     found = "no weights were given" if spec.weights is None else f"{spec.weights} is not a file"
+    what = "FD_DINOv2 needs DINOv2 ViT-L/14 without registers" if spec.name == FD_DINOV2.name else (
+        f"the feature space {fd_key(spec.name)} needs {spec.name}")
     if VFM_MODELS[spec.name].family == "dinov2":
         base = spec.name.removesuffix("_reg")
         file = f"{base}_reg4_pretrain.pth" if spec.name.endswith("_reg") else f"{base}_pretrain.pth"
-        source = f"{OFFICIAL_DINOV2_URL}/{base}/{file}"
+        fetch, path = f"fetch {file} from {OFFICIAL_DINOV2_URL}/{base}/{file}", f"weights/{file}"
     else:
-        file, source = "model.safetensors", f"timm's {VFM_MODELS[spec.name].timm_name} weights on the Hugging Face hub"
-    what = "FD_DINOv2 needs DINOv2 ViT-L/14 without registers" if spec.name == FD_DINOV2.name else (
-        f"the feature space {fd_key(spec.name)} needs {spec.name}")
+        fetch, path = f"fetch {vfm_family(spec.name).accepts}", "weights/FILE"
     return (
-        f"{what}, but {found}. reglue never downloads weights: fetch {file} from {source} on a machine with "
-        f"internet, put it at weights/{file} and pass --vfm-weights weights/{file} "
-        f"(in Python: VFMSpec({spec.name!r}, weights='weights/{file}')). "
+        f"{what}, but {found}. reglue never downloads weights: {fetch} on a machine with internet, put it at "
+        f"{path} and pass --vfm-weights {path} (in Python: VFMSpec({spec.name!r}, weights='{path}')). "
         f"--vfm-weights {RANDOM_WEIGHTS} builds a random network for tests only."
     )
 

@@ -96,8 +96,8 @@ from reglue.encoders.vfm import (
     VFMExtractor,
     build_vfm,
     input_side,
-    timm_to_dinov2,
 )
+from reglue.encoders.vfm_weights import timm_to_dinov2
 from reglue.errors import InputError, MissingExtraError
 from reglue.io import atomic_write, write_json
 from reglue.metrics.probe import REPORT_JSON, REPORT_MD, ProbeReport, write_report
