@@ -179,7 +179,8 @@ def experiment_table(experiment: Experiment, demo: Path, out: Path) -> list[str]
     results = {a: json.loads((arm_dir(a, demo, out) / "results.json").read_text()) for a in experiment.arms}
     fd = results[experiment.arms[0]]["fd_key"]
     reference = experiment.arms[0]
-    lines = [f"## {experiment.name}", "", experiment.question, "",
+    lines = [f"## {experiment.name}", "", f"{experiment.question} Measured with `reglue compare`, one run per arm "
+             "(scripts/toy_science.py).", "",
              f"| preset | arm | FD ↓ | class accuracy ↑ | latent loss | FD vs {reference} | accuracy vs {reference} | "
              "wall time |", "|---|---|---|---|---|---|---|---|"]
     for preset in experiment.presets:
