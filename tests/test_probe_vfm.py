@@ -27,15 +27,8 @@ from reglue.metrics.vfm_probe import MAX_HELD_OUT_FRACTION, PROBE_HELD_OUT_IMAGE
 RESOLUTION = 64
 RANDOM_VFM = ["--vfm", "dinov2_vitb14_reg", "--vfm-weights", "random", "--vfm-arch",
               "embed_dim=32,depth=4,num_heads=2"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 SPEC = VFMSpec("dinov2_vitb14_reg", "random", None, {"embed_dim": 32, "depth": 4, "num_heads": 2})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
