@@ -237,7 +237,7 @@ def test_the_shipped_imagenet_subset_config_resolves_and_asks_for_its_weights(da
         file.write_bytes(b"")
     settings = load_settings(CompareSettings, path, [f"vfm.weights={weights['dinov2_vitb14_reg4_pretrain.pth']}",
                                                       f"eval.vfm.weights={weights['dinov2_vitl14_pretrain.pth']}"])
-    config = check_settings(ComparePaths(tmp_path / "out"), settings)
+    config = check_settings(ComparePaths(tmp_path / "out"), settings)[("sit", 0)]
     assert settings.presets == ("sit", "repa", "redi", "reg", "reglue") and settings.seeds == 2
     assert (config.model.name, config.train.global_batch, config.optim.lr) == ("SiT-B/2", 256, 1e-4)
     assert config.eval.vfm["name"] == "dinov2_vitl14" and config.eval.every == 10_000

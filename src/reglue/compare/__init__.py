@@ -41,7 +41,7 @@ from reglue.compare.stages import (
     compressor_settings,
     compressor_widths,
     grid_stages,
-    run_config,
+    run_configs,
     train_stages,
     vfm_spec,
 )
@@ -55,7 +55,7 @@ from reglue.training.evaluation import feature_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALL_PRESETS", "CompareResult", "CompareSettings", "run_compare", "run_stages"]
+__all__ = ["ALL_PRESETS", "CompareResult", "CompareSettings", "check_settings", "run_compare", "run_stages"]
 
 
 @dataclass
@@ -73,8 +73,8 @@ def run_compare(data: str | Path, out: str | Path, settings: CompareSettings | N
     settings = CompareSettings() if settings is None else settings
     data, paths = Path(data).resolve(), ComparePaths(Path(out).resolve())
     manifest = store.read_manifest(data)
-    config = check_settings(paths, settings)
-    if not manifest["num_classes"] or config.data.unconditional:
+    configs = check_settings(paths, settings)
+    if not manifest["num_classes"] or next(iter(configs.values())).data.unconditional:
         raise InputError(f"{data}: a comparison needs class labels (its class grids and class accuracy are per "
                          "class) and conditional runs; prepare an image folder of class folders, and leave "
                          "run.data.unconditional out.")
@@ -95,18 +95,20 @@ def run_compare(data: str | Path, out: str | Path, settings: CompareSettings | N
                    "unless the protocol is the paper's."),
             vfm_lines=vfm_lines(settings), data_line=data_line(data, manifest),
             columns=list(manifest["class_names"][: settings.grid_classes]))
-        run_stages(ledger, paths, data, settings, text, progress=progress, extra={"vfm": {"lines": text.vfm_lines}})
+        run_stages(ledger, paths, data, settings, text, configs=configs, progress=progress,
+                   extra={"vfm": {"lines": text.vfm_lines}})
     return CompareResult(paths.out, paths.out / "report.md", paths.out / RESULTS_FILE, dict(ledger.stages))
 
 
 def run_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: CompareSettings, text: ReportText, *,
-               progress: bool, extra: dict, caption: Callable[[str], list[str]] | None = None) -> None:
+               configs: dict[tuple[str, int], RunConfig], progress: bool, extra: dict,
+               caption: Callable[[str], list[str]] | None = None) -> None:
     """The comparison's stages under ``ledger`` (a demo passes its own): caches, training, grids, report.
-    ``extra``: entries results.json adds (the VFM); ``caption(preset)``: the lines under a preset's grid
-    (default: the preset, steps and seed)."""
-    config = check_settings(paths, settings)
+    ``configs``: every run's, from :func:`check_settings`; ``extra``: entries results.json adds (the VFM);
+    ``caption(preset)``: the lines under a preset's grid (default: the preset, steps and seed)."""
+    config = next(iter(configs.values()))  # the protocol every run shares
     cache_stages(ledger, paths, data, settings, progress)
-    train_stages(ledger, paths, settings)
+    train_stages(ledger, configs)
     steps = config.train.max_steps
     caption = caption or (lambda p: [f"{p}: {steps} training steps, seed {settings.seed} · SDE {settings.grid_steps} "
                                      f"steps, CFG {settings.grid_cfg}"])
@@ -115,10 +117,10 @@ def run_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Compar
         "writing the report", lambda: write_report(paths, settings, config, text, ledger.stages, extra=extra)))
 
 
-def check_settings(paths: ComparePaths, settings: CompareSettings) -> RunConfig:
-    """Every run's validated config, the VFM and the compressor's settings, built once to refuse what
-    cannot work before any file is written; returns the first run's config (the shared protocol)."""
-    configs = [run_config(paths, settings, p, s) for p in settings.presets for s in settings.run_seeds]
+def check_settings(paths: ComparePaths, settings: CompareSettings) -> dict[tuple[str, int], RunConfig]:
+    """Every run's validated config (:func:`~reglue.compare.stages.run_configs`), the VFM and the compressor's
+    settings, built once to refuse what cannot work before any file is written; returns the configs."""
+    configs = run_configs(paths, settings)
     if settings.vfm is not None:
         spec = vfm_spec(settings)
         _check_weights("vfm.weights", spec.weights, f"the VFM {spec.name}'s weights (official DINOv2 .pth, timm "
@@ -126,15 +128,16 @@ def check_settings(paths: ComparePaths, settings: CompareSettings) -> RunConfig:
     if "compressor" in settings.copies:
         compressor_settings(settings)
         compressor_widths(settings)
-    evaluated = configs[0].eval
+    first = next(iter(configs.values()))
+    evaluated = first.eval
     if evaluated.every and {"fd", "pr", "class_accuracy"} & set(evaluated.metrics):
-        space = feature_spec(configs[0])
+        space = feature_spec(first)
         _check_weights("eval.vfm.weights", space.weights, f"the evaluation space {space.name}'s weights "
                        "(docs/evaluation.md): eval.vfm.weights=PATH, or leave eval.vfm out to score in the "
                        "compared VFM's space")
     if evaluated.every and "fid" in evaluated.metrics:
         _check_weights("eval.inception", evaluated.inception, "the Inception-v3 weights (docs/evaluation.md)")
-    return configs[0]
+    return configs
 
 
 def _check_weights(key: str, path: str | None, what: str) -> None:

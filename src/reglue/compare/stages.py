@@ -22,7 +22,6 @@ from reglue.distributed import on_main, process_state
 from reglue.encoders.autoencoder import load_vae
 from reglue.encoders.norm_stats import NormStats
 from reglue.encoders.semantics import VFMSpec
-from reglue.encoders.vfm import VFM_MODELS
 from reglue.errors import InputError, ReglueError
 from reglue.generate import SampleSettings, class_grid
 from reglue.io import atomic_write, write_json
@@ -37,7 +36,6 @@ from reglue.training.trainer import train
 
 log = logging.getLogger(__name__)
 STATE_FILE = "compare.json"
-COMPRESSOR_CHANNELS = 16  # REGLUE's compressed semantic channels (the reglue preset's S)
 
 
 class Ledger:
@@ -69,12 +67,12 @@ class Ledger:
         log.info("%s: done in %.1f s", stage, self.stages[stage])
 
 
-def check_out_dir(out: Path, state_file: str, what: str, *, allowed: tuple[str, ...] = ()) -> None:
-    """Refuse a non-empty folder without ``state_file`` (other than ``allowed`` entries), so nothing else
-    gets mixed in; ``what``: "a demo", "a comparison"."""
+def check_out_dir(out: Path, state_file: str, what: str) -> None:
+    """Refuse a non-empty folder without ``state_file``, so nothing else gets mixed in; ``what``: "a demo",
+    "a comparison"."""
     if not out.is_dir() or (out / state_file).is_file():
         return
-    entries = [p.name for p in out.iterdir() if p.name not in (".lock", *allowed)]
+    entries = [p.name for p in out.iterdir() if p.name != ".lock"]
     if entries:
         raise InputError(f"{out} is not empty ({len(entries)} entries, e.g. {min(entries)!r}) and holds no "
                          f"{state_file}: it is not {what} folder. Pass a new or empty --out folder.")
@@ -84,7 +82,7 @@ def check_out_dir(out: Path, state_file: str, what: str, *, allowed: tuple[str, 
 def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: CompareSettings, progress: bool) -> None:
     """The data copies, then (for presets that read the VFM) norm stats, compressor / PCA and each copy's
     cached semantics, CLS and REPA targets. Norm stats, compressor and PCA are fitted on ``data`` once;
-    ReDi's norm stats and PCA are of its own blocks (:func:`preset_vfm`)."""
+    ReDi's norm stats and PCA are of its own blocks (:func:`copy_spec`)."""
     for kind in settings.copies:
         ledger.run(f"copy {kind}", f"link the prepared data into {paths.copy(kind)}",
                    lambda k=kind: on_main(f"linking {data} into {paths.copy(k)}", lambda: _link(data, paths.copy(k))))
@@ -100,11 +98,12 @@ def cache_stages(ledger: Ledger, paths: ComparePaths, data: Path, settings: Comp
                        data, copy_spec(settings, k), out=n, num_images=settings.norm_stats_images, autocast_dtype=dtype,
                        show_progress=progress))
     if "compressor" in cached:
-        compressor = compressor_settings(settings)
+        compressor, widths = compressor_settings(settings), compressor_widths(settings)
         stats = paths.norm_stats("compressor")
         ledger.run("compressor", f"{compressor.epochs} epochs of the semantic compressor",
-                   lambda: run_train_compressor(data, stats, paths.compressor, settings=compressor, progress=progress,
-                                                channels=(NormStats.load(stats).channels, *compressor_widths(settings))))
+                   lambda: run_train_compressor(
+                       data, stats, paths.compressor, settings=compressor, progress=progress,
+                       channels=None if widths is None else (NormStats.load(stats).channels, *widths)))
     if "pca" in cached:
         rank = get_preset("redi").semantic_channels
         ledger.run("pca", f"rank-{rank} PCA of the VFM's blocks {_blocks(settings, 'pca')}",
@@ -139,10 +138,7 @@ def copy_spec(settings: CompareSettings, kind: str) -> VFMSpec:
     spec = vfm_spec(settings)
     if kind != "pca":
         return spec
-    arch = replace(VFM_MODELS[spec.name], **{k: v for k, v in spec.arch.items() if k in ("embed_dim", "depth",
-                                                                                      "num_heads")})
-    blocks = spec.layers if spec.layers is not None else tuple(range(arch.depth))
-    return replace(spec, layers=tuple(blocks[-get_preset("redi").semantic_layers :]))
+    return replace(spec, layers=spec.blocks[-get_preset("redi").semantic_layers :])
 
 
 def _blocks(settings: CompareSettings, kind: str) -> str:
@@ -157,13 +153,15 @@ def compressor_settings(settings: CompareSettings) -> CompressorSettings:
     return from_dict(CompressorSettings, {"seed": settings.seed, "vfm_precision": settings.vfm_precision, **given})
 
 
-def compressor_widths(settings: CompareSettings) -> tuple[int, ...]:
-    """The compressor's widths after the VFM's: ``compressor.widths`` (hidden, ..., 16), default the
-    paper's (hidden 256 → 16)."""
-    widths = tuple(settings.compressor.get("widths", (256, COMPRESSOR_CHANNELS)))
-    if not widths or widths[-1] != COMPRESSOR_CHANNELS:
-        raise InputError(f"compressor.widths must end in {COMPRESSOR_CHANNELS} (the reglue preset's semantic "
-                         f"channels), found {list(widths)}.")
+def compressor_widths(settings: CompareSettings) -> tuple[int, ...] | None:
+    """The compressor's widths after the VFM's, ``compressor.widths`` (hidden, ..., S), checked to end in the
+    reglue preset's S; None when not given: the compressor's own default (the paper's hidden 256 → 16)."""
+    if "widths" not in settings.compressor:
+        return None
+    widths, channels = tuple(settings.compressor["widths"]), get_preset("reglue").semantic_channels
+    if not widths or widths[-1] != channels:
+        raise InputError(f"compressor.widths must end in {channels} (the reglue preset's semantic channels), found "
+                         f"{list(widths)}.")
     return widths
 
 
@@ -173,21 +171,31 @@ def _needs_repa(kind: str, settings: CompareSettings) -> bool:
 
 
 # ----------------------------------------------------------------------------- train
-def run_config(paths: ComparePaths, settings: CompareSettings, preset: str, seed: int) -> RunConfig:
-    """The validated config of ``preset`` with training seed ``seed``: ``settings.run`` (``log.every``
-    by default at most 1/150 of the steps) with the run's folder, preset, data copy and seed, and the
-    evaluation (:func:`eval_config`); saved by the trainer as
-    ``runs/<preset>/seed-<seed>/config.yaml``. Evaluation noise and labels do not depend on ``seed``."""
-    raw = copy.deepcopy(settings.run)
-    steps = raw.get("train", {}).get("max_steps", RunConfig().train.max_steps)
-    log_every = min(RunConfig().log.every, max(1, steps // 150))  # the report reads the final latent loss
-    raw["log"] = {"every": log_every, **raw.get("log", {})}
-    raw["run_dir"] = str(paths.run(preset, seed))
-    raw.setdefault("model", {})["preset"] = preset
-    raw.setdefault("data", {}).update(dir=str(paths.copy(copy_of(preset, settings.presets))), semantics="cached")
-    raw.setdefault("train", {})["seed"] = seed
-    raw["eval"] = eval_config(settings)
-    return from_dict(RunConfig, raw).validate()
+def max_steps(settings: CompareSettings) -> int:
+    """The training steps every run takes: ``run.train.max_steps``, or RunConfig's default."""
+    return settings.run.get("train", {}).get("max_steps", RunConfig().train.max_steps)
+
+
+def run_configs(paths: ComparePaths, settings: CompareSettings) -> dict[tuple[str, int], RunConfig]:
+    """The validated config of every (preset, training seed): ``settings.run`` (``log.every`` by default at
+    most 1/150 of the steps) and the shared evaluation (:func:`eval_config`), each with its run's folder,
+    preset, data copy and seed; saved by the trainer as ``runs/<preset>/seed-<seed>/config.yaml``.
+    Evaluation noise and labels do not depend on the seed."""
+    shared = copy.deepcopy(settings.run)
+    log_every = min(RunConfig().log.every, max(1, max_steps(settings) // 150))  # the report reads the final loss
+    shared["log"] = {"every": log_every, **shared.get("log", {})}
+    shared["eval"] = eval_config(settings)
+    configs = {}
+    for preset in settings.presets:
+        for seed in settings.run_seeds:
+            raw = copy.deepcopy(shared)
+            raw["run_dir"] = str(paths.run(preset, seed))
+            raw.setdefault("model", {})["preset"] = preset
+            raw.setdefault("data", {}).update(dir=str(paths.copy(copy_of(preset, settings.presets))),
+                                              semantics="cached")
+            raw.setdefault("train", {})["seed"] = seed
+            configs[preset, seed] = from_dict(RunConfig, raw).validate()
+    return configs
 
 
 def eval_config(settings: CompareSettings) -> dict:
@@ -195,15 +203,15 @@ def eval_config(settings: CompareSettings) -> dict:
     the compared VFM's CLS space against the prepared images and ``class_accuracy`` (a linear probe on
     that space's CLS features, fitted on those images), the samples' noise and labels seeded by
     ``settings.seed``."""
-    steps = settings.run.get("train", {}).get("max_steps", RunConfig().train.max_steps)
-    defaults = {"every": evaluation_every(steps), "metrics": ["fd", "class_accuracy"], "seed": settings.seed}
+    defaults = {"every": evaluation_every(max_steps(settings)), "metrics": ["fd", "class_accuracy"],
+                "seed": settings.seed}
     if settings.vfm is not None:
         defaults["vfm"] = {k: v for k, v in vfm_record(vfm_spec(settings)).items() if k != "layers"}
     return {**defaults, **settings.eval}
 
 
-def train_stages(ledger: Ledger, paths: ComparePaths, settings: CompareSettings) -> None:
-    configs = {(p, s): run_config(paths, settings, p, s) for p in settings.presets for s in settings.run_seeds}
+def train_stages(ledger: Ledger, configs: dict[tuple[str, int], RunConfig]) -> None:
+    """Train each (preset, seed) of ``configs`` (:func:`run_configs`) in turn."""
     for (preset, seed), config in configs.items():
         model = config.model
         size = model.name + "".join(f", {k} {getattr(model, k)}" for k in ("depth", "hidden_size")

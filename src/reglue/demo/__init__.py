@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from reglue.compare import run_stages
+from reglue.compare import check_settings, run_stages
 from reglue.compare.report import CURVES_FILE, LOSS_CURVES_FILE, RESULTS_FILE, ReportText
 from reglue.compare.settings import ALL_PRESETS, ComparePaths
 from reglue.compare.stages import Ledger, check_out_dir
@@ -77,17 +77,18 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
         log.info("demo of %s × %d seed(s) in %s; VFM: %s; autoencoder: %s", ", ".join(settings.presets),
                  settings.seeds, paths.out, _vfm_label(settings), AUTOENCODER_LABEL)
         data_stages(ledger, paths, settings, progress)
+        teacher = _teacher_summary(paths, settings)
         text = ReportText(
             title="reglue demo",
             intro=("Tiny models, a synthetic data set and CPU minutes: the numbers compare methods under one protocol "
                    "at toy scale; none is comparable with the paper's ImageNet FIDs."),
-            vfm_lines=_vfm_lines(paths, settings),
+            vfm_lines=_vfm_lines(teacher),
             data_line=(f"the {settings.data!r} synthetic set, {len(settings.classes)} classes × "
                        f"{settings.images_per_class} images at {settings.resolution}²"),
             columns=list(settings.classes))
-        run_stages(ledger, ComparePaths(paths.out), paths.data, compare_settings(paths, settings), text,
-                   progress=progress, caption=lambda preset: _caption(preset, settings),
-                   extra={"teacher": _teacher_summary(paths, settings)})
+        compared, compare_paths = compare_settings(paths, settings), ComparePaths(paths.out)
+        run_stages(ledger, compare_paths, paths.data, compared, text, configs=check_settings(compare_paths, compared),
+                   progress=progress, caption=lambda preset: _caption(preset, settings), extra={"teacher": teacher})
     return DemoResult(paths.out, paths.out / "report.md", paths.out / RESULTS_FILE, paths.out / "grid.png",
                       paths.out / CURVES_FILE, paths.out / LOSS_CURVES_FILE, dict(ledger.stages))
 
@@ -106,8 +107,8 @@ def _teacher_summary(paths: DemoPaths, settings: DemoSettings) -> dict:
     return {"label": "tiny DINOv2-with-registers trained here by `reglue train-vfm`", **report}
 
 
-def _vfm_lines(paths: DemoPaths, settings: DemoSettings) -> list[str]:
-    summary = _teacher_summary(paths, settings)
+def _vfm_lines(summary: dict) -> list[str]:
+    """The report's lines about the VFM, from :func:`_teacher_summary`."""
     lines = [f"- {summary['label']}; autoencoder: {AUTOENCODER_LABEL}."]
     if "verdict" in summary:
         lines.append(f"- Teacher quality on held-out images ([report](teacher/report.md)): {summary['verdict']}")

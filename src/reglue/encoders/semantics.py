@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reglue.encoders.norm_stats import NormStats
-from reglue.encoders.vfm import VFMExtractor, build_vfm, vfm_family
+from reglue.encoders.vfm import VFM_MODELS, VFMExtractor, build_vfm, default_layers, vfm_family
 from reglue.errors import InputError
 from reglue.io import file_sha256, read_safetensors_metadata, read_tensor_file
 from reglue.models.compressor import COMPRESSOR_FIX, PCA_FIX, PCAProjection, SemanticCompressor
@@ -67,6 +67,14 @@ class VFMSpec:
     @property
     def is_random(self) -> bool:
         return self.weights == RANDOM_WEIGHTS
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The 0-based blocks the local semantics come from: ``layers``, or the network's last four."""
+        if self.layers is not None:
+            return self.layers
+        vfm_family(self.name)  # an unknown name: the registry's error
+        return default_layers(self.arch.get("depth", VFM_MODELS[self.name].depth))
 
     @classmethod
     def from_teacher(cls, folder: str | Path, layers: tuple[int, ...] | None = None) -> VFMSpec:

@@ -460,6 +460,11 @@ def vfm_family(name: str) -> VFMFamily:
     return VFM_FAMILIES[VFM_MODELS[name].family]
 
 
+def default_layers(depth: int) -> tuple[int, ...]:
+    """The blocks local semantics come from when none are named: the last four (SPEC §4)."""
+    return tuple(range(max(depth - 4, 0), depth))
+
+
 def build_vfm(
     name: str, *, weights: Weights, layers: Sequence[int] | None = None, resolution: int = 256,
     autocast_dtype: torch.dtype | None = None, **overrides,
@@ -471,7 +476,7 @@ def build_vfm(
     """
     family = vfm_family(name)
     arch = replace(VFM_MODELS[name], **overrides)
-    layers = tuple(range(max(arch.depth - 4, 0), arch.depth)) if layers is None else layers
+    layers = default_layers(arch.depth) if layers is None else layers
     input_size = family.input_side(resolution)
     state_dict, what = read_weights(weights, family.to_timm, accepts=family.accepts)
     return _extractor(family.build(arch), family, state_dict, what, layers=layers, resolution=resolution,
