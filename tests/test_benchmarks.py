@@ -220,3 +220,10 @@ def test_the_cost_estimates_in_the_docs_are_what_the_scripts_count(capsys):
     assert "| **total** | **156.9** | **13.8** | **27.5** | **822 GB** |" in recipe
     assert ": 2.2 GB" in recipe.splitlines()[1] and ": 11.0 GB" in recipe.splitlines()[2]  # the checkpoints
     assert "vae_encode 272.7, vae_decode 622.2, SiT-B/2 train 150.0, SiT-B/2 forward 50.0, SiT-XL/2 train 727.3" in recipe
+
+
+def test_compare_setup_benchmark_tiny(tmp_path, capsys):
+    result = load_benchmark("compare_setup").main(["--shards", "3", "--json", str(tmp_path / "r.json")])
+    assert result["link"]["files_linked"] == 3 * 3 and result["link"]["seconds"] > 0
+    assert result["semantic_norm"]["bytes_per_image"] == 2 * (16 * 16 * 16 + 768)  # float16 semantics + CLS at 256²
+    assert "3 shards, 9 files linked" in capsys.readouterr().out
